@@ -1,0 +1,43 @@
+# The README's two commands live here: `make run` (the main job) and `make test` (every check).
+# Both create .venv on first use and install Kensho with its extras under constraints.txt,
+# which pins the CPU build of PyTorch so set-up never pulls a multi-GB CUDA build.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.kensho-installed
+
+.PHONY: help run test lint typecheck pytest bench clean
+
+help:
+	@echo "make run        run the main job (set-up included)"
+	@echo "make test       ruff, ruff format --check, mypy --strict, pytest with coverage"
+	@echo "make bench      run every benchmark in bench/ and print the tables"
+	@echo "make clean      remove .venv and caches"
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,bench,ml]'
+	@touch $@
+
+run: $(STAMP)
+	$(BIN)/kensho --help
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+
+typecheck: $(STAMP)
+	$(BIN)/mypy --strict src
+
+pytest: $(STAMP)
+	$(BIN)/python -m pytest --cov --cov-report=term
+
+test: lint typecheck pytest
+
+bench: $(STAMP)
+	@for b in bench/*_bench.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .coverage htmlcov

@@ -1,0 +1,58 @@
+"""Kensho: an offline-first runtime for local AI applications.
+
+Three parts, each usable on its own:
+
+- ``kensho.storage``: the integrity store (manifest, verify, repair, delta updates).
+- ``kensho.runtime``: engines behind a circuit breaker, and a priority task executor.
+- ``kensho.telemetry``: structured JSON logging through one service.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from kensho.config import Settings, load_settings
+from kensho.errors import (
+    CircuitOpenError,
+    ConfigError,
+    DiskSpaceError,
+    DownloadError,
+    EngineError,
+    EngineOutOfMemoryError,
+    EngineUnavailableError,
+    IntegrityError,
+    KenshoError,
+    ManifestError,
+    QueueFullError,
+    SignatureError,
+    SourceError,
+    TaskTimeoutError,
+)
+from kensho.telemetry import configure_logging, get_logger
+
+try:
+    __version__ = version("kensho")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree
+    __version__ = "0.0.0"
+
+__all__ = [
+    "CircuitOpenError",
+    "ConfigError",
+    "DiskSpaceError",
+    "DownloadError",
+    "EngineError",
+    "EngineOutOfMemoryError",
+    "EngineUnavailableError",
+    "IntegrityError",
+    "KenshoError",
+    "ManifestError",
+    "QueueFullError",
+    "Settings",
+    "SignatureError",
+    "SourceError",
+    "TaskTimeoutError",
+    "__version__",
+    "configure_logging",
+    "get_logger",
+    "load_settings",
+]

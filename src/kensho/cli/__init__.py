@@ -1,0 +1,10 @@
+"""The ``kensho`` command. Each sub-command lives in its own module, imported here."""
+
+from __future__ import annotations
+
+from kensho.cli import _config_cmd
+from kensho.cli._app import ExitCode, app, main
+
+__all__ = ["ExitCode", "app", "main"]
+
+_COMMAND_MODULES = (_config_cmd,)

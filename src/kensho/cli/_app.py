@@ -1,0 +1,167 @@
+"""The ``kensho`` Typer application, its global options and exit codes.
+
+Command modules import :data:`app` and register their commands on it; the package
+``__init__`` imports them. Errors from the library (:class:`KenshoError`) are turned
+into one readable line on stderr and a documented exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import enum
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from kensho import __version__
+from kensho.config import LogSettings, Settings, load_settings
+from kensho.errors import (
+    ConfigError,
+    DiskSpaceError,
+    IntegrityError,
+    KenshoError,
+    SignatureError,
+)
+from kensho.telemetry import configure_logging
+
+__all__ = ["ExitCode", "State", "app", "err_console", "main", "out_console", "state"]
+
+
+class ExitCode(enum.IntEnum):
+    """Exit codes of every ``kensho`` command (also listed in ``kensho --help``)."""
+
+    OK = 0
+    FAILED = 1  # the command ran, and what it checked is not good
+    USAGE = 2  # bad arguments
+    CONFIG = 3  # invalid settings file or KENSHO_* variable
+    INTEGRITY = 4  # required files missing or corrupt and not repairable
+    DISK_SPACE = 5  # not enough free space for a repair or update
+    SIGNATURE = 6  # the manifest failed a trust check
+    BUSY = 7  # another process holds the store lock (--no-wait)
+    ERROR = 10  # any other Kensho error
+    INTERRUPTED = 130  # Ctrl-C
+
+
+EXIT_CODES_HELP = (
+    "Exit codes: 0 ok · 1 check failed · 2 bad usage · 3 bad config · 4 integrity "
+    "error · 5 not enough disk space · 6 signature/trust error · 7 store busy · "
+    "10 other error · 130 interrupted."
+)
+
+out_console = Console()
+err_console = Console(stderr=True)
+
+
+@dataclass
+class State:
+    """What the global options resolved to, shared with every command."""
+
+    settings: Settings
+    config_path: Path | None
+
+
+_state: State | None = None
+
+
+def state() -> State:
+    """The resolved global state; loads defaults if the callback did not run."""
+    global _state  # noqa: PLW0603 - one CLI invocation per process
+    if _state is None:
+        _state = State(settings=load_settings(), config_path=None)
+    return _state
+
+
+app = typer.Typer(
+    name="kensho",
+    help=(
+        "Kensho keeps a local AI application alive with no network and no babysitting: "
+        "it verifies and repairs its files, serves inference behind a circuit breaker "
+        "with a CPU fallback, and logs everything as structured JSON.\n\n" + EXIT_CODES_HELP
+    ),
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        out_console.print(f"kensho {__version__}")
+        raise typer.Exit
+
+
+@app.callback()
+def _global(
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            "-c",
+            help="Settings file (TOML). Default: ./kensho.toml when it exists.",
+            envvar="KENSHO_CONFIG",
+        ),
+    ] = None,
+    log_level: Annotated[
+        str | None,
+        typer.Option(help="Minimum log level: debug, info, warning, error, critical."),
+    ] = None,
+    log_format: Annotated[
+        str | None,
+        typer.Option(help="Log format on stderr: auto (console on a terminal), json, console."),
+    ] = None,
+    log_file: Annotated[
+        Path | None, typer.Option(help="Also write JSON logs to this file (rotated).")
+    ] = None,
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = False,
+) -> None:
+    """Global options apply to every command."""
+    global _state  # noqa: PLW0603 - one CLI invocation per process
+    settings = load_settings(config)
+    overrides = {
+        k: v
+        for k, v in {"level": log_level, "format": log_format, "file": log_file}.items()
+        if v is not None
+    }
+    log = settings.log
+    if overrides:
+        try:
+            log = LogSettings.model_validate({**log.model_dump(), **overrides})
+        except ValueError as exc:
+            raise ConfigError(f"invalid logging option: {exc}") from None
+        settings = settings.model_copy(update={"log": log})
+    configure_logging(log)
+    _state = State(settings=settings, config_path=config)
+
+
+def exit_code_for(error: KenshoError) -> ExitCode:
+    """Map an error family to its documented exit code."""
+    table: list[tuple[type[KenshoError], ExitCode]] = [
+        (ConfigError, ExitCode.CONFIG),
+        (IntegrityError, ExitCode.INTEGRITY),
+        (DiskSpaceError, ExitCode.DISK_SPACE),
+        (SignatureError, ExitCode.SIGNATURE),
+    ]
+    for cls, code in table:
+        if isinstance(error, cls):
+            return code
+    return ExitCode.ERROR
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except KenshoError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True)
+        sys.exit(int(exit_code_for(exc)))
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        sys.exit(int(ExitCode.INTERRUPTED))

@@ -1,0 +1,210 @@
+"""Typed settings: a TOML file plus ``KENSHO_*`` environment overrides.
+
+Precedence, lowest first: built-in defaults, the TOML file (``--config FILE``, else
+``./kensho.toml`` when it exists), then environment variables. Every setting
+``section.key`` can be overridden by ``KENSHO_SECTION_KEY`` (``server.port`` by
+``KENSHO_SERVER_PORT``); a few have short aliases documented on the field
+(``KENSHO_API_KEY``). List settings take comma-separated values and mapping settings
+``name=value`` pairs (``KENSHO_LOG_LEVELS="storage=debug,runtime=warning"``).
+
+Unknown keys and wrong types are errors, never silently ignored: a typo in a config
+file would otherwise leave a production setting at its default.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from kensho.errors import ConfigError
+
+__all__ = [
+    "DEFAULT_CONFIG_FILE",
+    "ENV_PREFIX",
+    "LogSettings",
+    "ServerSettings",
+    "Settings",
+    "StorageSettings",
+    "default_data_dir",
+    "load_settings",
+]
+
+ENV_PREFIX = "KENSHO_"
+DEFAULT_CONFIG_FILE = Path("kensho.toml")
+
+LevelName = Literal["debug", "info", "warning", "error", "critical"]
+_LEVEL_ALIASES = {"warn": "warning", "fatal": "critical", "exception": "error"}
+
+
+def _normalise_level(value: object) -> object:
+    if isinstance(value, str):
+        lowered = value.strip().lower()
+        return _LEVEL_ALIASES.get(lowered, lowered)
+    return value
+
+
+def default_data_dir() -> Path:
+    """Where Kensho keeps its store when no root is configured (XDG data home)."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "kensho"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LogSettings(_Section):
+    """``[log]``: the telemetry pipeline (see docs/logging.md)."""
+
+    level: LevelName = "info"
+    levels: dict[str, LevelName] = Field(default_factory=dict)
+    format: Literal["auto", "json", "console"] = "auto"
+    file: Path | None = None
+    file_max_bytes: int = Field(default=10 * 1024 * 1024, gt=0)
+    file_backups: int = Field(default=5, ge=0, le=1000)
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _level(cls, value: object) -> object:
+        return _normalise_level(value)
+
+    @field_validator("levels", mode="before")
+    @classmethod
+    def _levels(cls, value: object) -> object:
+        if isinstance(value, dict):
+            return {str(k): _normalise_level(v) for k, v in value.items()}
+        return value
+
+
+class StorageSettings(_Section):
+    """``[storage]``: the integrity store."""
+
+    root: Path = Field(default_factory=default_data_dir)
+    manifest: Path | None = None
+    sources: list[str] = Field(default_factory=list)
+
+
+class ServerSettings(_Section):
+    """``[server]``: the HTTP API. ``api_key`` also reads ``KENSHO_API_KEY``."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    api_key: str | None = Field(default=None, json_schema_extra={"env": "KENSHO_API_KEY"})
+
+
+class Settings(_Section):
+    """All of Kensho's settings, one attribute per TOML section."""
+
+    log: LogSettings = Field(default_factory=LogSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    server: ServerSettings = Field(default_factory=ServerSettings)
+
+
+def _origin_kind(annotation: Any) -> str:
+    """Classify a field type as ``list``, ``dict`` or ``scalar`` for env parsing."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        kinds = {_origin_kind(arg) for arg in typing.get_args(annotation)} - {"scalar"}
+        return kinds.pop() if kinds else "scalar"
+    if origin in (list, tuple, set, frozenset):
+        return "list"
+    if origin is dict:
+        return "dict"
+    return "scalar"
+
+
+def _parse_env_value(name: str, raw: str, kind: str) -> object:
+    if kind == "list":
+        return [item.strip() for item in raw.split(",") if item.strip()]
+    if kind == "dict":
+        result: dict[str, str] = {}
+        for pair in filter(None, (p.strip() for p in raw.split(","))):
+            key, sep, value = pair.partition("=")
+            if not sep or not key.strip():
+                raise ConfigError(
+                    f"{name}: expected comma-separated name=value pairs, got {pair!r}",
+                    key=name,
+                )
+            result[key.strip()] = value.strip()
+        return result
+    return raw
+
+
+def _env_names(section: str, field: str, extra: object) -> list[str]:
+    names = [f"{ENV_PREFIX}{section.upper()}_{field.upper()}"]
+    if isinstance(extra, dict) and isinstance(extra.get("env"), str):
+        names.append(extra["env"])
+    return names
+
+
+def _env_overrides(env: Mapping[str, str]) -> tuple[dict[str, dict[str, object]], dict[str, str]]:
+    """Collect overrides from the environment; also map dotted keys to variable names."""
+    overrides: dict[str, dict[str, object]] = {}
+    origins: dict[str, str] = {}
+    for section, section_field in Settings.model_fields.items():
+        model = section_field.annotation
+        assert isinstance(model, type) and issubclass(model, BaseModel)
+        for name, field in model.model_fields.items():
+            for var in _env_names(section, name, field.json_schema_extra):
+                if var in env:
+                    kind = _origin_kind(field.annotation)
+                    value = _parse_env_value(var, env[var], kind)
+                    overrides.setdefault(section, {})[name] = value
+                    origins[f"{section}.{name}"] = var
+    return overrides, origins
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from exc
+
+
+def load_settings(
+    path: Path | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+) -> Settings:
+    """Load settings from ``path`` (or ``./kensho.toml``) and the environment.
+
+    Raises :class:`ConfigError` naming the key (``server.port``) and where it came
+    from (the file or the variable) for unknown keys and wrong types.
+    """
+    env = os.environ if env is None else env
+    if path is None:
+        candidate = (cwd or Path.cwd()) / DEFAULT_CONFIG_FILE
+        path = candidate if candidate.is_file() else None
+    data: dict[str, Any] = _read_toml(path) if path is not None else {}
+    overrides, origins = _env_overrides(env)
+    for section, values in overrides.items():
+        current = data.get(section, {})
+        if isinstance(current, dict):
+            data[section] = {**current, **values}
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        key = ".".join(str(part) for part in first["loc"])
+        where = origins.get(key) or (str(path) if path else "settings")
+        if first["type"] == "extra_forbidden":
+            message = f"{where}: unknown setting {key!r}"
+        else:
+            message = f"{where}: {key}: {first['msg']}"
+        count = exc.error_count()
+        if count > 1:
+            message += f" (and {count - 1} more problem{'s' if count > 2 else ''})"
+        raise ConfigError(message, key=key) from None

@@ -1,0 +1,138 @@
+"""Kensho's one exception tree.
+
+Every error Kensho raises on purpose derives from :class:`KenshoError`, so a caller
+can catch everything Kensho-specific in one clause and still tell the families apart.
+Exceptions of other libraries (``OSError``, ``httpx.HTTPError``, ``torch`` errors, ...)
+are wrapped at the boundary where they occur and kept as ``__cause__``.
+
+Messages say what happened, to which file or task, and what the user can do.
+
+::
+
+    KenshoError
+    ├── ConfigError            bad settings file or KENSHO_* variable (names the key)
+    ├── ManifestError          malformed or hostile manifest (names the field)
+    ├── SignatureError         manifest signature, rollback or expiry check failed
+    ├── IntegrityError         required files could not be made good (lists them)
+    ├── DiskSpaceError         not enough free space for a repair or update
+    ├── SourceError            a source could not deliver (folder, HTTP server)
+    │   └── DownloadError      a download failed or delivered the wrong bytes
+    ├── EngineError            an inference engine failed
+    │   ├── EngineUnavailableError   the engine cannot run here (no CUDA, not loaded)
+    │   └── EngineOutOfMemoryError   the device ran out of memory
+    ├── CircuitOpenError       the circuit breaker refuses calls for now
+    ├── QueueFullError         the executor rejected or shed a task (overload)
+    └── TaskTimeoutError       a task missed its deadline
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CircuitOpenError",
+    "ConfigError",
+    "DiskSpaceError",
+    "DownloadError",
+    "EngineError",
+    "EngineOutOfMemoryError",
+    "EngineUnavailableError",
+    "IntegrityError",
+    "KenshoError",
+    "ManifestError",
+    "QueueFullError",
+    "SignatureError",
+    "SourceError",
+    "TaskTimeoutError",
+]
+
+
+class KenshoError(Exception):
+    """Root of every error Kensho raises on purpose."""
+
+
+class ConfigError(KenshoError):
+    """A settings file or ``KENSHO_*`` variable is invalid.
+
+    ``key`` is the dotted name of the offending setting (``server.port``), or ``None``
+    when the whole file is unreadable.
+    """
+
+    def __init__(self, message: str, *, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+class ManifestError(KenshoError):
+    """A manifest is malformed or hostile; ``field`` names where (``files[3].path``)."""
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(f"{field}: {message}" if field else message)
+        self.field = field
+
+
+class SignatureError(KenshoError):
+    """A manifest failed a trust check: signature, threshold, rollback or expiry."""
+
+
+class IntegrityError(KenshoError):
+    """Required files are missing or corrupt and could not be repaired.
+
+    ``problems`` maps each such file path to a one-line reason.
+    """
+
+    def __init__(self, message: str, *, problems: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.problems = dict(problems or {})
+
+
+class DiskSpaceError(KenshoError):
+    """Not enough free disk space: ``needed`` and ``free`` are in bytes."""
+
+    def __init__(self, message: str, *, needed: int, free: int) -> None:
+        super().__init__(message)
+        self.needed = needed
+        self.free = free
+
+
+class SourceError(KenshoError):
+    """A source (mirror folder, HTTP server) could not deliver what was asked."""
+
+
+class DownloadError(SourceError):
+    """A download failed, was cut short, or delivered bytes that do not match."""
+
+
+class EngineError(KenshoError):
+    """An inference engine failed; the circuit breaker counts these."""
+
+
+class EngineUnavailableError(EngineError):
+    """The engine cannot run on this machine right now (no device, not loaded)."""
+
+
+class EngineOutOfMemoryError(EngineError):
+    """The engine's device ran out of memory (cached memory was released first)."""
+
+
+class CircuitOpenError(KenshoError):
+    """The circuit breaker refuses calls; retry after ``retry_after`` seconds."""
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class QueueFullError(KenshoError):
+    """The executor refused a task: ``reason`` is ``rejected``, ``shed`` or ``overloaded``."""
+
+    def __init__(self, message: str, *, reason: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+class TaskTimeoutError(KenshoError):
+    """A task missed its deadline; ``phase`` is ``queue`` or ``total``."""
+
+    def __init__(self, message: str, *, phase: str) -> None:
+        super().__init__(message)
+        self.phase = phase

@@ -1,0 +1,80 @@
+"""Structured telemetry: one logging service, JSON lines, levels, services, context.
+
+::
+
+    from kensho.telemetry import configure_logging, get_logger, bound_context
+
+    configure_logging(level="info", levels={"storage": "debug"})
+    log = get_logger("storage")
+    with bound_context(request_id="r-42"):
+        log.info("file verified", path="models/x.safetensors", bytes=7340032)
+
+The event schema is documented in ``docs/logging.md``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import IO, Any
+
+from structlog.contextvars import bind_contextvars as bind_context
+from structlog.contextvars import bound_contextvars as bound_context
+from structlog.contextvars import clear_contextvars as clear_context
+from structlog.contextvars import unbind_contextvars as unbind_context
+from structlog.typing import FilteringBoundLogger
+
+from kensho.config import LogSettings
+from kensho.telemetry._processors import REDACTED, error_to_dict, is_secret_key
+from kensho.telemetry._service import LEVELS, LoggerService
+
+__all__ = [
+    "LEVELS",
+    "REDACTED",
+    "FilteringBoundLogger",
+    "LoggerService",
+    "bind_context",
+    "bound_context",
+    "clear_context",
+    "configure_logging",
+    "error_to_dict",
+    "get_logger",
+    "is_secret_key",
+    "log_service",
+    "unbind_context",
+]
+
+_service = LoggerService()
+
+
+def log_service() -> LoggerService:
+    """The process-wide :class:`LoggerService` behind the module functions."""
+    return _service
+
+
+def configure_logging(
+    settings: LogSettings | None = None,
+    *,
+    stream: IO[str] | None = None,
+    stderr: bool = True,
+    capture_stdlib: bool = True,
+    **fields: Any,
+) -> LoggerService:
+    """Configure the process-wide logging service.
+
+    ``fields`` override ``settings`` by name and are validated like the config file
+    (``level="debug"``, ``levels={"storage": "debug"}``, ``format="json"``,
+    ``file=Path("kensho.log")``, ``file_max_bytes``, ``file_backups``). ``stream``
+    replaces stderr as the stream sink; ``stderr=False`` writes to the file only.
+    """
+    base = settings or LogSettings()
+    if fields:
+        if isinstance(fields.get("file"), str):
+            fields["file"] = Path(fields["file"])
+        base = LogSettings.model_validate({**base.model_dump(), **fields})
+    _service.configure(base, stream=stream, stderr=stderr, capture_stdlib=capture_stdlib)
+    return _service
+
+
+def get_logger(service: str) -> FilteringBoundLogger:
+    """The logger for ``service`` (``storage``, ``runtime.breaker``, ``server`` ...)."""
+    return _service.get_logger(service)

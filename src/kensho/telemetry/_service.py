@@ -1,0 +1,261 @@
+"""LoggerService: the one place every Kensho log event passes through.
+
+Design, in the order an event travels:
+
+1. ``get_logger("storage")`` returns a structlog filtering logger bound to
+   ``service="storage"``. Its class is chosen for the service's minimum level, so a
+   call below it is a method that returns ``None`` at once (well under 0.2 µs).
+2. The shared processor chain merges request context (contextvars), puts the header
+   first (timestamp, level, service, event), redacts secrets and turns ``exc_info``
+   into a structured ``error`` object.
+3. The router renders the event once per format and writes it to every sink under one
+   lock, counting events by level for metrics.
+
+Reconfiguring mutates the chain and the router in place and re-classes live loggers,
+so loggers obtained before ``configure_logging`` follow the new settings.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from collections.abc import Iterator, Mapping, MutableMapping
+from contextlib import contextmanager
+from typing import IO, Any, Literal
+
+import structlog
+from structlog.contextvars import merge_contextvars
+from structlog.typing import FilteringBoundLogger
+
+from kensho.config import LogSettings
+from kensho.telemetry._processors import add_header, format_exc_info, redact_secrets
+from kensho.telemetry._sinks import (
+    RotatingFileSink,
+    Sink,
+    StreamSink,
+    render_console,
+    render_json,
+)
+
+__all__ = ["LEVELS", "LoggerService"]
+
+LEVELS: dict[str, int] = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+    "critical": logging.CRITICAL,
+}
+
+
+class _Router:
+    """The structlog "logger" at the end of the chain: renders and writes to sinks."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.sinks: list[Sink] = []
+        self.capture: list[dict[str, Any]] | None = None
+        self.counts: dict[str, int] = dict.fromkeys(LEVELS, 0)
+
+    def emit(self, event_dict: dict[str, Any]) -> None:
+        level = event_dict.get("level", "info")
+        json_line: bytes | None = None
+        with self.lock:
+            self.counts[level] = self.counts.get(level, 0) + 1
+            if self.capture is not None:
+                self.capture.append(event_dict)
+                return
+            for sink in self.sinks:
+                if sink.format == "json":
+                    if json_line is None:
+                        json_line = render_json(event_dict)
+                    sink.write(json_line)
+                else:
+                    sink.write(render_console(event_dict, colors=True))
+
+    # structlog calls the method named after the level with the final processor's output.
+    def _call(self, event_dict: dict[str, Any]) -> None:
+        self.emit(event_dict)
+
+    debug = info = warning = warn = error = exception = critical = fatal = msg = _call
+
+
+def _dispatch(
+    _: Any, __: str, event_dict: MutableMapping[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    return (event_dict,), {}
+
+
+class _StdlibBridge(logging.Handler):
+    """Routes stdlib ``logging`` records (httpx, uvicorn, asyncio) through the chain."""
+
+    def __init__(self, service: LoggerService) -> None:
+        super().__init__(logging.NOTSET)
+        self._service = service
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            event: dict[str, Any] = {"service": record.name, "event": record.getMessage()}
+            if record.exc_info and record.exc_info[1] is not None:
+                event["exc_info"] = record.exc_info[1]
+            method = record.levelname.lower()
+            self._service.process(method if method in LEVELS else "info", event)
+        except Exception:  # a log handler must never raise into the caller
+            self.handleError(record)
+
+
+class LoggerService:
+    """Centralised structured logging (the roadmap's LoggerService).
+
+    Use the module functions :func:`kensho.telemetry.configure_logging` and
+    :func:`kensho.telemetry.get_logger`; create a service directly only to isolate
+    logging in tests or embedded uses.
+    """
+
+    def __init__(self) -> None:
+        self._router = _Router()
+        self._processors: list[Any] = [
+            merge_contextvars,
+            add_header,
+            redact_secrets,
+            format_exc_info,
+            _dispatch,
+        ]
+        self._loggers: dict[str, Any] = {}
+        self._level = "info"
+        self._levels: dict[str, str] = {}
+        self._bridge: _StdlibBridge | None = None
+        self.settings = LogSettings()
+        self._configured = False
+
+    # -- configuration -------------------------------------------------------------
+
+    def configure(
+        self,
+        settings: LogSettings | None = None,
+        *,
+        stream: IO[str] | None = None,
+        stderr: bool = True,
+        capture_stdlib: bool = True,
+    ) -> None:
+        """(Re)configure levels and sinks from ``settings`` (defaults: info, JSON/console)."""
+        settings = settings or LogSettings()
+        sinks: list[Sink] = []
+        if stderr:
+            fmt: Literal["json", "console"]
+            if settings.format == "auto":
+                target = stream if stream is not None else sys.stderr
+                isatty = getattr(target, "isatty", None)
+                fmt = "console" if isatty is not None and isatty() else "json"
+            else:
+                fmt = settings.format
+            sinks.append(StreamSink(stream, format=fmt))
+        if settings.file is not None:
+            sinks.append(
+                RotatingFileSink(
+                    settings.file,
+                    max_bytes=settings.file_max_bytes,
+                    backups=settings.file_backups,
+                )
+            )
+        with self._router.lock:
+            old, self._router.sinks = self._router.sinks, sinks
+        for sink in old:
+            if isinstance(sink, RotatingFileSink):
+                sink.close()
+        self.settings = settings
+        self._configured = True
+        self._apply_levels(settings.level, dict(settings.levels))
+        if capture_stdlib:
+            self._install_bridge()
+
+    def _ensure_configured(self) -> None:
+        if not self._configured:
+            self.configure()
+
+    def level_for(self, service: str) -> str:
+        """The minimum level of ``service``: the longest dotted-prefix override wins."""
+        name = service
+        while True:
+            if name in self._levels:
+                return self._levels[name]
+            if "." not in name:
+                return self._level
+            name = name.rsplit(".", 1)[0]
+
+    def _apply_levels(self, level: str, levels: Mapping[str, str]) -> None:
+        self._level, self._levels = level, dict(levels)
+        for name, logger in list(self._loggers.items()):
+            logger.__class__ = structlog.make_filtering_bound_logger(LEVELS[self.level_for(name)])
+        root = logging.getLogger()
+        root.setLevel(LEVELS[level])
+        for name, value in self._levels.items():
+            logging.getLogger(name).setLevel(LEVELS[value])
+
+    def _install_bridge(self) -> None:
+        root = logging.getLogger()
+        for handler in list(root.handlers):
+            if isinstance(handler, _StdlibBridge):
+                root.removeHandler(handler)
+        self._bridge = _StdlibBridge(self)
+        root.addHandler(self._bridge)
+
+    # -- use -----------------------------------------------------------------------
+
+    def get_logger(self, service: str) -> FilteringBoundLogger:
+        """A logger whose events carry ``service``; cached per name."""
+        self._ensure_configured()
+        logger = self._loggers.get(service)
+        if logger is None:
+            cls: Any = structlog.make_filtering_bound_logger(LEVELS[self.level_for(service)])
+            logger = cls(self._router, self._processors, {"service": service})
+            self._loggers[service] = logger
+        return logger  # type: ignore[no-any-return]
+
+    def process(self, method: str, event_dict: dict[str, Any]) -> None:
+        """Run one event through the chain (used by the stdlib bridge)."""
+        result: Any = event_dict
+        for processor in self._processors[:-1]:
+            result = processor(None, method, result)
+        self._router.emit(result)
+
+    def counts(self) -> dict[str, int]:
+        """Events emitted so far, by level (for the ``/metrics`` endpoint)."""
+        with self._router.lock:
+            return dict(self._router.counts)
+
+    def flush(self) -> None:
+        """Flush every sink; call at shutdown."""
+        with self._router.lock:
+            for sink in self._router.sinks:
+                if isinstance(sink, StreamSink):
+                    sink.close()
+
+    def close(self) -> None:
+        """Close file sinks and detach from stdlib logging."""
+        with self._router.lock:
+            sinks, self._router.sinks = self._router.sinks, []
+        for sink in sinks:
+            sink.close()
+        if self._bridge is not None:
+            logging.getLogger().removeHandler(self._bridge)
+            self._bridge = None
+
+    @contextmanager
+    def capture(self, min_level: str | None = "debug") -> Iterator[list[dict[str, Any]]]:
+        """Collect processed event dicts instead of writing them (see ``testing``)."""
+        self._ensure_configured()
+        saved = (self._level, dict(self._levels))
+        captured: list[dict[str, Any]] = []
+        with self._router.lock:
+            previous, self._router.capture = self._router.capture, captured
+        if min_level is not None:
+            self._apply_levels(min_level, {})
+        try:
+            yield captured
+        finally:
+            with self._router.lock:
+                self._router.capture = previous
+            if min_level is not None:
+                self._apply_levels(*saved)
