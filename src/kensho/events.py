@@ -38,3 +38,9 @@ class Event:
                 value = list(value)
             data[f.name] = value
         return data
+
+
+# --- storage events (integrity store) ----------------------------------------------
+
+
+# --- runtime events (breaker, runtime manager, executor) -----------------------------
