@@ -48,13 +48,17 @@ def utc_timestamp(now: float | None = None) -> str:
     a timestamp and changes once a second.
     """
     global _clock_cache  # noqa: PLW0603 - a one-slot cache replaced atomically
-    t = time.time() if now is None else now
+    t = _time() if now is None else now
     sec = int(t)
     cached_sec, prefix = _clock_cache
     if sec != cached_sec:
-        prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+        prefix = time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(sec))
         _clock_cache = (sec, prefix)
-    return f"{prefix}.{int((t - sec) * 1000):03d}Z"
+    return prefix + _MILLIS[int((t - sec) * 1000)]
+
+
+_time = time.time
+_MILLIS = tuple(f"{ms:03d}Z" for ms in range(1000))
 
 
 def add_header(_: Any, method_name: str, event_dict: MutableMapping[str, Any]) -> dict[str, Any]:
@@ -78,6 +82,7 @@ _SECRET_WORDS = frozenset(
 _SECRET_JOINED = ("apikey", "password", "secret", "privatekey", "accesskey")
 _SPLIT = re.compile(r"[^a-z0-9]+")
 _secret_cache: dict[str, bool] = {}
+_CONTAINERS = (dict, list, tuple)
 
 
 def is_secret_key(key: str) -> bool:
@@ -102,7 +107,7 @@ def _redact_value(value: Any, depth: int) -> Any:
             k: REDACTED if isinstance(k, str) and is_secret_key(k) else _redact_value(v, depth + 1)
             for k, v in value.items()
         }
-    if isinstance(value, list | tuple):
+    if isinstance(value, _CONTAINERS):
         return [_redact_value(v, depth + 1) for v in value]
     return value
 
@@ -110,11 +115,19 @@ def _redact_value(value: Any, depth: int) -> Any:
 def redact_secrets(
     _: Any, __: str, event_dict: MutableMapping[str, Any]
 ) -> MutableMapping[str, Any]:
-    """Replace values of secret-looking keys, at any depth, with ``"[redacted]"``."""
+    """Replace values of secret-looking keys, at any depth, with ``"[redacted]"``.
+
+    This runs on every event, so the common case (a known, harmless key holding a
+    scalar) costs one dict lookup and one type check.
+    """
+    cache = _secret_cache
     for key, value in event_dict.items():
-        if is_secret_key(key):
+        secret = cache.get(key)
+        if secret is None:
+            secret = is_secret_key(key)
+        if secret:
             event_dict[key] = REDACTED
-        elif isinstance(value, dict | list | tuple):
+        elif type(value) in _CONTAINERS:
             event_dict[key] = _redact_value(value, 0)
     return event_dict
 

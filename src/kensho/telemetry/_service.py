@@ -50,29 +50,49 @@ LEVELS: dict[str, int] = {
 
 
 class _Router:
-    """The structlog "logger" at the end of the chain: renders and writes to sinks."""
+    """The structlog "logger" at the end of the chain: renders and writes to sinks.
+
+    Rendering happens outside the lock; only the writes (and the counters) are
+    serialised, which is what keeps lines whole across threads.
+    """
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.sinks: list[Sink] = []
+        self.json_sinks: list[Sink] = []
+        self.console_sinks: list[Sink] = []
         self.capture: list[dict[str, Any]] | None = None
         self.counts: dict[str, int] = dict.fromkeys(LEVELS, 0)
 
+    @property
+    def sinks(self) -> list[Sink]:
+        return self.json_sinks + self.console_sinks
+
+    def set_sinks(self, sinks: list[Sink]) -> list[Sink]:
+        """Swap in new sinks (caller holds the lock); returns the old ones."""
+        old = self.sinks
+        self.json_sinks = [s for s in sinks if s.format == "json"]
+        self.console_sinks = [s for s in sinks if s.format != "json"]
+        return old
+
     def emit(self, event_dict: dict[str, Any]) -> None:
-        level = event_dict.get("level", "info")
-        json_line: bytes | None = None
+        if self.capture is not None:
+            with self.lock:
+                self._count(event_dict)
+                if self.capture is not None:
+                    self.capture.append(event_dict)
+                    return
+        line = render_json(event_dict) if self.json_sinks else b""
+        text = render_console(event_dict, colors=True) if self.console_sinks else b""
         with self.lock:
-            self.counts[level] = self.counts.get(level, 0) + 1
-            if self.capture is not None:
-                self.capture.append(event_dict)
-                return
-            for sink in self.sinks:
-                if sink.format == "json":
-                    if json_line is None:
-                        json_line = render_json(event_dict)
-                    sink.write(json_line)
-                else:
-                    sink.write(render_console(event_dict, colors=True))
+            self._count(event_dict)
+            for sink in self.json_sinks:
+                sink.write(line)
+            for sink in self.console_sinks:
+                sink.write(text)
+
+    def _count(self, event_dict: dict[str, Any]) -> None:
+        level = event_dict.get("level", "info")
+        self.counts[level] = self.counts.get(level, 0) + 1
 
     # structlog calls the method named after the level with the final processor's output.
     def _call(self, event_dict: dict[str, Any]) -> None:
@@ -160,7 +180,7 @@ class LoggerService:
                 )
             )
         with self._router.lock:
-            old, self._router.sinks = self._router.sinks, sinks
+            old = self._router.set_sinks(sinks)
         for sink in old:
             if isinstance(sink, RotatingFileSink):
                 sink.close()
@@ -235,7 +255,7 @@ class LoggerService:
     def close(self) -> None:
         """Close file sinks and detach from stdlib logging."""
         with self._router.lock:
-            sinks, self._router.sinks = self._router.sinks, []
+            sinks = self._router.set_sinks([])
         for sink in sinks:
             sink.close()
         if self._bridge is not None:
