@@ -1,0 +1,129 @@
+"""Build Kensho's embedded demo model: a tiny Llama-style causal LM and its tokenizer.
+
+The model is trained for a few seconds on ``scripts/demo_corpus.txt`` (text written for
+this project), so its output is recognisable English, not noise. Everything is seeded
+and single-threaded, so a run on the same machine reproduces the same files. The result
+is written in the standard transformers folder format (``config.json``,
+``model.safetensors``, ``tokenizer.json``, ...) to ``src/kensho/demo/model``; rebuild the
+demo manifest afterwards with ``kensho manifest build``.
+
+    .venv/bin/python scripts/make_demo_model.py [--steps 900] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+HERE = Path(__file__).resolve().parent
+CORPUS = HERE / "demo_corpus.txt"
+DEFAULT_OUT = HERE.parent / "src" / "kensho" / "demo" / "model"
+EOS = "<|endoftext|>"
+PAD = "<|pad|>"
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}User: {{ message['content'] }}\n"
+    "{% elif message['role'] == 'assistant' %}Assistant: {{ message['content'] }}"
+    + EOS
+    + "\n{% else %}{{ message['content'] }}\n{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+
+
+def build_tokenizer(text: str, vocab_size: int) -> PreTrainedTokenizerFast:
+    """Byte-level BPE: any UTF-8 input encodes, and multi-byte characters may span tokens."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS, PAD],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(text.splitlines(keepends=True), trainer=trainer)
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=EOS, pad_token=PAD, bos_token=None, unk_token=None
+    )
+    wrapped.chat_template = CHAT_TEMPLATE
+    wrapped.model_max_length = 256
+    return wrapped
+
+
+def training_stream(text: str, tokenizer: PreTrainedTokenizerFast) -> list[int]:
+    """The corpus as one token stream; an assistant answer ends with EOS, like chat."""
+    ids: list[int] = []
+    for line in text.splitlines():
+        suffix = EOS + "\n" if line.startswith("Assistant:") else "\n"
+        ids.extend(tokenizer.encode(line + suffix, add_special_tokens=False))
+    return ids
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--steps", type=int, default=900)
+    parser.add_argument("--vocab-size", type=int, default=384)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = parser.parse_args()
+
+    random.seed(0)
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    torch.use_deterministic_algorithms(True)
+
+    text = CORPUS.read_text(encoding="utf-8")
+    tokenizer = build_tokenizer(text, args.vocab_size)
+    stream = torch.tensor(training_stream(text, tokenizer), dtype=torch.long)
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=96,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+    )
+    model = LlamaForCausalLM(config)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.steps)
+    window, batch = 96, 24
+    model.train()
+    loss = torch.tensor(0.0)
+    for step in range(args.steps):
+        starts = torch.randint(0, len(stream) - window - 1, (batch,))
+        x = torch.stack([stream[s : s + window] for s in starts])
+        loss = model(input_ids=x, labels=x).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        if step % 100 == 0:
+            print(f"step {step:4d}  loss {loss.item():.3f}")
+    print(f"final loss {loss.item():.3f}")
+
+    model.eval()
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    args.out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(args.out, safe_serialization=True)
+    tokenizer.save_pretrained(args.out)
+    for prompt in ["The GPU", "User: What is Kensho?\nAssistant:"]:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        out = model.generate(ids, max_new_tokens=30, do_sample=False)
+        print(repr(tokenizer.decode(out[0], skip_special_tokens=True)))
+    size = sum(p.stat().st_size for p in args.out.iterdir())
+    print(f"wrote {args.out} ({size / 1024:.0f} KiB)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,374 @@
+"""TorchEngine: real inference with transformers, on CUDA (primary) or CPU (fallback).
+
+The model folder is loaded with ``local_files_only=True``: Kensho never reaches a hub,
+and the folder is expected to come from a verified store (the kernel verifies before
+it loads). Generation is a hand-written decoding loop over the KV cache rather than
+``model.generate()``, because the runtime needs what ``generate`` does not give:
+
+- one chunk per token, handed to the event loop as soon as it exists;
+- cancellation within one token when the consumer stops reading;
+- stop strings that are never half-emitted;
+- continuation of a stream another engine started (the prompt plus the text already
+  produced), so a GPU failure mid-stream costs the user nothing.
+
+The loop runs in the engine's own worker threads (torch releases the GIL in its
+kernels), so the event loop never blocks on a forward pass.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import inspect
+import threading
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+from kensho.errors import EngineError, EngineOutOfMemoryError, EngineUnavailableError
+from kensho.runtime.engines.base import (
+    EngineKind,
+    FinishReason,
+    GenerationChunk,
+    GenerationRequest,
+)
+from kensho.telemetry import get_logger
+
+__all__ = ["IncrementalDetokenizer", "StopMatcher", "TorchEngine"]
+
+log = get_logger("runtime.engine.torch")
+
+_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
+
+
+class IncrementalDetokenizer:
+    """Turns a growing list of token ids into text deltas, never splitting a character.
+
+    Byte-level tokenizers may put one UTF-8 character across several tokens; decoding
+    them one at a time would emit replacement characters. Like text-generation-
+    inference, decode a small window and only emit once it no longer ends in U+FFFD.
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str]) -> None:
+        self._decode = decode
+        self._ids: list[int] = []
+        self._prefix = 0
+        self._read = 0
+
+    def push(self, token_id: int) -> str:
+        """Add one token; return the text it completes (possibly empty)."""
+        self._ids.append(token_id)
+        prefix_text = self._decode(self._ids[self._prefix : self._read])
+        new_text = self._decode(self._ids[self._prefix :])
+        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
+            delta = new_text[len(prefix_text) :]
+            self._prefix, self._read = self._read, len(self._ids)
+            return delta
+        return ""
+
+
+class StopMatcher:
+    """Holds back text that could be the start of a stop string.
+
+    ``feed`` returns what is safe to emit now and whether a stop string was reached
+    (the stop string itself and anything after it are never emitted).
+    """
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        self._stops = tuple(s for s in stops if s)
+        self._pending = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        pending = self._pending + text
+        if not self._stops:
+            return pending, False
+        cut = min((i for i in (pending.find(s) for s in self._stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self._pending = ""
+            return pending[:cut], True
+        hold = 0
+        for stop in self._stops:
+            for n in range(min(len(stop) - 1, len(pending)), 0, -1):
+                if pending.endswith(stop[:n]):
+                    hold = max(hold, n)
+                    break
+        self._pending = pending[len(pending) - hold :] if hold else ""
+        return pending[: len(pending) - hold], False
+
+    def flush(self) -> str:
+        """At the end of a stream, whatever was held back is plain text after all."""
+        pending, self._pending = self._pending, ""
+        return pending
+
+
+class TorchEngine:
+    """A Hugging Face causal LM folder served with transformers on ``device``.
+
+    ``device="cuda"`` (or ``cuda:N``) makes a GPU engine whose ``load()`` raises
+    :class:`EngineUnavailableError` when no CUDA device exists, so the runtime starts
+    on the fallback and says so once. ``dtype`` defaults to bfloat16 on GPUs that
+    support it (float16 otherwise) and float32 on CPU.
+    """
+
+    supports_continuation = True
+
+    def __init__(
+        self,
+        model_dir: Path,
+        *,
+        device: str = "cpu",
+        dtype: str | None = None,
+        name: str | None = None,
+        max_concurrency: int = 4,
+    ) -> None:
+        if dtype is not None and dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        self.model_dir = Path(model_dir)
+        self.device = device
+        self.kind: EngineKind = "gpu" if device.startswith("cuda") else "cpu"
+        self.name = name or self.kind
+        self.dtype_name = dtype
+        self._max_concurrency = max_concurrency
+        self._model: Any = None
+        self._tokenizer: Any = None
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._cache_kwarg = "cache"
+        self.tokens_generated = 0
+
+    @property
+    def loaded(self) -> bool:
+        return self._model is not None
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    async def load(self) -> None:
+        """Load tokenizer and weights onto the device, off the event loop."""
+        if self.loaded:
+            return
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=self._max_concurrency, thread_name_prefix=f"kensho-{self.name}"
+        )
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._pool, self._load_sync)
+        except BaseException:
+            self._pool.shutdown(wait=False)
+            self._pool = None
+            raise
+        log.info(
+            "engine loaded",
+            engine=self.name,
+            device=self.device,
+            dtype=self.dtype_name,
+            model_dir=str(self.model_dir),
+        )
+
+    def _load_sync(self) -> None:
+        import torch
+        import transformers
+
+        _quiet_transformers()
+        if self.kind == "gpu" and not torch.cuda.is_available():
+            raise EngineUnavailableError(
+                f"engine {self.name!r}: no CUDA device on this machine (torch "
+                f"{torch.__version__}); the CPU fallback will serve instead"
+            )
+        if not (self.model_dir / "config.json").is_file():
+            raise EngineUnavailableError(
+                f"engine {self.name!r}: {self.model_dir} is not a model folder "
+                "(config.json is missing); run `kensho verify` on the store"
+            )
+        if self.dtype_name is None:
+            if self.kind == "gpu":
+                bf16 = torch.cuda.is_bf16_supported()
+                self.dtype_name = "bfloat16" if bf16 else "float16"
+            else:
+                self.dtype_name = "float32"
+        dtype = getattr(torch, self.dtype_name)
+        try:
+            tokenizer: Any = transformers.AutoTokenizer.from_pretrained(
+                self.model_dir, local_files_only=True
+            )
+            model: Any = transformers.AutoModelForCausalLM.from_pretrained(
+                self.model_dir, local_files_only=True, dtype=dtype
+            )
+            model.to(self.device)
+            model.eval()
+        except torch.cuda.OutOfMemoryError as exc:
+            torch.cuda.empty_cache()
+            raise EngineOutOfMemoryError(
+                f"engine {self.name!r}: out of memory loading {self.model_dir} on "
+                f"{self.device}: {exc}"
+            ) from exc
+        except Exception as exc:  # any load failure (bad weights, bad config) is one kind
+            raise EngineUnavailableError(
+                f"engine {self.name!r}: cannot load {self.model_dir} on {self.device}: {exc}"
+            ) from exc
+        # transformers 5 renamed the KV-cache argument; accept both generations.
+        params = inspect.signature(model.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self._tokenizer, self._model = tokenizer, model
+
+    async def close(self) -> None:
+        """Drop the weights (and cached GPU memory); ``load()`` may be called again."""
+        self._model = self._tokenizer = None
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        if self.kind == "gpu":
+            import torch
+
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    async def health(self) -> bool:
+        return self.loaded
+
+    # -- generation ----------------------------------------------------------------
+
+    def prompt_text(self, request: GenerationRequest) -> str:
+        """The text the model continues: chat template or plain prompt, plus continuation."""
+        if request.prompt is not None:
+            base = request.prompt
+        elif getattr(self._tokenizer, "chat_template", None):
+            messages = [{"role": m.role, "content": m.content} for m in request.messages]
+            base = self._tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=False
+            )
+        else:
+            base = request.text_input + "\nassistant:"
+        return str(base) + request.continuation
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        """Stream one chunk per token; stops within one token when the consumer stops."""
+        if not self.loaded or self._pool is None:
+            raise EngineUnavailableError(
+                f"engine {self.name!r} is not loaded; call load() before generate()"
+            )
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[GenerationChunk | BaseException | None] = asyncio.Queue()
+        cancel = threading.Event()
+
+        def put(item: GenerationChunk | BaseException | None) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        def work() -> None:
+            try:
+                self._decode(request, put, cancel)
+            except BaseException as exc:  # handed to the consumer, re-raised there
+                put(exc)
+            else:
+                put(None)
+
+        future = loop.run_in_executor(self._pool, work)
+        try:
+            while True:
+                item = await queue.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            cancel.set()
+            await asyncio.shield(future)
+
+    def _decode(
+        self,
+        request: GenerationRequest,
+        put: Callable[[GenerationChunk | BaseException | None], None],
+        cancel: threading.Event,
+    ) -> None:
+        import torch
+        from transformers import DynamicCache
+
+        model, tokenizer = self._model, self._tokenizer
+        if model is None or tokenizer is None:
+            raise EngineUnavailableError(f"engine {self.name!r} was closed during a request")
+        text = self.prompt_text(request)
+        input_ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+        context = int(getattr(model.config, "max_position_embeddings", 0) or 0)
+        max_tokens = request.max_tokens
+        if context:
+            room = context - input_ids.shape[1]
+            if room < 1:
+                raise ValueError(
+                    f"the prompt is {input_ids.shape[1]} tokens; the model's context "
+                    f"is {context} tokens: shorten it"
+                )
+            max_tokens = min(max_tokens, room)
+        start = (
+            len(tokenizer.encode(request.continuation, add_special_tokens=False))
+            if request.continuation
+            else 0
+        )
+        generator = None
+        if request.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(request.seed)
+        eos = tokenizer.eos_token_id
+        detok = IncrementalDetokenizer(lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
+        stops = StopMatcher(request.stop)
+        ids = input_ids.to(self.device)
+        cache = {self._cache_kwarg: DynamicCache(config=model.config)}
+        produced = 0
+
+        def chunk(text: str, finish: FinishReason | None = None) -> GenerationChunk:
+            index = start + produced - 1
+            return GenerationChunk(text=text, index=index, engine=self.name, finish_reason=finish)
+
+        try:
+            with torch.inference_mode():
+                while not cancel.is_set():
+                    out = model(input_ids=ids, use_cache=True, **cache)
+                    next_id = _sample(out.logits[:, -1, :], request, generator)
+                    produced += 1
+                    self.tokens_generated += 1
+                    if eos is not None and next_id == eos:
+                        put(chunk(stops.flush(), "stop"))
+                        return
+                    safe, stopped = stops.feed(detok.push(next_id))
+                    if stopped:
+                        put(chunk(safe, "stop"))
+                        return
+                    if produced >= max_tokens:
+                        put(chunk(safe + stops.flush(), "length"))
+                        return
+                    put(chunk(safe))
+                    ids = torch.tensor([[next_id]], device=self.device)
+        except torch.cuda.OutOfMemoryError as exc:
+            torch.cuda.empty_cache()
+            raise EngineOutOfMemoryError(
+                f"engine {self.name!r}: out of memory on {self.device} during request "
+                f"{request.request_id}; cached memory was released"
+            ) from exc
+        except RuntimeError as exc:
+            raise EngineError(
+                f"engine {self.name!r} failed on {self.device} during request "
+                f"{request.request_id}: {exc}"
+            ) from exc
+
+
+def _quiet_transformers() -> None:
+    """Send transformers' own log lines through Kensho's pipeline, without progress bars."""
+    from transformers.utils import logging as hf_logging_module
+
+    hf_logging: Any = hf_logging_module
+    hf_logging.disable_progress_bar()
+    hf_logging.disable_default_handler()
+    hf_logging.enable_propagation()
+
+
+def _sample(logits: Any, request: GenerationRequest, generator: Any) -> int:
+    """Greedy at temperature 0, else temperature + nucleus (top-p) sampling."""
+    import torch
+
+    if request.temperature == 0:
+        return int(torch.argmax(logits, dim=-1).item())
+    probs = torch.softmax(logits.float() / request.temperature, dim=-1)
+    if request.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True, dim=-1)
+        cumulative = torch.cumsum(sorted_probs, dim=-1)
+        drop = cumulative - sorted_probs > request.top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    choice = torch.multinomial(probs, num_samples=1, generator=generator)
+    return int(choice.item())
