@@ -54,15 +54,16 @@ class IncrementalDetokenizer:
         self._ids: list[int] = []
         self._prefix = 0
         self._read = 0
+        self._prefix_text = ""  # decode of ids[prefix:read], cached between pushes
 
     def push(self, token_id: int) -> str:
         """Add one token; return the text it completes (possibly empty)."""
         self._ids.append(token_id)
-        prefix_text = self._decode(self._ids[self._prefix : self._read])
         new_text = self._decode(self._ids[self._prefix :])
-        if len(new_text) > len(prefix_text) and not new_text.endswith("\ufffd"):
-            delta = new_text[len(prefix_text) :]
+        if len(new_text) > len(self._prefix_text) and not new_text.endswith("\ufffd"):
+            delta = new_text[len(self._prefix_text) :]
             self._prefix, self._read = self._read, len(self._ids)
+            self._prefix_text = self._decode(self._ids[self._prefix : self._read])
             return delta
         return ""
 
@@ -133,6 +134,7 @@ class TorchEngine:
         self._tokenizer: Any = None
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._cache_kwarg = "cache"
+        self._step_kwargs: dict[str, Any] = {"use_cache": True}
         self.tokens_generated = 0
 
     @property
@@ -206,6 +208,9 @@ class TorchEngine:
         # transformers 5 renamed the KV-cache argument; accept both generations.
         params = inspect.signature(model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
+        self._step_kwargs: dict[str, Any] = {"use_cache": True}
+        if "logits_to_keep" in params:  # skip the LM head on all but the last position
+            self._step_kwargs["logits_to_keep"] = 1
         self._tokenizer, self._model = tokenizer, model
 
     async def close(self) -> None:
@@ -308,7 +313,7 @@ class TorchEngine:
         detok = IncrementalDetokenizer(lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
         stops = StopMatcher(request.stop)
         ids = input_ids.to(self.device)
-        cache = {self._cache_kwarg: DynamicCache(config=model.config)}
+        step_kwargs = {**self._step_kwargs, self._cache_kwarg: DynamicCache(config=model.config)}
         produced = 0
 
         def chunk(text: str, finish: FinishReason | None = None) -> GenerationChunk:
@@ -318,8 +323,9 @@ class TorchEngine:
         try:
             with torch.inference_mode():
                 while not cancel.is_set():
-                    out = model(input_ids=ids, use_cache=True, **cache)
-                    next_id = _sample(out.logits[:, -1, :], request, generator)
+                    out = model(input_ids=ids, **step_kwargs)
+                    next_ids = _sample(out.logits[:, -1, :], request, generator)
+                    next_id = int(next_ids.item())
                     produced += 1
                     self.tokens_generated += 1
                     if eos is not None and next_id == eos:
@@ -333,7 +339,7 @@ class TorchEngine:
                         put(chunk(safe + stops.flush(), "length"))
                         return
                     put(chunk(safe))
-                    ids = torch.tensor([[next_id]], device=self.device)
+                    ids = next_ids
         except torch.cuda.OutOfMemoryError as exc:
             torch.cuda.empty_cache()
             raise EngineOutOfMemoryError(
@@ -357,12 +363,16 @@ def _quiet_transformers() -> None:
     hf_logging.enable_propagation()
 
 
-def _sample(logits: Any, request: GenerationRequest, generator: Any) -> int:
-    """Greedy at temperature 0, else temperature + nucleus (top-p) sampling."""
+def _sample(logits: Any, request: GenerationRequest, generator: Any) -> Any:
+    """The next token as a ``[1, 1]`` tensor on the model's device.
+
+    Greedy at temperature 0, else temperature + nucleus (top-p) sampling. Staying a
+    tensor lets it feed the next step without a host round trip.
+    """
     import torch
 
     if request.temperature == 0:
-        return int(torch.argmax(logits, dim=-1).item())
+        return torch.argmax(logits, dim=-1, keepdim=True)
     probs = torch.softmax(logits.float() / request.temperature, dim=-1)
     if request.top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True, dim=-1)
@@ -370,5 +380,4 @@ def _sample(logits: Any, request: GenerationRequest, generator: Any) -> int:
         drop = cumulative - sorted_probs > request.top_p
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    choice = torch.multinomial(probs, num_samples=1, generator=generator)
-    return int(choice.item())
+    return torch.multinomial(probs, num_samples=1, generator=generator)
