@@ -1,0 +1,606 @@
+"""The HTTP API: OpenAI-compatible completions plus Kensho's health, metrics and status.
+
+Every completion request goes through the :class:`~kensho.runtime.executor.TaskExecutor`
+(priority from ``X-Kensho-Priority``), so overload is answered early and explicitly
+(429 with ``Retry-After``) instead of by a request that hangs. A streaming request
+waits for its first token *before* the response starts, so queue-phase failures still
+get their proper status code (429, 503, 504) rather than a 200 with an error inside.
+A client that goes away cancels its task and frees its slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from kensho import __version__
+from kensho.errors import KenshoError, QueueFullError
+from kensho.events import Event
+from kensho.runtime.engines.base import ChatMessage, GenerationChunk, GenerationRequest
+from kensho.runtime.executor import Priority, TaskHandle
+from kensho.server._context import ServerContext
+from kensho.server._errors import APIError, error_body, error_for_exception, error_response
+from kensho.server._metrics import CONTENT_TYPE, ServerMetrics
+from kensho.server._schemas import ChatCompletionRequest, CompletionRequest
+from kensho.telemetry import bound_context, get_logger
+
+__all__ = ["create_app"]
+
+log = get_logger("server")
+
+PRIORITY_HEADER = "x-kensho-priority"
+TIMEOUT_HEADER = "x-kensho-timeout"
+_OPEN_PATHS = frozenset({"/healthz"})
+_T = TypeVar("_T")
+
+
+class ClientDisconnectedError(Exception):
+    """The client went away before its answer was ready."""
+
+
+# -- ASGI middleware -------------------------------------------------------------------
+
+
+class _Guard:
+    """Authentication and body-size limit, before any routing or parsing.
+
+    Bodies are read here (up to the limit) and replayed to the app, so an oversize
+    body is refused with 413 without ever being parsed; later ``receive`` calls go to
+    the server, which is how disconnects are still seen.
+    """
+
+    def __init__(self, app: ASGIApp, context: ServerContext) -> None:
+        self.app = app
+        self.context = context
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        ctx = self.context
+        if ctx.api_key and scope["path"] not in _OPEN_PATHS and not self._authorized(scope):
+            await _send_error(
+                send,
+                APIError(
+                    401,
+                    "missing or invalid API key: send it as 'Authorization: Bearer <key>'",
+                    code="invalid_api_key",
+                ),
+            )
+            return
+        if scope["method"] not in {"POST", "PUT", "PATCH"}:
+            await self.app(scope, receive, send)
+            return
+        declared = _header(scope, b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > ctx.max_body_bytes:
+            await _send_error(send, _too_large(ctx.max_body_bytes))
+            return
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            body += message.get("body", b"")
+            if len(body) > ctx.max_body_bytes:
+                await _send_error(send, _too_large(ctx.max_body_bytes))
+                return
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    def _authorized(self, scope: Scope) -> bool:
+        value = _header(scope, b"authorization") or ""
+        scheme, _, token = value.partition(" ")
+        key = self.context.api_key or ""
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            token.strip().encode(), key.encode()
+        )
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", []):
+        if key.lower() == name:
+            return bytes(value).decode("latin-1")
+    return None
+
+
+def _too_large(limit: int) -> APIError:
+    return APIError(413, f"request body is larger than {limit} bytes", code="body_too_large")
+
+
+async def _send_error(send: Send, err: APIError) -> None:
+    response = error_response(err)
+    await send(
+        {"type": "http.response.start", "status": response.status_code,
+         "headers": response.raw_headers}
+    )  # fmt: skip
+    await send({"type": "http.response.body", "body": response.body})
+
+
+# -- helpers ---------------------------------------------------------------------------
+
+
+def _priority(request: Request) -> Priority:
+    raw = request.headers.get(PRIORITY_HEADER)
+    if raw is None:
+        return Priority.NORMAL
+    try:
+        return Priority[raw.strip().upper()]
+    except KeyError:
+        raise APIError(
+            400,
+            f"{PRIORITY_HEADER}: {raw!r} is not one of critical, high, normal, low",
+            param=PRIORITY_HEADER,
+        ) from None
+
+
+def _timeout(request: Request, default: float | None) -> float | None:
+    raw = request.headers.get(TIMEOUT_HEADER)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 3600:
+        raise APIError(
+            400, f"{TIMEOUT_HEADER}: expected seconds in (0, 3600], got {raw!r}",
+            param=TIMEOUT_HEADER,
+        )  # fmt: skip
+    return value
+
+
+def _is_loopback(host: str) -> bool:
+    if host in {"localhost", ""}:
+        return host == "localhost"
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+async def _until_disconnected(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def _unless_disconnected(request: Request, work: Coroutine[Any, Any, _T]) -> _T:
+    """Run ``work``; if the client disconnects first, cancel it and raise."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_until_disconnected(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not task.done():
+            task.cancel()
+        watcher.cancel()
+    if not task.done() or task.cancelled():
+        raise ClientDisconnectedError
+    return task.result()
+
+
+def _sse(data: object) -> bytes:
+    return b"data: " + orjson.dumps(data) + b"\n\n"
+
+
+# -- the app ---------------------------------------------------------------------------
+
+
+def create_app(ctx: ServerContext) -> FastAPI:
+    """Build the FastAPI application around a booted system."""
+    app = FastAPI(
+        title="Kensho",
+        version=__version__,
+        docs_url=None,  # the interactive docs load scripts from a CDN: useless offline
+        redoc_url=None,
+    )
+    metrics = ServerMetrics(ctx)
+    app.state.context = ctx
+    app.state.metrics = metrics
+    app.add_middleware(_Guard, context=ctx)
+    _add_error_handlers(app)
+    _add_health_routes(app, ctx, metrics)
+    _add_admin_routes(app, ctx)
+    _add_openai_routes(app, ctx, metrics)
+
+    @app.middleware("http")
+    async def _count(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        metrics.requests.labels(path, str(response.status_code)).inc()
+        return response
+
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+
+    @app.exception_handler(APIError)
+    async def _on_api_error(_: Request, exc: APIError) -> Response:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> Response:
+        errors = exc.errors()
+        first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
+        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+        if first.get("type") == "json_invalid":
+            return error_response(APIError(400, f"request body is not valid JSON: {first['msg']}"))
+        field = ".".join(loc) or None
+        message = f"{field}: {first['msg']}" if field else str(first["msg"])
+        return error_response(APIError(422 if field else 400, message, param=field))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> Response:
+        return error_response(APIError(exc.status_code, str(exc.detail), code="not_found"))
+
+
+def _add_health_routes(app: FastAPI, ctx: ServerContext, metrics: ServerMetrics) -> None:
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        """Alive: answers while the process runs (no authentication)."""
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        """Ready: integrity verified and an engine admits requests; says degraded."""
+        runtime = ctx.runtime.metrics()
+        engine_ready = ctx.runtime.retry_after() == 0
+        ready = engine_ready and not ctx.draining and ctx.integrity.status != "failed"
+        body = {
+            "ready": ready,
+            "degraded": runtime.degraded or ctx.integrity.status == "degraded",
+            "draining": ctx.draining,
+            "active_engine": runtime.active_engine,
+            "integrity": ctx.integrity.to_dict(),
+            "breakers": {
+                b.name: str(b.state) for b in (runtime.primary, runtime.fallback) if b is not None
+            },
+        }
+        return JSONResponse(body, status_code=200 if ready else 503)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/v1/kensho/status")
+    async def status_stream(request: Request) -> StreamingResponse:
+        """Server-sent events: a snapshot, then integrity, breaker and overload events."""
+
+        async def events() -> AsyncIterator[bytes]:
+            yield b"event: snapshot\n" + _sse(_snapshot(ctx))
+            stream = ctx.hub.stream(replay=True)
+            next_event = asyncio.ensure_future(anext(stream))
+            try:
+                while not ctx.draining:
+                    done, _ = await asyncio.wait({next_event}, timeout=15.0)
+                    if not done:
+                        yield b": keep-alive\n\n"
+                        continue
+                    event: Event = next_event.result()
+                    yield f"event: {event.kind}\n".encode() + _sse(event.to_dict())
+                    next_event = asyncio.ensure_future(anext(stream))
+            finally:
+                next_event.cancel()
+                await stream.aclose()  # type: ignore[attr-defined]
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers=_SSE_HEADERS)
+
+
+def _add_admin_routes(app: FastAPI, ctx: ServerContext) -> None:
+
+    def _admin_allowed() -> None:
+        if not ctx.api_key and not _is_loopback(ctx.host):
+            raise APIError(
+                403,
+                f"admin endpoints are disabled: the server listens on {ctx.host} without an "
+                "API key; restart with --api-key (or KENSHO_API_KEY)",
+                code="admin_disabled",
+            )
+
+    class BreakerAction(BaseModel):
+        action: Literal["force_open", "reset"]
+        engine: Literal["primary", "fallback"] = "primary"
+
+    @app.post("/v1/kensho/breaker")
+    async def breaker(body: BreakerAction) -> dict[str, Any]:
+        """Force the primary (or fallback) breaker open, or reset it to closed."""
+        _admin_allowed()
+        target = ctx.runtime.primary_breaker if body.engine == "primary" else None
+        if body.engine == "fallback":
+            target = ctx.runtime.fallback_breaker
+        if target is None:
+            raise APIError(404, "this runtime has no fallback engine", param="engine")
+        if body.action == "force_open":
+            target.force_open("forced open through the admin API")
+        else:
+            target.reset("reset through the admin API")
+        log.info("breaker changed by admin", engine=body.engine, action=body.action)
+        return {"engine": body.engine, "state": str(target.state)}
+
+    @app.post("/v1/kensho/verify")
+    async def verify() -> dict[str, Any]:
+        """Re-verify the store now (full hash) and report."""
+        _admin_allowed()
+        if ctx.verify is None:
+            raise APIError(404, "this server has no store to verify", code="no_store")
+        ctx.integrity = await ctx.verify()
+        return ctx.integrity.to_dict()
+
+
+def _add_openai_routes(app: FastAPI, ctx: ServerContext, metrics: ServerMetrics) -> None:
+    completer = _Completer(ctx, metrics)
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {
+            "object": "list",
+            "data": [{"id": ctx.model_id, "object": "model", "created": 0, "owned_by": "kensho"}],
+        }
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat(body: ChatCompletionRequest, request: Request) -> Response:
+        try:
+            messages = tuple(ChatMessage(m.role, m.text()) for m in body.messages)
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="messages") from None
+        gen = GenerationRequest(
+            messages=messages,
+            max_tokens=body.max_completion_tokens or body.max_tokens or ctx.default_max_tokens,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            stop=body.stops(),
+            seed=body.seed,
+        )
+        return await completer.complete("chat", body, gen, request)
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        try:
+            prompt = body.prompt_text()
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="prompt") from None
+        gen = GenerationRequest(
+            prompt=prompt,
+            max_tokens=body.max_tokens or 16,
+            temperature=body.temperature,
+            top_p=body.top_p,
+            stop=body.stops(),
+            seed=body.seed,
+        )
+        return await completer.complete("text", body, gen, request)
+
+
+class _Completer:
+    """Runs one completion request through the executor and shapes the answer."""
+
+    def __init__(self, ctx: ServerContext, metrics: ServerMetrics) -> None:
+        self.ctx = ctx
+        self.metrics = metrics
+
+    def _refuse(self, exc: KenshoError) -> APIError:
+        err = _api_error(exc)
+        reason = exc.reason if isinstance(exc, QueueFullError) else (err.code or "error")
+        self.metrics.rejections.labels(reason).inc()
+        return err
+
+    async def complete(
+        self,
+        kind: Literal["chat", "text"],
+        body: ChatCompletionRequest | CompletionRequest,
+        gen: GenerationRequest,
+        request: Request,
+    ) -> Response:
+        ctx = self.ctx
+        if body.model != ctx.model_id:
+            raise APIError(
+                404,
+                f"model {body.model!r} does not exist here; this server serves "
+                f"{ctx.model_id!r} (see GET /v1/models)",
+                code="model_not_found",
+                param="model",
+            )
+        if ctx.draining:
+            raise APIError(503, "the server is shutting down", code="draining", retry_after=5)
+        started = time.perf_counter()
+        endpoint = "chat" if kind == "chat" else "completions"
+        priority = _priority(request)
+        deadline = _timeout(request, ctx.request_timeout)
+        with bound_context(request_id=gen.request_id):
+            try:
+                handle = ctx.executor.submit(gen, priority=priority, deadline=deadline)
+            except QueueFullError as exc:
+                raise self._refuse(exc) from None
+            try:
+                first = await _unless_disconnected(request, _first(handle))
+            except ClientDisconnectedError:
+                await handle.aclose()
+                return Response(status_code=499)
+            except KenshoError as exc:
+                await handle.aclose()
+                raise self._refuse(exc) from None
+            except BaseException:
+                await handle.aclose()
+                raise
+            self.metrics.ttft.labels(endpoint).observe(time.perf_counter() - started)
+            shape = _Shaper(kind, body.model)
+            if body.stream:
+                usage = bool(body.stream_options and body.stream_options.include_usage)
+                stream = self._stream(handle, first, shape, _Timing(endpoint, started), usage)
+                return StreamingResponse(
+                    stream, media_type="text/event-stream", headers=_SSE_HEADERS
+                )
+            try:
+                chunks = await _unless_disconnected(request, _rest(handle, first))
+            except ClientDisconnectedError:
+                return Response(status_code=499)
+            except KenshoError as exc:
+                raise self._refuse(exc) from None
+            finally:
+                await handle.aclose()
+            for chunk in chunks:
+                self.metrics.tokens.labels(chunk.engine).inc()
+            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
+            return JSONResponse(shape.whole(chunks))
+
+    async def _stream(
+        self,
+        handle: TaskHandle,
+        first: GenerationChunk | None,
+        shape: _Shaper,
+        timing: _Timing,
+        include_usage: bool,
+    ) -> AsyncIterator[bytes]:
+        count = 0
+        try:
+            yield _sse(shape.opening())
+            chunk = first
+            while chunk is not None:
+                count += 1
+                self.metrics.tokens.labels(chunk.engine).inc()
+                yield _sse(shape.delta(chunk))
+                chunk = await anext(handle, None)
+            if include_usage:
+                yield _sse(shape.usage_chunk(count))
+            yield b"data: [DONE]\n\n"
+        except KenshoError as exc:
+            log.warning("stream ended by an error", error=str(exc), tokens=count)
+            yield _sse(error_body(_api_error(exc)))
+        finally:
+            await handle.aclose()
+            elapsed = time.perf_counter() - timing.started
+            self.metrics.latency.labels(timing.endpoint).observe(elapsed)
+
+
+@dataclass(frozen=True, slots=True)
+class _Timing:
+    endpoint: str
+    started: float
+
+
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def _api_error(exc: KenshoError) -> APIError:
+    return error_for_exception(exc) or APIError(500, str(exc), type="server_error")
+
+
+async def _first(handle: TaskHandle) -> GenerationChunk | None:
+    return await anext(handle, None)
+
+
+async def _rest(handle: TaskHandle, first: GenerationChunk | None) -> list[GenerationChunk]:
+    chunks = [first] if first is not None else []
+    chunks += [chunk async for chunk in handle]
+    return chunks
+
+
+def _snapshot(ctx: ServerContext) -> dict[str, Any]:
+    runtime = ctx.runtime.metrics()
+    stats = ctx.executor.statistics()
+    return {
+        "active_engine": runtime.active_engine,
+        "degraded": runtime.degraded,
+        "breakers": [b.to_dict() for b in (runtime.primary, runtime.fallback) if b is not None],
+        "queue": {"depth": stats.queued, "capacity": stats.capacity, "in_flight": stats.in_flight},
+        "overloaded": stats.overloaded,
+        "integrity": ctx.integrity.to_dict(),
+    }
+
+
+class _Shaper:
+    """Builds OpenAI response objects for one request (chat or text completion)."""
+
+    def __init__(self, kind: Literal["chat", "text"], model: str) -> None:
+        self.kind = kind
+        self.model = model
+        prefix = "chatcmpl" if kind == "chat" else "cmpl"
+        self.id = f"{prefix}-{uuid.uuid4().hex[:24]}"
+        self.created = int(time.time())
+
+    def _base(self, obj: str) -> dict[str, Any]:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+
+    def opening(self) -> dict[str, Any]:
+        if self.kind == "chat":
+            choice = {
+                "index": 0,
+                "delta": {"role": "assistant", "content": ""},
+                "finish_reason": None,
+            }
+            return {**self._base("chat.completion.chunk"), "choices": [choice]}
+        choice = {"index": 0, "text": "", "logprobs": None, "finish_reason": None}
+        return {**self._base("text_completion"), "choices": [choice]}
+
+    def delta(self, chunk: GenerationChunk) -> dict[str, Any]:
+        if self.kind == "chat":
+            choice = {
+                "index": 0,
+                "delta": {"content": chunk.text},
+                "finish_reason": chunk.finish_reason,
+            }
+            return {**self._base("chat.completion.chunk"), "choices": [choice]}
+        choice = {
+            "index": 0,
+            "text": chunk.text,
+            "logprobs": None,
+            "finish_reason": chunk.finish_reason,
+        }
+        return {**self._base("text_completion"), "choices": [choice]}
+
+    def usage_chunk(self, tokens: int) -> dict[str, Any]:
+        obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
+        return {**self._base(obj), "choices": [], "usage": _usage(tokens)}
+
+    def whole(self, chunks: list[GenerationChunk]) -> dict[str, Any]:
+        text = "".join(c.text for c in chunks)
+        finish = chunks[-1].finish_reason if chunks else "stop"
+        if self.kind == "chat":
+            choice: dict[str, Any] = {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": finish or "stop",
+            }
+            base = self._base("chat.completion")
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish or "stop"}
+            base = self._base("text_completion")
+        return {**base, "choices": [choice], "usage": _usage(len(chunks))}
+
+
+def _usage(completion_tokens: int) -> dict[str, int]:
+    # Engines report generated tokens only; prompt tokens are not counted (0).
+    return {
+        "prompt_tokens": 0,
+        "completion_tokens": completion_tokens,
+        "total_tokens": completion_tokens,
+    }

@@ -1,0 +1,62 @@
+"""What the HTTP layer needs from the running system, and nothing more.
+
+The kernel builds a :class:`ServerContext` after boot; tests build one around
+fault-injecting engines. Keeping this seam small keeps the server a thin adapter:
+routing, admission and integrity live in the layers below.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from kensho.runtime.executor import TaskExecutor
+from kensho.runtime.hub import EventHub
+from kensho.runtime.manager import RuntimeManager
+
+__all__ = ["IntegrityState", "ServerContext"]
+
+
+@dataclass
+class IntegrityState:
+    """The store's last verification, as health, readiness and metrics report it.
+
+    ``status`` is ``ok`` (every file good), ``degraded`` (an optional file is missing
+    or corrupt) or ``unverified`` (no store behind this server, e.g. a test engine).
+    ``files`` counts files by verification status; ``problems`` maps paths to reasons.
+    """
+
+    status: str = "unverified"
+    files: dict[str, int] = field(default_factory=dict)
+    problems: dict[str, str] = field(default_factory=dict)
+    offline: bool = False
+    checked_at: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "status": self.status,
+            "files": dict(self.files),
+            "problems": dict(self.problems),
+            "offline": self.offline,
+            "checked_at": self.checked_at,
+        }
+
+
+@dataclass
+class ServerContext:
+    """The running runtime, executor and store status behind one HTTP server."""
+
+    runtime: RuntimeManager
+    executor: TaskExecutor
+    hub: EventHub
+    model_id: str
+    integrity: IntegrityState = field(default_factory=IntegrityState)
+    verify: Callable[[], Awaitable[IntegrityState]] | None = None
+    api_key: str | None = None
+    host: str = "127.0.0.1"
+    max_body_bytes: int = 1 << 20
+    default_max_tokens: int = 256
+    request_timeout: float | None = None
+    log_counts: Callable[[], dict[str, int]] | None = None
+    draining: bool = False
