@@ -4,25 +4,31 @@ The model is trained for a few seconds on ``scripts/demo_corpus.txt`` (text writ
 this project), so its output is recognisable English, not noise. Everything is seeded
 and single-threaded, so a run on the same machine reproduces the same files. The result
 is written in the standard transformers folder format (``config.json``,
-``model.safetensors``, ``tokenizer.json``, ...) to ``src/kensho/demo/model``; rebuild the
-demo manifest afterwards with ``kensho manifest build``.
+``model.safetensors``, ``tokenizer.json``, ...) to ``src/kensho/demo/model``, and its
+manifest to ``src/kensho/demo/manifest.json`` (the store ``kensho up`` fills from it).
 
-    .venv/bin/python scripts/make_demo_model.py [--steps 900] [--out DIR]
+    .venv/bin/python scripts/make_demo_model.py [--steps 900] [--out DIR] [--manifest-only]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import random
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from kensho.storage import build_manifest, dump_manifest
+
 HERE = Path(__file__).resolve().parent
 CORPUS = HERE / "demo_corpus.txt"
 DEFAULT_OUT = HERE.parent / "src" / "kensho" / "demo" / "model"
+DEMO_CHUNK_SIZE = 256 * 1024  # small chunks, so repairing a flipped byte fetches little
+DEMO_CREATED = datetime(2026, 11, 25, tzinfo=UTC)  # fixed: the manifest is reproducible
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
 CHAT_TEMPLATE = (
@@ -65,12 +71,34 @@ def training_stream(text: str, tokenizer: PreTrainedTokenizerFast) -> list[int]:
     return ids
 
 
+def write_manifest(model_dir: Path, target: Path) -> None:
+    """The demo store's manifest: every file of the model folder, required."""
+    manifest = asyncio.run(
+        build_manifest(
+            model_dir,
+            name="kensho-demo",
+            version="1.0.0",
+            serial=1,
+            chunk_size=DEMO_CHUNK_SIZE,
+            changelog="Tiny Llama-style demo model trained on scripts/demo_corpus.txt.",
+            created=DEMO_CREATED,
+        )
+    )
+    target.write_bytes(dump_manifest(manifest))
+    print(f"wrote {target} ({len(manifest.files)} files)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=900)
     parser.add_argument("--vocab-size", type=int, default=384)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--manifest-only", action="store_true")
     args = parser.parse_args()
+    manifest_path = args.out.parent / "manifest.json"
+    if args.manifest_only:
+        write_manifest(args.out, manifest_path)
+        return
 
     random.seed(0)
     torch.manual_seed(0)
@@ -123,6 +151,7 @@ def main() -> None:
         print(repr(tokenizer.decode(out[0], skip_special_tokens=True)))
     size = sum(p.stat().st_size for p in args.out.iterdir())
     print(f"wrote {args.out} ({size / 1024:.0f} KiB)")
+    write_manifest(args.out, manifest_path)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ __all__ = [
     "DEFAULT_CONFIG_FILE",
     "ENV_PREFIX",
     "LogSettings",
+    "ModelSettings",
+    "RuntimeSettings",
     "ServerSettings",
     "Settings",
     "StorageSettings",
@@ -97,6 +99,55 @@ class ServerSettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     api_key: str | None = Field(default=None, json_schema_extra={"env": "KENSHO_API_KEY"})
+    max_body_bytes: int = Field(default=1 << 20, ge=1024, le=1 << 30)
+    request_timeout: float | None = Field(default=None, gt=0)
+    shutdown_timeout: float = Field(default=10.0, ge=0)
+
+
+class ModelSettings(_Section):
+    """``[model]``: what ``kensho up`` serves and on which engines.
+
+    ``engine = "torch"`` runs the model folder with transformers: the primary on
+    ``primary_device`` (CUDA), the fallback on ``fallback_device`` (CPU). ``"mock"``
+    serves the fault-injecting engines instead (demos, load tests), with the given
+    latencies. ``dir`` is the store holding the model; empty means the embedded demo.
+    """
+
+    id: str = Field(default="kensho-demo", min_length=1, max_length=256)
+    dir: Path | None = None
+    engine: Literal["torch", "mock"] = "torch"
+    primary_device: str = "cuda"
+    fallback_device: str = "cpu"
+    dtype: Literal["float32", "float16", "bfloat16"] | None = None
+    max_tokens: int = Field(default=256, ge=1, le=32768)
+    mock_time_to_first_token: float = Field(default=0.02, ge=0)
+    mock_time_per_token: float = Field(default=0.005, ge=0)
+
+
+class RuntimeSettings(_Section):
+    """``[runtime]``: circuit breakers, failover and the task executor (task #20).
+
+    Defaults follow the roadmap: 3 failures open the breaker, 2 probe successes close
+    it, 60 s on the fallback before testing the primary again, 5 s per probe.
+    """
+
+    failure_threshold: int = Field(default=3, ge=1)
+    success_threshold: int = Field(default=2, ge=1)
+    open_duration: float = Field(default=60.0, gt=0)
+    open_duration_multiplier: float = Field(default=1.0, ge=1)
+    max_open_duration: float | None = Field(default=None, gt=0)
+    half_open_max_calls: int = Field(default=1, ge=1)
+    half_open_timeout: float = Field(default=5.0, gt=0)
+    failure_rate_threshold: float | None = Field(default=None, gt=0, le=1)
+    slow_call_threshold: float | None = Field(default=None, gt=0)
+    first_token_timeout: float = Field(default=30.0, gt=0)
+    chunk_timeout: float = Field(default=30.0, gt=0)
+    max_queue_size: int = Field(default=100, ge=1)
+    max_queue_wait: float = Field(default=30.0, gt=0)
+    concurrency: dict[str, int] = Field(default_factory=lambda: {"gpu": 4, "cpu": 1})
+    rejection_threshold: int = Field(default=5, ge=1)
+    rejection_window: float = Field(default=10.0, gt=0)
+    hard_open_duration: float = Field(default=30.0, gt=0)
 
 
 class Settings(_Section):
@@ -105,6 +156,8 @@ class Settings(_Section):
     log: LogSettings = Field(default_factory=LogSettings)
     storage: StorageSettings = Field(default_factory=StorageSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
 
 
 def _origin_kind(annotation: Any) -> str:

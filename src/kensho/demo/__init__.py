@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["DEMO_MODEL_DIR"]
+__all__ = ["DEMO_MANIFEST", "DEMO_MODEL_DIR"]
 
 DEMO_MODEL_DIR = Path(__file__).resolve().parent / "model"
+DEMO_MANIFEST = Path(__file__).resolve().parent / "manifest.json"

@@ -23,7 +23,7 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -297,21 +297,39 @@ def _add_health_routes(app: FastAPI, ctx: ServerContext, metrics: ServerMetrics)
         """Server-sent events: a snapshot, then integrity, breaker and overload events."""
 
         async def events() -> AsyncIterator[bytes]:
-            yield b"event: snapshot\n" + _sse(_snapshot(ctx))
-            stream = ctx.hub.stream(replay=True)
-            next_event = asyncio.ensure_future(anext(stream))
+            # A synchronous listener feeding a bounded queue: cleanup needs no await,
+            # which matters when the client's disconnect cancels this generator.
+            queue: asyncio.Queue[Event] = asyncio.Queue(maxsize=256)
+
+            def listener(event: Event) -> None:
+                if queue.full():  # a slow client loses the oldest events, not the newest
+                    queue.get_nowait()
+                queue.put_nowait(event)
+
+            for past in ctx.hub.history:
+                listener(past)
+            ctx.hub.add_listener(listener)
+            stopping = asyncio.ensure_future(ctx.stopping.wait())
             try:
-                while not ctx.draining:
-                    done, _ = await asyncio.wait({next_event}, timeout=15.0)
+                yield b"event: snapshot\n" + _sse(_snapshot(ctx))
+                while True:
+                    getter = asyncio.ensure_future(queue.get())
+                    done, _ = await asyncio.wait(
+                        {getter, stopping}, timeout=15.0, return_when=asyncio.FIRST_COMPLETED
+                    )
+                    if getter not in done:
+                        getter.cancel()
+                    if stopping in done:
+                        yield b"event: shutdown\n" + _sse({"message": "server shutting down"})
+                        return
                     if not done:
                         yield b": keep-alive\n\n"
                         continue
-                    event: Event = next_event.result()
+                    event = getter.result()
                     yield f"event: {event.kind}\n".encode() + _sse(event.to_dict())
-                    next_event = asyncio.ensure_future(anext(stream))
             finally:
-                next_event.cancel()
-                await stream.aclose()  # type: ignore[attr-defined]
+                ctx.hub.remove_listener(listener)
+                stopping.cancel()
 
         return StreamingResponse(events(), media_type="text/event-stream", headers=_SSE_HEADERS)
 
@@ -328,16 +346,25 @@ def _add_admin_routes(app: FastAPI, ctx: ServerContext) -> None:
             )
 
     class BreakerAction(BaseModel):
-        action: Literal["force_open", "reset"]
+        action: Literal["force_open", "reset", "fail_primary", "heal_primary"]
         engine: Literal["primary", "fallback"] = "primary"
+        times: int | None = Field(default=None, ge=1, le=1_000_000)
 
     @app.post("/v1/kensho/breaker")
     async def breaker(body: BreakerAction) -> dict[str, Any]:
-        """Force the primary (or fallback) breaker open, or reset it to closed."""
+        """Operate the breakers: ``force_open`` or ``reset`` one, or inject failures.
+
+        ``fail_primary`` makes the primary fail (``times`` calls, or until
+        ``heal_primary``) through its breaker exactly like a real fault: the roadmap's
+        "methods to force failures", for drills and demos.
+        """
         _admin_allowed()
-        target = ctx.runtime.primary_breaker if body.engine == "primary" else None
-        if body.engine == "fallback":
-            target = ctx.runtime.fallback_breaker
+        runtime = ctx.runtime
+        if body.action in {"fail_primary", "heal_primary"}:
+            runtime.force_primary_failure(body.action == "fail_primary", times=body.times)
+            log.info("primary failure injection changed by admin", action=body.action)
+            return {"engine": "primary", "state": str(runtime.primary_breaker.state)}
+        target = runtime.primary_breaker if body.engine == "primary" else runtime.fallback_breaker
         if target is None:
             raise APIError(404, "this runtime has no fallback engine", param="engine")
         if body.action == "force_open":

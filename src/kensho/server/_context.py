@@ -7,6 +7,7 @@ routing, admission and integrity live in the layers below.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,3 +61,9 @@ class ServerContext:
     request_timeout: float | None = None
     log_counts: Callable[[], dict[str, int]] | None = None
     draining: bool = False
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def begin_shutdown(self) -> None:
+        """Refuse new completions and end the status streams; in-flight work goes on."""
+        self.draining = True
+        self.stopping.set()

@@ -1,0 +1,272 @@
+"""The Kernel: boot sequence and graceful shutdown of a Kensho service.
+
+Boot, in order (``../shared/DESIGN.md``):
+
+1. **integrity** — ``StorageManager.initialize_and_verify()`` checks every file of the
+   store, repairs what it can from the sources, and either reports the store ready
+   (``ok`` or ``degraded``) or raises :class:`~kensho.errors.IntegrityError` listing
+   each required file that could not be made good. Nothing loads before this passes,
+   so a model is never served from corrupt weights.
+2. **engines** — the primary (CUDA) and fallback (CPU) engines load behind their
+   breakers; a primary that cannot run here is announced once and the service starts
+   on the fallback.
+3. **executor** — the bounded priority queue in front of the runtime.
+4. **server** — the HTTP API (:meth:`serve`), with a graceful shutdown on SIGINT or
+   SIGTERM: new requests are refused, in-flight streams get ``shutdown_timeout``
+   seconds to finish, then are cancelled; a second signal exits at once.
+
+Every boot event (integrity progress, breaker transitions) goes to the ``on_event``
+callback (the CLI renders it), to the log, and into the event hub, so the status
+stream of the server replays how the boot went.
+"""
+
+from __future__ import annotations
+
+import math
+import socket
+import time
+from collections.abc import Callable
+
+import uvicorn
+
+from kensho.config import Settings
+from kensho.demo import DEMO_MANIFEST, DEMO_MODEL_DIR
+from kensho.events import Event
+from kensho.runtime.engines.base import Engine
+from kensho.runtime.engines.faulty import MockCPUEngine, MockGPUEngine
+from kensho.runtime.engines.torch_engine import TorchEngine
+from kensho.runtime.executor import TaskExecutor
+from kensho.runtime.manager import RuntimeManager
+from kensho.server import IntegrityState, ServerContext, create_app
+from kensho.storage import (
+    Manifest,
+    MirrorSource,
+    Source,
+    StorageManager,
+    VerifyReport,
+    load_manifest,
+    source_from_string,
+)
+from kensho.telemetry import get_logger, log_service
+
+__all__ = ["Kernel"]
+
+log = get_logger("kernel")
+
+EventCallback = Callable[[Event], None]
+
+
+def _integrity(report: VerifyReport | None, offline: bool) -> IntegrityState:
+    if report is None:
+        return IntegrityState()
+    problems = {f.path: f.status.value for f in report.files if f.needs_repair and not f.required}
+    return IntegrityState(
+        status="degraded" if problems else "ok",
+        files={k: v for k, v in report.counts().items() if v},
+        problems=problems,
+        offline=offline,
+        checked_at=time.time(),
+    )
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, telling the kernel when it listens and when shutdown begins."""
+
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        *,
+        on_started: Callable[[], None],
+        on_exit: Callable[[], None],
+    ) -> None:
+        super().__init__(config)
+        self._on_started = on_started
+        self._on_exit = on_exit
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            self._on_started()
+
+    def handle_exit(self, sig: int, frame: object) -> None:
+        self._on_exit()
+        super().handle_exit(sig, frame)  # type: ignore[arg-type]
+
+
+class Kernel:
+    """Boots storage, engines and executor from settings, then serves them."""
+
+    def __init__(self, settings: Settings, *, on_event: EventCallback | None = None) -> None:
+        self.settings = settings
+        self.on_event = on_event
+        self.storage = self._make_storage()
+        self.runtime: RuntimeManager | None = None
+        self.executor: TaskExecutor | None = None
+        self.context: ServerContext | None = None
+        self._boot_events: list[Event] = []
+
+    # -- wiring ------------------------------------------------------------------------
+
+    @property
+    def uses_demo(self) -> bool:
+        """True when no model store is configured: serve the embedded demo model."""
+        return self.settings.model.dir is None and self.settings.storage.manifest is None
+
+    def _make_storage(self) -> StorageManager:
+        storage, model = self.settings.storage, self.settings.model
+        sources: list[Source] = [source_from_string(s) for s in storage.sources]
+        manifest: Manifest | None
+        if self.uses_demo:
+            root = storage.root / "demo"
+            manifest = load_manifest(DEMO_MANIFEST)
+            sources.insert(0, MirrorSource(DEMO_MODEL_DIR))
+        else:
+            root = model.dir or storage.root
+            manifest = load_manifest(storage.manifest) if storage.manifest else None
+        return StorageManager(root, manifest, sources)
+
+    def _make_engines(self) -> tuple[Engine, Engine]:
+        model = self.settings.model
+        if model.engine == "mock":
+            primary: Engine = MockGPUEngine(
+                time_to_first_token=model.mock_time_to_first_token,
+                time_per_token=model.mock_time_per_token,
+            )
+            fallback: Engine = MockCPUEngine(
+                time_to_first_token=model.mock_time_to_first_token * 5,
+                time_per_token=model.mock_time_per_token * 5,
+            )
+            return primary, fallback
+        folder = self.storage.root
+        primary = TorchEngine(folder, device=model.primary_device, dtype=model.dtype, name="gpu")
+        fallback = TorchEngine(folder, device=model.fallback_device, dtype=None, name="cpu")
+        return primary, fallback
+
+    def _publish(self, event: Event) -> None:
+        if self.runtime is not None:
+            self.runtime.hub.emit(event)
+        else:
+            self._boot_events.append(event)
+        if self.on_event is not None:
+            self.on_event(event)
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def boot(self) -> ServerContext:
+        """Verify and repair the store, start the engines and the executor.
+
+        Raises :class:`IntegrityError` when a required file cannot be made good, and
+        :class:`EngineUnavailableError` when no engine can start.
+        """
+        started = time.perf_counter()
+        log.info("boot started", root=str(self.storage.root), demo=self.uses_demo)
+        async for event in self.storage.initialize_and_verify():
+            self._publish(event)
+        integrity = _integrity(self.storage.report, self.storage.offline)
+        primary, fallback = self._make_engines()
+        runtime = RuntimeManager.from_settings(primary, fallback, self.settings.runtime)
+        self.runtime = runtime
+        for event in self._boot_events:
+            runtime.hub.emit(event)
+        self._boot_events.clear()
+        if self.on_event is not None:
+            runtime.add_listener(self.on_event)
+        await runtime.start()
+        self.executor = TaskExecutor.from_settings(runtime, self.settings.runtime)
+        server = self.settings.server
+        self.context = ServerContext(
+            runtime=runtime,
+            executor=self.executor,
+            hub=runtime.hub,
+            model_id=self.settings.model.id,
+            integrity=integrity,
+            verify=self.verify_now,
+            api_key=server.api_key,
+            host=server.host,
+            max_body_bytes=server.max_body_bytes,
+            default_max_tokens=self.settings.model.max_tokens,
+            request_timeout=server.request_timeout,
+            log_counts=log_service().counts,
+        )
+        log.info(
+            "boot finished",
+            seconds=round(time.perf_counter() - started, 3),
+            integrity=integrity.status,
+            offline=integrity.offline,
+            engine=runtime.active_engine.name,
+            degraded=runtime.degraded,
+        )
+        return self.context
+
+    async def verify_now(self) -> IntegrityState:
+        """Re-hash the whole store (admin endpoint); events go to the hub."""
+        async for event in self.storage.verify(full=True):
+            self._publish(event)
+        report = self.storage.report
+        state = _integrity(report, self.storage.offline)
+        if report is not None and not report.ok:
+            state.status = "failed"
+            state.problems = {f.path: f.status.value for f in report.files if f.needs_repair}
+        return state
+
+    async def serve(self, *, on_listening: Callable[[str], None] | None = None) -> None:
+        """Serve HTTP until SIGINT/SIGTERM, then shut down gracefully."""
+        ctx = self.context
+        if ctx is None:
+            raise RuntimeError("boot() must succeed before serve()")
+        settings = self.settings.server
+        sock = _bind(settings.host, settings.port)
+        host, port = sock.getsockname()[:2]
+        shown = f"[{host}]" if ":" in host else host
+        url = f"http://{shown}:{port}"
+        config = uvicorn.Config(
+            create_app(ctx),
+            log_config=None,
+            access_log=False,
+            lifespan="off",
+            timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout),
+        )
+
+        def started() -> None:
+            log.info("listening", url=url, model=ctx.model_id)
+            if on_listening is not None:
+                on_listening(url)
+
+        def exiting() -> None:
+            if not ctx.draining:
+                log.info("shutdown requested: draining in-flight requests")
+            ctx.begin_shutdown()
+
+        server = _Server(config, on_started=started, on_exit=exiting)
+        try:
+            await server.serve(sockets=[sock])
+        finally:
+            sock.close()
+
+    async def shutdown(self) -> None:
+        """Cancel what is left, close engines, store and logs. Safe to call twice."""
+        if self.context is not None:
+            self.context.begin_shutdown()
+        if self.executor is not None:
+            await self.executor.aclose()
+        if self.runtime is not None:
+            await self.runtime.close()
+        await self.storage.aclose()
+        log.info("shutdown complete")
+        log_service().flush()
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """Bind the listening socket ourselves, so port 0 works and we know the real port."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
