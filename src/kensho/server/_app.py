@@ -23,7 +23,6 @@ import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -35,7 +34,7 @@ from kensho.runtime.executor import Priority, TaskHandle
 from kensho.server._context import ServerContext
 from kensho.server._errors import APIError, error_body, error_for_exception, error_response
 from kensho.server._metrics import CONTENT_TYPE, ServerMetrics
-from kensho.server._schemas import ChatCompletionRequest, CompletionRequest
+from kensho.server._schemas import BreakerAction, ChatCompletionRequest, CompletionRequest
 from kensho.telemetry import bound_context, get_logger
 
 __all__ = ["create_app"]
@@ -344,11 +343,6 @@ def _add_admin_routes(app: FastAPI, ctx: ServerContext) -> None:
                 "API key; restart with --api-key (or KENSHO_API_KEY)",
                 code="admin_disabled",
             )
-
-    class BreakerAction(BaseModel):
-        action: Literal["force_open", "reset", "fail_primary", "heal_primary"]
-        engine: Literal["primary", "fallback"] = "primary"
-        times: int | None = Field(default=None, ge=1, le=1_000_000)
 
     @app.post("/v1/kensho/breaker")
     async def breaker(body: BreakerAction) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 __all__ = [
+    "BreakerAction",
     "ChatCompletionRequest",
     "ChatMessageIn",
     "CompletionRequest",
@@ -97,3 +98,13 @@ class CompletionRequest(_Sampling):
         if len(self.prompt) != 1:
             raise ValueError("exactly one prompt per request is supported")
         return self.prompt[0]
+
+
+class BreakerAction(BaseModel):
+    """``POST /v1/kensho/breaker``: operate a breaker or inject primary failures."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    action: Literal["force_open", "reset", "fail_primary", "heal_primary"]
+    engine: Literal["primary", "fallback"] = "primary"
+    times: Annotated[int, Field(ge=1, le=1_000_000)] | None = None

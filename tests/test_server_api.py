@@ -1,0 +1,309 @@
+"""The HTTP API in process (httpx over ASGI), on fault-injecting engines and virtual time.
+
+End-to-end tests against a real ``kensho up`` subprocess are in test_server_e2e.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import httpx
+import pytest
+
+from kensho.runtime.clock import VirtualClock
+from kensho.runtime.engines.faulty import MockCPUEngine, MockGPUEngine
+from kensho.runtime.executor import TaskExecutor
+from kensho.runtime.manager import RuntimeManager
+from kensho.server import IntegrityState, ServerContext, create_app
+
+MODEL = "mock-model"
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 5}
+
+
+@dataclass
+class Stack:
+    client: httpx.AsyncClient
+    ctx: ServerContext
+    gpu: MockGPUEngine
+    cpu: MockCPUEngine
+    clock: VirtualClock
+
+
+async def make_stack(**ctx_options: object) -> tuple[Stack, RuntimeManager, TaskExecutor]:
+    clock = VirtualClock()
+    gpu = MockGPUEngine(clock=clock, time_to_first_token=0, time_per_token=0)
+    cpu = MockCPUEngine(clock=clock, time_to_first_token=0, time_per_token=0)
+    runtime = RuntimeManager(gpu, cpu, clock=clock)
+    await runtime.start()
+    executor = TaskExecutor(
+        runtime, clock=clock, max_queue_size=2, concurrency={"gpu": 1, "cpu": 1}
+    )
+    ctx = ServerContext(
+        runtime=runtime, executor=executor, hub=executor.hub, model_id=MODEL, **ctx_options
+    )  # type: ignore[arg-type]
+    client = httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=create_app(ctx)), base_url="http://kensho.test"
+    )
+    return Stack(client, ctx, gpu, cpu, clock), runtime, executor
+
+
+@pytest.fixture
+async def stack() -> AsyncIterator[Stack]:
+    s, runtime, executor = await make_stack()
+    yield s
+    await s.client.aclose()
+    await executor.aclose()
+    await runtime.close()
+
+
+@pytest.fixture
+async def keyed() -> AsyncIterator[Stack]:
+    s, runtime, executor = await make_stack(api_key="sekrit", host="0.0.0.0")
+    yield s
+    await s.client.aclose()
+    await executor.aclose()
+    await runtime.close()
+
+
+def sse_data(text: str) -> list[str]:
+    return [line[6:] for line in text.splitlines() if line.startswith("data: ")]
+
+
+async def test_chat_completion(stack: Stack) -> None:
+    r = await stack.client.post("/v1/chat/completions", json=CHAT)
+    assert r.status_code == 200
+    body = r.json()
+    assert body["object"] == "chat.completion"
+    assert body["model"] == MODEL
+    assert body["choices"][0]["message"]["role"] == "assistant"
+    assert len(body["choices"][0]["message"]["content"].split()) == 5
+    assert body["choices"][0]["finish_reason"] == "length"
+    assert body["usage"]["completion_tokens"] == 5
+
+
+async def test_text_completion_stream_ends_with_done(stack: Stack) -> None:
+    r = await stack.client.post(
+        "/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 3, "stream": True}
+    )
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/event-stream")
+    data = sse_data(r.text)
+    assert data[-1] == "[DONE]"
+    chunks = [json.loads(d) for d in data[:-1]]
+    assert all(c["object"] == "text_completion" for c in chunks)
+    assert "".join(c["choices"][0]["text"] for c in chunks).split().__len__() == 3
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+async def test_chat_stream_with_usage(stack: Stack) -> None:
+    payload = {**CHAT, "stream": True, "stream_options": {"include_usage": True}}
+    r = await stack.client.post("/v1/chat/completions", json=payload)
+    chunks = [json.loads(d) for d in sse_data(r.text)[:-1]]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert chunks[-1]["choices"] == []
+    assert chunks[-1]["usage"]["completion_tokens"] == 5
+
+
+async def test_models_lists_the_served_model(stack: Stack) -> None:
+    r = await stack.client.get("/v1/models")
+    assert [m["id"] for m in r.json()["data"]] == [MODEL]
+
+
+async def test_unknown_model_is_404_openai_style(stack: Stack) -> None:
+    r = await stack.client.post("/v1/chat/completions", json={**CHAT, "model": "gpt-9"})
+    assert r.status_code == 404
+    assert r.json()["error"]["code"] == "model_not_found"
+
+
+async def test_invalid_json_is_400(stack: Stack) -> None:
+    r = await stack.client.post(
+        "/v1/chat/completions", content=b'{"model": ', headers={"content-type": "application/json"}
+    )
+    assert r.status_code == 400
+    assert "not valid JSON" in r.json()["error"]["message"]
+
+
+async def test_invalid_field_is_422_naming_it(stack: Stack) -> None:
+    r = await stack.client.post("/v1/chat/completions", json={**CHAT, "temperature": 9})
+    assert r.status_code == 422
+    assert r.json()["error"]["param"] == "temperature"
+
+
+async def test_n_greater_than_one_is_refused(stack: Stack) -> None:
+    r = await stack.client.post("/v1/chat/completions", json={**CHAT, "n": 2})
+    assert r.status_code == 422
+    assert r.json()["error"]["param"] == "n"
+
+
+async def test_non_text_content_is_refused(stack: Stack) -> None:
+    message = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}
+    r = await stack.client.post("/v1/chat/completions", json={**CHAT, "messages": [message]})
+    assert r.status_code == 400
+    assert "image_url" in r.json()["error"]["message"]
+
+
+async def test_oversize_body_is_413(stack: Stack) -> None:
+    big = {**CHAT, "messages": [{"role": "user", "content": "x" * (2 << 20)}]}
+    r = await stack.client.post("/v1/chat/completions", json=big)
+    assert r.status_code == 413
+    assert r.json()["error"]["code"] == "body_too_large"
+
+
+async def test_bad_priority_header_is_400(stack: Stack) -> None:
+    r = await stack.client.post(
+        "/v1/chat/completions", json=CHAT, headers={"X-Kensho-Priority": "urgent"}
+    )
+    assert r.status_code == 400
+    assert r.json()["error"]["param"] == "x-kensho-priority"
+
+
+async def test_full_queue_is_429_with_retry_after(stack: Stack) -> None:
+    stack.gpu.hang()  # every task now waits forever: the queue fills up
+    pending = [
+        asyncio.create_task(stack.client.post("/v1/chat/completions", json=CHAT)) for _ in range(3)
+    ]
+    await stack.clock.settle()
+    r = await stack.client.post("/v1/chat/completions", json=CHAT)
+    assert r.status_code == 429
+    assert int(r.headers["Retry-After"]) >= 1
+    assert r.json()["error"]["type"] == "rate_limit_error"
+    assert r.json()["error"]["code"] == "queue_rejected"
+    stack.gpu.heal()
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    metrics = (await stack.client.get("/metrics")).text
+    assert 'kensho_rejections_total{reason="rejected"} 1.0' in metrics
+
+
+async def test_critical_request_sheds_a_queued_low_one(stack: Stack) -> None:
+    stack.gpu.hang()
+    low = {"X-Kensho-Priority": "low"}
+    running = asyncio.create_task(stack.client.post("/v1/chat/completions", json=CHAT))
+    await stack.clock.settle()
+    queued = [
+        asyncio.create_task(stack.client.post("/v1/chat/completions", json=CHAT, headers=low))
+        for _ in range(2)
+    ]
+    await stack.clock.settle()
+    critical = asyncio.create_task(
+        stack.client.post(
+            "/v1/chat/completions", json=CHAT, headers={"X-Kensho-Priority": "critical"}
+        )
+    )
+    await stack.clock.settle()
+    done, waiting = await asyncio.wait(queued, return_when=asyncio.FIRST_COMPLETED)
+    assert len(done) == 1  # exactly one LOW task made room for the CRITICAL one
+    shed = done.pop().result()
+    assert shed.status_code == 429
+    assert shed.json()["error"]["code"] == "queue_shed"
+    assert not critical.done()  # the CRITICAL task was accepted and waits its turn
+    others = [running, critical, *waiting]
+    for task in others:
+        task.cancel()
+    await asyncio.gather(*others, return_exceptions=True)
+
+
+async def test_no_engine_available_is_503(stack: Stack) -> None:
+    stack.ctx.runtime.primary_breaker.force_open()
+    assert stack.ctx.runtime.fallback_breaker is not None
+    stack.ctx.runtime.fallback_breaker.force_open()
+    r = await stack.client.post("/v1/chat/completions", json=CHAT)
+    assert r.status_code == 503
+    assert "Retry-After" in r.headers
+
+
+async def test_primary_failure_is_invisible_and_counted(stack: Stack) -> None:
+    stack.gpu.force_failure(times=1)
+    r = await stack.client.post("/v1/chat/completions", json=CHAT)
+    assert r.status_code == 200
+    metrics = (await stack.client.get("/metrics")).text
+    assert 'kensho_breaker_calls_total{engine="gpu",kind="failed"} 1.0' in metrics
+    assert 'kensho_runtime_requests_total{route="rerouted"} 1.0' in metrics
+
+
+async def test_healthz_and_readyz(stack: Stack) -> None:
+    assert (await stack.client.get("/healthz")).json() == {"status": "ok"}
+    ready = await stack.client.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.json()["ready"] is True
+    assert ready.json()["breakers"] == {"gpu": "closed", "cpu": "closed"}
+    stack.ctx.integrity = IntegrityState(status="degraded", problems={"extra.bin": "missing"})
+    assert (await stack.client.get("/readyz")).json()["degraded"] is True
+
+
+async def test_readyz_is_503_when_no_engine_admits(stack: Stack) -> None:
+    stack.ctx.runtime.primary_breaker.force_open()
+    assert stack.ctx.runtime.fallback_breaker is not None
+    stack.ctx.runtime.fallback_breaker.force_open()
+    assert (await stack.client.get("/readyz")).status_code == 503
+
+
+async def test_metrics_expose_state_and_counters(stack: Stack) -> None:
+    await stack.client.post("/v1/chat/completions", json=CHAT)
+    text = (await stack.client.get("/metrics")).text
+    assert 'kensho_breaker_state{engine="gpu",state="closed"} 1.0' in text
+    assert 'kensho_queue_depth{priority="critical"} 0.0' in text
+    assert 'kensho_tokens_generated_total{engine="gpu"} 5.0' in text
+    assert "kensho_time_to_first_token_seconds_bucket" in text
+    assert "kensho_request_latency_seconds_count" in text
+    assert 'kensho_tasks_total{outcome="completed"} 1.0' in text
+
+
+async def test_admin_breaker_force_open_and_reset(stack: Stack) -> None:
+    r = await stack.client.post("/v1/kensho/breaker", json={"action": "force_open"})
+    assert r.json() == {"engine": "primary", "state": "forced_open"}
+    served = await stack.client.post("/v1/chat/completions", json=CHAT)
+    assert served.status_code == 200
+    assert stack.cpu.stats().completed == 1
+    r = await stack.client.post("/v1/kensho/breaker", json={"action": "reset"})
+    assert r.json()["state"] == "closed"
+
+
+async def test_admin_inject_primary_failures(stack: Stack) -> None:
+    r = await stack.client.post("/v1/kensho/breaker", json={"action": "fail_primary", "times": 3})
+    assert r.status_code == 200
+    for _ in range(3):
+        assert (await stack.client.post("/v1/chat/completions", json=CHAT)).status_code == 200
+    assert str(stack.ctx.runtime.primary_breaker.state) == "open"
+
+
+async def test_verify_without_store_is_404(stack: Stack) -> None:
+    r = await stack.client.post("/v1/kensho/verify")
+    assert r.status_code == 404
+
+
+async def test_api_key_required_except_healthz(keyed: Stack) -> None:
+    assert (await keyed.client.get("/healthz")).status_code == 200
+    denied = await keyed.client.get("/v1/models")
+    assert denied.status_code == 401
+    assert denied.json()["error"]["code"] == "invalid_api_key"
+    wrong = await keyed.client.get("/v1/models", headers={"Authorization": "Bearer nope"})
+    assert wrong.status_code == 401
+    ok = await keyed.client.get("/v1/models", headers={"Authorization": "Bearer sekrit"})
+    assert ok.status_code == 200
+    metrics = await keyed.client.get("/metrics")
+    assert metrics.status_code == 401
+
+
+async def test_admin_refused_on_public_address_without_key() -> None:
+    s, runtime, executor = await make_stack(host="0.0.0.0")
+    try:
+        r = await s.client.post("/v1/kensho/breaker", json={"action": "reset"})
+        assert r.status_code == 403
+        assert r.json()["error"]["code"] == "admin_disabled"
+    finally:
+        await s.client.aclose()
+        await executor.aclose()
+        await runtime.close()
+
+
+async def test_draining_server_refuses_new_completions(stack: Stack) -> None:
+    stack.ctx.begin_shutdown()
+    r = await stack.client.post("/v1/chat/completions", json=CHAT)
+    assert r.status_code == 503
+    assert r.json()["error"]["code"] == "draining"
+    assert (await stack.client.get("/readyz")).status_code == 503
