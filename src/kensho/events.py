@@ -42,5 +42,417 @@ class Event:
 
 # --- storage events (integrity store) ----------------------------------------------
 
+__all__ += [
+    "StorageChunkRejected",
+    "StorageDownloadProgress",
+    "StorageFileChecked",
+    "StorageFileRepaired",
+    "StorageHashProgress",
+    "StorageLockWaiting",
+    "StorageReady",
+    "StorageRepairFailed",
+    "StorageRepairStarted",
+    "StorageSourceFailed",
+    "StorageVerifyFinished",
+    "StorageVerifyStarted",
+]
+
+
+def _bytes(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"  # pragma: no cover - the loop always returns
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StorageVerifyStarted(Event):
+    """Verification of a store began; ``full`` means every file is re-hashed."""
+
+    kind: ClassVar[str] = "storage.verify.started"
+    root: str
+    files: int
+    total_bytes: int
+    full: bool
+
+    @property
+    def message(self) -> str:
+        how = "full" if self.full else "fast"
+        return f"verifying {self.files} files ({_bytes(self.total_bytes)}) in {self.root} ({how})"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StorageHashProgress(Event):
+    """Bytes of one large file hashed so far (one event per chunk)."""
+
+    kind: ClassVar[str] = "storage.hash.progress"
+    path: str
+    done: int
+    total: int
+
+    @property
+    def message(self) -> str:
+        return f"hashing {self.path}: {_bytes(self.done)} of {_bytes(self.total)}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StorageFileChecked(Event):
+    """One file's verdict: ok, missing, corrupt, wrong_size, unexpected or unsafe.
+
+    ``bad_chunks`` lists the indices of chunks whose hash did not match; ``fast``
+    is true when the stat record of an earlier full check vouched for the file.
+    """
+
+    kind: ClassVar[str] = "storage.file.checked"
+    path: str
+    status: str
+    required: bool
+    size: int | None
+    expected_size: int | None
+    bad_chunks: tuple[int, ...] = ()
+    detail: str = ""
+    fast: bool = False
+
+    @property
+    def message(self) -> str:
+        text = f"{self.path}: {self.status}"
+        if self.bad_chunks:
+            shown = ", ".join(map(str, self.bad_chunks[:8]))
+            more = "…" if len(self.bad_chunks) > 8 else ""
+            text += f" (bad chunks {shown}{more})"
+        if self.detail:
+            text += f" ({self.detail})"
+        return text
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StorageVerifyFinished(Event):
+    """Verification ended; ``counts`` maps each status to its number of files."""
+
+    kind: ClassVar[str] = "storage.verify.finished"
+    ok: bool
+    counts: dict[str, int]
+    bytes_hashed: int
+    seconds: float
+
+    @property
+    def message(self) -> str:
+        summary = ", ".join(f"{n} {status}" for status, n in sorted(self.counts.items()) if n)
+        verdict = "all required files good" if self.ok else "required files need repair"
+        return f"verified in {self.seconds:.2f}s: {summary or 'no files'}; {verdict}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StorageLockWaiting(Event):
+    """Another process is repairing this store; this one waits for it to finish."""
+
+    kind: ClassVar[str] = "storage.lock.waiting"
+    root: str
+    lock_path: str
+
+    @property
+    def message(self) -> str:
+        return (
+            f"another Kensho process is repairing {self.root}; waiting for it "
+            f"(lock {self.lock_path}; use --no-wait to fail instead)"
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StorageRepairStarted(Event):
+    """A repair began: how many files, bytes to fetch, and free space."""
+
+    kind: ClassVar[str] = "storage.repair.started"
+    files: int
+    bytes_needed: int
+    bytes_free: int
+
+    @property
+    def message(self) -> str:
+        return (
+            f"repairing {self.files} files: up to {_bytes(self.bytes_needed)} to write, "
+            f"{_bytes(self.bytes_free)} free"
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StorageDownloadProgress(Event):
+    """Bytes fetched for one file so far, counted per verified chunk."""
+
+    kind: ClassVar[str] = "storage.download.progress"
+    path: str
+    source: str
+    done: int
+    total: int
+
+    @property
+    def message(self) -> str:
+        done, total = _bytes(self.done), _bytes(self.total)
+        return f"fetching {self.path} from {self.source}: {done} of {total}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StorageSourceFailed(Event):
+    """A source could not deliver a file; ``next_source`` is tried next, if any."""
+
+    kind: ClassVar[str] = "storage.source.failed"
+    path: str
+    source: str
+    error: str
+    next_source: str | None
+
+    @property
+    def message(self) -> str:
+        then = f"; trying {self.next_source}" if self.next_source else ""
+        return f"{self.source} could not deliver {self.path}: {self.error}{then}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StorageChunkRejected(Event):
+    """A source delivered a chunk whose hash does not match; it was discarded."""
+
+    kind: ClassVar[str] = "storage.chunk.rejected"
+    path: str
+    source: str
+    chunk: int
+    attempt: int
+
+    @property
+    def message(self) -> str:
+        return (
+            f"{self.source} sent wrong bytes for chunk {self.chunk} of {self.path} "
+            f"(attempt {self.attempt}); discarded"
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StorageFileRepaired(Event):
+    """A file was made good: bytes fetched from sources and reused from disk."""
+
+    kind: ClassVar[str] = "storage.file.repaired"
+    path: str
+    fetched: int
+    reused: int
+    sources: tuple[str, ...]
+
+    @property
+    def message(self) -> str:
+        where = ", ".join(self.sources) or "local data"
+        return (
+            f"repaired {self.path}: fetched {_bytes(self.fetched)} from {where}, "
+            f"reused {_bytes(self.reused)}"
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StorageRepairFailed(Event):
+    """A file could not be made good; nothing was placed at its path."""
+
+    kind: ClassVar[str] = "storage.repair.failed"
+    path: str
+    required: bool
+    reason: str
+
+    @property
+    def message(self) -> str:
+        what = "required" if self.required else "optional"
+        return f"could not repair {what} file {self.path}: {self.reason}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StorageReady(Event):
+    """The store can be used: ``state`` is ``ok`` or ``degraded`` (optional files bad).
+
+    ``offline`` is true when a repair was needed and no source could be reached, or
+    when no source is configured.
+    """
+
+    kind: ClassVar[str] = "storage.ready"
+    state: str
+    offline: bool
+    degraded: tuple[str, ...] = ()
+
+    @property
+    def message(self) -> str:
+        text = "store ready" if self.state == "ok" else "store ready in degraded mode"
+        if self.degraded:
+            text += f" (optional files unavailable: {', '.join(self.degraded)})"
+        if self.offline:
+            text += "; offline: no source reachable"
+        return text
+
 
 # --- runtime events (breaker, runtime manager, executor) -----------------------------
+
+# Extended per section, so that parallel edits of this file do not collide.
+__all__ += [
+    "BreakerStateChanged",
+    "FallbackActivated",
+    "PrimaryProbeFailed",
+    "PrimaryProbing",
+    "PrimaryRestored",
+    "QueueCapacityChanged",
+    "RequestRerouted",
+    "RuntimeOverloaded",
+    "RuntimeRecovered",
+    "RuntimeUnavailable",
+]
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.0f} s" if value >= 10 else f"{value:.1f} s"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BreakerStateChanged(Event):
+    """A circuit breaker moved from one state to another (``open_for`` when it opened)."""
+
+    kind: ClassVar[str] = "breaker.state_changed"
+    breaker: str
+    from_state: str
+    to_state: str
+    reason: str
+    open_for: float | None = None
+
+    @property
+    def message(self) -> str:
+        text = f"breaker {self.breaker}: {self.from_state} -> {self.to_state} ({self.reason})"
+        if self.open_for is not None:
+            text += f", next test in {_seconds(self.open_for)}"
+        return text
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class FallbackActivated(Event):
+    """The primary engine's breaker opened: requests now go to the fallback engine."""
+
+    kind: ClassVar[str] = "runtime.fallback_activated"
+    primary: str
+    fallback: str
+    reason: str
+    retry_in: float | None = None
+
+    @property
+    def message(self) -> str:
+        return f"{self.primary} failing, switched to {self.fallback} (degraded performance)"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PrimaryProbing(Event):
+    """The open period ended: the next request(s) test the primary engine."""
+
+    kind: ClassVar[str] = "runtime.primary_probing"
+    primary: str
+
+    @property
+    def message(self) -> str:
+        return f"testing {self.primary}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PrimaryProbeFailed(Event):
+    """A test request on the primary failed: stay on the fallback for ``retry_in`` s."""
+
+    kind: ClassVar[str] = "runtime.primary_probe_failed"
+    primary: str
+    fallback: str
+    reason: str
+    retry_in: float | None = None
+
+    @property
+    def message(self) -> str:
+        text = f"{self.primary} still failing, staying on {self.fallback}"
+        if self.retry_in is not None:
+            text += f"; next test in {_seconds(self.retry_in)}"
+        return text
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PrimaryRestored(Event):
+    """The primary engine passed its tests: requests go back to it."""
+
+    kind: ClassVar[str] = "runtime.primary_restored"
+    primary: str
+
+    @property
+    def message(self) -> str:
+        return f"{self.primary} restored"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RequestRerouted(Event):
+    """One request failed on an engine and was served (or continued) by another."""
+
+    kind: ClassVar[str] = "runtime.request_rerouted"
+    request_id: str
+    from_engine: str
+    to_engine: str
+    reason: str
+    tokens_done: int = 0
+
+    @property
+    def message(self) -> str:
+        where = f"after {self.tokens_done} tokens" if self.tokens_done else "before any token"
+        return (
+            f"request {self.request_id}: {self.from_engine} failed {where} "
+            f"({self.reason}), continued on {self.to_engine}"
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RuntimeUnavailable(Event):
+    """No engine can serve requests right now; they are refused with a retry-after."""
+
+    kind: ClassVar[str] = "runtime.unavailable"
+    reason: str
+    retry_after: float
+
+    @property
+    def message(self) -> str:
+        return f"no engine available ({self.reason}); retry in {_seconds(self.retry_after)}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class QueueCapacityChanged(Event):
+    """The executor's effective queue capacity changed (dynamic MAX_QUEUE_SIZE)."""
+
+    kind: ClassVar[str] = "executor.capacity_changed"
+    previous: int
+    capacity: int
+    reason: str
+
+    @property
+    def message(self) -> str:
+        return f"queue capacity {self.previous} -> {self.capacity} ({self.reason})"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RuntimeOverloaded(Event):
+    """Sustained rejections: only CRITICAL tasks are admitted for ``retry_after`` s."""
+
+    kind: ClassVar[str] = "executor.overloaded"
+    reason: str
+    retry_after: float
+    rejections: int
+
+    @property
+    def message(self) -> str:
+        return (
+            f"overloaded ({self.reason}): only critical tasks accepted for "
+            f"{_seconds(self.retry_after)}"
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RuntimeRecovered(Event):
+    """The overload cool-down ended: every priority is admitted again."""
+
+    kind: ClassVar[str] = "executor.recovered"
+    overloaded_for: float
+
+    @property
+    def message(self) -> str:
+        took = _seconds(self.overloaded_for)
+        return f"recovered after {took} overloaded: accepting all tasks again"

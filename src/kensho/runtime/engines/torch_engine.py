@@ -208,7 +208,7 @@ class TorchEngine:
         # transformers 5 renamed the KV-cache argument; accept both generations.
         params = inspect.signature(model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
-        self._step_kwargs: dict[str, Any] = {"use_cache": True}
+        self._step_kwargs = {"use_cache": True}
         if "logits_to_keep" in params:  # skip the LM head on all but the last position
             self._step_kwargs["logits_to_keep"] = 1
         self._tokenizer, self._model = tokenizer, model

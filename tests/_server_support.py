@@ -1,0 +1,115 @@
+"""Start a real ``kensho up`` subprocess on a free port, and stop it for sure."""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BOOT_TIMEOUT = 60.0
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen[str]
+    url: str
+    stdout: list[str] = field(default_factory=list)
+    stderr: list[str] = field(default_factory=list)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait(timeout=10)
+
+
+def kensho_env(data_home: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KENSHO_")}
+    env.update(
+        {
+            "XDG_DATA_HOME": str(data_home),
+            "KENSHO_LOG_FORMAT": "json",
+            "KENSHO_SERVER_PORT": "0",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    env.update(extra)
+    return env
+
+
+def _pump(stream: object, sink: list[str], lines: queue.Queue[str | None]) -> None:
+    for line in stream:  # type: ignore[attr-defined]
+        sink.append(line)
+        lines.put(line)
+    lines.put(None)
+
+
+def run_kensho(
+    *args: str, env: dict[str, str], cwd: Path, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "kensho", *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+@contextmanager
+def kensho_up(*args: str, env: dict[str, str], cwd: Path) -> Iterator[Server]:
+    """Run ``kensho up``; yield once it prints where it listens; always stop it."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "kensho", "up", *args],
+        env=env,
+        cwd=cwd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    out_lines: queue.Queue[str | None] = queue.Queue()
+    err_lines: queue.Queue[str | None] = queue.Queue()
+    server = Server(process, url="")
+    threads = [
+        threading.Thread(target=_pump, args=(process.stdout, server.stdout, out_lines)),
+        threading.Thread(target=_pump, args=(process.stderr, server.stderr, err_lines)),
+    ]
+    for thread in threads:
+        thread.daemon = True
+        thread.start()
+    try:
+        while True:
+            try:
+                line = out_lines.get(timeout=BOOT_TIMEOUT)
+            except queue.Empty:
+                raise AssertionError(
+                    "kensho up did not start in time:\n" + "".join(server.stderr)
+                ) from None
+            if line is None:
+                process.wait(timeout=30)
+                raise AssertionError(
+                    f"kensho up exited with {process.returncode}:\n" + "".join(server.stderr)
+                )
+            if line.startswith("kensho: listening on "):
+                server.url = line.split()[-1]
+                break
+        yield server
+    finally:
+        server.stop()
+        for thread in threads:
+            thread.join(timeout=10)
+        for pipe in (process.stdout, process.stderr):
+            if pipe is not None:
+                pipe.close()

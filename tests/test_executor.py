@@ -1,0 +1,576 @@
+"""TaskExecutor: priorities, shedding, rejection, deadlines, cancellation, dynamic capacity."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from kensho.errors import EngineError, QueueFullError, TaskTimeoutError
+from kensho.events import Event, QueueCapacityChanged, RuntimeOverloaded, RuntimeRecovered
+from kensho.runtime.breaker import BreakerState
+from kensho.runtime.clock import VirtualClock
+from kensho.runtime.engines import GenerationRequest, MockCPUEngine, MockGPUEngine
+from kensho.runtime.executor import Priority, TaskExecutor, TaskHandle, TaskOutcome, TaskState
+from kensho.runtime.manager import RuntimeManager
+from kensho.telemetry.testing import capture_logs
+
+P = Priority
+Out = TaskOutcome
+
+
+class Rig:
+    def __init__(self, **executor_kwargs: Any) -> None:
+        self.clock = VirtualClock()
+        self.gpu = MockGPUEngine(clock=self.clock)
+        self.cpu = MockCPUEngine(clock=self.clock)
+        self.runtime = RuntimeManager(self.gpu, self.cpu, clock=self.clock)
+        kwargs: dict[str, Any] = {"concurrency": {"gpu": 1, "cpu": 1}, "max_queue_size": 10}
+        kwargs.update(executor_kwargs)
+        self.executor = TaskExecutor(self.runtime, clock=self.clock, **kwargs)
+        self.events: list[Event] = []
+        self.runtime.add_listener(self.events.append)
+
+    async def __aenter__(self) -> Rig:
+        await self.runtime.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.executor.aclose()
+        await self.runtime.close()
+
+    def submit(self, priority: Priority = P.NORMAL, tokens: int = 5, **kw: Any) -> TaskHandle:
+        return self.executor.submit(
+            GenerationRequest(prompt="p", max_tokens=tokens), priority=priority, **kw
+        )
+
+    async def finish_all(self, limit: float = 600) -> None:
+        waited = 0.0
+        while self.executor.statistics().queued_total or self.executor.statistics().in_flight_total:
+            assert waited < limit
+            await self.clock.advance(0.5)
+            waited += 0.5
+
+
+async def test_runs_a_task_and_streams_its_chunks() -> None:
+    async with Rig() as rig:
+        handle = rig.submit(tokens=4)
+        reader = asyncio.create_task(handle.result())
+        await rig.clock.advance(1)
+        text = await reader
+        assert len(text.split()) == 4
+        assert handle.outcome is Out.COMPLETED
+        assert handle.state is TaskState.DONE
+        assert handle.engine == "gpu"
+        assert await handle.wait() is Out.COMPLETED
+
+
+async def test_priority_order_and_fifo_within_a_level() -> None:
+    async with Rig() as rig:
+        blocker = rig.submit(P.LOW)
+        handles = {
+            "low": rig.submit(P.LOW),
+            "normal1": rig.submit(P.NORMAL),
+            "critical": rig.submit(P.CRITICAL),
+            "high": rig.submit(P.HIGH),
+            "normal2": rig.submit(P.NORMAL),
+        }
+        assert blocker.state is TaskState.RUNNING
+        assert rig.executor.statistics().queued == {
+            "LOW": 1,
+            "NORMAL": 2,
+            "HIGH": 1,
+            "CRITICAL": 1,
+        }
+        await rig.finish_all()
+        order = sorted(handles, key=lambda k: handles[k].start_order or 0)
+        assert order == ["critical", "high", "normal1", "normal2", "low"]
+        assert all(h.outcome is Out.COMPLETED for h in handles.values())
+
+
+async def test_full_queue_sheds_the_newest_lowest_task_for_a_higher_one() -> None:
+    async with Rig(max_queue_size=3) as rig:
+        rig.submit(P.NORMAL)  # running
+        low1 = rig.submit(P.LOW)
+        low2 = rig.submit(P.LOW)
+        normal = rig.submit(P.NORMAL)
+        high = rig.submit(P.HIGH)
+        assert low2.outcome is Out.SHED
+        assert low1.state is TaskState.QUEUED
+        with pytest.raises(QueueFullError) as info:
+            await low2.result()
+        assert info.value.reason == "shed"
+        assert info.value.retry_after > 0
+        assert f"task {low2.id} (LOW) was shed" in str(info.value)
+        assert "HIGH task" in str(info.value)
+        assert rig.executor.statistics().shed == 1
+        await rig.finish_all()
+        assert high.start_order is not None and normal.start_order is not None
+        assert high.start_order < normal.start_order
+
+
+async def test_full_queue_rejects_a_task_that_does_not_outrank_anything() -> None:
+    async with Rig(max_queue_size=2) as rig:
+        rig.submit(P.NORMAL)
+        queued = [rig.submit(P.NORMAL), rig.submit(P.NORMAL)]
+        for priority in (P.NORMAL, P.LOW):
+            with pytest.raises(QueueFullError) as info:
+                rig.submit(priority)
+            assert info.value.reason == "rejected"
+            assert info.value.retry_after > 0
+            assert "queue is full (2 tasks waiting, capacity 2)" in str(info.value)
+        assert all(h.state is TaskState.QUEUED for h in queued)
+        stats = rig.executor.statistics()
+        assert (stats.rejected, stats.shed, stats.accepted) == (2, 0, 3)
+
+
+async def test_queue_wait_deadline_times_out_a_task_that_never_started() -> None:
+    async with Rig() as rig:
+        rig.gpu.slow_down(1000)
+        rig.submit()
+        waiting = rig.submit(queue_timeout=5)
+        await rig.clock.advance(4.9)
+        assert waiting.state is TaskState.QUEUED
+        await rig.clock.advance(0.1)
+        assert waiting.outcome is Out.TIMED_OUT
+        with pytest.raises(TaskTimeoutError) as info:
+            await waiting.result()
+        assert info.value.phase == "queue"
+        assert "waited 5 s in the queue" in str(info.value)
+        assert rig.executor.statistics().queued_total == 0
+
+
+async def test_total_deadline_cancels_a_running_task_and_frees_its_slot() -> None:
+    async with Rig() as rig:
+        rig.gpu.slow_down(1000)
+        slow = rig.submit(deadline=2)
+        nxt = rig.submit()
+        await rig.clock.advance(2)
+        assert slow.outcome is Out.TIMED_OUT
+        assert isinstance(slow.error, TaskTimeoutError)
+        assert slow.error.phase == "total"
+        await rig.clock.settle()
+        assert rig.gpu.stats().active == 1  # the slot went to the next task
+        assert nxt.state is TaskState.RUNNING
+
+
+async def test_cancel_queued_and_running_tasks() -> None:
+    async with Rig() as rig:
+        rig.gpu.slow_down(1000)
+        running = rig.submit()
+        queued = rig.submit()
+        await rig.clock.settle()
+        assert queued.cancel()
+        assert queued.outcome is Out.CANCELLED
+        assert running.cancel("user pressed stop")
+        await rig.clock.settle()
+        assert running.outcome is Out.CANCELLED
+        assert not running.cancel()  # already ended
+        with pytest.raises(asyncio.CancelledError, match="user pressed stop"):
+            await running.result()
+        assert rig.gpu.stats().active == 0
+        assert rig.executor.statistics().cancelled == 2
+        m = rig.runtime.metrics().primary
+        assert (m.failures, m.successes) == (0, 0)  # cancelling is not an engine fault
+
+
+async def test_a_consumer_leaving_early_cancels_its_task_and_frees_the_slot() -> None:
+    async with Rig() as rig:
+        first = rig.submit(tokens=50)
+        second = rig.submit(tokens=2)
+
+        async def read_two() -> int:
+            n = 0
+            async with first:
+                async for _ in first:
+                    n += 1
+                    if n == 2:
+                        break
+            return n
+
+        reader = asyncio.create_task(read_two())
+        await rig.clock.advance(0.2)
+        assert await reader == 2
+        assert first.outcome is Out.CANCELLED
+        await rig.clock.advance(1)
+        assert second.outcome is Out.COMPLETED
+
+
+async def test_a_consumer_that_stops_reading_is_timed_out() -> None:
+    async with Rig(stream_buffer=2, consumer_timeout=5) as rig:
+        rig.gpu.slow_down(0.001)
+        stalled = rig.submit(tokens=20)
+        other = rig.submit(tokens=1)
+        await rig.clock.advance(4)
+        assert stalled.state is TaskState.RUNNING
+        await rig.clock.advance(1.5)
+        assert stalled.outcome is Out.CANCELLED
+        assert "no chunk was read for 5 s" in str(stalled.error)
+        await rig.clock.advance(1)
+        assert other.outcome is Out.COMPLETED
+
+
+async def test_engine_failures_reach_the_submitter() -> None:
+    async with Rig() as rig:
+        rig.gpu.force_failure()
+        rig.cpu.force_failure()
+        handle = rig.submit()
+        await rig.clock.advance(1)
+        assert handle.outcome is Out.FAILED
+        with pytest.raises(EngineError, match="fallback"):
+            await handle.result()
+        assert rig.executor.statistics().failed == 1
+
+
+async def test_gpu_failures_are_absorbed_by_failover() -> None:
+    async with Rig() as rig:
+        rig.runtime.force_primary_failure(times=3)
+        handles = [rig.submit() for _ in range(6)]
+        await rig.finish_all()
+        assert all(h.outcome is Out.COMPLETED for h in handles)
+        assert rig.runtime.primary_breaker.state is BreakerState.OPEN
+
+
+async def test_concurrency_limit_per_engine() -> None:
+    async with Rig(concurrency={"gpu": 3, "cpu": 1}) as rig:
+        for _ in range(8):
+            rig.submit()
+        await rig.clock.settle()
+        assert rig.executor.statistics().in_flight == {"gpu": 3}
+        await rig.finish_all()
+        assert rig.gpu.stats().peak_active == 3
+        rig.runtime.primary_breaker.force_open()
+        for _ in range(4):
+            rig.submit()
+        await rig.clock.settle()
+        assert rig.executor.statistics().in_flight == {"cpu": 1}
+        await rig.finish_all()
+        assert rig.cpu.stats().peak_active == 1
+
+
+async def test_capacity_shrinks_on_the_slow_engine_and_grows_back() -> None:
+    async with Rig(max_queue_size=100, max_queue_wait=10, concurrency={"gpu": 4, "cpu": 1}) as rig:
+        rig.runtime.primary_breaker.force_open("GPU lost")
+        assert rig.executor.capacity() == 100  # nothing measured on the CPU yet
+        for _ in range(3):
+            rig.submit()
+        await rig.finish_all()
+        # A 5-token CPU task takes 0.25 + 4 * 0.05 = 0.45 s: 1 slot drains 22 in 10 s.
+        assert rig.executor.capacity() == 22
+        changed = [e for e in rig.events if isinstance(e, QueueCapacityChanged)]
+        assert changed[-1].capacity == 22
+        assert "cpu can drain about 22 tasks within 10 s" in changed[-1].message
+        rig.cpu.slow_down(1000)  # keep the queue from draining while we fill it
+        accepted = 0
+        with pytest.raises(QueueFullError, match="reduced from 100 while on cpu"):
+            for _ in range(100):
+                rig.submit()
+                accepted += 1
+        assert accepted == 23  # 1 running + 22 queued
+        rig.runtime.primary_breaker.reset()
+        assert rig.executor.capacity() == 100
+        changed = [e for e in rig.events if isinstance(e, QueueCapacityChanged)]
+        assert changed[-1].message == "queue capacity 22 -> 100 (back to full capacity)"
+
+
+async def test_sustained_rejection_hard_opens_for_critical_only_then_recovers() -> None:
+    async with Rig(
+        max_queue_size=1, rejection_threshold=3, rejection_window=10, hard_open_duration=30
+    ) as rig:
+        rig.runtime.primary_breaker.force_open("GPU lost")  # degraded, on the CPU
+        rig.cpu.slow_down(100)
+        rig.submit()
+        rig.submit()
+        cpu_calls = rig.cpu.stats().calls
+        for _ in range(3):
+            with pytest.raises(QueueFullError, match="queue is full"):
+                rig.submit()
+        overloaded = [e for e in rig.events if isinstance(e, RuntimeOverloaded)]
+        assert len(overloaded) == 1
+        assert overloaded[0].message == (
+            "overloaded (3 rejections within 10 s): only critical tasks accepted for 30 s"
+        )
+        assert rig.executor.overloaded
+        with pytest.raises(QueueFullError) as info:
+            rig.submit(P.HIGH)
+        assert info.value.reason == "overloaded"
+        assert info.value.retry_after == 30
+        critical = rig.submit(P.CRITICAL)  # sheds the queued NORMAL task
+        assert critical.state is TaskState.QUEUED
+        # Hard open re-routes nothing: the GPU is not touched, routing is unchanged.
+        assert rig.gpu.stats().calls == 0
+        assert rig.runtime.primary_breaker.state is BreakerState.FORCED_OPEN
+        assert rig.cpu.stats().calls == cpu_calls
+        await rig.clock.advance(30)
+        assert not rig.executor.overloaded
+        assert isinstance(rig.events[-1], RuntimeRecovered)
+        assert rig.events[-1].message == (
+            "recovered after 30 s overloaded: accepting all tasks again"
+        )
+
+
+async def test_statistics_snapshot_and_wait_percentiles() -> None:
+    async with Rig() as rig:
+        handles = [rig.submit(tokens=1) for _ in range(4)]
+        await rig.finish_all()
+        stats = rig.executor.statistics()
+        assert (stats.accepted, stats.completed, stats.in_flight_total) == (4, 4, 0)
+        # 1 token on the GPU = 0.05 s each, served one at a time.
+        assert stats.wait_p50 == pytest.approx(0.05)
+        assert stats.wait_p99 == pytest.approx(0.15)
+        assert stats.capacity == 10
+        assert all(h.done for h in handles)
+
+
+async def test_aclose_cancels_everything_and_refuses_new_work() -> None:
+    rig = Rig()
+    await rig.runtime.start()
+    handles = [rig.submit() for _ in range(3)]
+    await rig.executor.aclose()
+    assert all(h.outcome is Out.CANCELLED for h in handles)
+    with pytest.raises(RuntimeError, match="closed"):
+        rig.submit()
+
+
+async def test_join_waits_for_all_tasks() -> None:
+    async with Rig() as rig:
+        handles = [rig.submit(tokens=2) for _ in range(3)]
+        joiner = asyncio.create_task(rig.executor.join())
+        await rig.clock.advance(1)
+        await joiner
+        assert all(h.outcome is Out.COMPLETED for h in handles)
+
+
+async def test_rejections_and_sheds_are_logged_by_the_executor() -> None:
+    async with Rig(max_queue_size=1) as rig:
+        with capture_logs() as logs:
+            rig.submit(P.LOW)
+            rig.submit(P.LOW)
+            rig.submit(P.HIGH)
+            with pytest.raises(QueueFullError):
+                rig.submit(P.LOW)
+        mine = [e for e in logs if e["service"] == "runtime.executor"]
+        assert [e["event"] for e in mine] == ["task ended", "task rejected"]
+        assert mine[0]["outcome"] == "shed"
+
+
+def test_invalid_settings_are_refused() -> None:
+    runtime = RuntimeManager(MockGPUEngine())
+    with pytest.raises(ValueError, match="min_queue_size"):
+        TaskExecutor(runtime, max_queue_size=0)
+    with pytest.raises(ValueError, match="concurrency"):
+        TaskExecutor(runtime, concurrency={"gpu": 0})
+    with pytest.raises(ValueError, match="rejection_threshold"):
+        TaskExecutor(runtime, rejection_threshold=0)
+    with pytest.raises(ValueError, match="stream_buffer"):
+        TaskExecutor(runtime, stream_buffer=0)
+
+
+# -- Hypothesis: every accepted task ends exactly once, in priority order ---------------
+
+
+class ExecutorMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.loop = asyncio.new_event_loop()
+        self.clock = VirtualClock()
+        self.gpu = MockGPUEngine(clock=self.clock)
+        self.cpu = MockCPUEngine(clock=self.clock)
+        self.runtime = RuntimeManager(self.gpu, self.cpu, clock=self.clock)
+        self.executor = TaskExecutor(
+            self.runtime,
+            clock=self.clock,
+            max_queue_size=4,
+            concurrency={"gpu": 1, "cpu": 1},
+            max_queue_wait=3.0,
+            rejection_threshold=4,
+            rejection_window=2,
+            hard_open_duration=3,
+        )
+        self.loop.run_until_complete(self.runtime.start())
+        self.accepted: list[TaskHandle] = []
+        self.endings: dict[str, int] = {}
+        original = self.executor._finish
+
+        def counting(handle: TaskHandle, outcome: TaskOutcome, error: Any) -> bool:
+            ended = original(handle, outcome, error)
+            if ended:
+                self.endings[handle.id] = self.endings.get(handle.id, 0) + 1
+            return ended
+
+        self.executor._finish = counting  # type: ignore[method-assign]
+
+    def teardown(self) -> None:
+        try:
+            # Liveness: with time, every accepted task ends (no task is ever stranded).
+            self.loop.run_until_complete(self.clock.advance(20))
+            for handle in self.accepted:
+                assert handle.done, f"{handle} never ended"
+                assert self.endings.get(handle.id) == 1
+            assert self.executor.statistics().in_flight_total == 0
+        finally:
+            self.loop.run_until_complete(self.executor.aclose())
+            self.loop.close()
+
+    @rule(
+        priority=st.sampled_from(list(Priority)),
+        tokens=st.integers(1, 4),
+        deadline=st.none() | st.sampled_from([0.2, 1.0]),
+    )
+    def submit(self, priority: Priority, tokens: int, deadline: float | None) -> None:
+        async def go() -> None:
+            try:
+                handle = self.executor.submit(
+                    GenerationRequest(prompt="p", max_tokens=tokens),
+                    priority=priority,
+                    deadline=deadline,
+                )
+            except QueueFullError:
+                return
+            self.accepted.append(handle)
+
+        self.loop.run_until_complete(go())
+
+    @precondition(lambda self: bool(self.accepted))
+    @rule(index=st.integers(min_value=0))
+    def cancel(self, index: int) -> None:
+        handle = self.accepted[index % len(self.accepted)]
+
+        async def go() -> None:
+            handle.cancel()
+            await self.clock.settle()
+
+        self.loop.run_until_complete(go())
+
+    @rule(seconds=st.sampled_from([0.01, 0.1, 0.5, 2.0]))
+    def advance(self, seconds: float) -> None:
+        self.loop.run_until_complete(self.clock.advance(seconds))
+
+    @rule(on=st.booleans())
+    def gpu_trouble(self, on: bool) -> None:
+        self.gpu.force_failure(on)
+
+    @rule(action=st.sampled_from(["force_open", "reset"]), inside=st.booleans())
+    def routing(self, action: str, inside: bool) -> None:
+        """Switch routing under the executor's feet (degraded <-> normal), from inside
+        the loop (as the breaker's timer does) or from plain code outside it."""
+        switch = getattr(self.runtime.primary_breaker, action)
+        if inside:
+
+            async def go() -> None:
+                switch()
+
+            self.loop.run_until_complete(go())
+        else:
+            switch()
+        self.loop.run_until_complete(self.clock.settle())
+
+    @invariant()
+    def each_task_ends_at_most_once_and_counts_add_up(self) -> None:
+        assert all(n == 1 for n in self.endings.values())
+        stats = self.executor.statistics()
+        ended = stats.completed + stats.failed + stats.cancelled + stats.timed_out + stats.shed
+        assert stats.accepted == len(self.accepted)
+        assert ended == sum(1 for h in self.accepted if h.done)
+        assert stats.queued_total == sum(1 for h in self.accepted if h.state is TaskState.QUEUED)
+        # One slot per engine (a CPU task may still run when routing returns to the GPU).
+        assert all(n <= 1 for n in stats.in_flight.values())
+        if self.runtime.degraded and stats.in_flight.get("gpu", 0) == 0:
+            assert stats.in_flight_total <= 1
+
+    @invariant()
+    def tasks_start_in_priority_order(self) -> None:
+        for a in self.accepted:
+            if a.start_order is None:
+                continue
+            for b in self.accepted:
+                waiting_when_a_started = (
+                    b is not a
+                    and b.submit_order < a.start_order
+                    and (b.start_order is None or b.start_order > a.start_order)
+                    and (b.end_order is None or b.end_order > a.start_order)
+                )
+                if waiting_when_a_started:
+                    assert (a.priority, -a.submit_order) > (b.priority, -b.submit_order), (
+                        f"{a} started while {b} was waiting"
+                    )
+
+
+TestExecutorMachine = ExecutorMachine.TestCase
+TestExecutorMachine.settings = settings(
+    max_examples=80,
+    stateful_step_count=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+
+
+async def test_built_from_settings() -> None:
+    from kensho.config import load_settings
+
+    settings = load_settings(env={"KENSHO_RUNTIME_MAX_QUEUE_SIZE": "7"}).runtime
+    runtime = RuntimeManager(MockGPUEngine(clock=VirtualClock()))
+    executor = TaskExecutor.from_settings(runtime, settings, clock=VirtualClock())
+    assert executor.max_queue_size == 7
+    assert executor.concurrency == {"gpu": 4, "cpu": 1}
+    assert executor.hard_open_duration == 30
+
+
+async def test_half_open_probe_through_the_executor_is_bounded_and_served() -> None:
+    async with Rig(concurrency={"gpu": 1, "cpu": 1}) as rig:
+        rig.runtime.force_primary_failure(times=3)
+        for _ in range(3):
+            rig.submit()
+        await rig.finish_all()
+        assert rig.runtime.primary_breaker.state is BreakerState.OPEN
+        await rig.clock.advance(60)
+        rig.gpu.hang(times=1)
+        probe = rig.submit()
+        started = rig.clock.monotonic()
+        await rig.finish_all()
+        # The hung GPU probe was abandoned after the 5 s half-open timeout and the task
+        # completed on the CPU: the submitter saw no error.
+        assert probe.outcome is Out.COMPLETED
+        assert rig.clock.monotonic() - started <= 6.5
+        assert rig.runtime.primary_breaker.state is BreakerState.OPEN
+        assert rig.runtime.metrics().primary.timeouts == 1
+
+
+async def test_a_queue_timeout_may_only_lower_the_executor_bound() -> None:
+    async with Rig(max_queue_wait=5) as rig:
+        rig.gpu.slow_down(1000)
+        rig.submit()
+        patient = rig.submit(queue_timeout=100)
+        hasty = rig.submit(queue_timeout=1)
+        await rig.clock.advance(1)
+        assert hasty.outcome is Out.TIMED_OUT
+        assert patient.state is TaskState.QUEUED
+        await rig.clock.advance(4)
+        assert patient.outcome is Out.TIMED_OUT  # capped at max_queue_wait
+
+
+def test_routing_change_from_outside_the_loop_still_dispatches() -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        rig = Rig()
+        loop.run_until_complete(rig.runtime.start())
+        rig.runtime.primary_breaker.force_open()
+
+        async def submit_two() -> list[TaskHandle]:
+            handles = [rig.submit(tokens=1), rig.submit(tokens=1)]
+            await rig.clock.settle()
+            return handles
+
+        _first, second = loop.run_until_complete(submit_two())
+        assert second.state is TaskState.QUEUED  # the CPU slot is taken
+        rig.runtime.primary_breaker.reset()  # plain code, no loop running
+        loop.run_until_complete(rig.clock.settle())
+        assert second.state is not TaskState.QUEUED  # dispatched to the GPU meanwhile
+        assert second.engine == "gpu"
+        loop.run_until_complete(rig.executor.aclose())
+    finally:
+        loop.close()

@@ -1,0 +1,547 @@
+"""RuntimeManager: GPU -> CPU failover, mid-stream continuation, recovery, status events."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from typing import TypeVar
+
+import pytest
+
+from kensho.errors import CircuitOpenError, EngineError, EngineUnavailableError
+from kensho.events import (
+    BreakerStateChanged,
+    Event,
+    FallbackActivated,
+    PrimaryProbeFailed,
+    PrimaryProbing,
+    PrimaryRestored,
+    RequestRerouted,
+    RuntimeUnavailable,
+)
+from kensho.runtime.breaker import BreakerState, CircuitBreaker
+from kensho.runtime.clock import VirtualClock
+from kensho.runtime.engines import (
+    FaultyEngine,
+    GenerationChunk,
+    GenerationRequest,
+    MockCPUEngine,
+    MockGPUEngine,
+)
+from kensho.runtime.manager import RuntimeManager
+from kensho.telemetry.testing import capture_logs
+
+T = TypeVar("T")
+S = BreakerState
+
+
+class Rig:
+    """A manager on virtual time with a GPU and a CPU mock, recording status events."""
+
+    def __init__(self, *, cpu_continues: bool = True, **manager_kwargs: object) -> None:
+        self.clock = VirtualClock()
+        self.gpu = MockGPUEngine(clock=self.clock)
+        self.cpu = MockCPUEngine(clock=self.clock, supports_continuation=cpu_continues)
+        self.runtime = RuntimeManager(
+            self.gpu,
+            self.cpu,
+            clock=self.clock,
+            **manager_kwargs,  # type: ignore[arg-type]
+        )
+        self.events: list[Event] = []
+        self.runtime.add_listener(self.events.append)
+
+    async def run(self, awaitable: Awaitable[T], step: float = 0.05, limit: float = 120) -> T:
+        """Await ``awaitable`` while moving virtual time forward in small steps."""
+        task = asyncio.ensure_future(awaitable)
+        waited = 0.0
+        while not task.done():
+            assert waited < limit, "did not finish in virtual time"
+            await self.clock.advance(step)
+            waited += step
+        return task.result()
+
+    async def collect(self, request: GenerationRequest) -> list[GenerationChunk]:
+        async def go() -> list[GenerationChunk]:
+            return [c async for c in self.runtime.generate(request)]
+
+        return await self.run(go())
+
+    async def text(self, prompt: str = "hello", max_tokens: int = 5) -> tuple[str, set[str]]:
+        chunks = await self.collect(GenerationRequest(prompt=prompt, max_tokens=max_tokens))
+        return "".join(c.text for c in chunks), {c.engine for c in chunks}
+
+    def status(self) -> list[str]:
+        return [e.message for e in self.events if not isinstance(e, BreakerStateChanged)]
+
+
+async def reference_text(prompt: str, max_tokens: int, seed: int | None = None) -> str:
+    engine = FaultyEngine()
+    await engine.load()
+    request = GenerationRequest(prompt=prompt, max_tokens=max_tokens, seed=seed)
+    return "".join([c.text async for c in engine.generate(request)])
+
+
+async def test_healthy_requests_go_to_the_gpu() -> None:
+    rig = Rig()
+    async with rig.runtime:
+        text, engines = await rig.text(max_tokens=5)
+    assert engines == {"gpu"}
+    assert text == await reference_text("hello", 5)
+    m = rig.runtime.metrics()
+    assert (m.requests, m.served_by_primary, m.served_by_fallback) == (1, 1, 0)
+    assert not m.degraded
+    assert rig.events == []
+
+
+async def test_failover_before_first_token_is_invisible_then_switches_to_cpu() -> None:
+    rig = Rig()
+    await rig.runtime.start()
+    rig.gpu.force_failure()
+    expected = await reference_text("hello", 5)
+    for _ in range(3):
+        text, engines = await rig.text()
+        assert text == expected  # zero user-visible errors
+        assert engines == {"cpu"}
+    assert rig.runtime.primary_breaker.state is S.OPEN
+    assert rig.runtime.degraded
+    assert rig.runtime.active_engine is rig.cpu
+    rerouted = [e for e in rig.events if isinstance(e, RequestRerouted)]
+    assert len(rerouted) == 3
+    assert "GPU failed before any token" in rerouted[0].message
+    switched = [e for e in rig.events if isinstance(e, FallbackActivated)]
+    assert [e.message for e in switched] == ["GPU failing, switched to CPU (degraded performance)"]
+    # While open, requests go straight to the CPU: the GPU is not called any more.
+    calls = rig.gpu.stats().calls
+    await rig.text()
+    assert rig.gpu.stats().calls == calls
+    m = rig.runtime.metrics()
+    assert (m.rerouted, m.served_by_fallback, m.failed) == (3, 4, 0)
+
+
+async def test_gpu_is_tested_and_restored_by_itself() -> None:
+    rig = Rig()
+    await rig.runtime.start()
+    rig.runtime.force_primary_failure(times=3)
+    for _ in range(3):
+        await rig.text()
+    assert rig.runtime.primary_breaker.state is S.OPEN
+    await rig.clock.advance(60)  # no traffic: the timer alone starts the test
+    assert rig.status()[-1] == "testing GPU"
+    assert rig.runtime.primary_breaker.state is S.HALF_OPEN
+    _, engines = await rig.text()
+    assert engines == {"gpu"}  # the probe request is served by the GPU
+    _, engines = await rig.text()
+    assert engines == {"gpu"}
+    assert rig.runtime.primary_breaker.state is S.CLOSED
+    assert rig.status()[-1] == "GPU restored"
+    assert not rig.runtime.degraded
+    # The third failure trips the breaker, then that request is rerouted too.
+    kinds = [e.kind for e in rig.events if not isinstance(e, BreakerStateChanged)]
+    assert kinds == [
+        "runtime.request_rerouted",
+        "runtime.request_rerouted",
+        "runtime.fallback_activated",
+        "runtime.request_rerouted",
+        "runtime.primary_probing",
+        "runtime.primary_restored",
+    ]
+
+
+async def test_failed_probe_stays_on_cpu_and_is_served_by_cpu() -> None:
+    rig = Rig()
+    await rig.runtime.start()
+    rig.gpu.force_failure()
+    for _ in range(3):
+        await rig.text()
+    await rig.clock.advance(60)
+    text, engines = await rig.text()
+    assert engines == {"cpu"}
+    assert text == await reference_text("hello", 5)
+    probe_failed = [e for e in rig.events if isinstance(e, PrimaryProbeFailed)]
+    assert len(probe_failed) == 1
+    assert probe_failed[0].message == "GPU still failing, staying on CPU; next test in 60 s"
+    assert rig.runtime.primary_breaker.state is S.OPEN
+
+
+async def test_mid_stream_failure_continues_on_cpu_with_the_same_text() -> None:
+    rig = Rig()
+    await rig.runtime.start()
+    rig.gpu.force_failure(times=1, after_tokens=3)
+    request = GenerationRequest(prompt="story", max_tokens=8, seed=3)
+    chunks = await rig.collect(request)
+    assert [c.engine for c in chunks] == ["gpu"] * 3 + ["cpu"] * 5
+    assert [c.index for c in chunks] == list(range(8))
+    assert "".join(c.text for c in chunks) == await reference_text("story", 8, seed=3)
+    assert chunks[-1].finish_reason == "length"
+    note = next(e for e in rig.events if isinstance(e, RequestRerouted))
+    assert note.tokens_done == 3
+    assert "after 3 tokens" in note.message
+    m = rig.runtime.metrics()
+    assert (m.continued_mid_stream, m.primary.failures, m.failed) == (1, 1, 0)
+
+
+async def test_mid_stream_failure_without_continuation_ends_with_clear_error() -> None:
+    rig = Rig(cpu_continues=False)
+    await rig.runtime.start()
+    rig.gpu.force_failure(times=1, after_tokens=2)
+    got: list[GenerationChunk] = []
+
+    async def go() -> None:
+        async for chunk in rig.runtime.generate(GenerationRequest(prompt="x", max_tokens=6)):
+            got.append(chunk)  # noqa: PERF401 - keeps what arrived before the error
+
+    with pytest.raises(EngineError, match="cannot continue a stream; send the request again"):
+        await rig.run(go())
+    assert len(got) == 2
+    assert rig.cpu.stats().calls == 0
+
+
+async def test_fallback_failures_never_count_against_the_primary() -> None:
+    rig = Rig()
+    await rig.runtime.start()
+    rig.runtime.force_primary_failure(times=3)
+    for _ in range(3):
+        await rig.text()
+    primary_failures = rig.runtime.primary_breaker.metrics().failures
+    rig.cpu.force_failure()
+    for _ in range(2):
+        with pytest.raises(EngineError, match=r"cpu|CPU"):
+            await rig.text()
+    assert rig.runtime.primary_breaker.metrics().failures == primary_failures
+    assert rig.runtime.fallback_breaker is not None
+    assert rig.runtime.fallback_breaker.metrics().failures == 2
+    # The GPU's own recovery clock is untouched by the CPU's trouble.
+    await rig.clock.advance(60)
+    assert rig.runtime.primary_breaker.state is S.HALF_OPEN
+
+
+async def test_both_failing_reports_both_with_retry_after() -> None:
+    rig = Rig()
+    await rig.runtime.start()
+    rig.gpu.force_failure()
+    rig.cpu.force_failure()
+    with pytest.raises(EngineError) as info:
+        await rig.text()
+    message = str(info.value)
+    assert "GPU failed" in message and "CPU (fallback) failed too" in message
+    assert "retry in" in message
+    for _ in range(2):
+        with pytest.raises(EngineError):
+            await rig.text()
+    # Both breakers open now: refused at once, with the earliest retry-after.
+    await rig.clock.advance(10)
+    with pytest.raises(CircuitOpenError) as refused:
+        await rig.text()
+    assert refused.value.retry_after == pytest.approx(50, abs=1)
+    assert "refusing calls too" in str(refused.value)
+    unavailable = [e for e in rig.events if isinstance(e, RuntimeUnavailable)]
+    assert len(unavailable) == 1
+    assert "GPU and CPU both failing" in unavailable[0].message
+    assert rig.runtime.metrics().rejected == 1
+
+
+async def test_hung_gpu_is_detected_by_first_token_timeout() -> None:
+    rig = Rig(first_token_timeout=2.0)
+    await rig.runtime.start()
+    rig.gpu.hang(times=1)
+    request = GenerationRequest(prompt="hello", max_tokens=3)
+    started = rig.clock.monotonic()
+    chunks = await rig.collect(request)
+    assert {c.engine for c in chunks} == {"cpu"}
+    assert rig.clock.monotonic() - started >= 2.0
+    m = rig.runtime.metrics().primary
+    assert m.timeouts == 1
+    assert m.last_failure is not None and "no first token within 2 s" in m.last_failure.message
+    assert rig.gpu.stats().active == 0  # the hung call was cancelled
+
+
+async def test_hung_gpu_mid_stream_is_detected_by_chunk_timeout() -> None:
+    rig = Rig(chunk_timeout=1.0)
+    await rig.runtime.start()
+    rig.gpu.hang(times=1, after_tokens=2)
+    chunks = await rig.collect(GenerationRequest(prompt="hello", max_tokens=4))
+    assert [c.engine for c in chunks] == ["gpu", "gpu", "cpu", "cpu"]
+    assert "no next token within 1 s" in str(rig.runtime.metrics().primary.last_failure)
+
+
+async def test_half_open_probe_is_bounded_by_half_open_timeout() -> None:
+    rig = Rig(first_token_timeout=30.0)
+    await rig.runtime.start()
+    rig.runtime.force_primary_failure(times=3)
+    for _ in range(3):
+        await rig.text()
+    await rig.clock.advance(60)
+    rig.gpu.hang(times=1)
+    started = rig.clock.monotonic()
+    _, engines = await rig.text()
+    # 5 s half-open timeout, not the 30 s first-token timeout.
+    assert rig.clock.monotonic() - started < 6.5
+    assert engines == {"cpu"}
+    assert rig.runtime.primary_breaker.state is S.OPEN
+    assert rig.runtime.metrics().primary.timeouts == 1
+
+
+async def test_half_open_lets_only_one_probe_through_others_use_cpu() -> None:
+    rig = Rig()
+    await rig.runtime.start()
+    rig.runtime.force_primary_failure(times=3)
+    for _ in range(3):
+        await rig.text()
+    await rig.clock.advance(60)
+
+    async def one() -> set[str]:
+        return {c.engine async for c in rig.runtime.generate(GenerationRequest(prompt="p"))}
+
+    results = await rig.run(asyncio.gather(*(one() for _ in range(10))))
+    assert results.count({"gpu"}) == 1
+    assert results.count({"cpu"}) == 9
+    assert rig.gpu.stats().peak_active == 1
+
+
+async def test_start_without_gpu_starts_degraded_and_loads_gpu_when_testing() -> None:
+    rig = Rig()
+    rig.gpu.fail_load()
+    await rig.runtime.start()
+    assert rig.runtime.degraded
+    assert rig.status() == ["GPU failing, switched to CPU (degraded performance)"]
+    _, engines = await rig.text()
+    assert engines == {"cpu"}
+    rig.gpu.fail_load(False)
+    await rig.clock.advance(60)
+    for _ in range(2):
+        _, engines = await rig.text()
+        assert engines == {"gpu"}
+    assert rig.status()[-1] == "GPU restored"
+
+
+async def test_no_engine_loads_is_a_clear_error() -> None:
+    rig = Rig()
+    rig.gpu.fail_load()
+    rig.cpu.fail_load()
+    with pytest.raises(EngineUnavailableError, match="no inference engine could start"):
+        await rig.runtime.start()
+
+
+async def test_consumer_stopping_early_releases_the_permit_and_the_engine() -> None:
+    rig = Rig()
+    await rig.runtime.start()
+
+    async def first_two() -> int:
+        n = 0
+        async with __import__("contextlib").aclosing(
+            rig.runtime.generate(GenerationRequest(prompt="x", max_tokens=50))
+        ) as stream:
+            async for _ in stream:
+                n += 1
+                if n == 2:
+                    break
+        return n
+
+    assert await rig.run(first_two()) == 2
+    assert rig.gpu.stats().active == 0
+    m = rig.runtime.metrics().primary
+    assert (m.successes, m.failures) == (0, 0)
+
+
+async def test_force_primary_failure_on_and_off() -> None:
+    rig = Rig()
+    await rig.runtime.start()
+    rig.runtime.force_primary_failure()
+    _, engines = await rig.text()
+    assert engines == {"cpu"}
+    rig.runtime.force_primary_failure(False)
+    _, engines = await rig.text()
+    assert engines == {"gpu"}
+    with pytest.raises(ValueError, match="times"):
+        rig.runtime.force_primary_failure(times=0)
+
+
+async def test_bad_request_is_not_rerouted_nor_counted() -> None:
+    class Picky(MockGPUEngine):
+        async def generate(self, request: GenerationRequest):  # type: ignore[override]
+            raise ValueError("prompt too long for this model")
+            yield  # pragma: no cover
+
+    clock = VirtualClock()
+    gpu = Picky(clock=clock)
+    cpu = MockCPUEngine(clock=clock)
+    runtime = RuntimeManager(gpu, cpu, clock=clock)
+    await runtime.start()
+    with pytest.raises(ValueError, match="too long"):
+        _ = [c async for c in runtime.generate(GenerationRequest(prompt="x"))]
+    assert cpu.stats().calls == 0
+    assert runtime.metrics().primary.failures == 0
+
+
+async def test_without_fallback_an_open_primary_refuses_with_retry_after() -> None:
+    clock = VirtualClock()
+    gpu = MockGPUEngine(clock=clock)
+    runtime = RuntimeManager(
+        gpu, clock=clock, primary_breaker=CircuitBreaker("gpu", clock=clock, failure_threshold=1)
+    )
+    seen: list[Event] = []
+    runtime.add_listener(seen.append)
+    await runtime.start()
+    gpu.force_failure()
+    with pytest.raises(EngineError):
+        _ = [c async for c in runtime.generate(GenerationRequest(prompt="x"))]
+    await clock.advance(20)
+    with pytest.raises(CircuitOpenError, match="no fallback engine") as info:
+        _ = [c async for c in runtime.generate(GenerationRequest(prompt="x"))]
+    assert info.value.retry_after == pytest.approx(40)
+    assert any(isinstance(e, RuntimeUnavailable) for e in seen)
+
+
+async def test_status_stream_yields_readable_events() -> None:
+    rig = Rig()
+    await rig.runtime.start()
+    messages: list[str] = []
+
+    async def watch() -> None:
+        async for event in rig.runtime.events():
+            if isinstance(event, FallbackActivated | PrimaryProbing | PrimaryRestored):
+                messages.append(event.message)
+            if isinstance(event, PrimaryRestored):
+                return
+
+    watcher = asyncio.create_task(watch())
+    await rig.clock.settle()
+    rig.runtime.force_primary_failure(times=3)
+    with capture_logs() as logs:
+        for _ in range(3):
+            await rig.text()
+        await rig.clock.advance(60)
+        for _ in range(2):
+            await rig.text()
+    await watcher
+    assert messages == [
+        "GPU failing, switched to CPU (degraded performance)",
+        "testing GPU",
+        "GPU restored",
+    ]
+    assert rig.runtime.hub.subscribers == 0
+    manager_logs = [e for e in logs if e["service"] == "runtime.manager"]
+    assert any(e["event"] == "GPU restored" for e in manager_logs)
+    assert any(e.get("status") == "runtime.fallback_activated" for e in manager_logs)
+
+
+async def test_manual_force_open_routes_to_cpu_and_reset_restores() -> None:
+    rig = Rig()
+    await rig.runtime.start()
+    rig.runtime.primary_breaker.force_open("maintenance")
+    _, engines = await rig.text()
+    assert engines == {"cpu"}
+    rig.runtime.primary_breaker.reset()
+    _, engines = await rig.text()
+    assert engines == {"gpu"}
+    assert rig.status() == [
+        "GPU failing, switched to CPU (degraded performance)",
+        "GPU restored",
+    ]
+
+
+def test_fallback_must_differ_from_primary() -> None:
+    gpu = MockGPUEngine()
+    with pytest.raises(ValueError, match="different engine"):
+        RuntimeManager(gpu, gpu)
+
+
+async def test_built_from_settings() -> None:
+    from kensho.config import load_settings
+
+    settings = load_settings(
+        env={"KENSHO_RUNTIME_FAILURE_THRESHOLD": "1", "KENSHO_RUNTIME_OPEN_DURATION": "5"}
+    ).runtime
+    clock = VirtualClock()
+    gpu, cpu = MockGPUEngine(clock=clock), MockCPUEngine(clock=clock)
+    runtime = RuntimeManager.from_settings(gpu, cpu, settings, clock=clock)
+    assert runtime.primary_breaker.failure_threshold == 1
+    assert runtime.fallback_breaker is not None
+    assert runtime.fallback_breaker.open_duration == 5
+    await runtime.start()
+    runtime.force_primary_failure(times=1)
+    task = asyncio.ensure_future(_drain(runtime, GenerationRequest(prompt="x", max_tokens=2)))
+    await clock.advance(1)
+    assert {c.engine for c in await task} == {"cpu"}
+    assert runtime.primary_breaker.state is S.OPEN
+    await clock.advance(5)
+    assert runtime.primary_breaker.state is S.HALF_OPEN
+
+
+async def _drain(runtime: RuntimeManager, request: GenerationRequest) -> list[GenerationChunk]:
+    return [c async for c in runtime.generate(request)]
+
+
+async def test_event_stream_drops_oldest_for_a_slow_subscriber_and_can_replay() -> None:
+    rig = Rig()
+    await rig.runtime.start()
+    stream = rig.runtime.events(buffer=2)
+    first = asyncio.ensure_future(anext(stream))
+    await rig.clock.settle()  # subscribed, waiting
+    rig.runtime.primary_breaker.force_open("a")
+    assert isinstance(await first, BreakerStateChanged)
+    for reason in ("b", "c", "d"):
+        rig.runtime.primary_breaker.reset()
+        rig.runtime.primary_breaker.force_open(reason)
+    kept = [await anext(stream), await anext(stream)]
+    assert [type(e).__name__ for e in kept] == ["BreakerStateChanged", "FallbackActivated"]
+    assert kept[1].message.startswith("GPU failing")
+    with capture_logs() as logs:
+        await stream.aclose()  # type: ignore[attr-defined]
+    assert any(e["event"] == "slow event subscriber dropped events" for e in logs)
+    replayed = rig.runtime.events(replay=True)
+    assert isinstance(await anext(replayed), BreakerStateChanged)
+    await replayed.aclose()  # type: ignore[attr-defined]
+    assert rig.runtime.hub.subscribers == 0
+
+
+async def test_a_failing_status_listener_is_logged_not_raised() -> None:
+    rig = Rig()
+
+    def broken(event: Event) -> None:
+        raise RuntimeError("renderer bug")
+
+    rig.runtime.add_listener(broken)
+    with capture_logs() as logs:
+        rig.runtime.primary_breaker.force_open()
+    assert rig.runtime.degraded
+    assert any(e["event"] == "event listener failed" for e in logs)
+    rig.runtime.remove_listener(broken)
+
+
+async def test_stopping_early_on_the_fallback_releases_its_permit_at_once() -> None:
+    rig = Rig()
+    await rig.runtime.start()
+    rig.runtime.primary_breaker.force_open()
+    stream = rig.runtime.generate(GenerationRequest(prompt="x", max_tokens=50))
+    first = asyncio.ensure_future(anext(stream))
+    await rig.clock.advance(0.3)
+    assert (await first).engine == "cpu"
+    assert rig.cpu.stats().active == 1
+    await stream.aclose()  # type: ignore[attr-defined]
+    assert rig.cpu.stats().active == 0
+    assert rig.runtime.fallback_breaker is not None
+    m = rig.runtime.fallback_breaker.metrics()
+    assert (m.successes, m.failures, m.probes_in_flight) == (0, 0, 0)
+
+
+async def test_slow_calls_are_judged_on_time_to_first_token_not_stream_length() -> None:
+    clock = VirtualClock()
+    gpu, cpu = MockGPUEngine(clock=clock), MockCPUEngine(clock=clock)
+    breaker = CircuitBreaker("gpu", clock=clock, failure_threshold=1, slow_call_threshold=1.0)
+    runtime = RuntimeManager(gpu, cpu, clock=clock, primary_breaker=breaker)
+    await runtime.start()
+    # 400 tokens at 10 ms: a 4 s answer, but the first token came after 50 ms.
+    long = asyncio.ensure_future(_drain(runtime, GenerationRequest(prompt="x", max_tokens=400)))
+    await clock.advance(5)
+    assert len(await long) == 400
+    assert breaker.state is S.CLOSED
+    assert breaker.metrics().slow_calls == 0
+    # A GPU that needs 2 s before its first token is slow, even for a 2-token answer.
+    gpu.slow_down(40)
+    short = asyncio.ensure_future(_drain(runtime, GenerationRequest(prompt="x", max_tokens=2)))
+    await clock.advance(5)
+    assert {c.engine for c in await short} == {"gpu"}  # served: slow is not an error
+    assert breaker.metrics().slow_calls == 1
+    assert breaker.state is S.OPEN

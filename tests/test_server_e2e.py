@@ -1,0 +1,243 @@
+"""``kensho up`` as a real subprocess, spoken to with the official ``openai`` client and httpx."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from _server_support import kensho_env, kensho_up, run_kensho
+
+pytestmark = pytest.mark.slow
+
+DEMO = "kensho-demo"
+MOCK_ENV = {
+    "KENSHO_MODEL_ENGINE": "mock",
+    "KENSHO_MODEL_ID": "mock",
+    "KENSHO_MODEL_MOCK_TIME_TO_FIRST_TOKEN": "0.01",
+    "KENSHO_MODEL_MOCK_TIME_PER_TOKEN": "0.005",
+}
+
+
+def metric(text: str, name: str) -> float:
+    """The value of one sample line of the Prometheus text."""
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def test_demo_model_with_the_openai_client(tmp_path: Path) -> None:
+    with kensho_up(env=kensho_env(tmp_path), cwd=tmp_path) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
+        assert [m.id for m in client.models.list()] == [DEMO]
+        reply = client.chat.completions.create(
+            model=DEMO,
+            messages=[{"role": "user", "content": "Say hello."}],
+            max_tokens=80,
+            temperature=0,
+        )
+        assert reply.choices[0].message.content is not None
+        assert "Hello!" in reply.choices[0].message.content
+        assert reply.choices[0].finish_reason == "stop"
+        stream = client.chat.completions.create(
+            model=DEMO,
+            messages=[{"role": "user", "content": "Where did they eat?"}],
+            max_tokens=40,
+            temperature=0,
+            stream=True,
+        )
+        pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
+        assert len(pieces) > 5
+        assert "".join(pieces) == " In the café by the river. They had crème brûlée."
+        text = client.completions.create(model=DEMO, prompt="The GPU", max_tokens=8, temperature=0)
+        assert text.choices[0].text.startswith(" is fast.")
+        with pytest.raises(openai.NotFoundError):
+            client.chat.completions.create(
+                model="gpt-4", messages=[{"role": "user", "content": "hi"}]
+            )
+        ready = httpx.get(server.url + "/readyz").json()
+        assert ready["integrity"]["status"] == "ok"
+        assert ready["integrity"]["files"] == {"ok": 6}
+        # No CUDA here: the service says so and serves on the CPU fallback.
+        assert ready["active_engine"] == "cpu"
+
+
+def test_api_key_and_raw_bodies(tmp_path: Path) -> None:
+    env = kensho_env(tmp_path, **MOCK_ENV, KENSHO_API_KEY="k-123")
+    with kensho_up(env=env, cwd=tmp_path) as server:
+        assert httpx.get(server.url + "/healthz").status_code == 200
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=server.url + "/v1", api_key="wrong").models.list()
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="k-123")
+        reply = client.chat.completions.create(
+            model="mock", messages=[{"role": "user", "content": "hi"}], max_tokens=4
+        )
+        assert reply.usage is not None
+        assert reply.usage.completion_tokens == 4
+        auth = {"Authorization": "Bearer k-123", "Content-Type": "application/json"}
+        bad = httpx.post(server.url + "/v1/chat/completions", content=b"{nope", headers=auth)
+        assert bad.status_code == 400
+        big = httpx.post(server.url + "/v1/completions", content=b"x" * (2 << 20), headers=auth)
+        assert big.status_code == 413
+        assert "k-123" not in "".join(server.stderr)
+
+
+def test_overload_burst_every_answer_is_200_or_429(tmp_path: Path) -> None:
+    env = kensho_env(
+        tmp_path,
+        **{
+            **MOCK_ENV,
+            "KENSHO_MODEL_MOCK_TIME_TO_FIRST_TOKEN": "0.02",
+            "KENSHO_MODEL_MOCK_TIME_PER_TOKEN": "0.01",
+            "KENSHO_RUNTIME_MAX_QUEUE_SIZE": "4",
+        },
+    )
+    with kensho_up(env=env, cwd=tmp_path) as server:
+
+        async def burst() -> list[httpx.Response]:
+            limits = httpx.Limits(max_connections=300)
+            async with httpx.AsyncClient(base_url=server.url, limits=limits, timeout=60) as c:
+                body = {"model": "mock", "prompt": "x", "max_tokens": 5}
+                calls = [c.post("/v1/completions", json=body) for _ in range(300)]
+                return await asyncio.gather(*calls)
+
+        responses = asyncio.run(burst())
+        codes = [r.status_code for r in responses]
+        assert set(codes) <= {200, 429}
+        assert codes.count(200) >= 5
+        assert codes.count(429) >= 1
+        assert all(int(r.headers["Retry-After"]) >= 1 for r in responses if r.status_code == 429)
+        assert httpx.get(server.url + "/healthz").json() == {"status": "ok"}
+        text = httpx.get(server.url + "/metrics").text
+        ok = metric(text, 'kensho_http_requests_total{endpoint="/v1/completions",status="200"}')
+        refused = metric(
+            text, 'kensho_http_requests_total{endpoint="/v1/completions",status="429"}'
+        )
+        assert ok == codes.count(200)
+        assert refused == codes.count(429)
+        completed = metric(text, 'kensho_tasks_total{outcome="completed"}')
+        assert completed == codes.count(200)  # every accepted task ended, none lost
+        rejections = sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("kensho_rejections_total{")
+        )
+        assert rejections == codes.count(429)
+
+
+def test_failover_during_a_burst_loses_no_request(tmp_path: Path) -> None:
+    with kensho_up(env=kensho_env(tmp_path, **MOCK_ENV), cwd=tmp_path) as server:
+
+        async def run() -> list[httpx.Response]:
+            async with httpx.AsyncClient(base_url=server.url, timeout=60) as c:
+                body = {"model": "mock", "prompt": "x", "max_tokens": 5}
+                first = [c.post("/v1/completions", json=body) for _ in range(20)]
+                head = await asyncio.gather(*first)
+                drill = await c.post("/v1/kensho/breaker", json={"action": "fail_primary"})
+                assert drill.status_code == 200
+                rest = [c.post("/v1/completions", json=body) for _ in range(20)]
+                return [*head, *await asyncio.gather(*rest)]
+
+        responses = asyncio.run(run())
+        assert [r.status_code for r in responses] == [200] * 40
+        text = httpx.get(server.url + "/metrics").text
+        assert metric(text, 'kensho_breaker_state{engine="gpu",state="open"}') == 1.0
+        assert metric(text, 'kensho_breaker_transitions_total{engine="gpu"}') >= 1
+        assert metric(text, 'kensho_runtime_requests_total{route="rerouted"}') >= 3
+        with httpx.stream("GET", server.url + "/v1/kensho/status", timeout=30) as stream:
+            kinds: list[str] = []
+            for line in stream.iter_lines():
+                if line.startswith("event: "):
+                    kinds.append(line[7:])
+                if "runtime.fallback_activated" in kinds:
+                    break
+        assert kinds[0] == "snapshot"
+        assert "breaker.state_changed" in kinds
+
+
+def test_sigterm_lets_the_stream_in_flight_finish(tmp_path: Path) -> None:
+    # 60 tokens at 20 ms: about 1.2 s of streaming
+    env = kensho_env(tmp_path, **{**MOCK_ENV, "KENSHO_MODEL_MOCK_TIME_PER_TOKEN": "0.02"})
+    with kensho_up(env=env, cwd=tmp_path) as server:
+        body = {"model": "mock", "prompt": "x", "max_tokens": 60, "stream": True}
+        lines: list[str] = []
+        with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=30) as r:
+            for line in r.iter_lines():
+                lines.append(line)
+                if len(lines) == 4:  # a few tokens in: ask the server to stop
+                    server.process.send_signal(signal.SIGTERM)
+        code = server.process.wait(timeout=30)
+    data = [line[6:] for line in lines if line.startswith("data: ")]
+    assert data[-1] == "[DONE]"
+    assert len(data) == 1 + 60 + 1  # opening chunk, every token, [DONE]
+    assert code == 0
+    events = [json.loads(line) for line in server.stderr if line.startswith("{")]
+    assert any(e["event"] == "shutdown complete" for e in events)
+
+
+def test_boot_repairs_a_corrupted_required_file_then_serves(tmp_path: Path) -> None:
+    env = kensho_env(tmp_path)
+    with kensho_up(env=env, cwd=tmp_path):
+        pass
+    weights = tmp_path / "kensho" / "demo" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with kensho_up(env=env, cwd=tmp_path) as server:
+        reply = httpx.post(
+            server.url + "/v1/completions",
+            json={"model": DEMO, "prompt": "The GPU", "max_tokens": 4, "temperature": 0},
+            timeout=60,
+        )
+        assert reply.status_code == 200
+        assert reply.json()["choices"][0]["text"].startswith(" is fast")
+    events = [json.loads(line) for line in server.stderr if line.startswith("{")]
+    repaired = [e for e in events if e["event"] == "file repaired"]
+    assert [e["path"] for e in repaired] == ["model.safetensors"]
+    assert repaired[0]["fetched"] == 256 * 1024  # only the chunk with the flipped byte
+
+
+def test_boot_without_a_source_stops_with_exit_code_4(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    from kensho.demo import DEMO_MODEL_DIR
+
+    store.mkdir()
+    for f in DEMO_MODEL_DIR.iterdir():
+        (store / f.name).write_bytes(f.read_bytes())
+    env = kensho_env(tmp_path)
+    built = run_kensho(
+        "manifest", "build", str(store), "-o", str(tmp_path / "m.json"), env=env, cwd=tmp_path
+    )
+    assert built.returncode == 0, built.stderr
+    (store / "tokenizer.json").unlink()
+    result = run_kensho(
+        "up", "--model", str(store), "--manifest", str(tmp_path / "m.json"), env=env, cwd=tmp_path
+    )
+    assert result.returncode == 4, result.stderr
+    assert "tokenizer.json" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_generate_runs_one_prompt_in_process(tmp_path: Path) -> None:
+    result = run_kensho(
+        "--log-level", "warning", "generate", "Say hello.", "--max-tokens", "60",
+        env=kensho_env(tmp_path), cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "Hello! I am the tiny demo model of Kensho." in result.stdout
+
+
+def test_status_once_prints_the_snapshot(tmp_path: Path) -> None:
+    with kensho_up(env=kensho_env(tmp_path, **MOCK_ENV), cwd=tmp_path) as server:
+        result = run_kensho(
+            "status", "--url", server.url, "--once", env=kensho_env(tmp_path), cwd=tmp_path
+        )
+    assert result.returncode == 0, result.stderr
+    assert "breaker gpu" in result.stdout
+    assert "closed" in result.stdout
