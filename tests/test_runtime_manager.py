@@ -315,6 +315,22 @@ async def test_start_without_gpu_starts_degraded_and_loads_gpu_when_testing() ->
     assert rig.status()[-1] == "GPU restored"
 
 
+async def test_gpu_missing_on_this_machine_is_said_once_and_never_probed() -> None:
+    rig = Rig()
+    rig.gpu.fail_load(permanent=True)
+    await rig.runtime.start()
+    assert rig.status() == [
+        "GPU unavailable on this machine, serving on CPU (degraded performance)"
+    ]
+    assert str(rig.runtime.primary_breaker.state) == "forced_open"
+    await rig.clock.advance(3600)  # an hour later: no probe, no new failure
+    for _ in range(3):
+        _, engines = await rig.text()
+        assert engines == {"cpu"}
+    assert len(rig.status()) == 1
+    assert rig.gpu.stats().calls == 0
+
+
 async def test_no_engine_loads_is_a_clear_error() -> None:
     rig = Rig()
     rig.gpu.fail_load()

@@ -106,7 +106,15 @@ class EngineError(KenshoError):
 
 
 class EngineUnavailableError(EngineError):
-    """The engine cannot run on this machine right now (no device, not loaded)."""
+    """The engine cannot run on this machine right now (no device, not loaded).
+
+    ``permanent`` says that retrying cannot help while this process lives (no CUDA
+    device at all), so the runtime stops probing it instead of failing every minute.
+    """
+
+    def __init__(self, message: str, *, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent
 
 
 class EngineOutOfMemoryError(EngineError):

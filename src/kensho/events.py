@@ -333,9 +333,15 @@ class FallbackActivated(Event):
     fallback: str
     reason: str
     retry_in: float | None = None
+    permanent: bool = False
 
     @property
     def message(self) -> str:
+        if self.permanent:
+            return (
+                f"{self.primary} unavailable on this machine, serving on {self.fallback} "
+                "(degraded performance)"
+            )
         return f"{self.primary} failing, switched to {self.fallback} (degraded performance)"
 
 

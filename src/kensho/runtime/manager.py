@@ -113,6 +113,7 @@ class RuntimeManager:
         self._labels = self._make_labels()
         self._primary_ready = False
         self._fallback_ready = False
+        self._primary_missing = False  # the primary's device does not exist here
         self._forced_failures: int | None = 0  # None: forced until turned off
         self._requests = self._by_primary = self._by_fallback = 0
         self._rerouted = self._continued = self._failed = self._rejected = 0
@@ -179,7 +180,13 @@ class RuntimeManager:
         except EngineError as exc:
             problems.append(f"{primary_label}: {exc}")
             log.warning("primary engine unavailable at start", engine=self.primary.name)
-            self.primary_breaker.trip(f"{primary_label} unavailable at start: {exc}")
+            if isinstance(exc, EngineUnavailableError) and exc.permanent:
+                # No device at all: probing it every open period would only fail, loudly.
+                # Say it once; an operator's reset (admin API) tries it again.
+                self._primary_missing = True
+                self.primary_breaker.force_open(f"{primary_label} unavailable: {exc}")
+            else:
+                self.primary_breaker.trip(f"{primary_label} unavailable at start: {exc}")
         if self.fallback is not None and self.fallback_breaker is not None:
             try:
                 await self.fallback.load()
@@ -304,7 +311,11 @@ class RuntimeManager:
                 )
             else:
                 status = FallbackActivated(
-                    primary=primary, fallback=fallback, reason=event.reason, retry_in=event.open_for
+                    primary=primary,
+                    fallback=fallback,
+                    reason=event.reason,
+                    retry_in=event.open_for,
+                    permanent=self._primary_missing and to == BreakerState.FORCED_OPEN,
                 )
         elif to == BreakerState.HALF_OPEN:
             status = PrimaryProbing(primary=primary)

@@ -101,6 +101,7 @@ class FaultyEngine:
         self._probability_after = 0
         self._slow_factor = 1.0
         self._fail_load = False
+        self._fail_load_permanent = False
         self._calls = self._completed = self._failures = self._hangs = self._tokens = 0
         self._active = self._peak = 0
 
@@ -155,9 +156,13 @@ class FaultyEngine:
         self._failure_probability = p
         self._probability_after = after_tokens
 
-    def fail_load(self, on: bool = True) -> None:
-        """Make :meth:`load` raise :class:`EngineUnavailableError` (no device, no weights)."""
+    def fail_load(self, on: bool = True, *, permanent: bool = False) -> None:
+        """Make :meth:`load` raise :class:`EngineUnavailableError` (no device, no weights).
+
+        ``permanent`` marks it as a device that does not exist (like no CUDA at all).
+        """
         self._fail_load = on
+        self._fail_load_permanent = permanent
 
     def heal(self) -> None:
         """Clear every injected fault and slowdown."""
@@ -189,7 +194,8 @@ class FaultyEngine:
         """Become ready, or raise :class:`EngineUnavailableError` when told to."""
         if self._fail_load:
             raise EngineUnavailableError(
-                f"engine {self.name!r} ({self.kind}) cannot load: injected failure"
+                f"engine {self.name!r} ({self.kind}) cannot load: injected failure",
+                permanent=self._fail_load_permanent,
             )
         self.loaded = True
 

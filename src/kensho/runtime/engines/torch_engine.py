@@ -172,7 +172,8 @@ class TorchEngine:
         if self.kind == "gpu" and not torch.cuda.is_available():
             raise EngineUnavailableError(
                 f"engine {self.name!r}: no CUDA device on this machine (torch "
-                f"{torch.__version__}); the CPU fallback will serve instead"
+                f"{torch.__version__}); the CPU fallback will serve instead",
+                permanent=True,
             )
         if not (self.model_dir / "config.json").is_file():
             raise EngineUnavailableError(
