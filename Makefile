@@ -10,7 +10,7 @@ STAMP  := $(VENV)/.kensho-installed
 .PHONY: help run test lint typecheck pytest bench clean
 
 help:
-	@echo "make run        run the main job (set-up included)"
+	@echo "make run        serve the embedded demo model: kensho up (set-up included)"
 	@echo "make test       ruff, ruff format --check, mypy --strict, pytest with coverage"
 	@echo "make bench      run every benchmark in bench/ and print the tables"
 	@echo "make clean      remove .venv and caches"
@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml constraints.txt
 	@touch $@
 
 run: $(STAMP)
-	$(BIN)/kensho --help
+	$(BIN)/kensho up
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench scripts
