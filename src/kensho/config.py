@@ -34,6 +34,7 @@ __all__ = [
     "ServerSettings",
     "Settings",
     "StorageSettings",
+    "TrustSettings",
     "default_data_dir",
     "load_settings",
 ]
@@ -150,6 +151,18 @@ class RuntimeSettings(_Section):
     hard_open_duration: float = Field(default=30.0, gt=0)
 
 
+class TrustSettings(_Section):
+    """``[trust]``: who may sign manifests (see docs/manifest.md, "Signatures").
+
+    ``keys`` are Ed25519 public keys in hex, as printed by ``kensho keygen``; a
+    manifest is used only if ``threshold`` of them signed it. With no keys, unsigned
+    manifests are accepted, with a warning once per boot.
+    """
+
+    keys: list[str] = Field(default_factory=list)
+    threshold: int = Field(default=1, ge=1)
+
+
 class Settings(_Section):
     """All of Kensho's settings, one attribute per TOML section."""
 
@@ -157,6 +170,7 @@ class Settings(_Section):
     storage: StorageSettings = Field(default_factory=StorageSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
+    trust: TrustSettings = Field(default_factory=TrustSettings)
     runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
 
 
