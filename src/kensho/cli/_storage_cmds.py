@@ -1,0 +1,270 @@
+"""``kensho verify``, ``kensho sync`` and ``kensho manifest build``.
+
+The commands only wire options to :class:`~kensho.storage.StorageManager` and render
+its events: progress bars and a table in a terminal, one JSON object per line with
+``--json`` (stdout, flushed per event, so another program can follow a sync live).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Annotated
+
+import orjson
+import typer
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+from rich.table import Table
+
+from kensho.cli._app import ExitCode, app, err_console, out_console, state
+from kensho.events import (
+    Event,
+    StorageDownloadProgress,
+    StorageFileChecked,
+    StorageHashProgress,
+    StorageRepairStarted,
+    StorageVerifyStarted,
+)
+from kensho.storage import (
+    DEFAULT_CHUNK_SIZE,
+    Manifest,
+    StorageManager,
+    StoreBusyError,
+    VerifyReport,
+    build_manifest,
+    dump_manifest,
+    load_manifest,
+    source_from_string,
+)
+from kensho.storage._fs import atomic_write_bytes
+
+__all__ = ["manifest_app"]
+
+_VERIFY_EXIT = (
+    "Exit codes: 0 every required file is good · 1 a required file is not · 3 bad config."
+)
+_SYNC_EXIT = (
+    "Exit codes: 0 every required file is good afterwards · 4 a required file could not "
+    "be repaired · 5 not enough disk space · 7 another process is syncing (--no-wait) · "
+    "10 other error (bad manifest, bad source)."
+)
+
+manifest_app = typer.Typer(help="Create and inspect manifests.", no_args_is_help=True)
+app.add_typer(manifest_app, name="manifest")
+
+ManifestOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--manifest",
+        "-m",
+        help="Manifest file. Default: storage.manifest, else the last trusted one.",
+    ),
+]
+RootOpt = Annotated[
+    Path | None, typer.Option("--root", "-r", help="Store folder. Default: storage.root.")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print events as JSON lines.")]
+
+
+class _Renderer:
+    """Turns events into progress bars and lines (terminal) or JSON lines."""
+
+    def __init__(self, as_json: bool) -> None:
+        self.as_json = as_json
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            console=err_console,
+            disable=as_json or not err_console.is_terminal,
+            transient=True,
+        )
+        self.tasks: dict[str, TaskID] = {}
+        self.fetched: dict[str, int] = {}
+
+    def __enter__(self) -> _Renderer:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.__exit__(None, None, None)
+
+    def _task(self, key: str, description: str, total: int) -> TaskID:
+        if key not in self.tasks:
+            self.tasks[key] = self.progress.add_task(description, total=total)
+        return self.tasks[key]
+
+    def handle(self, event: Event) -> None:
+        if self.as_json:
+            sys.stdout.buffer.write(orjson.dumps(event.to_dict()) + b"\n")
+            sys.stdout.buffer.flush()
+            return
+        if isinstance(event, StorageVerifyStarted):
+            # A sync verifies twice (before and under the lock): start the bar over.
+            task = self._task("verify", "verify (total)", event.total_bytes)
+            self.progress.reset(task, total=event.total_bytes)
+        elif isinstance(event, StorageHashProgress):
+            task = self._task("hash:" + event.path, f"  hash {event.path}", event.total)
+            self.progress.update(task, completed=event.done)
+        elif isinstance(event, StorageFileChecked):
+            if "verify" in self.tasks:
+                self.progress.advance(self.tasks["verify"], event.expected_size or 0)
+            if "hash:" + event.path in self.tasks:
+                self.progress.remove_task(self.tasks.pop("hash:" + event.path))
+        elif isinstance(event, StorageRepairStarted):
+            self._task("fetch", "fetch (total)", event.bytes_needed)
+        elif isinstance(event, StorageDownloadProgress):
+            task = self._task("get:" + event.path, f"  fetch {event.path}", event.total)
+            self.progress.update(task, completed=event.done)
+            delta = event.done - self.fetched.get(event.path, 0)
+            self.fetched[event.path] = event.done
+            self.progress.advance(self._task("fetch", "fetch (total)", event.total), delta)
+        else:
+            self.progress.console.print(event.message, highlight=False, markup=False)
+
+
+def _table(report: VerifyReport) -> Table:
+    table = Table("path", "status", "required", "size", "detail", title="store")
+    colours = {"ok": "green", "unexpected": "yellow"}
+    for f in report.files:
+        colour = colours.get(f.status.value, "red")
+        detail = f.detail
+        if f.bad_chunks and f.status.value == "corrupt":
+            detail = f"bad chunks: {', '.join(map(str, f.bad_chunks[:10]))}" + (
+                "…" if len(f.bad_chunks) > 10 else ""
+            )
+        table.add_row(
+            f.path,
+            f"[{colour}]{f.status.value}[/]",
+            "yes" if f.required else "no",
+            "" if f.size is None else str(f.size),
+            detail,
+        )
+    return table
+
+
+async def _run(events: AsyncIterator[Event], renderer: _Renderer) -> None:
+    with renderer:
+        async for event in events:
+            renderer.handle(event)
+
+
+def _resolve(manifest: Path | None, root: Path | None) -> tuple[Manifest | None, Path]:
+    settings = state().settings.storage
+    path = manifest or settings.manifest
+    return (load_manifest(path) if path else None), (root or settings.root)
+
+
+@app.command(help="Check every file of the store against the manifest.\n\n" + _VERIFY_EXIT)
+def verify(
+    manifest: ManifestOpt = None,
+    root: RootOpt = None,
+    full: Annotated[
+        bool, typer.Option("--full", help="Re-hash every file, ignoring stat records.")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    loaded, store = _resolve(manifest, root)
+
+    async def go() -> VerifyReport:
+        async with StorageManager(store, loaded) as manager:
+            await _run(manager.verify(full=full), _Renderer(as_json))
+            assert manager.report is not None
+            return manager.report
+
+    report = asyncio.run(go())
+    if not as_json:
+        out_console.print(_table(report))
+    if not report.ok:
+        raise typer.Exit(int(ExitCode.FAILED))
+
+
+@app.command(help="Verify the store and repair it from the sources, in order.\n\n" + _SYNC_EXIT)
+def sync(
+    manifest: ManifestOpt = None,
+    root: RootOpt = None,
+    source: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--source",
+            "-s",
+            help="A folder, file:// or http(s):// URL; repeat for fallbacks. "
+            "Default: storage.sources.",
+        ),
+    ] = None,
+    as_json: JsonOpt = False,
+    no_wait: Annotated[
+        bool, typer.Option("--no-wait", help="Fail (exit 7) if another sync holds the store.")
+    ] = False,
+) -> None:
+    loaded, store = _resolve(manifest, root)
+    specs = source if source else state().settings.storage.sources
+    sources = [source_from_string(s) for s in specs]
+
+    async def go() -> VerifyReport | None:
+        async with StorageManager(store, loaded, sources) as manager:
+            await _run(manager.initialize_and_verify(wait=not no_wait), _Renderer(as_json))
+            return manager.report
+
+    try:
+        report = asyncio.run(go())
+    except StoreBusyError as exc:
+        err_console.print(f"[bold red]busy:[/] {exc}", highlight=False)
+        raise typer.Exit(int(ExitCode.BUSY)) from None
+    if report is not None and not as_json:
+        out_console.print(_table(report))
+
+
+@manifest_app.command("build")
+def build(  # noqa: PLR0917 - Typer maps each parameter to an option
+    folder: Annotated[Path, typer.Argument(help="Folder whose files the manifest lists.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Manifest file to write.")],
+    chunk_size: Annotated[
+        int, typer.Option(help="Chunk size in bytes (default 4 MiB; see docs/manifest.md).")
+    ] = DEFAULT_CHUNK_SIZE,
+    name: Annotated[str | None, typer.Option(help="Name. Default: the folder's name.")] = None,
+    version: Annotated[str, typer.Option(help="Release version, also given to files.")] = "1",
+    serial: Annotated[int, typer.Option(help="Release number; must grow every release.")] = 1,
+    optional: Annotated[
+        list[str] | None,
+        typer.Option(help="Glob of files that are optional (required: false); repeatable."),
+    ] = None,
+    expires_days: Annotated[
+        int | None, typer.Option(help="Set `expires` this many days from now.")
+    ] = None,
+) -> None:
+    """Hash every file of FOLDER (in parallel) into a manifest, written atomically.
+
+    Exit codes: 0 written · 10 a file name breaks a manifest rule (named).
+    """
+    now = datetime.now(UTC)
+    expires = now + timedelta(days=expires_days) if expires_days else None
+    result = asyncio.run(
+        build_manifest(
+            folder,
+            name=name or folder.resolve().name or "store",
+            version=version,
+            serial=serial,
+            chunk_size=chunk_size,
+            optional=optional or (),
+            created=now,
+            expires=expires,
+        )
+    )
+    atomic_write_bytes(output, dump_manifest(result))
+    err_console.print(
+        f"wrote {output}: {len(result.files)} files, {result.total_size} bytes", highlight=False
+    )

@@ -1,0 +1,317 @@
+"""StorageManager: verify a store, repair it from sources, boot offline.
+
+Every public operation is an async iterator of events (``kensho.events``), so the
+same run can drive progress bars, JSON logs or a server-sent event stream::
+
+    manager = StorageManager(root, manifest, [HttpSource(url)])
+    async for event in manager.initialize_and_verify():
+        render(event)
+    manager.report   # the final VerifyReport
+
+The iterator raises at the end when the operation fails: ``IntegrityError`` (required
+files cannot be made good, each listed with its reason), ``DiskSpaceError`` (checked
+before any byte is written), ``StoreBusyError`` (``wait=False`` and another process
+is repairing).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from pathlib import Path
+
+from kensho.errors import DiskSpaceError, IntegrityError, ManifestError
+from kensho.events import (
+    Event,
+    StorageLockWaiting,
+    StorageReady,
+    StorageRepairFailed,
+    StorageRepairStarted,
+)
+from kensho.storage._lock import StoreLock
+from kensho.storage._repair import FileRepairer, RepairOutcome, part_path
+from kensho.storage._verify import Emit, verify_store
+from kensho.storage.hashing import Hasher
+from kensho.storage.manifest import Manifest, dump_manifest, parse_manifest
+from kensho.storage.sources import Source
+from kensho.storage.state import StateStore, StatRecord
+from kensho.storage.status import FileReport, FileStatus, VerifyReport
+from kensho.telemetry import get_logger
+
+__all__ = ["DEFAULT_SPACE_MARGIN", "StorageManager"]
+
+#: Kept free on top of what a repair writes: file systems misbehave when full.
+DEFAULT_SPACE_MARGIN = 16 * 1024 * 1024
+_log = get_logger("storage")
+_DONE = object()
+
+
+def _free_bytes(path: Path) -> int:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+async def _stream(work: Callable[[Emit], Awaitable[object]]) -> AsyncIterator[Event]:
+    """Run ``work`` as a task and yield what it emits; re-raise what it raises."""
+    queue: asyncio.Queue[object] = asyncio.Queue()
+
+    async def runner() -> None:
+        try:
+            await work(queue.put_nowait)
+        finally:
+            queue.put_nowait(_DONE)
+
+    task = asyncio.create_task(runner())
+    try:
+        while (item := await queue.get()) is not _DONE:
+            assert isinstance(item, Event)
+            yield item
+        await task
+    finally:
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+class StorageManager:
+    """The integrity store of one root folder.
+
+    ``manifest`` may be ``None``: the last trusted manifest under ``.kensho/`` is
+    used (offline boot). ``sources`` are tried in order and closed by :meth:`aclose`.
+    ``disk_free`` (bytes free for a path) is injectable for tests.
+    """
+
+    def __init__(
+        self,
+        root: Path | str,
+        manifest: Manifest | None = None,
+        sources: Sequence[Source] = (),
+        *,
+        hasher: Hasher | None = None,
+        disk_free: Callable[[Path], int] = _free_bytes,
+        space_margin: int = DEFAULT_SPACE_MARGIN,
+        mismatch_retries: int = 3,
+        repair_concurrency: int = 2,
+    ) -> None:
+        self.root = Path(root)
+        self.sources = list(sources)
+        self.state = StateStore(self.root)
+        self.disk_free = disk_free
+        self.space_margin = space_margin
+        self.mismatch_retries = mismatch_retries
+        self.repair_concurrency = repair_concurrency
+        self.report: VerifyReport | None = None
+        self.offline = False
+        self._failures: dict[str, str] = {}
+        self._manifest = manifest
+        self._manifest_given = manifest is not None
+        self._own_hasher = hasher is None
+        self._hasher = hasher or Hasher()
+        self._lock = StoreLock(self.state.dir / "lock")
+
+    async def __aenter__(self) -> StorageManager:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close sources, the state database and the hash pool."""
+        for source in self.sources:
+            await source.aclose()
+        self.state.close()
+        if self._own_hasher:
+            await asyncio.to_thread(self._hasher.close)
+
+    async def manifest(self) -> Manifest:
+        """The manifest in use: the given one, else the last trusted one."""
+        if self._manifest is None:
+            data = await asyncio.to_thread(self.state.load_trusted_manifest)
+            if data is None:
+                raise ManifestError(
+                    f"no manifest given and none trusted yet under {self.state.dir}; "
+                    "pass --manifest (or set storage.manifest) for the first sync"
+                )
+            self._manifest = parse_manifest(data)
+        return self._manifest
+
+    # --- public operations ----------------------------------------------------------
+
+    def verify(self, *, full: bool = False) -> AsyncIterator[Event]:
+        """Check every file; ``full`` re-hashes even files whose stat record is fresh."""
+        return _stream(lambda emit: self._verify(emit, full=full))
+
+    def repair(self, *, wait: bool = True) -> AsyncIterator[Event]:
+        """Take the store lock, re-check, and fix every missing or corrupt file."""
+        return _stream(lambda emit: self._repair(emit, wait=wait))
+
+    def initialize_and_verify(
+        self, *, wait: bool = True, full: bool = False
+    ) -> AsyncIterator[Event]:
+        """The boot sequence: verify, repair if needed and possible, then report ready.
+
+        Raises ``IntegrityError`` at the end if a required file is still not good.
+        """
+        return _stream(lambda emit: self._initialize(emit, wait=wait, full=full))
+
+    # --- steps ----------------------------------------------------------------------
+
+    async def _verify(self, emit: Emit, *, full: bool) -> VerifyReport:
+        manifest = await self.manifest()
+        self.report = await verify_store(
+            self.root, manifest, self.state, self._hasher, emit, full=full
+        )
+        return self.report
+
+    async def _repair(self, emit: Emit, *, wait: bool) -> VerifyReport:
+        await asyncio.to_thread(self.state.dir.mkdir, parents=True, exist_ok=True)
+        if not await asyncio.to_thread(self._lock.try_acquire):
+            if not wait:
+                raise self._lock.busy_error(self.root)
+            emit(StorageLockWaiting(root=str(self.root), lock_path=str(self._lock.path)))
+            await self._lock.acquire()
+        try:
+            # Re-check under the lock: another process may have repaired meanwhile.
+            report = await self._verify(emit, full=False)
+            if report.to_repair:
+                report = await self._repair_files(emit, report)
+            await asyncio.to_thread(self._drop_stale_parts, await self.manifest())
+            self.report = report
+            return report
+        finally:
+            self._lock.release()
+
+    def _drop_stale_parts(self, manifest: Manifest) -> None:
+        """Delete partial files no entry of ``manifest`` can resume (under the lock).
+
+        Why: a file dropped from the manifest, or made good by another path, would
+        otherwise leave its partial data in ``.kensho/tmp`` forever.
+        """
+        keep = {part_path(self.state.tmp_dir, f).name for f in manifest.files}
+        try:
+            leftovers = [p for p in self.state.tmp_dir.glob("*.part") if p.name not in keep]
+        except OSError:
+            return
+        for path in leftovers:
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+    async def _initialize(self, emit: Emit, *, wait: bool, full: bool) -> None:
+        report = await self._verify(emit, full=full)
+        self.offline = not self.sources
+        if report.to_repair and self.sources:
+            report = await self._repair(emit, wait=wait)
+        problems = {f.path: self._why(f) for f in report.files if f.required and f.needs_repair}
+        if problems:
+            listing = "; ".join(f"{p} ({why})" for p, why in problems.items())
+            raise IntegrityError(
+                f"{len(problems)} required file(s) in {self.root} could not be made good: "
+                f"{listing}. Check the sources (--source) and run `kensho sync` again",
+                problems=problems,
+            )
+        degraded = tuple(f.path for f in report.files if not f.required and f.needs_repair)
+        if self._manifest_given:
+            manifest = await self.manifest()
+            data = dump_manifest(manifest)
+            if await asyncio.to_thread(self.state.load_trusted_manifest) != data:
+                await asyncio.to_thread(self.state.save_trusted_manifest, data)
+        ready = StorageReady(
+            state="degraded" if degraded else "ok", offline=self.offline, degraded=degraded
+        )
+        _log.info("store ready", state=ready.state, offline=ready.offline, degraded=degraded)
+        emit(ready)
+
+    def _why(self, report: FileReport) -> str:
+        reason = self._failures.get(report.path)
+        if reason:
+            return f"{report.status.value}: {reason}"
+        if not self.sources and report.status != FileStatus.UNSAFE:
+            return f"{report.status.value}; no source to repair it from"
+        return report.status.value + (f": {report.detail}" if report.detail else "")
+
+    async def _precheck_space(self, manifest: Manifest, bad: Sequence[FileReport]) -> int:
+        """Bytes still to write; raise ``DiskSpaceError`` before writing any of them."""
+
+        def partial(path: str) -> int:
+            entry = manifest.file(path)
+            assert entry is not None
+            try:
+                st = part_path(self.state.tmp_dir, entry).stat()
+            except OSError:
+                return 0
+            return min(entry.size, st.st_blocks * 512)
+
+        needed = 0
+        for f in bad:
+            entry = manifest.file(f.path)
+            if entry is not None and f.status != FileStatus.UNSAFE:
+                needed += entry.size - await asyncio.to_thread(partial, f.path)
+        free = await asyncio.to_thread(self.disk_free, self.state.tmp_dir)
+        if needed + self.space_margin > free:
+            raise DiskSpaceError(
+                f"repairing {len(bad)} file(s) in {self.root} needs {needed} bytes plus a "
+                f"{self.space_margin}-byte margin, but only {free} bytes are free there; "
+                "free some space (or move the store) and run the sync again",
+                needed=needed + self.space_margin,
+                free=free,
+            )
+        return needed
+
+    async def _repair_files(self, emit: Emit, report: VerifyReport) -> VerifyReport:
+        manifest = await self.manifest()
+        bad = report.to_repair
+        needed = await self._precheck_space(manifest, bad)
+        free = await asyncio.to_thread(self.disk_free, self.state.tmp_dir)
+        emit(StorageRepairStarted(files=len(bad), bytes_needed=needed, bytes_free=free))
+        repairer = FileRepairer(
+            root=self.root,
+            tmp_dir=self.state.tmp_dir,
+            sources=self.sources,
+            hasher=self._hasher,
+            emit=emit,
+            mismatch_retries=self.mismatch_retries,
+            free_space=self.disk_free,
+        )
+        gate = asyncio.Semaphore(self.repair_concurrency)
+        outcomes: dict[str, RepairOutcome] = {}
+
+        async def one(file_report: FileReport) -> None:
+            entry = manifest.file(file_report.path)
+            assert entry is not None
+            async with gate:
+                outcomes[entry.path] = await repairer.repair(entry, file_report)
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                for file_report in bad:
+                    group.create_task(one(file_report))
+        except ExceptionGroup as errors:
+            # One failure (ENOSPC) cancels the other files; report it, not the group.
+            first = errors.exceptions[0]
+            raise first from first.__cause__
+        good: list[tuple[str, str, StatRecord]] = []
+        self._failures = {}
+        for path, outcome in outcomes.items():
+            entry = manifest.file(path)
+            assert entry is not None
+            if outcome.ok and outcome.record is not None:
+                good.append((path, entry.sha256, outcome.record))
+            else:
+                self._failures[path] = outcome.reason
+                emit(StorageRepairFailed(path=path, required=entry.required, reason=outcome.reason))
+                _log.warning("repair failed", path=path, reason=outcome.reason)
+        await asyncio.to_thread(self.state.put, good)
+        failed = [o for o in outcomes.values() if not o.ok]
+        self.offline = bool(failed) and all(o.unreachable for o in failed)
+        repaired = {p for p, _, _ in good}
+        files = tuple(
+            FileReport(f.path, FileStatus.OK, f.required, f.expected_size, f.expected_size)
+            if f.path in repaired
+            else f
+            for f in report.files
+        )
+        return VerifyReport(files, report.bytes_hashed, report.seconds)

@@ -1,0 +1,527 @@
+"""Manifest schema v1: strict validation and canonical bytes.
+
+A manifest is an envelope ``{"signed": {...}, "signatures": [...]}``. Everything that
+matters lives in ``signed``; ``signatures`` sign :func:`canonical_bytes` of it (the
+signing itself comes with delta updates). The full schema is in ``docs/manifest.md``.
+
+Why so strict: a manifest tells Kensho where to write on the user's disk, so it is
+hostile input until proven otherwise. Every rule below fails with a
+:class:`ManifestError` whose ``field`` names the culprit (``files[3].path``), and
+nothing is written before the whole document validated. Unknown keys are errors too:
+a typo (``requierd``) must never silently turn a required file into an optional one;
+new fields come with a new ``schema`` number.
+
+Why canonical bytes come from the *received* ``signed`` object rather than from our
+parsed dataclasses: a signature must cover exactly what the publisher signed. If we
+re-serialised our own view (with defaults filled in), any field we do not model would
+change the bytes. Floats are forbidden anywhere in ``signed`` for the same reason:
+their text form is not canonical across languages.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import unicodedata
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from kensho.errors import ManifestError
+
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "MAX_CHUNKS_PER_FILE",
+    "MAX_FILES",
+    "MAX_FILE_SIZE",
+    "MAX_MANIFEST_BYTES",
+    "RESERVED_DIR",
+    "SCHEMA_VERSION",
+    "Chunk",
+    "FileEntry",
+    "Manifest",
+    "Signature",
+    "canonical_bytes",
+    "dump_manifest",
+    "load_manifest",
+    "parse_manifest",
+]
+
+SCHEMA_VERSION = 1
+#: 4 MiB: the measured knee of parallel SHA-256 throughput (docs/manifest.md).
+DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024
+MAX_FILE_SIZE = 1 << 40  # 1 TiB: larger than any model file, small enough to be sane
+MAX_FILES = 100_000
+MAX_CHUNKS_PER_FILE = 1 << 20
+MAX_MANIFEST_BYTES = 64 * 1024 * 1024
+MAX_PATH_BYTES = 4096
+MAX_SEGMENT_BYTES = 255
+MAX_TEXT = 64 * 1024
+#: Kensho's own folder under the root; no manifest path may point into it.
+RESERVED_DIR = ".kensho"
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_DRIVE = re.compile(r"[A-Za-z]:")
+_TIMESTAMP = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?Z")
+
+
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """A byte range of a file and the SHA-256 of those bytes."""
+
+    offset: int
+    size: int
+    sha256: str
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.size
+
+
+@dataclass(frozen=True, slots=True)
+class FileEntry:
+    """One file the application needs. ``chunks`` tile ``[0, size)`` exactly."""
+
+    path: str
+    size: int
+    sha256: str
+    version: str
+    changelog: str
+    required: bool
+    chunks: tuple[Chunk, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Signature:
+    """One signature over :func:`canonical_bytes` of ``signed`` (checked in issue 4)."""
+
+    keyid: str
+    sig: str
+
+
+@dataclass(frozen=True, slots=True)
+class Manifest:
+    """A validated manifest. ``raw_signed`` is the ``signed`` object as received."""
+
+    schema: int
+    name: str
+    version: str
+    serial: int
+    created: str
+    expires: str | None
+    min_client_version: str | None
+    files: tuple[FileEntry, ...]
+    signatures: tuple[Signature, ...] = ()
+    raw_signed: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def canonical_bytes(self) -> bytes:
+        """The bytes a signature covers (see :func:`canonical_bytes`)."""
+        return canonical_bytes(self.raw_signed)
+
+    def file(self, path: str) -> FileEntry | None:
+        """The entry for ``path``, or ``None``."""
+        for entry in self.files:
+            if entry.path == path:
+                return entry
+        return None
+
+    @property
+    def total_size(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+def canonical_bytes(signed: Mapping[str, Any]) -> bytes:
+    """Canonical JSON: sorted keys, no whitespace, UTF-8, no ASCII escaping.
+
+    Deterministic because ``signed`` holds only objects, arrays, strings, integers,
+    booleans and null (floats are rejected by validation), and keys are sorted by
+    code point. Control characters in strings are escaped as ``\\u00XX``.
+    """
+    return json.dumps(
+        signed, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    ).encode("utf-8")
+
+
+def dump_manifest(manifest: Manifest) -> bytes:
+    """The manifest envelope as pretty JSON (2-space indent, sorted keys, newline)."""
+    doc = {
+        "signed": manifest.raw_signed,
+        "signatures": [{"keyid": s.keyid, "sig": s.sig} for s in manifest.signatures],
+    }
+    return (json.dumps(doc, sort_keys=True, indent=2, ensure_ascii=False) + "\n").encode()
+
+
+def load_manifest(path: Path) -> Manifest:
+    """Read and validate the manifest at ``path``."""
+    try:
+        with path.open("rb") as fh:
+            data = fh.read(MAX_MANIFEST_BYTES + 1)
+    except FileNotFoundError:
+        raise ManifestError(
+            f"manifest file {path} does not exist; pass --manifest or set storage.manifest"
+        ) from None
+    except OSError as exc:
+        raise ManifestError(f"manifest file {path} cannot be read: {exc.strerror}") from exc
+    try:
+        return parse_manifest(data)
+    except ManifestError as exc:
+        error = ManifestError(f"manifest {path}: {exc}")
+        error.field = exc.field
+        raise error from None
+
+
+# --- parsing ---------------------------------------------------------------------------
+
+
+def _reject_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            # Two values for one key: which one a signer saw is ambiguous.
+            raise ManifestError(f"duplicate key {key!r} in a JSON object")
+        result[key] = value
+    return result
+
+
+def _reject_constant(name: str) -> Any:
+    raise ManifestError(f"{name} is not valid JSON")
+
+
+def _decode(data: bytes | str) -> Any:
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise ManifestError(f"the manifest is larger than {MAX_MANIFEST_BYTES} bytes")
+    try:
+        text = data.decode("utf-8") if isinstance(data, bytes) else data
+        return json.loads(
+            text, object_pairs_hook=_reject_duplicate_keys, parse_constant=_reject_constant
+        )
+    except ManifestError:
+        raise
+    except RecursionError:
+        raise ManifestError("the manifest is nested too deeply to be a manifest") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, huge integers
+        raise ManifestError(f"the manifest is not valid UTF-8 JSON: {exc}") from None
+
+
+def parse_manifest(data: bytes | str | Mapping[str, Any]) -> Manifest:
+    """Validate a manifest given as JSON text or an already-decoded mapping.
+
+    Raises :class:`ManifestError` naming the first offending field; never anything else.
+    """
+    doc = _decode(data) if isinstance(data, bytes | str) else data
+    try:
+        return _Validator().manifest(doc)
+    except RecursionError:
+        raise ManifestError("the manifest is nested too deeply to be a manifest") from None
+
+
+class _Validator:
+    """Walks a decoded document; each method validates one level and names fields."""
+
+    def manifest(self, doc: object) -> Manifest:
+        obj = self._object(doc, "", required={"signed", "signatures"}, optional=set())
+        signed = self._object(
+            obj["signed"],
+            "signed",
+            required={"schema", "name", "version", "serial", "created", "files"},
+            optional={"expires", "min_client_version"},
+        )
+        self._no_floats(signed, "signed")
+        schema = self._int(signed["schema"], "signed.schema", 0, 1 << 31)
+        if schema != SCHEMA_VERSION:
+            raise ManifestError(
+                f"unsupported schema {schema}; this Kensho reads schema {SCHEMA_VERSION} "
+                "(upgrade Kensho to read newer manifests)",
+                field="signed.schema",
+            )
+        name = self._text(signed["name"], "signed.name", 1, 256)
+        version = self._text(signed["version"], "signed.version", 1, 128)
+        serial = self._int(signed["serial"], "signed.serial", 0, (1 << 63) - 1)
+        created = self._timestamp(signed["created"], "signed.created")
+        expires = None
+        if signed.get("expires") is not None:
+            expires = self._timestamp(signed["expires"], "signed.expires")
+            if _parse_ts(expires) <= _parse_ts(created):
+                raise ManifestError("must be later than signed.created", field="signed.expires")
+        mcv = None
+        if signed.get("min_client_version") is not None:
+            mcv = self._text(signed["min_client_version"], "signed.min_client_version", 1, 128)
+        files = self._files(signed["files"], version)
+        signatures = self._signatures(obj["signatures"])
+        return Manifest(
+            schema=schema,
+            name=name,
+            version=version,
+            serial=serial,
+            created=created,
+            expires=expires,
+            min_client_version=mcv,
+            files=files,
+            signatures=signatures,
+            raw_signed=signed,
+        )
+
+    # -- files -------------------------------------------------------------------------
+
+    def _files(self, value: object, default_version: str) -> tuple[FileEntry, ...]:
+        if not isinstance(value, list):
+            raise ManifestError(f"must be a list, got {_kind(value)}", field="signed.files")
+        if len(value) > MAX_FILES:
+            raise ManifestError(f"more than {MAX_FILES} files", field="signed.files")
+        entries: list[FileEntry] = []
+        seen: dict[str, int] = {}
+        folded: dict[str, int] = {}
+        for i, item in enumerate(value):
+            where = f"files[{i}]"
+            entry = self._file(item, where, default_version)
+            if entry.path in seen:
+                raise ManifestError(
+                    f"duplicate path {entry.path!r} (also files[{seen[entry.path]}])",
+                    field=f"{where}.path",
+                )
+            key = entry.path.casefold()
+            if key in folded:
+                raise ManifestError(
+                    f"{entry.path!r} differs only by case from files[{folded[key]}]; "
+                    "they would collide on case-insensitive file systems",
+                    field=f"{where}.path",
+                )
+            seen[entry.path] = i
+            folded[key] = i
+            entries.append(entry)
+        # A path that is also a folder of another path cannot exist on any file system.
+        for i, entry in enumerate(entries):
+            parts = entry.path.split("/")
+            for depth in range(1, len(parts)):
+                prefix = "/".join(parts[:depth])
+                if prefix in seen:
+                    raise ManifestError(
+                        f"{entry.path!r} needs {prefix!r} to be a folder, but "
+                        f"files[{seen[prefix]}] declares it as a file",
+                        field=f"files[{i}].path",
+                    )
+        return tuple(entries)
+
+    def _file(self, value: object, where: str, default_version: str) -> FileEntry:
+        obj = self._object(
+            value,
+            where,
+            required={"path", "size", "sha256"},
+            optional={"version", "changelog", "required", "chunks"},
+        )
+        path = self._path(obj["path"], f"{where}.path")
+        size = self._int(obj["size"], f"{where}.size", 0, MAX_FILE_SIZE)
+        sha = self._hex(obj["sha256"], f"{where}.sha256")
+        version = default_version
+        if "version" in obj:
+            version = self._text(obj["version"], f"{where}.version", 1, 128)
+        changelog = ""
+        if "changelog" in obj:
+            changelog = self._text(obj["changelog"], f"{where}.changelog", 0, MAX_TEXT)
+        required = True
+        if "required" in obj:
+            if not isinstance(obj["required"], bool):
+                raise ManifestError(
+                    f"must be true or false, got {_kind(obj['required'])}",
+                    field=f"{where}.required",
+                )
+            required = obj["required"]
+        if "chunks" in obj:
+            chunks = self._chunks(obj["chunks"], where, size, sha)
+        else:
+            chunks = (Chunk(0, size, sha),)
+        return FileEntry(path, size, sha, version, changelog, required, chunks)
+
+    def _chunks(self, value: object, where: str, size: int, sha: str) -> tuple[Chunk, ...]:
+        if not isinstance(value, list):
+            raise ManifestError(f"must be a list, got {_kind(value)}", field=f"{where}.chunks")
+        if len(value) > MAX_CHUNKS_PER_FILE:
+            raise ManifestError(f"more than {MAX_CHUNKS_PER_FILE} chunks", field=f"{where}.chunks")
+        chunks: list[Chunk] = []
+        expected = 0
+        for j, item in enumerate(value):
+            cw = f"{where}.chunks[{j}]"
+            obj = self._object(item, cw, required={"offset", "size", "sha256"}, optional=set())
+            offset = self._int(obj["offset"], f"{cw}.offset", 0, MAX_FILE_SIZE)
+            csize = self._int(obj["size"], f"{cw}.size", 1, MAX_FILE_SIZE)
+            if offset != expected:
+                raise ManifestError(
+                    f"chunks must tile the file in order without gaps or overlaps: "
+                    f"expected offset {expected}, got {offset}",
+                    field=f"{cw}.offset",
+                )
+            if offset + csize > size:
+                raise ManifestError(
+                    f"chunk ends at byte {offset + csize}, past the file size {size}",
+                    field=f"{cw}.size",
+                )
+            chunks.append(Chunk(offset, csize, self._hex(obj["sha256"], f"{cw}.sha256")))
+            expected = offset + csize
+        if expected != size:
+            raise ManifestError(
+                f"chunks cover {expected} bytes but the file has {size}; they must tile it exactly",
+                field=f"{where}.chunks",
+            )
+        if len(chunks) == 1 and chunks[0].sha256 != sha:
+            raise ManifestError(
+                "a single chunk covers the whole file, so its sha256 must equal the file's",
+                field=f"{where}.chunks[0].sha256",
+            )
+        return tuple(chunks)
+
+    # -- scalars -----------------------------------------------------------------------
+
+    @staticmethod
+    def _object(
+        value: object, where: str, *, required: set[str], optional: set[str]
+    ) -> dict[str, Any]:
+        label = where or "manifest"
+        if not isinstance(value, dict):
+            raise ManifestError(f"must be an object, got {_kind(value)}", field=label)
+        for key in value:
+            if key not in required and key not in optional:
+                raise ManifestError(
+                    f"unknown key {key!r} (allowed: {', '.join(sorted(required | optional))})",
+                    field=label,
+                )
+        for key in sorted(required):
+            if key not in value:
+                raise ManifestError(f"missing required key {key!r}", field=label)
+        return value
+
+    @staticmethod
+    def _int(value: object, where: str, low: int, high: int) -> int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ManifestError(f"must be an integer, got {_kind(value)}", field=where)
+        if not low <= value <= high:
+            raise ManifestError(f"must be between {low} and {high}, got {value}", field=where)
+        return value
+
+    @staticmethod
+    def _text(value: object, where: str, low: int, high: int) -> str:
+        if not isinstance(value, str):
+            raise ManifestError(f"must be a string, got {_kind(value)}", field=where)
+        if not low <= len(value) <= high:
+            raise ManifestError(f"must be {low} to {high} characters long", field=where)
+        if "\x00" in value:
+            raise ManifestError("must not contain NUL", field=where)
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ManifestError("must be valid Unicode (no lone surrogates)", field=where) from None
+        return value
+
+    @staticmethod
+    def _hex(value: object, where: str) -> str:
+        if not isinstance(value, str) or not _HEX64.fullmatch(value):
+            shown = value if isinstance(value, str) else _kind(value)
+            raise ManifestError(
+                f"must be 64 lower-case hex digits (a SHA-256), got {str(shown)[:80]!r}",
+                field=where,
+            )
+        return value
+
+    def _timestamp(self, value: object, where: str) -> str:
+        text = self._text(value, where, 1, 64)
+        if not _TIMESTAMP.fullmatch(text):
+            raise ManifestError(
+                f"must be an RFC 3339 UTC time like 2026-11-25T10:00:00Z, got {text!r}",
+                field=where,
+            )
+        try:
+            _parse_ts(text)
+        except ValueError:
+            raise ManifestError(f"is not a real date and time: {text!r}", field=where) from None
+        return text
+
+    def _path(self, value: object, where: str) -> str:
+        path = self._text(value, where, 1, MAX_PATH_BYTES)
+        problem = _path_problem(path)
+        if problem:
+            raise ManifestError(f"{problem}, got {path[:200]!r}", field=where)
+        return path
+
+    def _signatures(self, value: object) -> tuple[Signature, ...]:
+        if not isinstance(value, list):
+            raise ManifestError(f"must be a list, got {_kind(value)}", field="signatures")
+        if len(value) > 256:
+            raise ManifestError("more than 256 signatures", field="signatures")
+        sigs: list[Signature] = []
+        for i, item in enumerate(value):
+            where = f"signatures[{i}]"
+            obj = self._object(item, where, required={"keyid", "sig"}, optional=set())
+            keyid = self._text(obj["keyid"], f"{where}.keyid", 1, 256)
+            sig = self._text(obj["sig"], f"{where}.sig", 1, 4096)
+            sigs.append(Signature(keyid, sig))
+        return tuple(sigs)
+
+    def _no_floats(self, value: object, where: str) -> None:
+        if isinstance(value, float):
+            raise ManifestError("floats are not allowed in signed data", field=where)
+        if isinstance(value, dict):
+            for key, item in value.items():
+                self._no_floats(item, f"{where}.{key}")
+        elif isinstance(value, list):
+            for i, item in enumerate(value):
+                self._no_floats(item, f"{where}[{i}]")
+
+
+def _segment_problem(seg: str) -> str | None:
+    if seg == "":
+        return "must not contain empty segments ('//' or a trailing '/')"
+    if seg in {".", ".."}:
+        return "must not contain '.' or '..' segments"
+    if len(seg.encode("utf-8")) > MAX_SEGMENT_BYTES:
+        return f"each segment must be at most {MAX_SEGMENT_BYTES} bytes"
+    return None
+
+
+#: Whole-path rules, in the order they are checked: (is broken, what the rule says).
+_PATH_RULES: tuple[tuple[Callable[[str], bool], str], ...] = (
+    (lambda p: len(p.encode("utf-8")) > MAX_PATH_BYTES, f"must be at most {MAX_PATH_BYTES} bytes"),
+    (lambda p: p.startswith("/"), "must be relative to the store root, not absolute"),
+    (lambda p: "\\" in p, "must use '/' as separator; backslashes are not allowed"),
+    (
+        lambda p: any(ord(c) < 32 or ord(c) == 127 for c in p),
+        "must not contain NUL or control characters",
+    ),
+    (lambda p: _DRIVE.match(p) is not None, "must not start with a drive letter"),
+    (
+        lambda p: not unicodedata.is_normalized("NFC", p),
+        "must be in Unicode NFC form (macOS and Linux would disagree otherwise)",
+    ),
+)
+
+
+def _path_problem(path: str) -> str | None:
+    """Why ``path`` is not a safe relative POSIX path inside the root, or ``None``."""
+    for broken, rule in _PATH_RULES:
+        if broken(path):
+            return rule
+    segments = path.split("/")
+    for seg in segments:
+        problem = _segment_problem(seg)
+        if problem:
+            return problem
+    if segments[0].casefold() == RESERVED_DIR:
+        return f"must not point into {RESERVED_DIR}/, Kensho's own state folder"
+    return None
+
+
+def _parse_ts(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def _kind(value: object) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", bool: "a boolean"}
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number with a fraction"
+    return names.get(type(value), type(value).__name__)
