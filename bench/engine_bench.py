@@ -26,7 +26,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _table import machine_line, markdown_table
-
 from kensho.demo import DEMO_MODEL_DIR
 from kensho.runtime.engines.base import GenerationRequest
 from kensho.runtime.engines.torch_engine import TorchEngine
