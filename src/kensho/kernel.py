@@ -51,6 +51,7 @@ from kensho.storage import (
     load_manifest,
     source_from_string,
 )
+from kensho.storage.signing import TrustedKeys
 from kensho.telemetry import get_logger, log_service
 
 __all__ = ["Kernel"]
@@ -150,7 +151,8 @@ class Kernel:
         else:
             root = model.dir or storage.root
             manifest = load_manifest(storage.manifest) if storage.manifest else None
-        return StorageManager(root, manifest, sources)
+        trust = TrustedKeys.from_hex(self.settings.trust.keys, self.settings.trust.threshold)
+        return StorageManager(root, manifest, sources, trust=trust)
 
     def _make_engines(self) -> tuple[Engine, Engine]:
         model = self.settings.model

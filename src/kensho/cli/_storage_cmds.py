@@ -48,6 +48,7 @@ from kensho.storage import (
     source_from_string,
 )
 from kensho.storage._fs import atomic_write_bytes
+from kensho.storage.signing import TrustedKeys
 
 __all__ = ["manifest_app"]
 
@@ -162,6 +163,12 @@ async def _run(events: AsyncIterator[Event], renderer: _Renderer) -> None:
             renderer.handle(event)
 
 
+def _trust() -> TrustedKeys:
+    """The trusted signing keys from the ``[trust]`` settings (none: unsigned accepted)."""
+    trust = state().settings.trust
+    return TrustedKeys.from_hex(trust.keys, trust.threshold)
+
+
 def _resolve(manifest: Path | None, root: Path | None) -> tuple[Manifest | None, Path]:
     settings = state().settings.storage
     path = manifest or settings.manifest
@@ -180,7 +187,7 @@ def verify(
     loaded, store = _resolve(manifest, root)
 
     async def go() -> VerifyReport:
-        async with StorageManager(store, loaded) as manager:
+        async with StorageManager(store, loaded, trust=_trust()) as manager:
             await _run(manager.verify(full=full), _Renderer(as_json))
             assert manager.report is not None
             return manager.report
@@ -215,7 +222,7 @@ def sync(
     sources = [source_from_string(s) for s in specs]
 
     async def go() -> VerifyReport | None:
-        async with StorageManager(store, loaded, sources) as manager:
+        async with StorageManager(store, loaded, sources, trust=_trust()) as manager:
             await _run(manager.initialize_and_verify(wait=not no_wait), _Renderer(as_json))
             return manager.report
 

@@ -243,6 +243,11 @@ class FileRepairer:
     free_space: Callable[[Path], int] = field(
         default=lambda p: shutil.disk_usage(p).free, repr=False
     )
+    #: Sources that sent bytes contradicting the manifest ``mismatch_retries`` times:
+    #: skipped for every later file of this run (a lying mirror is not asked again).
+    distrusted: set[str] = field(default_factory=set)
+    #: Chunks rejected per source during this run.
+    rejected: dict[str, int] = field(default_factory=dict)
 
     async def repair(self, entry: FileEntry, report: FileReport) -> RepairOutcome:
         """Make ``entry`` good at its final path, or say why it could not be."""
@@ -332,6 +337,9 @@ class FileRepairer:
         unreachable = True
         for n, source in enumerate(self.sources):
             nxt = self.sources[n + 1].name if n + 1 < len(self.sources) else None
+            if source.name in self.distrusted:
+                errors.append(f"{source.name}: skipped, it sent wrong bytes earlier in this run")
+                continue
 
             def on_chunk(index: int, chunk: Chunk, src: Source = source) -> None:
                 done.add(index)
@@ -385,6 +393,7 @@ class FileRepairer:
                         raise DownloadError("the source delivered fewer bytes than asked for")
             except _ChunkMismatch as exc:
                 mismatches += 1
+                self.rejected[source.name] = self.rejected.get(source.name, 0) + 1
                 self.emit(
                     StorageChunkRejected(
                         path=entry.path, source=source.name, chunk=exc.index, attempt=mismatches
@@ -392,6 +401,12 @@ class FileRepairer:
                 )
                 _log.warning("chunk rejected", path=entry.path, source=source.name, chunk=exc.index)
                 if mismatches >= self.mismatch_retries:
+                    self.distrusted.add(source.name)
+                    _log.warning(
+                        "source distrusted for the rest of the run",
+                        source=source.name,
+                        rejected_chunks=self.rejected[source.name],
+                    )
                     return DownloadError(
                         f"sent wrong bytes for chunk {exc.index} {mismatches} times"
                     )

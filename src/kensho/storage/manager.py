@@ -20,9 +20,10 @@ import asyncio
 import contextlib
 import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 
-from kensho.errors import DiskSpaceError, IntegrityError, ManifestError
+from kensho.errors import DiskSpaceError, IntegrityError, ManifestError, SignatureError
 from kensho.events import (
     Event,
     StorageLockWaiting,
@@ -35,6 +36,13 @@ from kensho.storage._repair import FileRepairer, RepairOutcome, part_path
 from kensho.storage._verify import Emit, verify_store
 from kensho.storage.hashing import Hasher
 from kensho.storage.manifest import Manifest, dump_manifest, parse_manifest
+from kensho.storage.signing import (
+    TrustedKeys,
+    check_expiry,
+    check_rollback,
+    manifest_digest,
+    verify_signatures,
+)
 from kensho.storage.sources import Source
 from kensho.storage.state import StateStore, StatRecord
 from kensho.storage.status import FileReport, FileStatus, VerifyReport
@@ -46,6 +54,20 @@ __all__ = ["DEFAULT_SPACE_MARGIN", "StorageManager"]
 DEFAULT_SPACE_MARGIN = 16 * 1024 * 1024
 _log = get_logger("storage")
 _DONE = object()
+
+
+_warned_unsigned = False
+
+
+def _warn_unsigned_once() -> None:
+    """Unsigned manifests are accepted when no key is configured: say so once per boot."""
+    global _warned_unsigned  # noqa: PLW0603 - once per process, by design
+    if not _warned_unsigned:
+        _warned_unsigned = True
+        _log.warning(
+            "manifest signatures are not checked: no trusted keys are configured "
+            "(add [trust] keys to require signed manifests)"
+        )
 
 
 def _free_bytes(path: Path) -> int:
@@ -96,8 +118,14 @@ class StorageManager:
         space_margin: int = DEFAULT_SPACE_MARGIN,
         mismatch_retries: int = 3,
         repair_concurrency: int = 2,
+        trust: TrustedKeys | None = None,
+        now: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.root = Path(root)
+        self.trust = trust or TrustedKeys({})
+        self.now = now
+        self._trust_checked = False
+        self._expired: SignatureError | None = None
         self.sources = list(sources)
         self.state = StateStore(self.root)
         self.disk_free = disk_free
@@ -128,7 +156,12 @@ class StorageManager:
             await asyncio.to_thread(self._hasher.close)
 
     async def manifest(self) -> Manifest:
-        """The manifest in use: the given one, else the last trusted one."""
+        """The manifest in use: the given one, else the last trusted one.
+
+        The first call checks trust (see :mod:`kensho.storage.signing`): signatures
+        when keys are configured, no rollback below the last trusted serial, and
+        expiry, which forbids fetching but not verifying (offline boot goes on).
+        """
         if self._manifest is None:
             data = await asyncio.to_thread(self.state.load_trusted_manifest)
             if data is None:
@@ -137,7 +170,40 @@ class StorageManager:
                     "pass --manifest (or set storage.manifest) for the first sync"
                 )
             self._manifest = parse_manifest(data)
+        if not self._trust_checked:
+            await self._check_trust(self._manifest)
+            self._trust_checked = True
         return self._manifest
+
+    async def _check_trust(self, manifest: Manifest) -> None:
+        if self.trust.enabled:
+            signers = verify_signatures(manifest, self.trust)
+            _log.info("manifest signature verified", serial=manifest.serial, signers=len(signers))
+        else:
+            _warn_unsigned_once()
+        if self._manifest_given:
+            data = await asyncio.to_thread(self.state.load_trusted_manifest)
+            if data is not None:
+                try:
+                    trusted: Manifest | None = parse_manifest(data)
+                except ManifestError:  # a damaged record must not block a good manifest
+                    trusted = None
+                if trusted is not None:
+                    check_rollback(manifest, trusted.serial, manifest_digest(trusted))
+        try:
+            check_expiry(manifest, self.now())
+        except SignatureError as exc:
+            self._expired = exc
+            _log.warning(
+                "manifest expired: files verified under it keep working offline, but it "
+                "is not used to fetch anything",
+                serial=manifest.serial,
+                expires=manifest.expires,
+            )
+
+    def _refuse_if_expired(self) -> None:
+        if self._expired is not None:
+            raise self._expired
 
     # --- public operations ----------------------------------------------------------
 
@@ -168,6 +234,8 @@ class StorageManager:
         return self.report
 
     async def _repair(self, emit: Emit, *, wait: bool) -> VerifyReport:
+        await self.manifest()
+        self._refuse_if_expired()
         await asyncio.to_thread(self.state.dir.mkdir, parents=True, exist_ok=True)
         if not await asyncio.to_thread(self._lock.try_acquire):
             if not wait:
@@ -214,7 +282,7 @@ class StorageManager:
                 problems=problems,
             )
         degraded = tuple(f.path for f in report.files if not f.required and f.needs_repair)
-        if self._manifest_given:
+        if self._manifest_given and self._expired is None:
             manifest = await self.manifest()
             data = dump_manifest(manifest)
             if await asyncio.to_thread(self.state.load_trusted_manifest) != data:
