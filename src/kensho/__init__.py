@@ -26,6 +26,7 @@ from kensho.errors import (
     QueueFullError,
     SignatureError,
     SourceError,
+    StoreBusyError,
     TaskTimeoutError,
 )
 from kensho.telemetry import configure_logging, get_logger
@@ -50,6 +51,7 @@ __all__ = [
     "Settings",
     "SignatureError",
     "SourceError",
+    "StoreBusyError",
     "TaskTimeoutError",
     "__version__",
     "configure_logging",

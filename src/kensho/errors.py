@@ -15,6 +15,7 @@ Messages say what happened, to which file or task, and what the user can do.
     ├── SignatureError         manifest signature, rollback or expiry check failed
     ├── IntegrityError         required files could not be made good (lists them)
     ├── DiskSpaceError         not enough free space for a repair or update
+    ├── StoreBusyError         another process holds the store lock (``--no-wait``)
     ├── SourceError            a source could not deliver (folder, HTTP server)
     │   └── DownloadError      a download failed or delivered the wrong bytes
     ├── EngineError            an inference engine failed
@@ -26,6 +27,8 @@ Messages say what happened, to which file or task, and what the user can do.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 __all__ = [
     "CircuitOpenError",
@@ -41,6 +44,7 @@ __all__ = [
     "QueueFullError",
     "SignatureError",
     "SourceError",
+    "StoreBusyError",
     "TaskTimeoutError",
 ]
 
@@ -91,6 +95,14 @@ class DiskSpaceError(KenshoError):
         super().__init__(message)
         self.needed = needed
         self.free = free
+
+
+class StoreBusyError(KenshoError):
+    """Another process holds the store lock and the caller asked not to wait."""
+
+    def __init__(self, message: str, *, lock_path: Path) -> None:
+        super().__init__(message)
+        self.lock_path = lock_path
 
 
 class SourceError(KenshoError):

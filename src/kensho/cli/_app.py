@@ -24,6 +24,7 @@ from kensho.errors import (
     IntegrityError,
     KenshoError,
     SignatureError,
+    StoreBusyError,
 )
 from kensho.telemetry import configure_logging
 
@@ -148,6 +149,7 @@ def exit_code_for(error: KenshoError) -> ExitCode:
         (IntegrityError, ExitCode.INTEGRITY),
         (DiskSpaceError, ExitCode.DISK_SPACE),
         (SignatureError, ExitCode.SIGNATURE),
+        (StoreBusyError, ExitCode.BUSY),
     ]
     for cls, code in table:
         if isinstance(error, cls):

@@ -13,17 +13,9 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from kensho.errors import KenshoError
+from kensho.errors import StoreBusyError
 
 __all__ = ["StoreBusyError", "StoreLock"]
-
-
-class StoreBusyError(KenshoError):
-    """Another process holds the store lock and the caller asked not to wait."""
-
-    def __init__(self, message: str, *, lock_path: Path) -> None:
-        super().__init__(message)
-        self.lock_path = lock_path
 
 
 class StoreLock:
