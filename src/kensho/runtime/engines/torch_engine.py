@@ -165,8 +165,15 @@ class TorchEngine:
         )
 
     def _load_sync(self) -> None:
-        import torch
-        import transformers
+        try:
+            import torch
+            import transformers
+        except ImportError as exc:
+            raise EngineUnavailableError(
+                f"engine {self.name!r} needs PyTorch and transformers, which are not "
+                f"installed ({exc.name}); install them with: pip install 'kensho[ml]'",
+                permanent=True,
+            ) from exc
 
         _quiet_transformers()
         if self.kind == "gpu" and not torch.cuda.is_available():
