@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import time
 from pathlib import Path
 
 import httpx
@@ -241,3 +242,33 @@ def test_status_once_prints_the_snapshot(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "breaker gpu" in result.stdout
     assert "closed" in result.stdout
+
+
+def _wait_for_metric(url: str, name: str, value: float, *, seconds: float = 20.0) -> float:
+    """Read /metrics until ``name`` reaches ``value`` (each read is a real round trip)."""
+    deadline = time.monotonic() + seconds
+    seen = 0.0
+    while time.monotonic() < deadline:
+        seen = metric(httpx.get(url + "/metrics").text, name)
+        if seen >= value:
+            break
+    return seen
+
+
+def test_client_that_disconnects_cancels_its_task(tmp_path: Path) -> None:
+    env = kensho_env(tmp_path, **{**MOCK_ENV, "KENSHO_MODEL_MOCK_TIME_PER_TOKEN": "0.05"})
+    cancelled = 'kensho_tasks_total{outcome="cancelled"}'
+    with kensho_up(env=env, cwd=tmp_path) as server:
+        body = {"model": "mock", "prompt": "x", "max_tokens": 200, "stream": True}
+        with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=30) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    break  # one chunk received: hang up mid-stream
+        assert _wait_for_metric(server.url, cancelled, 1) == 1
+        whole = {"model": "mock", "prompt": "x", "max_tokens": 200}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(server.url + "/v1/completions", json=whole, timeout=0.5)
+        assert _wait_for_metric(server.url, cancelled, 2) == 2
+        text = httpx.get(server.url + "/metrics").text
+        assert metric(text, 'kensho_tasks_total{outcome="completed"}') == 0
+        assert metric(text, 'kensho_tasks_in_flight{engine="gpu"}') == 0
