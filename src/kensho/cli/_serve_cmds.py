@@ -25,7 +25,6 @@ from kensho.cli._app import ExitCode, app, err_console, out_console, state
 from kensho.cli._storage_cmds import _Renderer
 from kensho.config import Settings
 from kensho.errors import ConfigError
-from kensho.kernel import Kernel
 from kensho.runtime.engines.base import GenerationRequest
 from kensho.runtime.executor import Priority
 
@@ -126,6 +125,8 @@ def up(  # noqa: PLR0917 - Typer maps each parameter to an option
 
 
 async def _up(settings: Settings) -> int:
+    from kensho.kernel import Kernel  # the server stack loads only for commands that use it
+
     with _Renderer(as_json=False) as renderer:
         kernel = Kernel(settings, on_event=renderer.handle)
         try:
@@ -195,6 +196,8 @@ def generate(  # noqa: PLR0917 - Typer maps each parameter to an option
 
 
 async def _generate(settings: Settings, request: GenerationRequest, priority: Priority) -> None:
+    from kensho.kernel import Kernel
+
     with _Renderer(as_json=False) as renderer:
         kernel = Kernel(settings, on_event=renderer.handle)
         try:
