@@ -695,11 +695,18 @@ class TaskExecutor:
         try:
             stream = self.runtime.generate(handle.request)
             try:
+                first = True
                 async for chunk in stream:
                     if len(handle._buffer) >= self.stream_buffer:
                         await self._wait_for_space(handle)
                     handle._buffer.append(chunk)
                     handle._wake()
+                    if first:
+                        # Let the consumer take the first chunk now, even from an engine
+                        # that never pauses: time to first token must not wait for the
+                        # buffer to fill.
+                        first = False
+                        await asyncio.sleep(0)
             finally:
                 aclose = getattr(stream, "aclose", None)
                 if aclose is not None:

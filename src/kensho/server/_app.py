@@ -15,7 +15,7 @@ import hmac
 import ipaddress
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
@@ -62,14 +62,31 @@ class _Guard:
     the server, which is how disconnects are still seen.
     """
 
-    def __init__(self, app: ASGIApp, context: ServerContext) -> None:
+    def __init__(self, app: ASGIApp, context: ServerContext, metrics: ServerMetrics) -> None:
         self.app = app
         self.context = context
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        status = [0]
+
+        async def counting_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self._guarded(scope, receive, counting_send)
+        finally:
+            # Counted here, in plain ASGI: Starlette's BaseHTTPMiddleware would add a
+            # task and a memory stream to every request and every streamed chunk.
+            route = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.requests.labels(route, str(status[0] or 500)).inc()
+
+    async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
         ctx = self.context
         if ctx.api_key and scope["path"] not in _OPEN_PATHS and not self._authorized(scope):
             await _send_error(
@@ -221,22 +238,11 @@ def create_app(ctx: ServerContext) -> FastAPI:
     metrics = ServerMetrics(ctx)
     app.state.context = ctx
     app.state.metrics = metrics
-    app.add_middleware(_Guard, context=ctx)
+    app.add_middleware(_Guard, context=ctx, metrics=metrics)
     _add_error_handlers(app)
     _add_health_routes(app, ctx, metrics)
     _add_admin_routes(app, ctx)
     _add_openai_routes(app, ctx, metrics)
-
-    @app.middleware("http")
-    async def _count(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        metrics.requests.labels(path, str(response.status_code)).inc()
-        return response
-
     return app
 
 
