@@ -284,6 +284,115 @@ class StorageReady(Event):
         return text
 
 
+# --- storage update events (delta updates) -------------------------------------------
+
+__all__ += [
+    "StorageFileUpdated",
+    "StorageUpdateFilePlanned",
+    "StorageUpdateFinished",
+    "StorageUpdatePlanned",
+]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StorageUpdateFilePlanned(Event):
+    """One file of an update plan, streamed before any byte is written.
+
+    ``action`` is ``changed`` (a new version of a file the store has), ``added`` (not
+    in the current manifest) or ``removed`` (left in place, reported as unexpected).
+    ``bytes_reused`` come from chunks already on disk (any file), ``bytes_to_fetch``
+    from the sources in ``requests`` byte-range requests (adjacent chunks merged).
+    """
+
+    kind: ClassVar[str] = "storage.update.file"
+    path: str
+    action: str
+    version: str
+    previous_version: str | None
+    changelog: str
+    size: int
+    bytes_reused: int
+    bytes_to_fetch: int
+    requests: int
+
+    @property
+    def message(self) -> str:
+        if self.action == "removed":
+            return f"{self.path}: no longer in the manifest; left in place"
+        was = f" (was {self.previous_version})" if self.previous_version else ""
+        text = (
+            f"{self.path}: {self.action} to {self.version}{was}: reuse "
+            f"{_bytes(self.bytes_reused)}, fetch {_bytes(self.bytes_to_fetch)}"
+        )
+        return text + (f" — {self.changelog}" if self.changelog else "")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StorageUpdatePlanned(Event):
+    """The whole update plan: totals over every file, and whether it is a dry run."""
+
+    kind: ClassVar[str] = "storage.update.planned"
+    from_serial: int
+    to_serial: int
+    version: str
+    files: int
+    unchanged: int
+    removed: int
+    bytes_reused: int
+    bytes_to_fetch: int
+    bytes_to_write: int
+    dry_run: bool
+
+    @property
+    def message(self) -> str:
+        how = " (dry run: nothing changed)" if self.dry_run else ""
+        return (
+            f"update serial {self.from_serial} -> {self.to_serial} ({self.version}): "
+            f"{self.files} files to update, {self.unchanged} unchanged, {self.removed} removed; "
+            f"reuse {_bytes(self.bytes_reused)}, fetch {_bytes(self.bytes_to_fetch)}{how}"
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StorageFileUpdated(Event):
+    """A new version of a file was assembled, verified and swapped in."""
+
+    kind: ClassVar[str] = "storage.file.updated"
+    path: str
+    version: str
+    changelog: str
+    fetched: int
+    reused: int
+    sources: tuple[str, ...]
+
+    @property
+    def message(self) -> str:
+        where = ", ".join(self.sources) or "local data"
+        return (
+            f"updated {self.path} to {self.version}: fetched {_bytes(self.fetched)} from "
+            f"{where}, reused {_bytes(self.reused)}"
+        )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StorageUpdateFinished(Event):
+    """An update ended; on success ``serial`` is the store's new trusted serial."""
+
+    kind: ClassVar[str] = "storage.update.finished"
+    serial: int
+    files: int
+    fetched: int
+    reused: int
+    seconds: float
+
+    @property
+    def message(self) -> str:
+        return (
+            f"store updated to serial {self.serial} in {self.seconds:.2f}s: {self.files} files, "
+            f"fetched {_bytes(self.fetched)}, reused {_bytes(self.reused)}"
+        )
+
+
 # --- runtime events (breaker, runtime manager, executor) -----------------------------
 
 # Extended per section, so that parallel edits of this file do not collide.

@@ -8,6 +8,7 @@ its events: progress bars and a table in a terminal, one JSON object per line wi
 from __future__ import annotations
 
 import asyncio
+import enum
 import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -34,10 +35,15 @@ from kensho.events import (
     StorageFileChecked,
     StorageHashProgress,
     StorageRepairStarted,
+    StorageUpdateFilePlanned,
+    StorageUpdatePlanned,
     StorageVerifyStarted,
 )
 from kensho.storage import (
-    DEFAULT_CHUNK_SIZE,
+    DEFAULT_CDC_AVG,
+    DEFAULT_CHUNKING,
+    CdcParams,
+    Chunking,
     Manifest,
     StorageManager,
     StoreBusyError,
@@ -56,10 +62,19 @@ _VERIFY_EXIT = (
     "Exit codes: 0 every required file is good · 1 a required file is not · 3 bad config."
 )
 _SYNC_EXIT = (
-    "Exit codes: 0 every required file is good afterwards · 4 a required file could not "
-    "be repaired · 5 not enough disk space · 7 another process is syncing (--no-wait) · "
-    "10 other error (bad manifest, bad source)."
+    "When the store already trusts a manifest with a lower serial, the sync is a delta "
+    "update: the plan (per file: version, bytes reused, bytes to fetch) is shown first, "
+    "only changed chunks are fetched, and --dry-run shows the plan and changes nothing. "
+    "Exit codes: 0 every required file is good afterwards (or the dry run was planned) · "
+    "4 a required file could not be repaired or updated · 5 not enough disk space · "
+    "7 another process is syncing (--no-wait) · 10 other error (bad manifest, bad source)."
 )
+
+
+class _Chunking(enum.StrEnum):
+    FIXED = "fixed"
+    CDC = "cdc"
+
 
 manifest_app = typer.Typer(help="Create and inspect manifests.", no_args_is_help=True)
 app.add_typer(manifest_app, name="manifest")
@@ -95,6 +110,8 @@ class _Renderer:
         )
         self.tasks: dict[str, TaskID] = {}
         self.fetched: dict[str, int] = {}
+        self.planned: list[StorageUpdateFilePlanned] = []
+        self.plan_total: StorageUpdatePlanned | None = None
 
     def __enter__(self) -> _Renderer:
         self.progress.__enter__()
@@ -108,7 +125,19 @@ class _Renderer:
             self.tasks[key] = self.progress.add_task(description, total=total)
         return self.tasks[key]
 
+    def _plan(self, event: StorageUpdateFilePlanned | StorageUpdatePlanned) -> None:
+        """Collect the plan; in a terminal, show it as one table before the work starts."""
+        if isinstance(event, StorageUpdateFilePlanned):
+            self.planned.append(event)
+            return
+        self.plan_total = event
+        if not event.dry_run and not self.as_json:  # a dry run prints it on stdout at the end
+            self.progress.console.print(_plan_table(self.planned, event))
+            self._task("fetch", "fetch (total)", event.bytes_to_fetch)
+
     def handle(self, event: Event) -> None:
+        if isinstance(event, StorageUpdateFilePlanned | StorageUpdatePlanned):
+            self._plan(event)
         if self.as_json:
             sys.stdout.buffer.write(orjson.dumps(event.to_dict()) + b"\n")
             sys.stdout.buffer.flush()
@@ -127,6 +156,8 @@ class _Renderer:
                 self.progress.remove_task(self.tasks.pop("hash:" + event.path))
         elif isinstance(event, StorageRepairStarted):
             self._task("fetch", "fetch (total)", event.bytes_needed)
+        elif isinstance(event, StorageUpdateFilePlanned | StorageUpdatePlanned):
+            pass  # shown by _plan
         elif isinstance(event, StorageDownloadProgress):
             task = self._task("get:" + event.path, f"  fetch {event.path}", event.total)
             self.progress.update(task, completed=event.done)
@@ -154,6 +185,46 @@ def _table(report: VerifyReport) -> Table:
             "" if f.size is None else str(f.size),
             detail,
         )
+    return table
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"  # pragma: no cover - the loop always returns
+
+
+def _plan_table(files: list[StorageUpdateFilePlanned], total: StorageUpdatePlanned) -> Table:
+    title = f"update plan: serial {total.from_serial} -> {total.to_serial} ({total.version})"
+    if total.dry_run:
+        title += " — dry run, nothing changed"
+    table = Table(
+        "path", "action", "version", "reuse", "fetch", "requests", "changelog", title=title
+    )
+    for f in files:
+        version = f"{f.previous_version or '-'} -> {f.version or '-'}"
+        table.add_row(
+            f.path,
+            f.action,
+            version,
+            _size(f.bytes_reused),
+            _size(f.bytes_to_fetch),
+            str(f.requests),
+            f.changelog,
+        )
+    table.add_section()
+    table.add_row(
+        f"total ({total.files} to update, {total.unchanged} unchanged)",
+        "",
+        "",
+        _size(total.bytes_reused),
+        _size(total.bytes_to_fetch),
+        str(sum(f.requests for f in files)),
+        "",
+    )
     return table
 
 
@@ -200,7 +271,7 @@ def verify(
 
 
 @app.command(help="Verify the store and repair it from the sources, in order.\n\n" + _SYNC_EXIT)
-def sync(
+def sync(  # noqa: PLR0917 - Typer maps each parameter to an option
     manifest: ManifestOpt = None,
     root: RootOpt = None,
     source: Annotated[
@@ -216,14 +287,28 @@ def sync(
     no_wait: Annotated[
         bool, typer.Option("--no-wait", help="Fail (exit 7) if another sync holds the store.")
     ] = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run", help="Show what an update would reuse and fetch; change nothing."
+        ),
+    ] = False,
 ) -> None:
     loaded, store = _resolve(manifest, root)
     specs = source if source else state().settings.storage.sources
     sources = [source_from_string(s) for s in specs]
+    renderer = _Renderer(as_json)
 
     async def go() -> VerifyReport | None:
         async with StorageManager(store, loaded, sources, trust=_trust()) as manager:
-            await _run(manager.initialize_and_verify(wait=not no_wait), _Renderer(as_json))
+            trusted = await manager.trusted_manifest() if loaded is not None else None
+            if loaded is not None and trusted is not None and loaded.serial > trusted.serial:
+                await _run(manager.update(loaded, dry_run=dry_run, wait=not no_wait), renderer)
+            elif dry_run:
+                # Nothing to update: report what a sync would find, write nothing.
+                await _run(manager.verify(), renderer)
+            else:
+                await _run(manager.initialize_and_verify(wait=not no_wait), renderer)
             return manager.report
 
     try:
@@ -231,8 +316,14 @@ def sync(
     except StoreBusyError as exc:
         err_console.print(f"[bold red]busy:[/] {exc}", highlight=False)
         raise typer.Exit(int(ExitCode.BUSY)) from None
-    if report is not None and not as_json:
+    if as_json:
+        return
+    if dry_run and renderer.plan_total is not None:
+        out_console.print(_plan_table(renderer.planned, renderer.plan_total))
+    elif report is not None:
         out_console.print(_table(report))
+        if dry_run:
+            err_console.print("dry run: no newer manifest to update to; nothing changed")
 
 
 @manifest_app.command("build")
@@ -240,8 +331,29 @@ def build(  # noqa: PLR0917 - Typer maps each parameter to an option
     folder: Annotated[Path, typer.Argument(help="Folder whose files the manifest lists.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Manifest file to write.")],
     chunk_size: Annotated[
-        int, typer.Option(help="Chunk size in bytes (default 4 MiB; see docs/manifest.md).")
-    ] = DEFAULT_CHUNK_SIZE,
+        int | None,
+        typer.Option(
+            help="Chunk size in bytes: exact with --chunking fixed (default 4 MiB), the "
+            "average with cdc. Given alone, it means --chunking fixed."
+        ),
+    ] = None,
+    chunking: Annotated[
+        _Chunking | None,
+        typer.Option(
+            help=f"fixed-size or content-defined (FastCDC) chunks. Default: {DEFAULT_CHUNKING} "
+            "(see docs/manifest.md, 'Chunking')."
+        ),
+    ] = None,
+    cdc_avg: Annotated[
+        int | None,
+        typer.Option(help=f"CDC average chunk size (default {DEFAULT_CDC_AVG} bytes)."),
+    ] = None,
+    cdc_min: Annotated[
+        int | None, typer.Option(help="CDC minimum chunk size. Default: a quarter of the average.")
+    ] = None,
+    cdc_max: Annotated[
+        int | None, typer.Option(help="CDC maximum chunk size. Default: four times the average.")
+    ] = None,
     name: Annotated[str | None, typer.Option(help="Name. Default: the folder's name.")] = None,
     version: Annotated[str, typer.Option(help="Release version, also given to files.")] = "1",
     serial: Annotated[int, typer.Option(help="Release number; must grow every release.")] = 1,
@@ -259,13 +371,25 @@ def build(  # noqa: PLR0917 - Typer maps each parameter to an option
     """
     now = datetime.now(UTC)
     expires = now + timedelta(days=expires_days) if expires_days else None
+    scheme: Chunking | None = None
+    if chunking is not None:
+        scheme = "cdc" if chunking is _Chunking.CDC else "fixed"
+    elif any(v is not None for v in (cdc_avg, cdc_min, cdc_max)):
+        scheme = "cdc"
+    cdc = None
+    if scheme == "cdc" or (scheme is None and chunk_size is None and DEFAULT_CHUNKING == "cdc"):
+        avg = cdc_avg or chunk_size or DEFAULT_CDC_AVG
+        cdc = CdcParams.from_sizes(avg, cdc_min, cdc_max)
+        scheme = "cdc"
     result = asyncio.run(
         build_manifest(
             folder,
             name=name or folder.resolve().name or "store",
             version=version,
             serial=serial,
-            chunk_size=chunk_size,
+            chunk_size=chunk_size if scheme != "cdc" else None,
+            chunking=scheme,
+            cdc=cdc,
             optional=optional or (),
             created=now,
             expires=expires,

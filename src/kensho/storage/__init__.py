@@ -13,9 +13,11 @@ The manifest schema is documented in ``docs/manifest.md``.
 
 from __future__ import annotations
 
+from kensho.storage._cdc import DEFAULT_CDC_AVG, CdcParams
 from kensho.storage._fs import UnsafePathError
 from kensho.storage._lock import StoreBusyError
-from kensho.storage.builder import build_manifest, list_files
+from kensho.storage._plan import FilePlan, UpdatePlan
+from kensho.storage.builder import DEFAULT_CHUNKING, Chunking, build_manifest, list_files
 from kensho.storage.hashing import FileDigest, Hasher
 from kensho.storage.manager import StorageManager
 from kensho.storage.manifest import (
@@ -43,11 +45,16 @@ from kensho.storage.state import StateStore, StatRecord
 from kensho.storage.status import FileReport, FileStatus, VerifyReport
 
 __all__ = [
+    "DEFAULT_CDC_AVG",
+    "DEFAULT_CHUNKING",
     "DEFAULT_CHUNK_SIZE",
     "SCHEMA_VERSION",
+    "CdcParams",
     "Chunk",
+    "Chunking",
     "FileDigest",
     "FileEntry",
+    "FilePlan",
     "FileReport",
     "FileStatus",
     "Hasher",
@@ -64,6 +71,7 @@ __all__ = [
     "StorageManager",
     "StoreBusyError",
     "UnsafePathError",
+    "UpdatePlan",
     "VerifyReport",
     "build_manifest",
     "canonical_bytes",

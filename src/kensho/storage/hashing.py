@@ -145,6 +145,20 @@ class Hasher:
         """
         size = (await self.run(os.stat, path)).st_size
         ranges = [(off, min(chunk_size, size - off)) for off in range(0, size, chunk_size)]
+        return await self.digest_ranges(path, size, ranges, progress)
+
+    async def digest_ranges(
+        self,
+        path: Path,
+        size: int,
+        ranges: Sequence[tuple[int, int]],
+        progress: ProgressCallback | None = None,
+    ) -> FileDigest:
+        """Whole-file SHA-256 plus the hash of each ``(offset, size)`` range tiling it.
+
+        The ranges come from any chunker (fixed-size, content-defined); ``size`` is
+        the file size they were cut from, checked again while hashing.
+        """
         (whole_size, whole), hashes = await asyncio.gather(
             self.run(_sha256_whole, path, progress), self.hash_ranges(path, ranges)
         )

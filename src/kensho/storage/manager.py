@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,9 +31,12 @@ from kensho.events import (
     StorageReady,
     StorageRepairFailed,
     StorageRepairStarted,
+    StorageUpdateFinished,
 )
 from kensho.storage._lock import StoreLock
+from kensho.storage._plan import UpdatePlan, plan_update
 from kensho.storage._repair import FileRepairer, RepairOutcome, part_path
+from kensho.storage._update import DeltaUpdater, disk_space_error, plan_events, space_needed
 from kensho.storage._verify import Emit, verify_store
 from kensho.storage.hashing import Hasher
 from kensho.storage.manifest import Manifest, dump_manifest, parse_manifest
@@ -133,6 +137,7 @@ class StorageManager:
         self.mismatch_retries = mismatch_retries
         self.repair_concurrency = repair_concurrency
         self.report: VerifyReport | None = None
+        self.plan: UpdatePlan | None = None
         self.offline = False
         self._failures: dict[str, str] = {}
         self._manifest = manifest
@@ -224,7 +229,137 @@ class StorageManager:
         """
         return _stream(lambda emit: self._initialize(emit, wait=wait, full=full))
 
+    def update(
+        self, new_manifest: Manifest, *, dry_run: bool = False, wait: bool = True
+    ) -> AsyncIterator[Event]:
+        """Update the store to ``new_manifest`` (a higher serial), fetching only what changed.
+
+        Streams the plan first (one ``StorageUpdateFilePlanned`` per file, then a
+        ``StorageUpdatePlanned`` total; also kept in :attr:`plan`). ``dry_run`` stops
+        there and changes nothing. Otherwise every changed file is assembled in
+        ``.kensho/tmp`` from local chunks and fetched byte ranges, verified whole and
+        swapped in; then the rest of the store is verified (and repaired) against
+        the new manifest, which becomes the trusted one. Files the new manifest no
+        longer lists are left in place and reported as unexpected. Raises
+        ``ManifestError`` (no trusted manifest, serial not higher), ``DiskSpaceError``
+        (before writing) or ``IntegrityError`` (the store stays on the old version).
+        """
+        return _stream(lambda emit: self._update(emit, new_manifest, dry_run=dry_run, wait=wait))
+
+    async def trusted_manifest(self) -> Manifest | None:
+        """The manifest last trusted for this store, or ``None`` before the first sync."""
+        data = await asyncio.to_thread(self.state.load_trusted_manifest)
+        return None if data is None else parse_manifest(data)
+
     # --- steps ----------------------------------------------------------------------
+
+    async def _take_lock(self, emit: Emit, *, wait: bool) -> None:
+        await asyncio.to_thread(self.state.dir.mkdir, parents=True, exist_ok=True)
+        if not await asyncio.to_thread(self._lock.try_acquire):
+            if not wait:
+                raise self._lock.busy_error(self.root)
+            emit(StorageLockWaiting(root=str(self.root), lock_path=str(self._lock.path)))
+            await self._lock.acquire()
+
+    def _accept_update(self, current: Manifest | None, new: Manifest) -> Manifest:
+        """The trusted manifest to update from; refuse an update that is not one."""
+        if current is None:
+            raise ManifestError(
+                f"{self.root} has no trusted manifest yet, so there is nothing to update; "
+                "run `kensho sync --manifest ...` once to fill the store"
+            )
+        if new.serial <= current.serial:
+            raise ManifestError(
+                f"manifest serial {new.serial} is not newer than the trusted serial "
+                f"{current.serial} of {self.root}; an update needs a higher serial",
+                field="signed.serial",
+            )
+        return current
+
+    async def _update(self, emit: Emit, new: Manifest, *, dry_run: bool, wait: bool) -> None:
+        started = time.perf_counter()
+        if not dry_run:
+            await self._take_lock(emit, wait=wait)
+        try:
+            current = self._accept_update(await self.trusted_manifest(), new)
+            # The new manifest goes through the same trust checks as any given one
+            # (signatures, rollback, expiry); an expired one never updates anything.
+            self._manifest, self._manifest_given, self._trust_checked = new, True, False
+            await self.manifest()
+            self._refuse_if_expired()
+            records = await asyncio.to_thread(self.state.records)
+            plan = await asyncio.to_thread(plan_update, self.root, current, new, records)
+            self.plan = plan
+            for event in plan_events(plan, dry_run=dry_run):
+                emit(event)
+            for fp in plan.files:
+                _log.info(
+                    "update planned",
+                    path=fp.entry.path,
+                    action=fp.action,
+                    version=fp.entry.version,
+                    changelog=fp.entry.changelog,
+                    bytes_reused=fp.bytes_reused,
+                    bytes_to_fetch=fp.bytes_to_fetch,
+                )
+            _log.info(
+                "update plan",
+                from_serial=current.serial,
+                to_serial=new.serial,
+                files=len(plan.files),
+                removed=list(plan.removed),
+                bytes_reused=plan.bytes_reused,
+                bytes_to_fetch=plan.bytes_to_fetch,
+                dry_run=dry_run,
+            )
+            if dry_run:
+                return
+            await self._apply_update(emit, plan, started)
+        finally:
+            if not dry_run:
+                self._lock.release()
+
+    async def _apply_update(self, emit: Emit, plan: UpdatePlan, started: float) -> None:
+        needed = await asyncio.to_thread(space_needed, plan, self.state.tmp_dir)
+        free = await asyncio.to_thread(self.disk_free, self.state.tmp_dir)
+        if plan.files and needed + self.space_margin > free:
+            raise disk_space_error(self.root, plan, needed, self.space_margin, free)
+        updater = DeltaUpdater(
+            root=self.root,
+            tmp_dir=self.state.tmp_dir,
+            sources=self.sources,
+            hasher=self._hasher,
+            emit=emit,
+            mismatch_retries=self.mismatch_retries,
+            free_space=self.disk_free,
+            state=self.state,
+            concurrency=self.repair_concurrency,
+        )
+        built = await updater.assemble_all(plan)
+        problems = {b.plan.entry.path: b.outcome.reason for b in built if not b.outcome.ok}
+        required = {f.path for f in plan.target.files if f.required}
+        blocking = {p: r for p, r in problems.items() if p in required}
+        if blocking:
+            listing = "; ".join(f"{p} ({why})" for p, why in blocking.items())
+            raise IntegrityError(
+                f"the update of {self.root} to serial {plan.target.serial} stopped before "
+                f"changing anything: {len(blocking)} required file(s) could not be built: "
+                f"{listing}. The store still holds serial {plan.current.serial}; fix the "
+                "sources and run the sync again (finished work is kept and resumed)",
+                problems=blocking,
+            )
+        records = await updater.swap_all(built)
+        # Verify the rest against the new manifest, repair it, make it the trusted one.
+        await self._initialize(emit, wait=True, full=False)
+        emit(
+            StorageUpdateFinished(
+                serial=plan.target.serial,
+                files=len(records),
+                fetched=sum(b.outcome.fetched for b in built if b.outcome.ok),
+                reused=sum(b.reused for b in built if b.outcome.ok),
+                seconds=time.perf_counter() - started,
+            )
+        )
 
     async def _verify(self, emit: Emit, *, full: bool) -> VerifyReport:
         manifest = await self.manifest()

@@ -1,0 +1,173 @@
+"""Delta-update planning: which chunks of each new file are already on disk.
+
+The rule (docs/manifest.md, "Delta updates"): for every chunk of a target file, reuse
+a local chunk with the same SHA-256 if one exists anywhere in the store, else fetch
+its byte range. "Anywhere" means any file of the current trusted manifest, at any
+offset: the old version of the same file, a sibling shard, a copy under another name.
+The manifest's chunk lists say where each hash lives, so planning reads no file
+content; the bytes are re-hashed when they are copied (:mod:`._update`), and a chunk
+whose local copy turns out bad is fetched instead.
+
+Planning is pure bookkeeping over two manifests plus one ``lstat`` per file, so a
+dry run is instant even for a store of hundreds of GB.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kensho.storage._fs import PathGuard, UnsafePathError
+from kensho.storage._repair import _runs
+from kensho.storage.manifest import FileEntry, Manifest
+from kensho.storage.state import StatRecord
+
+__all__ = ["Donor", "FilePlan", "UpdatePlan", "plan_update"]
+
+
+@dataclass(frozen=True, slots=True)
+class Donor:
+    """A place in the store that should hold a chunk's bytes: a manifest path, an offset."""
+
+    path: str
+    offset: int
+
+
+@dataclass(frozen=True, slots=True)
+class FilePlan:
+    """How one file of the new manifest gets built.
+
+    ``donors`` maps a chunk index to the local places that should hold its bytes
+    (best first: the same path before other files); ``fetch`` lists the indices no
+    local file holds.
+    """
+
+    entry: FileEntry
+    previous: FileEntry | None
+    donors: Mapping[int, tuple[Donor, ...]]
+    fetch: tuple[int, ...]
+
+    @property
+    def action(self) -> str:
+        return "added" if self.previous is None else "changed"
+
+    @property
+    def bytes_to_fetch(self) -> int:
+        return sum(self.entry.chunks[i].size for i in self.fetch)
+
+    @property
+    def bytes_reused(self) -> int:
+        return self.entry.size - self.bytes_to_fetch
+
+    @property
+    def requests(self) -> int:
+        """Byte-range requests needed: adjacent chunks to fetch are merged into one."""
+        return len(_runs(self.fetch))
+
+
+@dataclass(frozen=True, slots=True)
+class UpdatePlan:
+    """Every file that changes between two manifests, and what stays or goes."""
+
+    current: Manifest
+    target: Manifest
+    files: tuple[FilePlan, ...]
+    unchanged: tuple[str, ...]
+    removed: tuple[str, ...]
+    done: tuple[str, ...] = field(default=())  # already at the new version (a resumed run)
+
+    @property
+    def bytes_to_fetch(self) -> int:
+        return sum(f.bytes_to_fetch for f in self.files)
+
+    @property
+    def bytes_reused(self) -> int:
+        return sum(f.bytes_reused for f in self.files)
+
+    @property
+    def bytes_to_write(self) -> int:
+        """Bytes assembled in ``.kensho/tmp``: every planned file, whole."""
+        return sum(f.entry.size for f in self.files)
+
+
+def _present(root: Path, guard: PathGuard, entry: FileEntry) -> os.stat_result | None:
+    """The stat of ``entry``'s file if it is a regular file of the declared size."""
+    try:
+        guard.check(entry.path)
+        st = os.lstat(root / entry.path)
+    except (OSError, UnsafePathError):
+        return None
+    return st if stat.S_ISREG(st.st_mode) and st.st_size == entry.size else None
+
+
+def plan_update(
+    root: Path,
+    current: Manifest,
+    target: Manifest,
+    records: Mapping[str, tuple[str, StatRecord]],
+) -> UpdatePlan:
+    """Plan the update of the store at ``root`` from ``current`` to ``target``.
+
+    Blocking (one ``lstat`` per file); run it in a thread. ``records`` are the
+    state database's verified records: a file whose fresh record already matches
+    its new hash was finished by an earlier, interrupted run and is left alone.
+    """
+    guard = PathGuard(root)
+    index: dict[tuple[str, int], list[Donor]] = {}
+
+    def offer(entry: FileEntry) -> None:
+        for chunk in entry.chunks:
+            index.setdefault((chunk.sha256, chunk.size), []).append(Donor(entry.path, chunk.offset))
+
+    done: list[str] = []
+    for entry in current.files:
+        new = target.file(entry.path)
+        st = _present(root, guard, entry)
+        if st is None:
+            continue
+        record = records.get(entry.path)
+        if (
+            new is not None
+            and new.sha256 != entry.sha256
+            and record is not None
+            and record[0] == new.sha256
+        ):
+            continue  # already replaced by its new version: offered below instead
+        offer(entry)
+    changed: list[FileEntry] = []
+    unchanged: list[str] = []
+    for entry in target.files:
+        old = current.file(entry.path)
+        if old is not None and old.sha256 == entry.sha256 and old.size == entry.size:
+            unchanged.append(entry.path)
+            continue
+        record = records.get(entry.path)
+        st = _present(root, guard, entry)
+        if st is not None and record is not None and record == (entry.sha256, StatRecord.of(st)):
+            done.append(entry.path)
+            offer(entry)
+            continue
+        changed.append(entry)
+    plans = [_plan_file(entry, current.file(entry.path), index) for entry in changed]
+    removed = tuple(f.path for f in current.files if target.file(f.path) is None)
+    return UpdatePlan(current, target, tuple(plans), tuple(unchanged), removed, tuple(done))
+
+
+def _plan_file(
+    entry: FileEntry, previous: FileEntry | None, index: Mapping[tuple[str, int], list[Donor]]
+) -> FilePlan:
+    donors: dict[int, tuple[Donor, ...]] = {}
+    fetch: list[int] = []
+    for i, chunk in enumerate(entry.chunks):
+        places = index.get((chunk.sha256, chunk.size))
+        if not places:
+            fetch.append(i)
+            continue
+        # The same file first (likely cached, same disk region), then the others.
+        same = [d for d in places if d.path == entry.path]
+        others = [d for d in places if d.path != entry.path]
+        donors[i] = tuple((same + others)[:4])
+    return FilePlan(entry, previous, donors, tuple(fetch))

@@ -1,0 +1,324 @@
+"""Delta updates: assemble every changed file in ``.kensho/tmp``, then swap them in.
+
+For each file of an :class:`~kensho.storage._plan.UpdatePlan`, in order of preference
+per chunk:
+
+1. it is already good in the partial file of an interrupted run (resume);
+2. a local file holds the same bytes (same SHA-256, any file, any offset): the bytes
+   are read, re-hashed and copied only if they still match;
+3. it is fetched by byte range, adjacent chunks merged into one request, with the
+   repairer's source failover, retries and per-chunk hash checks.
+
+Then the assembled file is hashed whole against the manifest's ``sha256`` and fsynced.
+Only when every *required* file has been assembled this way are the files swapped in
+(``os.replace``, one rename each), so a failed update leaves the store wholly on the
+old version, and each final path holds the old file, usable, until its swap.
+
+Why a whole-file hash on top of the chunk hashes: chunks that all match prove the
+file against the manifest's chunk list, but a new manifest may come from another
+chunker (content-defined) and the file hash is what a publisher checks; a manifest
+whose two disagree is refused instead of placed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import hashlib
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from kensho.errors import DiskSpaceError
+from kensho.events import (
+    Event,
+    StorageFileUpdated,
+    StorageUpdateFilePlanned,
+    StorageUpdatePlanned,
+)
+from kensho.storage._fs import PathGuard, UnsafePathError, fsync_dir, resolve_inside
+from kensho.storage._plan import Donor, FilePlan, UpdatePlan
+from kensho.storage._repair import FileRepairer, RepairOutcome, _open_part, _pwrite_all, part_path
+from kensho.storage._verify import Emit
+from kensho.storage.hashing import Hasher, sha256_range
+from kensho.storage.manifest import Chunk
+from kensho.storage.sources import Source
+from kensho.storage.state import StateStore, StatRecord
+from kensho.storage.status import FileReport, FileStatus
+from kensho.telemetry import get_logger
+
+__all__ = ["Assembled", "DeltaUpdater", "disk_space_error", "plan_events", "space_needed"]
+
+_log = get_logger("storage")
+
+
+@dataclass(slots=True)
+class Assembled:
+    """One file built in ``.kensho/tmp``: ready to swap in when ``outcome.ok``."""
+
+    plan: FilePlan
+    part: Path
+    dest: Path | None
+    outcome: RepairOutcome
+    reused: int = 0
+
+
+def plan_events(plan: UpdatePlan, *, dry_run: bool) -> list[Event]:
+    """The events that announce ``plan``: one per file, then the totals."""
+    events: list[Event] = []
+    for fp in plan.files:
+        entry = fp.entry
+        events.append(
+            StorageUpdateFilePlanned(
+                path=entry.path,
+                action=fp.action,
+                version=entry.version,
+                previous_version=fp.previous.version if fp.previous else None,
+                changelog=entry.changelog,
+                size=entry.size,
+                bytes_reused=fp.bytes_reused,
+                bytes_to_fetch=fp.bytes_to_fetch,
+                requests=fp.requests,
+            )
+        )
+    for path in plan.removed:
+        old = plan.current.file(path)
+        events.append(
+            StorageUpdateFilePlanned(
+                path=path,
+                action="removed",
+                version="",
+                previous_version=old.version if old else None,
+                changelog="",
+                size=old.size if old else 0,
+                bytes_reused=0,
+                bytes_to_fetch=0,
+                requests=0,
+            )
+        )
+    events.append(
+        StorageUpdatePlanned(
+            from_serial=plan.current.serial,
+            to_serial=plan.target.serial,
+            version=plan.target.version,
+            files=len(plan.files),
+            unchanged=len(plan.unchanged) + len(plan.done),
+            removed=len(plan.removed),
+            bytes_reused=plan.bytes_reused,
+            bytes_to_fetch=plan.bytes_to_fetch,
+            bytes_to_write=plan.bytes_to_write,
+            dry_run=dry_run,
+        )
+    )
+    return events
+
+
+def space_needed(plan: UpdatePlan, tmp_dir: Path) -> int:
+    """Bytes still to write in ``tmp_dir``: each planned file whole, minus its partial file.
+
+    Blocking. Unchanged files cost nothing; a reused chunk costs its bytes (it is
+    copied into the new file) but no download.
+    """
+    needed = 0
+    for fp in plan.files:
+        try:
+            st = part_path(tmp_dir, fp.entry).stat()
+            have = min(fp.entry.size, st.st_blocks * 512)
+        except OSError:
+            have = 0
+        needed += fp.entry.size - have
+    return needed
+
+
+def _copy_from(
+    guard: PathGuard, root: Path, donors: Sequence[Donor], fd: int, chunk: Chunk
+) -> bool:
+    """Copy ``chunk``'s bytes from the first donor that still holds them (re-hashed)."""
+    for donor in donors:
+        try:
+            guard.check(donor.path)
+            src = os.open(root / donor.path, os.O_RDONLY | os.O_NOFOLLOW)
+        except (OSError, UnsafePathError):
+            continue
+        try:
+            data = os.pread(src, chunk.size, donor.offset)
+        except OSError:
+            continue
+        finally:
+            os.close(src)
+        if len(data) == chunk.size and hashlib.sha256(data).hexdigest() == chunk.sha256:
+            _pwrite_all(fd, data, chunk.offset)
+            return True
+    return False
+
+
+def _swap(part: Path, dest: Path) -> StatRecord:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part.replace(dest)
+    fsync_dir(dest.parent)
+    return StatRecord.of(dest.lstat())
+
+
+@dataclass
+class DeltaUpdater:
+    """Carries out an :class:`UpdatePlan` for one store (under the store lock)."""
+
+    root: Path
+    tmp_dir: Path
+    sources: Sequence[Source]
+    hasher: Hasher
+    emit: Emit
+    mismatch_retries: int
+    free_space: Callable[[Path], int]
+    state: StateStore
+    concurrency: int = 2
+
+    def __post_init__(self) -> None:
+        # One repairer for the whole run: a source it distrusts (wrong bytes) stays
+        # distrusted for every later file. Its methods hold no per-file state.
+        self.repairer = FileRepairer(
+            root=self.root,
+            tmp_dir=self.tmp_dir,
+            sources=self.sources,
+            hasher=self.hasher,
+            emit=self.emit,
+            mismatch_retries=self.mismatch_retries,
+            free_space=self.free_space,
+        )
+
+    async def assemble_all(self, plan: UpdatePlan) -> list[Assembled]:
+        """Build every planned file in ``.kensho/tmp``; nothing is swapped yet."""
+        gate = asyncio.Semaphore(self.concurrency)
+        guard = PathGuard(self.root)
+
+        async def one(fp: FilePlan) -> Assembled:
+            async with gate:
+                return await self.assemble(fp, guard)
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks = [group.create_task(one(fp)) for fp in plan.files]
+        except ExceptionGroup as errors:
+            first = errors.exceptions[0]
+            raise first from first.__cause__
+        return [t.result() for t in tasks]
+
+    async def assemble(self, fp: FilePlan, guard: PathGuard) -> Assembled:
+        """Build one new file in its partial file; see the module docstring."""
+        entry = fp.entry
+        repairer = self.repairer
+        part = part_path(self.tmp_dir, entry)
+        try:
+            dest = await asyncio.to_thread(resolve_inside, self.root, entry.path)
+            fd, before = await asyncio.to_thread(_open_part, part, entry.size)
+        except UnsafePathError as exc:
+            return Assembled(fp, part, None, RepairOutcome(False, str(exc)))
+        except OSError as exc:
+            reason = f"cannot create {part}: {exc.strerror or exc}"
+            return Assembled(fp, part, None, RepairOutcome(False, reason))
+        try:
+            blank = FileReport(entry.path, FileStatus.MISSING, entry.required, None, entry.size)
+            todo = await repairer._reuse(entry, blank, fd, part=part, before=before, dest=dest)
+            todo = await self._copy_local(fp, fd, todo, guard)
+            reused = entry.size - sum(entry.chunks[i].size for i in todo)
+            outcome = await repairer._fetch(entry, fd, todo)
+            if outcome.ok:
+                await self.hasher.run(os.fsync, fd)
+                whole = await self.hasher.run(sha256_range, part, 0, entry.size)
+                if whole != entry.sha256:
+                    await asyncio.to_thread(part.unlink)
+                    outcome = RepairOutcome(
+                        False,
+                        "every chunk matched but the whole file's SHA-256 does not match the "
+                        "manifest's: the manifest is inconsistent; ask its publisher for a "
+                        "rebuilt one",
+                    )
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise repairer._disk_full(entry, part, dest) from exc
+            reason = f"cannot write {part}: {exc.strerror or exc}"
+            return Assembled(fp, part, dest, RepairOutcome(False, reason))
+        finally:
+            os.close(fd)
+        return Assembled(fp, part, dest, outcome, reused)
+
+    async def _copy_local(
+        self, fp: FilePlan, fd: int, todo: list[int], guard: PathGuard
+    ) -> list[int]:
+        """Copy the chunks local files hold; return the indices still to fetch."""
+        entry = fp.entry
+        candidates = [i for i in todo if i in fp.donors]
+        copied = await asyncio.gather(
+            *(
+                self.hasher.run(_copy_from, guard, self.root, fp.donors[i], fd, entry.chunks[i])
+                for i in candidates
+            )
+        )
+        done = {i for i, ok in zip(candidates, copied, strict=True) if ok}
+        if len(done) < len(candidates):
+            _log.warning(
+                "local chunks changed since the manifest; fetching them instead",
+                path=entry.path,
+                chunks=len(candidates) - len(done),
+            )
+        return [i for i in todo if i not in done]
+
+    async def swap_all(self, built: Sequence[Assembled]) -> list[tuple[str, str, StatRecord]]:
+        """Move every good assembled file to its final path; return their new records.
+
+        Each file's verified record is kept right after its swap, so a run killed
+        among the swaps finds the files already swapped up to date when it resumes.
+        """
+        records: list[tuple[str, str, StatRecord]] = []
+        for item in built:
+            if not item.outcome.ok or item.dest is None:
+                continue
+            entry = item.plan.entry
+            started = time.perf_counter()
+            try:
+                record = await asyncio.to_thread(_swap, item.part, item.dest)
+            except OSError as exc:
+                item.outcome = RepairOutcome(
+                    False, f"cannot move {item.part} to {item.dest}: {exc.strerror or exc}"
+                )
+                continue
+            records.append((entry.path, entry.sha256, record))
+            await asyncio.to_thread(self.state.put, [records[-1]])
+            used = tuple(dict.fromkeys(item.outcome.sources))
+            self.emit(
+                StorageFileUpdated(
+                    path=entry.path,
+                    version=entry.version,
+                    changelog=entry.changelog,
+                    fetched=item.outcome.fetched,
+                    reused=item.reused,
+                    sources=used,
+                )
+            )
+            _log.info(
+                "file updated",
+                path=entry.path,
+                version=entry.version,
+                previous_version=item.plan.previous.version if item.plan.previous else None,
+                changelog=entry.changelog,
+                fetched=item.outcome.fetched,
+                reused=item.reused,
+                swap_seconds=round(time.perf_counter() - started, 4),
+            )
+        return records
+
+
+def disk_space_error(
+    root: Path, plan: UpdatePlan, needed: int, margin: int, free: int
+) -> DiskSpaceError:
+    """The error for an update that does not fit, raised before any byte is written."""
+    return DiskSpaceError(
+        f"updating {len(plan.files)} file(s) in {root} to serial {plan.target.serial} needs "
+        f"{needed} bytes in {root}/.kensho/tmp (the new files are assembled there before "
+        f"they replace the old ones) plus a {margin}-byte margin, but only {free} bytes "
+        "are free; free some space and run the sync again",
+        needed=needed + margin,
+        free=free,
+    )

@@ -1,0 +1,556 @@
+"""Delta updates on real safetensors files, served by a real HTTP server counting bytes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import AsyncIterator, Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.numpy import save as save_safetensors
+
+from _storage_support import http_server, write_tree
+from kensho.errors import DiskSpaceError, IntegrityError, ManifestError, SignatureError
+from kensho.events import (
+    Event,
+    StorageChunkRejected,
+    StorageFileChecked,
+    StorageFileUpdated,
+    StorageUpdateFilePlanned,
+    StorageUpdateFinished,
+    StorageUpdatePlanned,
+)
+from kensho.storage import (
+    DEFAULT_CHUNKING,
+    CdcParams,
+    Chunking,
+    HttpSource,
+    Manifest,
+    MemorySource,
+    Source,
+    StorageManager,
+    build_manifest,
+    dump_manifest,
+)
+from kensho.storage._plan import plan_update
+from kensho.storage.state import StateStore
+from kensho.telemetry.testing import capture_logs
+
+CHUNK = 64 * 1024
+CDC = CdcParams.from_sizes(64 * 1024)  # min 16 KiB, max 256 KiB
+ENTRY = "from kensho.cli import main; main()"
+MODEL = "models/model.safetensors"
+
+
+def tensors(seed: int, count: int = 6) -> dict[str, np.ndarray]:
+    """``count`` float32 tensors of 512 KiB each: a 3 MiB model in 48 fixed chunks."""
+    rng = np.random.default_rng(seed)
+    return {f"layer{i}.weight": rng.standard_normal((512, 256), np.float32) for i in range(count)}
+
+
+def st_bytes(weights: Mapping[str, np.ndarray], metadata: dict[str, str] | None = None) -> bytes:
+    return save_safetensors(dict(weights), metadata=metadata)
+
+
+def http(url: str) -> HttpSource:
+    return HttpSource(url, wait_initial=0.01, wait_max=0.05, wait_jitter=0.0)
+
+
+async def drain(stream: AsyncIterator[Event]) -> list[Event]:
+    return [event async for event in stream]
+
+
+async def publish(
+    folder: Path,
+    files: Mapping[str, bytes],
+    *,
+    serial: int,
+    chunking: Chunking = "fixed",
+    changelog: str = "",
+) -> Manifest:
+    write_tree(folder, files)
+    return await build_manifest(
+        folder,
+        name="demo",
+        version=f"1.{serial}",
+        serial=serial,
+        chunking=chunking,
+        chunk_size=CHUNK if chunking == "fixed" else None,
+        cdc=CDC if chunking == "cdc" else None,
+        changelog=changelog,
+    )
+
+
+async def install(root: Path, files: Mapping[str, bytes], manifest: Manifest) -> None:
+    """A store already synced to ``manifest`` (its trusted manifest)."""
+    write_tree(root, files)
+    async with StorageManager(root, manifest) as manager:
+        await drain(manager.initialize_and_verify())
+
+
+async def update(
+    root: Path, new: Manifest, sources: Sequence[Source], **kw: object
+) -> tuple[StorageManager, list[Event]]:
+    manager = StorageManager(root, None, sources, **kw)  # type: ignore[arg-type]
+    try:
+        events = await drain(manager.update(new))
+    finally:
+        await manager.aclose()
+    return manager, events
+
+
+def changed_span(old: bytes, new: bytes) -> int:
+    """Bytes from the first to the last differing byte (one changed region)."""
+    n = min(len(old), len(new))
+    diff = np.flatnonzero(np.frombuffer(old[:n], np.uint8) != np.frombuffer(new[:n], np.uint8))
+    span = int(diff[-1] - diff[0] + 1) if diff.size else 0
+    return span + abs(len(new) - len(old))
+
+
+def trusted_serial(root: Path) -> int:
+    doc = json.loads((root / ".kensho" / "trusted-manifest.json").read_bytes())
+    return int(doc["signed"]["serial"])
+
+
+async def scenario(
+    tmp_path: Path, old: Mapping[str, bytes], new: Mapping[str, bytes], chunking: Chunking
+) -> tuple[Manifest, int, list[tuple[str, str | None]], list[Event]]:
+    """Install ``old``, update to ``new`` over HTTP; (manifest, bytes served, requests, events)."""
+    m1 = await publish(tmp_path / "v1", old, serial=1, chunking=chunking)
+    m2 = await publish(tmp_path / "v2", new, serial=2, chunking=chunking, changelog="retrained")
+    root = tmp_path / "store"
+    await install(root, old, m1)
+    with http_server(new) as (url, server):
+        _, events = await update(root, m2, [http(url)])
+        served, requests = server.bytes_served, list(server.requests)
+    for rel, data in new.items():
+        assert (root / rel).read_bytes() == data, rel
+    assert trusted_serial(root) == 2
+    assert list((root / ".kensho" / "tmp").glob("*.part")) == []
+    return m2, served, requests, events
+
+
+def planned(events: Sequence[Event]) -> dict[str, StorageUpdateFilePlanned]:
+    return {e.path: e for e in events if isinstance(e, StorageUpdateFilePlanned)}
+
+
+@pytest.mark.parametrize("chunking", ["fixed", "cdc"])
+async def test_one_changed_tensor_fetches_only_its_chunks(
+    tmp_path: Path, chunking: Chunking
+) -> None:
+    weights = tensors(1)
+    old = st_bytes(weights)
+    weights["layer3.weight"] = weights["layer3.weight"] * 0.5  # same shape: same header
+    new = st_bytes(weights)
+    changed = changed_span(old, new)
+    assert 0 < changed <= 512 * 1024
+    m2, served, requests, events = await scenario(
+        tmp_path, {MODEL: old, "config.json": b"{}"}, {MODEL: new, "config.json": b"{}"}, chunking
+    )
+    entry = m2.file(MODEL)
+    assert entry is not None
+    biggest = max(c.size for c in entry.chunks)
+    plan = planned(events)[MODEL]
+    assert served == plan.bytes_to_fetch
+    assert changed <= served <= changed + 2 * biggest
+    assert plan.bytes_reused == len(new) - served
+    # The changed chunks are adjacent: one merged Range request, nothing for config.json.
+    assert [path for path, _ in requests] == [MODEL]
+    assert requests[0][1] is not None and requests[0][1].startswith("bytes=")
+    assert "config.json" not in planned(events)
+    (done,) = [e for e in events if isinstance(e, StorageFileUpdated)]
+    assert done.fetched == served and done.version == "1.2" and done.changelog == "retrained"
+
+
+async def test_header_growth_cdc_fetches_little_fixed_fetches_nearly_all(tmp_path: Path) -> None:
+    weights = tensors(2)
+    old = st_bytes(weights)
+    new = st_bytes(weights, metadata={"format": "pt", "note": "fine-tuned on more data"})
+    assert len(new) > len(old)  # the header grew: every tensor byte moved
+    results = {}
+    for chunking in ("fixed", "cdc"):
+        m2, served, _, _ = await scenario(tmp_path / chunking, {MODEL: old}, {MODEL: new}, chunking)
+        results[chunking] = served
+        entry = m2.file(MODEL)
+        assert entry is not None
+        header = 8 + int.from_bytes(new[:8], "little")
+        if chunking == "cdc":
+            assert served <= header + 2 * CDC.max
+    assert results["fixed"] >= 0.9 * len(new)
+    assert results["cdc"] <= 0.2 * len(new)
+
+
+@pytest.mark.parametrize("chunking", ["fixed", "cdc"])
+async def test_appended_data_fetches_the_tail(tmp_path: Path, chunking: Chunking) -> None:
+    old = st_bytes(tensors(3, count=4))
+    extra = os.urandom(300_000)
+    _, served, requests, _ = await scenario(tmp_path, {MODEL: old}, {MODEL: old + extra}, chunking)
+    bound = CHUNK if chunking == "fixed" else 2 * CDC.max
+    assert len(extra) <= served <= len(extra) + bound
+    assert len(requests) == 1
+
+
+async def test_chunk_reused_from_another_file_and_removed_file_kept(tmp_path: Path) -> None:
+    base = os.urandom(16 * CHUNK)
+    fresh = os.urandom(CHUNK)
+    old = {"a.bin": base, "old/notes.md": b"obsolete"}
+    new = {"a.bin": base, "b.bin": base[2 * CHUNK : 6 * CHUNK] + fresh}
+    m1 = await publish(tmp_path / "v1", old, serial=1)
+    m2 = await publish(tmp_path / "v2", new, serial=2, changelog="adds b.bin")
+    root = tmp_path / "store"
+    await install(root, old, m1)
+    with capture_logs() as logs, http_server(new) as (url, server):
+        manager, events = await update(root, m2, [http(url)])
+        served, requests = server.bytes_served, list(server.requests)
+    assert (root / "b.bin").read_bytes() == new["b.bin"]
+    assert served == CHUNK  # the four chunks found in a.bin cost nothing
+    assert requests == [("b.bin", f"bytes={4 * CHUNK}-{5 * CHUNK - 1}")]
+    plan = planned(events)
+    assert plan["b.bin"].action == "added" and plan["b.bin"].bytes_reused == 4 * CHUNK
+    assert plan["old/notes.md"].action == "removed"
+    # Removed from the manifest: left in place, reported as unexpected, never deleted.
+    assert (root / "old/notes.md").read_bytes() == b"obsolete"
+    statuses = {e.path: e.status for e in events if isinstance(e, StorageFileChecked)}
+    assert statuses["old/notes.md"] == "unexpected"
+    assert manager.report is not None and manager.report.ok
+    updated = [e for e in logs if e["event"] == "file updated"]
+    assert updated[0]["path"] == "b.bin" and updated[0]["changelog"] == "adds b.bin"
+    assert updated[0]["version"] == "1.2"
+    assert any(e["event"] == "update planned" and e["path"] == "b.bin" for e in logs)
+    for event in events:
+        data = orjson.loads(orjson.dumps(event.to_dict()))
+        assert data["kind"] == event.kind and data["message"]
+    assert isinstance(events[-1], StorageUpdateFinished) and events[-1].serial == 2
+
+
+async def test_dry_run_streams_the_plan_and_changes_nothing(tmp_path: Path) -> None:
+    weights = tensors(4)
+    old = st_bytes(weights)
+    weights["layer0.weight"] = weights["layer0.weight"] + 1
+    new = st_bytes(weights)
+    m1 = await publish(tmp_path / "v1", {MODEL: old}, serial=1)
+    m2 = await publish(tmp_path / "v2", {MODEL: new}, serial=2)
+    root = tmp_path / "store"
+    await install(root, {MODEL: old}, m1)
+    before = (root / MODEL).stat()
+    trusted = (root / ".kensho" / "trusted-manifest.json").read_bytes()
+    with http_server({MODEL: new}) as (url, server):
+        async with StorageManager(root, None, [http(url)]) as manager:
+            events = await drain(manager.update(m2, dry_run=True))
+        assert server.bytes_served == 0 and server.requests == []
+    kinds = [type(e) for e in events]
+    assert kinds == [StorageUpdateFilePlanned, StorageUpdatePlanned]
+    total = events[-1]
+    assert isinstance(total, StorageUpdatePlanned) and total.dry_run
+    differing = sum(
+        len(new[i : i + CHUNK])
+        for i in range(0, len(new), CHUNK)
+        if new[i : i + CHUNK] != old[i : i + CHUNK]
+    )
+    assert total.bytes_to_fetch == differing and total.bytes_reused == len(new) - differing
+    assert manager.plan is not None and manager.plan.bytes_to_fetch == total.bytes_to_fetch
+    after = (root / MODEL).stat()
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert (root / MODEL).read_bytes() == old
+    assert (root / ".kensho" / "trusted-manifest.json").read_bytes() == trusted
+    tmp = root / ".kensho" / "tmp"
+    assert not tmp.exists() or list(tmp.iterdir()) == []
+
+
+async def test_disk_precheck_counts_only_the_files_to_assemble(tmp_path: Path) -> None:
+    big = os.urandom(32 * CHUNK)  # unchanged: needs no space
+    old = {"big.bin": big, "small.bin": os.urandom(4 * CHUNK)}
+    new = {"big.bin": big, "small.bin": os.urandom(5 * CHUNK)}
+    m1 = await publish(tmp_path / "v1", old, serial=1)
+    m2 = await publish(tmp_path / "v2", new, serial=2)
+    root = tmp_path / "store"
+    await install(root, old, m1)
+    need = 5 * CHUNK
+    with http_server(new) as (url, server):
+        with pytest.raises(DiskSpaceError) as info:
+            await update(root, m2, [http(url)], disk_free=lambda _: need, space_margin=1)
+        assert info.value.needed == need + 1 and info.value.free == need
+        assert "small.bin" not in str(info.value) and "free some space" in str(info.value)
+        assert server.requests == []
+        assert (root / "small.bin").read_bytes() == old["small.bin"]
+        tmp = root / ".kensho" / "tmp"
+        assert not tmp.exists() or list(tmp.glob("*.part")) == []
+        await update(root, m2, [http(url)], disk_free=lambda _: need + 1, space_margin=1)
+    assert (root / "small.bin").read_bytes() == new["small.bin"]
+
+
+async def test_wrong_bytes_are_rejected_then_the_next_source_used(tmp_path: Path) -> None:
+    weights = tensors(5, count=3)
+    old = st_bytes(weights)
+    weights["layer1.weight"] = -weights["layer1.weight"]
+    new = st_bytes(weights)
+    m1 = await publish(tmp_path / "v1", {MODEL: old}, serial=1)
+    m2 = await publish(tmp_path / "v2", {MODEL: new}, serial=2)
+    root = tmp_path / "store"
+    await install(root, {MODEL: old}, m1)
+    with http_server({MODEL: new}, corrupt=True) as (bad_url, _):
+        # Only a lying source: the update stops, nothing is placed, serial 1 stays.
+        with pytest.raises(IntegrityError, match="still holds serial 1"):
+            await update(root, m2, [http(bad_url)])
+        assert (root / MODEL).read_bytes() == old and trusted_serial(root) == 1
+        with http_server({MODEL: new}) as (good_url, good):
+            _, events = await update(root, m2, [http(bad_url), http(good_url)])
+            assert 0 < good.bytes_served <= 512 * 1024 + 2 * CHUNK
+    assert any(isinstance(e, StorageChunkRejected) for e in events)
+    assert (root / MODEL).read_bytes() == new and trusted_serial(root) == 2
+
+
+async def test_local_chunk_changed_since_the_manifest_is_fetched_instead(
+    tmp_path: Path,
+) -> None:
+    base = os.urandom(8 * CHUNK)
+    old = {"a.bin": base}
+    new = {"a.bin": base + b"tail"}
+    m1 = await publish(tmp_path / "v1", old, serial=1)
+    m2 = await publish(tmp_path / "v2", new, serial=2)
+    root = tmp_path / "store"
+    await install(root, old, m1)
+    damaged = bytearray(base)
+    damaged[3 * CHUNK + 5] ^= 1  # chunk 3 no longer holds what the manifest says
+    (root / "a.bin").write_bytes(damaged)
+    with http_server(new) as (url, server):
+        await update(root, m2, [http(url)])
+        ranges = sorted(r for _, r in server.requests)
+    assert (root / "a.bin").read_bytes() == new["a.bin"]
+    assert ranges == [f"bytes={3 * CHUNK}-{4 * CHUNK - 1}", f"bytes={8 * CHUNK}-{8 * CHUNK + 3}"]
+    # Planned again (a resumed run): the file's fresh record says it is already done.
+    state = StateStore(root)
+    try:
+        again = plan_update(root, m1, m2, state.records())
+    finally:
+        state.close()
+    assert again.files == () and again.done == ("a.bin",)
+
+
+async def test_expired_manifest_never_updates(tmp_path: Path) -> None:
+    old, new = {"a.bin": os.urandom(2 * CHUNK)}, {"a.bin": os.urandom(2 * CHUNK)}
+    m1 = await publish(tmp_path / "v1", old, serial=1)
+    write_tree(tmp_path / "v2", new)
+    m2 = await build_manifest(
+        tmp_path / "v2",
+        name="demo",
+        version="2",
+        serial=2,
+        chunk_size=CHUNK,
+        expires=datetime(2027, 1, 1, tzinfo=UTC),
+    )
+    root = tmp_path / "store"
+    await install(root, old, m1)
+    source = MemorySource(new)
+    later = datetime(2030, 1, 1, tzinfo=UTC)
+    with pytest.raises(SignatureError, match="expired"):
+        await update(root, m2, [source], now=lambda: later)
+    assert source.requests == [] and (root / "a.bin").read_bytes() == old["a.bin"]
+    assert trusted_serial(root) == 1
+
+
+async def test_update_needs_a_trusted_manifest_and_a_higher_serial(tmp_path: Path) -> None:
+    files = {"a.bin": b"x" * 100}
+    m1 = await publish(tmp_path / "v1", files, serial=1)
+    root = tmp_path / "store"
+    with pytest.raises(ManifestError, match="no trusted manifest"):
+        await update(root, m1, [])
+    await install(root, files, m1)
+    with pytest.raises(ManifestError, match="not newer") as info:
+        await update(root, m1, [])
+    assert info.value.field == "signed.serial"
+
+
+def test_sigkill_mid_update_then_resume(tmp_path: Path) -> None:
+    old = os.urandom(64 * CHUNK)
+    new = old[: 16 * CHUNK] + os.urandom(40 * CHUNK) + old[56 * CHUNK :]
+    files_old, files_new = {"models/w.bin": old}, {"models/w.bin": new}
+    m1 = asyncio.run(publish(tmp_path / "v1", files_old, serial=1))
+    m2 = asyncio.run(publish(tmp_path / "v2", files_new, serial=2))
+    root = tmp_path / "store"
+    asyncio.run(install(root, files_old, m1))
+    manifest = tmp_path / "v2.json"
+    manifest.write_bytes(dump_manifest(m2))
+    args = [sys.executable, "-c", ENTRY, "sync", "-m", str(manifest), "-r", str(root), "--json"]
+    with http_server(files_new, pause_after=20 * CHUNK) as (url, state):
+        with subprocess.Popen(
+            [*args, "-s", url],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        ) as proc:
+            assert proc.stdout is not None
+            kinds = []
+            for line in proc.stdout:
+                event = json.loads(line)
+                kinds.append(event["kind"])
+                if event["kind"] == "storage.download.progress" and event["done"] >= 8 * CHUNK:
+                    break
+            proc.send_signal(signal.SIGKILL)
+            assert proc.wait(30) == -signal.SIGKILL
+        assert kinds[:2] == ["storage.update.file", "storage.update.planned"]
+        # The old file is untouched and usable; the new one waits in .kensho/tmp.
+        assert (root / "models/w.bin").read_bytes() == old
+        assert len(list((root / ".kensho" / "tmp").glob("*.part"))) == 1
+        assert trusted_serial(root) == 1
+        state.resume.set()
+        first = len(state.requests)
+        again = subprocess.run(
+            [*args, "-s", url],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=50,
+            check=False,
+        )
+        assert again.returncode == 0, again.stderr
+        resumed = [r for r in state.requests[first:] if r[0] == "models/w.bin"]
+    assert (root / "models/w.bin").read_bytes() == new
+    assert trusted_serial(root) == 2
+    assert len(resumed) == 1 and resumed[0][1] is not None
+    start, end = map(int, resumed[0][1].removeprefix("bytes=").split("-"))
+    assert start >= 24 * CHUNK, "the rerun fetched chunks that were already verified"
+    assert start % CHUNK == 0 and end == 56 * CHUNK - 1
+    assert list((root / ".kensho" / "tmp").glob("*.part")) == []
+    events = [json.loads(line) for line in again.stdout.splitlines()]
+    plan = next(e for e in events if e["kind"] == "storage.update.planned")
+    assert plan["to_serial"] == 2 and plan["bytes_to_fetch"] == 40 * CHUNK
+    assert events[-1]["kind"] == "storage.update.finished"
+
+
+def kensho(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", ENTRY, *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=50,
+        check=False,
+        env={**os.environ, "COLUMNS": "400"},
+    )
+
+
+def test_cli_cdc_build_dry_run_then_update(tmp_path: Path) -> None:
+    weights = tensors(6, count=4)
+    v1, v2 = tmp_path / "v1", tmp_path / "v2"
+    write_tree(v1, {MODEL: st_bytes(weights)})
+    write_tree(v2, {MODEL: st_bytes(weights, metadata={"note": "longer header"})})
+    for folder, serial in ((v1, "1"), (v2, "2")):
+        built = kensho(
+            "manifest", "build", folder, "-o", f"{folder}.json", "--chunking", "cdc",
+            "--cdc-avg", "65536", "--serial", serial, cwd=tmp_path,
+        )  # fmt: skip
+        assert built.returncode == 0, built.stderr
+    sizes = {
+        c["size"]
+        for c in json.loads((tmp_path / "v1.json").read_text())["signed"]["files"][0]["chunks"]
+    }
+    assert len(sizes) > 2 and max(sizes) <= 4 * 65536  # content-defined: sizes vary
+    root = tmp_path / "store"
+    first = kensho("sync", "-m", "v1.json", "-r", root, "-s", v1, cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    before = (root / MODEL).read_bytes()
+    dry = kensho("sync", "-m", "v2.json", "-r", root, "-s", v2, "--dry-run", cwd=tmp_path)
+    assert dry.returncode == 0, dry.stderr
+    assert "update plan: serial 1 -> 2" in dry.stdout and "dry run" in dry.stdout
+    assert MODEL in dry.stdout and "changed" in dry.stdout
+    assert (root / MODEL).read_bytes() == before and trusted_serial(root) == 1
+    done = kensho("sync", "-m", "v2.json", "-r", root, "-s", v2, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "update plan: serial 1 -> 2" in done.stderr and "updated" in done.stderr
+    assert (root / MODEL).read_bytes() == (v2 / MODEL).read_bytes()
+    assert trusted_serial(root) == 2
+    again = kensho("sync", "-m", "v2.json", "-r", root, "--dry-run", cwd=tmp_path)
+    assert again.returncode == 0 and "nothing changed" in again.stderr
+
+
+async def test_build_manifest_chunking_rules(tmp_path: Path) -> None:
+    data = os.urandom(600_000)
+    write_tree(tmp_path, {"a.bin": data, "empty.bin": b""})
+    cdc = await build_manifest(tmp_path, name="x", version="1", chunking="cdc", cdc=CDC)
+    a = cdc.file("a.bin")
+    assert a is not None and len(a.chunks) > 2
+    assert all(CDC.min <= c.size <= CDC.max for c in a.chunks[:-1])
+    assert b"".join(data[c.offset : c.end] for c in a.chunks) == data
+    empty = cdc.file("empty.bin")
+    assert empty is not None and empty.chunks == ()
+    # A chunk size given alone asks for chunks of that size: fixed.
+    fixed = await build_manifest(tmp_path, name="x", version="1", chunk_size=CHUNK)
+    a = fixed.file("a.bin")
+    assert a is not None and {c.size for c in a.chunks[:-1]} == {CHUNK}
+    default = await build_manifest(tmp_path, name="x", version="1")
+    explicit = await build_manifest(
+        tmp_path, name="x", version="1", chunking=DEFAULT_CHUNKING, cdc=CdcParams()
+    )
+    assert default.file("a.bin") == explicit.file("a.bin")
+    with pytest.raises(ManifestError, match="--cdc-min"):
+        CdcParams.from_sizes(65536, min=10)
+    with pytest.raises(ManifestError, match="--cdc-min <= --cdc-avg"):
+        CdcParams.from_sizes(65536, min=100_000)
+    with pytest.raises(ManifestError, match="chunking must be one of"):
+        await build_manifest(tmp_path, name="x", version="1", chunking="rolling")  # type: ignore[arg-type]
+
+
+_EDIT = st.tuples(
+    st.sampled_from(["insert", "delete", "replace"]),
+    st.integers(0, 20_000),
+    st.binary(min_size=1, max_size=3000),
+)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.binary(min_size=0, max_size=20_000),
+    edits=st.lists(_EDIT, max_size=4),
+    chunking=st.sampled_from(["fixed", "cdc"]),
+)
+def test_any_edit_updates_to_exactly_the_new_bytes(
+    seed: bytes, edits: list[tuple[str, int, bytes]], chunking: Chunking
+) -> None:
+    """Whatever changed, the update yields the new bytes and fetches what it planned."""
+    rng = np.random.default_rng(len(seed))
+    old = seed + rng.bytes(20_000)
+    new = old
+    for kind, where, data in edits:
+        at = min(where, len(new))
+        if kind == "insert":
+            new = new[:at] + data + new[at:]
+        elif kind == "delete":
+            new = new[:at] + new[at + len(data) :]
+        else:
+            new = new[:at] + data + new[at + len(data) :]
+    small = CdcParams(avg=256, min=64, max=1024)
+
+    async def run(tmp: Path) -> tuple[int, int]:
+        write_tree(tmp / "v1", {"f.bin": old, "same.bin": b"kept"})
+        write_tree(tmp / "v2", {"f.bin": new, "same.bin": b"kept"})
+        kw: dict[str, Any] = {"chunking": chunking, "cdc": small, "chunk_size": 512}
+        if chunking == "cdc":
+            kw.pop("chunk_size")
+        m1 = await build_manifest(tmp / "v1", name="p", version="1", serial=1, **kw)
+        m2 = await build_manifest(tmp / "v2", name="p", version="2", serial=2, **kw)
+        await install(tmp / "store", {"f.bin": old, "same.bin": b"kept"}, m1)
+        source = MemorySource({"f.bin": new, "same.bin": b"kept"})
+        manager, _ = await update(tmp / "store", m2, [source])
+        assert (tmp / "store" / "f.bin").read_bytes() == new
+        assert manager.plan is not None
+        return source.bytes_served, manager.plan.bytes_to_fetch
+
+    with tempfile.TemporaryDirectory() as tmp:
+        served, planned_bytes = asyncio.run(run(Path(tmp)))
+    assert served == planned_bytes
+    if new == old:
+        assert served == 0
