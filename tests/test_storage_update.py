@@ -554,3 +554,24 @@ def test_any_edit_updates_to_exactly_the_new_bytes(
     assert served == planned_bytes
     if new == old:
         assert served == 0
+
+
+async def test_boot_with_a_newer_manifest_updates_by_plan(tmp_path: Path) -> None:
+    """``initialize_and_verify`` given a higher serial plans an update, not a repair."""
+    old_weights = tensors(1)
+    new_weights = dict(old_weights)
+    new_weights["layer3.weight"] = np.ones((512, 256), np.float32)
+    old = {MODEL: st_bytes(old_weights), "config.json": b'{"layers": 6}'}
+    new = {MODEL: st_bytes(new_weights), "config.json": b'{"layers": 6}'}
+    m1 = await publish(tmp_path / "v1", old, serial=1)
+    m2 = await publish(tmp_path / "v2", new, serial=2, changelog="layer 3 retrained")
+    root = tmp_path / "store"
+    await install(root, old, m1)
+    with http_server(new) as (url, server):
+        async with StorageManager(root, m2, [http(url)]) as manager:
+            events = await drain(manager.initialize_and_verify())
+        served = server.bytes_served
+    assert (root / MODEL).read_bytes() == new[MODEL]
+    assert trusted_serial(root) == 2
+    assert any(isinstance(e, StorageUpdatePlanned) for e in events)
+    assert served <= changed_span(old[MODEL], new[MODEL]) + 2 * CHUNK

@@ -130,6 +130,7 @@ class StorageManager:
         self.now = now
         self._trust_checked = False
         self._expired: SignatureError | None = None
+        self._updating = False  # an update in progress ends with a plain _initialize
         self.sources = list(sources)
         self.state = StateStore(self.root)
         self.disk_free = disk_free
@@ -276,7 +277,28 @@ class StorageManager:
             )
         return current
 
+    async def _newer_release_given(self) -> bool:
+        """Whether boot was given a manifest with a higher serial than the trusted one."""
+        if not (self._manifest_given and self.sources) or self._updating:
+            return False
+        try:
+            current = await self.trusted_manifest()
+        except ManifestError:
+            return False
+        return (
+            current is not None
+            and self._manifest is not None
+            and self._manifest.serial > current.serial
+        )
+
     async def _update(self, emit: Emit, new: Manifest, *, dry_run: bool, wait: bool) -> None:
+        self._updating = True
+        try:
+            await self._update_locked(emit, new, dry_run=dry_run, wait=wait)
+        finally:
+            self._updating = False
+
+    async def _update_locked(self, emit: Emit, new: Manifest, *, dry_run: bool, wait: bool) -> None:
         started = time.perf_counter()
         if not dry_run:
             await self._take_lock(emit, wait=wait)
@@ -404,6 +426,12 @@ class StorageManager:
                 path.unlink()
 
     async def _initialize(self, emit: Emit, *, wait: bool, full: bool) -> None:
+        if await self._newer_release_given():
+            # A newer release at boot: update by plan (chunk reuse from anywhere in the
+            # store, merged ranges) instead of repairing every changed file as corrupt.
+            assert self._manifest is not None
+            await self._update(emit, self._manifest, dry_run=False, wait=wait)
+            return
         report = await self._verify(emit, full=full)
         self.offline = not self.sources
         if report.to_repair and self.sources:
