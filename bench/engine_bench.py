@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -35,62 +36,98 @@ from kensho.telemetry import configure_logging
 PROMPT = "The GPU"
 
 
-def plain_generate(model_dir: Path, device: str, tokens: int, rounds: int) -> tuple[float, float]:
-    tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True).to(device)
-    model.eval()
-    ids = tok(PROMPT, return_tensors="pt", add_special_tokens=False).input_ids.to(device)
-    kwargs = {"do_sample": False, "pad_token_id": tok.pad_token_id, "eos_token_id": None}
+class PlainGenerate:
+    """transformers' own ``generate()``: TTFT is a 1-token generate, speed a long one."""
 
-    def timed(n: int) -> tuple[float, int]:
-        if device.startswith("cuda"):
+    def __init__(self, model_dir: Path, device: str) -> None:
+        self.device = device
+        tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True)
+        self.model.to(device).eval()
+        self.ids = tok(PROMPT, return_tensors="pt", add_special_tokens=False).input_ids.to(device)
+        self.kwargs = {"do_sample": False, "pad_token_id": tok.pad_token_id, "eos_token_id": None}
+
+    def _timed(self, n: int) -> tuple[float, int]:
+        if self.device.startswith("cuda"):
             torch.cuda.synchronize()
         start = time.perf_counter()
         with torch.inference_mode():
-            out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kwargs)
-        if device.startswith("cuda"):
+            out = self.model.generate(self.ids, max_new_tokens=n, min_new_tokens=n, **self.kwargs)
+        if self.device.startswith("cuda"):
             torch.cuda.synchronize()
-        return time.perf_counter() - start, out.shape[1] - ids.shape[1]
+        return time.perf_counter() - start, out.shape[1] - self.ids.shape[1]
 
-    timed(tokens)  # warm-up
-    ttft = statistics.median(timed(1)[0] for _ in range(rounds))
-    runs = [timed(tokens) for _ in range(rounds)]
-    tps = statistics.median(n / t for t, n in runs)
-    return ttft, tps
+    async def round(self, tokens: int) -> tuple[float, float]:
+        ttft = self._timed(1)[0]
+        elapsed, count = self._timed(tokens)
+        return ttft, count / elapsed
 
 
-async def streamed(
-    source: TorchEngine | RuntimeManager, tokens: int, rounds: int
-) -> tuple[float, float]:
-    ttfts, speeds = [], []
-    for i in range(rounds + 1):
+class SameThreadLoop:
+    """Kensho's decode loop called directly on this thread: no streaming hand-off.
+
+    Shows how the streamed paths' cost splits between the loop itself and the
+    per-token hand-off from the worker thread to the event loop.
+    """
+
+    def __init__(self, engine: TorchEngine) -> None:
+        self.engine = engine
+
+    async def round(self, tokens: int) -> tuple[float, float]:
+        request = GenerationRequest(prompt=PROMPT, max_tokens=tokens, temperature=0)
+        times: list[float] = []
+        start = time.perf_counter()
+
+        def put(_: object) -> None:
+            times.append(time.perf_counter() - start)
+
+        self.engine._decode(request, put, threading.Event())
+        return times[0], len(times) / (time.perf_counter() - start)
+
+
+class Streamed:
+    """One streamed request through ``source``: TTFT and tokens/s of the whole stream."""
+
+    def __init__(self, source: TorchEngine | RuntimeManager) -> None:
+        self.source = source
+
+    async def round(self, tokens: int) -> tuple[float, float]:
         request = GenerationRequest(prompt=PROMPT, max_tokens=tokens, temperature=0)
         start = time.perf_counter()
         first = 0.0
         count = 0
-        async for _ in source.generate(request):
+        async for _ in self.source.generate(request):
             count += 1
             if count == 1:
                 first = time.perf_counter() - start
-        total = time.perf_counter() - start
-        if i == 0:
-            continue  # warm-up
-        ttfts.append(first)
-        speeds.append(count / total)
-    return statistics.median(ttfts), statistics.median(speeds)
+        return first, count / (time.perf_counter() - start)
 
 
-async def kensho_runs(
+async def measure(
     model_dir: Path, device: str, tokens: int, rounds: int
 ) -> dict[str, tuple[float, float]]:
+    """Rounds interleave the paths, so drift in machine load hits them all alike."""
     engine = TorchEngine(model_dir, device=device)
     await engine.load()
-    direct = await streamed(engine, tokens, rounds)
     manager = RuntimeManager(engine)
     await manager.start()
-    managed = await streamed(manager, tokens, rounds)
+    paths = {
+        "transformers model.generate()": PlainGenerate(model_dir, device),
+        "Kensho decode loop, same thread (no streaming)": SameThreadLoop(engine),
+        "TorchEngine (direct)": Streamed(engine),
+        "TorchEngine via RuntimeManager": Streamed(manager),
+    }
+    samples: dict[str, list[tuple[float, float]]] = {name: [] for name in paths}
+    for i in range(rounds + 1):
+        for name, path in paths.items():
+            result = await path.round(tokens)
+            if i:  # round 0 warms every path up
+                samples[name].append(result)
     await manager.close()
-    return {"TorchEngine (direct)": direct, "TorchEngine via RuntimeManager": managed}
+    return {
+        name: (statistics.median(t for t, _ in runs), statistics.median(s for _, s in runs))
+        for name, runs in samples.items()
+    }
 
 
 def main() -> None:
@@ -98,7 +135,7 @@ def main() -> None:
     parser.add_argument("--model", type=Path, default=DEMO_MODEL_DIR)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--tokens", type=int, default=96)
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=21)
     parser.add_argument(
         "--threads",
         type=int,
@@ -109,12 +146,7 @@ def main() -> None:
     configure_logging(level="warning")
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-    results = {
-        "transformers model.generate()": plain_generate(
-            args.model, args.device, args.tokens, args.rounds
-        )
-    }
-    results.update(asyncio.run(kensho_runs(args.model, args.device, args.tokens, args.rounds)))
+    results = asyncio.run(measure(args.model, args.device, args.tokens, args.rounds))
     base_ttft, base_tps = results["transformers model.generate()"]
     rows = [
         (
