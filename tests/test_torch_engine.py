@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,9 +13,10 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from kensho.demo import DEMO_MODEL_DIR
-from kensho.errors import EngineUnavailableError
+from kensho.errors import EngineUnavailableError, InvalidRequestError
 from kensho.runtime.engines.base import GenerationChunk, GenerationRequest
 from kensho.runtime.engines.torch_engine import IncrementalDetokenizer, StopMatcher, TorchEngine
+from kensho.runtime.manager import RuntimeManager
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -266,3 +268,71 @@ async def test_cuda_default_dtype_is_half_precision() -> None:
         assert len(chunks) == 8
     finally:
         await gpu.close()
+
+
+def _model_copy(tmp_path: Path) -> Path:
+    target = tmp_path / "model"
+    shutil.copytree(DEMO_MODEL_DIR, target)
+    return target
+
+
+async def test_chat_the_template_refuses_is_the_clients_error(tmp_path: Path) -> None:
+    folder = _model_copy(tmp_path)
+    (folder / "chat_template.jinja").write_text(
+        "{% if messages[0]['role'] == 'system' %}"
+        "{{ raise_exception('System role not supported') }}{% endif %}"
+        "{% for m in messages %}User: {{ m['content'] }}\n{% endfor %}Assistant:"
+    )
+    primary, fallback = TorchEngine(folder, name="gpu-weights"), TorchEngine(folder)
+    manager = RuntimeManager(primary, fallback)
+    await manager.start()
+    try:
+        request = GenerationRequest.chat([("system", "be brief"), ("user", "hi")], max_tokens=4)
+        for _ in range(4):
+            with pytest.raises(InvalidRequestError, match="System role not supported"):
+                [c async for c in manager.generate(request)]
+        assert str(manager.primary_breaker.state) == "closed"
+        assert manager.fallback_breaker is not None
+        assert str(manager.fallback_breaker.state) == "closed"
+        ok = GenerationRequest.chat([("developer", "be brief")], max_tokens=4)
+        with pytest.raises(InvalidRequestError):  # developer maps to system: refused too
+            [c async for c in manager.generate(ok)]
+    finally:
+        await manager.close()
+
+
+async def test_generation_config_end_tokens_stop_the_stream(tmp_path: Path) -> None:
+    folder = _model_copy(tmp_path)
+    tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    newline = tok.encode("\n", add_special_tokens=False)
+    assert len(newline) == 1
+    config = json.loads((folder / "generation_config.json").read_text())
+    config["eos_token_id"] = [tok.eos_token_id, newline[0]]  # like Llama 3's <|eot_id|>
+    (folder / "generation_config.json").write_text(json.dumps(config))
+    eng = TorchEngine(folder)
+    await eng.load()
+    try:
+        chunks = await collect(
+            eng, GenerationRequest(prompt="The GPU", max_tokens=40, temperature=0)
+        )
+    finally:
+        await eng.close()
+    assert text_of(chunks) == " is fast. The CPU is slower, but it is always there."
+    assert chunks[-1].finish_reason == "stop"
+
+
+async def test_a_cancelled_load_still_leaves_a_usable_engine() -> None:
+    eng = TorchEngine(DEMO_MODEL_DIR)
+    first = asyncio.create_task(eng.load())
+    await asyncio.sleep(0)  # let the load start, then cancel its caller (a probe timeout)
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    await eng.load()  # joins the load already under way instead of starting another
+    try:
+        assert eng.loaded
+        chunks = await collect(eng, GenerationRequest(prompt="The", max_tokens=3, temperature=0))
+        assert len(chunks) == 3
+    finally:
+        await eng.close()
+    assert not eng.loaded

@@ -18,6 +18,7 @@ Messages say what happened, to which file or task, and what the user can do.
     ├── StoreBusyError         another process holds the store lock (``--no-wait``)
     ├── SourceError            a source could not deliver (folder, HTTP server)
     │   └── DownloadError      a download failed or delivered the wrong bytes
+    ├── InvalidRequestError    a request an engine cannot serve as given (also a ValueError)
     ├── EngineError            an inference engine failed
     │   ├── EngineUnavailableError   the engine cannot run here (no CUDA, not loaded)
     │   └── EngineOutOfMemoryError   the device ran out of memory
@@ -39,6 +40,7 @@ __all__ = [
     "EngineOutOfMemoryError",
     "EngineUnavailableError",
     "IntegrityError",
+    "InvalidRequestError",
     "KenshoError",
     "ManifestError",
     "QueueFullError",
@@ -111,6 +113,17 @@ class SourceError(KenshoError):
 
 class DownloadError(SourceError):
     """A download failed, was cut short, or delivered bytes that do not match."""
+
+
+class InvalidRequestError(KenshoError, ValueError):
+    """The request itself is wrong (prompt longer than the context, a chat the model's
+    template refuses): the client must change it. It is a ``ValueError`` so breakers
+    never count it against an engine, and the HTTP API answers 400.
+    """
+
+    def __init__(self, message: str, *, code: str = "invalid_request") -> None:
+        super().__init__(message)
+        self.code = code
 
 
 class EngineError(KenshoError):

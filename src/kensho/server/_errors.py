@@ -8,7 +8,7 @@ QueueFullError            429     ``rate_limit_error``  ``Retry-After`` (queue f
 CircuitOpenError          503     ``server_error``      ``Retry-After`` (no engine)
 EngineError               503     ``server_error``      ``Retry-After``
 TaskTimeoutError          504     ``timeout_error``
-bad request               400     ``invalid_request_error``
+InvalidRequestError       400     ``invalid_request_error``
 ========================  ======  ====================  =============================
 
 The body is always ``{"error": {"message", "type", "param", "code"}}``, which the
@@ -21,7 +21,13 @@ import math
 
 from fastapi.responses import JSONResponse
 
-from kensho.errors import CircuitOpenError, EngineError, QueueFullError, TaskTimeoutError
+from kensho.errors import (
+    CircuitOpenError,
+    EngineError,
+    InvalidRequestError,
+    QueueFullError,
+    TaskTimeoutError,
+)
 
 __all__ = ["APIError", "error_body", "error_for_exception", "error_response"]
 
@@ -63,6 +69,8 @@ def error_response(err: APIError) -> JSONResponse:
 
 def error_for_exception(exc: BaseException) -> APIError | None:
     """The API error for a Kensho runtime error, or ``None`` if it is not one."""
+    if isinstance(exc, InvalidRequestError):
+        return APIError(400, str(exc), code=exc.code)
     if isinstance(exc, QueueFullError):
         return APIError(
             429,

@@ -19,13 +19,19 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import inspect
 import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-from kensho.errors import EngineError, EngineOutOfMemoryError, EngineUnavailableError
+from kensho.errors import (
+    EngineError,
+    EngineOutOfMemoryError,
+    EngineUnavailableError,
+    InvalidRequestError,
+)
 from kensho.runtime.engines.base import (
     EngineKind,
     FinishReason,
@@ -102,6 +108,13 @@ class StopMatcher:
         return pending
 
 
+class _Prepared(NamedTuple):
+    input_ids: Any
+    max_tokens: int
+    start: int
+    generator: Any
+
+
 class TorchEngine:
     """A Hugging Face causal LM folder served with transformers on ``device``.
 
@@ -135,27 +148,41 @@ class TorchEngine:
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._cache_kwarg = "cache"
         self._step_kwargs: dict[str, Any] = {"use_cache": True}
+        self._stop_ids: frozenset[int] = frozenset()
+        self._loading: asyncio.Task[None] | None = None
+        self._active: set[threading.Event] = set()  # cancel flags of running requests
+        self._count_lock = threading.Lock()
         self.tokens_generated = 0
 
     @property
     def loaded(self) -> bool:
-        return self._model is not None
+        return self._model is not None and self._pool is not None
 
     # -- lifecycle -----------------------------------------------------------------
 
     async def load(self) -> None:
-        """Load tokenizer and weights onto the device, off the event loop."""
+        """Load tokenizer and weights onto the device, off the event loop.
+
+        Single-flight and cancellation-safe: concurrent callers share one load, and a
+        caller cancelled by a timeout (a breaker probe) does not abandon it half-way;
+        the engine becomes usable once the weights are on the device.
+        """
         if self.loaded:
             return
-        self._pool = concurrent.futures.ThreadPoolExecutor(
+        if self._loading is None or self._loading.done():
+            self._loading = asyncio.ensure_future(self._load())
+        await asyncio.shield(self._loading)
+
+    async def _load(self) -> None:
+        pool = concurrent.futures.ThreadPoolExecutor(
             max_workers=self._max_concurrency, thread_name_prefix=f"kensho-{self.name}"
         )
         try:
-            await asyncio.get_running_loop().run_in_executor(self._pool, self._load_sync)
+            await asyncio.get_running_loop().run_in_executor(pool, self._load_sync)
         except BaseException:
-            self._pool.shutdown(wait=False)
-            self._pool = None
+            pool.shutdown(wait=False)
             raise
+        self._pool = pool
         log.info(
             "engine loaded",
             engine=self.name,
@@ -213,6 +240,12 @@ class TorchEngine:
             raise EngineUnavailableError(
                 f"engine {self.name!r}: cannot load {self.model_dir} on {self.device}: {exc}"
             ) from exc
+        # Every end-of-sequence id the model knows: chat models end a turn with a token
+        # (<|eot_id|>, <end_of_turn>) listed in generation_config, not as the tokenizer's.
+        stop_ids = {tokenizer.eos_token_id}
+        configured = getattr(model.generation_config, "eos_token_id", None)
+        stop_ids.update(configured if isinstance(configured, list) else [configured])
+        self._stop_ids = frozenset(i for i in stop_ids if isinstance(i, int))
         # transformers 5 renamed the KV-cache argument; accept both generations.
         params = inspect.signature(model.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
@@ -222,11 +255,17 @@ class TorchEngine:
         self._tokenizer, self._model = tokenizer, model
 
     async def close(self) -> None:
-        """Drop the weights (and cached GPU memory); ``load()`` may be called again."""
+        """Drop the weights (and cached GPU memory); ``load()`` may be called again.
+
+        Running requests are told to stop, and the wait for their current step happens
+        in a thread, so closing never blocks the event loop.
+        """
+        for flag in tuple(self._active):
+            flag.set()
+        pool, self._pool = self._pool, None
         self._model = self._tokenizer = None
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+        if pool is not None:
+            await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)
         if self.kind == "gpu":
             import torch
 
@@ -239,14 +278,27 @@ class TorchEngine:
     # -- generation ----------------------------------------------------------------
 
     def prompt_text(self, request: GenerationRequest) -> str:
-        """The text the model continues: chat template or plain prompt, plus continuation."""
+        """The text the model continues: chat template or plain prompt, plus continuation.
+
+        A chat the model's template refuses (roles it does not know, turns that do not
+        alternate) is the client's mistake: :class:`InvalidRequestError`, never an
+        engine failure that would open the breaker.
+        """
         if request.prompt is not None:
             base = request.prompt
         elif getattr(self._tokenizer, "chat_template", None):
-            messages = [{"role": m.role, "content": m.content} for m in request.messages]
-            base = self._tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=False
-            )
+            messages = [
+                {"role": "system" if m.role == "developer" else m.role, "content": m.content}
+                for m in request.messages
+            ]
+            try:
+                base = self._tokenizer.apply_chat_template(
+                    messages, add_generation_prompt=True, tokenize=False
+                )
+            except Exception as exc:  # jinja2 TemplateError and friends
+                raise InvalidRequestError(
+                    f"the model's chat template refused these messages: {exc}"
+                ) from exc
         else:
             base = request.text_input + "\nassistant:"
         return str(base) + request.continuation
@@ -260,6 +312,7 @@ class TorchEngine:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[GenerationChunk | BaseException | None] = asyncio.Queue()
         cancel = threading.Event()
+        self._active.add(cancel)
 
         def put(item: GenerationChunk | BaseException | None) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, item)
@@ -272,7 +325,8 @@ class TorchEngine:
             else:
                 put(None)
 
-        future = loop.run_in_executor(self._pool, work)
+        # The worker runs in a copy of this context, so its logs keep the request id.
+        future = loop.run_in_executor(self._pool, contextvars.copy_context().run, work)
         try:
             while True:
                 item = await queue.get()
@@ -283,7 +337,41 @@ class TorchEngine:
                 yield item
         finally:
             cancel.set()
+            self._active.discard(cancel)
             await asyncio.shield(future)
+
+    def _prepare(self, request: GenerationRequest, model: Any, tokenizer: Any) -> _Prepared:
+        """Tokens in, token budget, first chunk index and RNG; bad input is the client's."""
+        import torch
+
+        text = self.prompt_text(request)
+        # A plain prompt gets the tokenizer's BOS like in training; a chat template
+        # already wrote its own.
+        bos = request.prompt is not None
+        input_ids = tokenizer(text, return_tensors="pt", add_special_tokens=bos).input_ids
+        context = int(getattr(model.config, "max_position_embeddings", 0) or 0)
+        max_tokens = request.max_tokens
+        if context:
+            room = context - input_ids.shape[1]
+            if room < 1:
+                raise InvalidRequestError(
+                    f"the prompt is {input_ids.shape[1]} tokens; the model's context "
+                    f"is {context} tokens: shorten it",
+                    code="context_length_exceeded",
+                )
+            max_tokens = min(max_tokens, room)
+        start = (
+            len(tokenizer.encode(request.continuation, add_special_tokens=False))
+            if request.continuation
+            else 0
+        )
+        generator = None
+        if request.seed is not None:
+            try:
+                generator = torch.Generator(device=self.device).manual_seed(request.seed)
+            except (ValueError, RuntimeError, OverflowError) as exc:
+                raise InvalidRequestError(f"seed {request.seed} cannot be used: {exc}") from exc
+        return _Prepared(input_ids.to(self.device), max_tokens, start, generator)
 
     def _decode(
         self,
@@ -297,30 +385,11 @@ class TorchEngine:
         model, tokenizer = self._model, self._tokenizer
         if model is None or tokenizer is None:
             raise EngineUnavailableError(f"engine {self.name!r} was closed during a request")
-        text = self.prompt_text(request)
-        input_ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
-        context = int(getattr(model.config, "max_position_embeddings", 0) or 0)
-        max_tokens = request.max_tokens
-        if context:
-            room = context - input_ids.shape[1]
-            if room < 1:
-                raise ValueError(
-                    f"the prompt is {input_ids.shape[1]} tokens; the model's context "
-                    f"is {context} tokens: shorten it"
-                )
-            max_tokens = min(max_tokens, room)
-        start = (
-            len(tokenizer.encode(request.continuation, add_special_tokens=False))
-            if request.continuation
-            else 0
-        )
-        generator = None
-        if request.seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(request.seed)
-        eos = tokenizer.eos_token_id
+        prepared = self._prepare(request, model, tokenizer)
+        ids, max_tokens, start, generator = prepared
+        stop_ids = self._stop_ids
         detok = IncrementalDetokenizer(lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
         stops = StopMatcher(request.stop)
-        ids = input_ids.to(self.device)
         step_kwargs = {**self._step_kwargs, self._cache_kwarg: DynamicCache(config=model.config)}
         produced = 0
 
@@ -335,8 +404,9 @@ class TorchEngine:
                     next_ids = _sample(out.logits[:, -1, :], request, generator)
                     next_id = int(next_ids.item())
                     produced += 1
-                    self.tokens_generated += 1
-                    if eos is not None and next_id == eos:
+                    with self._count_lock:
+                        self.tokens_generated += 1
+                    if next_id in stop_ids:
                         put(chunk(stops.flush(), "stop"))
                         return
                     safe, stopped = stops.feed(detok.push(next_id))
