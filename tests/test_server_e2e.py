@@ -62,6 +62,11 @@ def test_demo_model_with_the_openai_client(tmp_path: Path) -> None:
             client.chat.completions.create(
                 model="gpt-4", messages=[{"role": "user", "content": "hi"}]
             )
+        with pytest.raises(openai.BadRequestError) as too_long:
+            client.completions.create(model=DEMO, prompt="word " * 400, max_tokens=4)
+        assert too_long.value.code == "context_length_exceeded"
+        metrics = httpx.get(server.url + "/metrics").text
+        assert metric(metrics, 'kensho_breaker_state{engine="cpu",state="closed"}') == 1.0
         ready = httpx.get(server.url + "/readyz").json()
         assert ready["integrity"]["status"] == "ok"
         assert ready["integrity"]["files"] == {"ok": 6}

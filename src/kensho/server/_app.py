@@ -434,7 +434,7 @@ class _Completer:
         self.ctx = ctx
         self.metrics = metrics
 
-    def _refuse(self, exc: KenshoError) -> APIError:
+    def _refuse(self, exc: KenshoError | ValueError) -> APIError:
         err = _api_error(exc)
         reason = exc.reason if isinstance(exc, QueueFullError) else (err.code or "error")
         self.metrics.rejections.labels(reason).inc()
@@ -472,7 +472,7 @@ class _Completer:
             except ClientDisconnectedError:
                 await handle.aclose()
                 return Response(status_code=499)
-            except KenshoError as exc:
+            except (KenshoError, ValueError) as exc:
                 await handle.aclose()
                 raise self._refuse(exc) from None
             except BaseException:
@@ -490,7 +490,7 @@ class _Completer:
                 chunks = await _unless_disconnected(request, _rest(handle, first))
             except ClientDisconnectedError:
                 return Response(status_code=499)
-            except KenshoError as exc:
+            except (KenshoError, ValueError) as exc:
                 raise self._refuse(exc) from None
             finally:
                 await handle.aclose()
@@ -519,7 +519,7 @@ class _Completer:
             if include_usage:
                 yield _sse(shape.usage_chunk(count))
             yield b"data: [DONE]\n\n"
-        except KenshoError as exc:
+        except (KenshoError, ValueError) as exc:
             log.warning("stream ended by an error", error=str(exc), tokens=count)
             yield _sse(error_body(_api_error(exc)))
         finally:
@@ -537,7 +537,10 @@ class _Timing:
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def _api_error(exc: KenshoError) -> APIError:
+def _api_error(exc: KenshoError | ValueError) -> APIError:
+    """The HTTP error for a failed completion: a bad request is the client's (400)."""
+    if isinstance(exc, ValueError) and not isinstance(exc, KenshoError):
+        return APIError(400, str(exc))
     return error_for_exception(exc) or APIError(500, str(exc), type="server_error")
 
 
