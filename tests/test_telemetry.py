@@ -7,6 +7,8 @@ import io
 import json
 import logging
 import re
+import subprocess
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -400,3 +402,49 @@ def test_unserialisable_values_are_rendered_not_dropped(stream: PipeStream) -> N
     assert event["path"] == "/x/y"
     assert event["things"] == [1, 3]
     assert "object" in event["obj"]
+
+
+class BrokenStream(io.StringIO):
+    def isatty(self) -> bool:
+        return False
+
+    def write(self, s: str) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_a_failing_sink_never_raises_into_the_caller(tmp_path: Path) -> None:
+    service = LoggerService()
+    service.configure(stream=BrokenStream(), capture_stdlib=False)
+    log = service.get_logger("storage")
+    log.info("repairing", path="model.bin")  # must not raise BrokenPipeError
+    log.error("still fine")
+    assert service.dropped == 2
+    assert service.counts()["info"] == 1
+    service.close()
+
+
+def test_importing_kensho_leaves_stdlib_logging_alone() -> None:
+    code = (
+        "import logging, kensho.server, kensho.kernel, kensho.cli;"
+        "from kensho.telemetry import get_logger; get_logger('x').info('hi');"
+        "root = logging.getLogger(); print(len(root.handlers), root.level)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.split() == ["0", str(logging.WARNING)]
+
+
+@pytest.mark.parametrize(
+    "key", ["time_to_first_token", "first_token_timeout", "time_per_token", "tokens_per_second"]
+)
+def test_token_timings_are_not_redacted(stream: PipeStream, key: str) -> None:
+    get_logger("runtime").info("timing", **{key: 0.25})
+    assert lines(stream)[0][key] == 0.25
+
+
+def test_forced_console_format_has_no_colour_codes_off_a_terminal() -> None:
+    out = PipeStream()
+    configure_logging(stream=out, format="console")
+    get_logger("cli").warning("plain text please")
+    assert "\x1b[" not in out.getvalue()

@@ -22,6 +22,7 @@ stream of the server replays how the boot went.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import math
 import signal
@@ -95,6 +96,7 @@ class _Server(uvicorn.Server):
         self._on_exit = on_exit
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
         await super().startup(sockets)
         if self.started:
             self._on_started()
@@ -113,12 +115,23 @@ class _Server(uvicorn.Server):
                 signal.signal(sig, handler)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        # A signal handler may interrupt the main thread inside the logging lock: it
+        # only sets flags here, and everything else runs later on the event loop.
         if self.should_exit:
-            log.warning("second signal: exiting now, cancelling what is still running")
             self.force_exit = True
+            self._later(_log_forced_exit)
             return
-        self._on_exit()
         self.should_exit = True
+        self._later(self._on_exit)
+
+    def _later(self, callback: Callable[[], None]) -> None:
+        loop = getattr(self, "_loop", None)
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(callback)
+
+
+def _log_forced_exit() -> None:
+    log.warning("second signal: exiting now, cancelling what is still running")
 
 
 class Kernel:

@@ -82,6 +82,17 @@ _SECRET_WORDS = frozenset(
 _SECRET_JOINED = ("apikey", "password", "secret", "privatekey", "accesskey")
 _SPLIT = re.compile(r"[^a-z0-9]+")
 _secret_cache: dict[str, bool] = {}
+_CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
+# "token" in a timing or a count is about generated tokens, not credentials:
+# time_to_first_token, first_token_timeout, time_per_token, tokens_per_second.
+_TOKEN_TIMING = frozenset({"first", "per", "last", "next", "each", "timeout", "time", "ttft"})
+
+
+def _is_token_timing(words: list[str], index: int) -> bool:
+    neighbours = set(words[max(0, index - 1) : index]) | set(words[index + 1 : index + 2])
+    return bool(neighbours & _TOKEN_TIMING)
+
+
 _CONTAINERS = (dict, list, tuple)
 
 
@@ -91,9 +102,12 @@ def is_secret_key(key: str) -> bool:
     if cached is not None:
         return cached
     lowered = key.lower()
-    words = [w for w in _SPLIT.split(lowered) if w]
-    joined = "".join(words)
-    secret = any(w in _SECRET_WORDS for w in words) or any(j in joined for j in _SECRET_JOINED)
+    words = [w for w in _SPLIT.split(_CAMEL.sub("_", key).lower()) if w]
+    joined = "".join(w for w in _SPLIT.split(lowered) if w)
+    secret = any(
+        w in _SECRET_WORDS and not (w == "token" and _is_token_timing(words, i))
+        for i, w in enumerate(words)
+    ) or any(j in joined for j in _SECRET_JOINED)
     if len(_secret_cache) < 4096:
         _secret_cache[key] = secret
     return secret

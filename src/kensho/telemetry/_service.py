@@ -17,7 +17,9 @@ so loggers obtained before ``configure_logging`` follow the new settings.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import sys
 import threading
 from collections.abc import Iterator, Mapping, MutableMapping
@@ -62,6 +64,8 @@ class _Router:
         self.console_sinks: list[Sink] = []
         self.capture: list[dict[str, Any]] | None = None
         self.counts: dict[str, int] = dict.fromkeys(LEVELS, 0)
+        self.dropped = 0  # lines a sink could not take (closed pipe, full disk)
+        self.colors = True
 
     @property
     def sinks(self) -> list[Sink]:
@@ -82,13 +86,28 @@ class _Router:
                     self.capture.append(event_dict)
                     return
         line = render_json(event_dict) if self.json_sinks else b""
-        text = render_console(event_dict, colors=True) if self.console_sinks else b""
+        text = render_console(event_dict, colors=self.colors) if self.console_sinks else b""
         with self.lock:
             self._count(event_dict)
             for sink in self.json_sinks:
-                sink.write(line)
+                self._write(sink, line)
             for sink in self.console_sinks:
-                sink.write(text)
+                self._write(sink, text)
+
+    def _write(self, sink: Sink, data: bytes) -> None:
+        """A sink that fails (closed pipe, full disk) loses the line, never the caller.
+
+        Logging must not turn a repair near a full disk into an ``OSError`` in the
+        code that happened to log; the loss is counted and said once on the real
+        stderr.
+        """
+        try:
+            sink.write(data)
+        except (OSError, ValueError) as exc:  # ValueError: write to a closed stream
+            self.dropped += 1
+            if self.dropped == 1 and sys.__stderr__ is not None:
+                with contextlib.suppress(Exception):
+                    sys.__stderr__.write(f"kensho: a log sink failed ({exc}); lines are lost\n")
 
     def _count(self, event_dict: dict[str, Any]) -> None:
         level = event_dict.get("level", "info")
@@ -123,6 +142,12 @@ class _StdlibBridge(logging.Handler):
             self._service.process(method if method in LEVELS else "info", event)
         except Exception:  # a log handler must never raise into the caller
             self.handleError(record)
+
+
+def _wants_colour(stream: object) -> bool:
+    """ANSI colours only for a terminal, and never when ``NO_COLOR`` is set."""
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty is not None and isatty()) and "NO_COLOR" not in os.environ
 
 
 class LoggerService:
@@ -184,15 +209,19 @@ class LoggerService:
         for sink in old:
             if isinstance(sink, RotatingFileSink):
                 sink.close()
+        target = stream if stream is not None else sys.stderr
+        self._router.colors = _wants_colour(target)
         self.settings = settings
         self._configured = True
-        self._apply_levels(settings.level, dict(settings.levels))
         if capture_stdlib:
             self._install_bridge()
+        self._apply_levels(settings.level, dict(settings.levels))
 
     def _ensure_configured(self) -> None:
+        # Implicit defaults only: merely importing Kensho must not take over the
+        # process's stdlib logging (root handlers and level) from the application.
         if not self._configured:
-            self.configure()
+            self.configure(capture_stdlib=False)
 
     def level_for(self, service: str) -> str:
         """The minimum level of ``service``: the longest dotted-prefix override wins."""
@@ -208,8 +237,9 @@ class LoggerService:
         self._level, self._levels = level, dict(levels)
         for name, logger in list(self._loggers.items()):
             logger.__class__ = structlog.make_filtering_bound_logger(LEVELS[self.level_for(name)])
-        root = logging.getLogger()
-        root.setLevel(LEVELS[level])
+        if self._bridge is None:
+            return  # stdlib logging is the application's until configure_logging() says
+        logging.getLogger().setLevel(LEVELS[level])
         for name, value in self._levels.items():
             logging.getLogger(name).setLevel(LEVELS[value])
 
@@ -239,6 +269,11 @@ class LoggerService:
         for processor in self._processors[:-1]:
             result = processor(None, method, result)
         self._router.emit(result)
+
+    @property
+    def dropped(self) -> int:
+        """Lines lost because a sink failed (closed pipe, full disk)."""
+        return self._router.dropped
 
     def counts(self) -> dict[str, int]:
         """Events emitted so far, by level (for the ``/metrics`` endpoint)."""
