@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from _storage_support import signed_for
-from kensho.errors import SignatureError
+from kensho.errors import IntegrityError, SignatureError
 from kensho.storage import MemorySource, Source, StorageManager, parse_manifest
 from kensho.storage import manager as manager_module
 from kensho.storage.manifest import Manifest
@@ -122,10 +122,26 @@ async def test_same_serial_with_different_content_is_refused(tmp_path: Path) -> 
 async def test_expired_manifest_is_never_used_to_fetch(tmp_path: Path) -> None:
     expiring = sign_manifest(manifest(expires="2026-12-01T00:00:00Z"), KEY)
     source = MemorySource(FILES)
-    with pytest.raises(SignatureError, match="expired"):
+    with pytest.raises(IntegrityError) as info:
         await boot(tmp_path, expiring, [source], now=datetime(2027, 1, 1, tzinfo=UTC))
+    assert "manifest expired at 2026-12-01T00:00:00Z" in info.value.problems["model.bin"]
     assert source.bytes_served == 0
     assert not (tmp_path / "model.bin").exists()
+
+
+async def test_expired_manifest_with_sources_still_boots_degraded(tmp_path: Path) -> None:
+    files = {**FILES, "extra.txt": b"optional"}
+    signed = signed_for(files, 4096, expires="2026-12-01T00:00:00Z")
+    for entry in signed["files"]:
+        entry["required"] = entry["path"] != "extra.txt"
+    expiring = sign_manifest(parse_manifest({"signed": signed, "signatures": []}), KEY)
+    await boot(tmp_path, expiring, [MemorySource(files)], now=datetime(2026, 11, 26, tzinfo=UTC))
+    (tmp_path / "extra.txt").unlink()
+    source = MemorySource(files)
+    store = await boot(tmp_path, expiring, [source], now=datetime(2027, 1, 1, tzinfo=UTC))
+    assert store.offline
+    assert store.report is not None and store.report.ok
+    assert source.bytes_served == 0
 
 
 async def test_expired_manifest_still_boots_a_verified_store_offline(tmp_path: Path) -> None:
@@ -166,3 +182,21 @@ async def test_lying_mirror_is_skipped_for_the_rest_of_the_run(tmp_path: Path) -
     assert len(asked) == 1  # tried for the first file only, then distrusted
     assert {path for path, _, _ in good.requests} == set(FILES)
     assert any(e["event"] == "source distrusted for the rest of the run" for e in events)
+
+
+async def test_a_refused_update_leaves_the_manager_on_its_release(tmp_path: Path) -> None:
+    await boot(tmp_path, sign_manifest(manifest(serial=1), KEY), [MemorySource(FILES)])
+    changed = {**FILES, "model.bin": b"v" * 10_000}
+    expired = sign_manifest(manifest(serial=2, files=changed, expires="2026-12-01T00:00:00Z"), KEY)
+    later = datetime(2027, 1, 1, tzinfo=UTC)
+    store = StorageManager(tmp_path, None, [MemorySource(changed)], trust=TRUST, now=lambda: later)
+    try:
+        with pytest.raises(SignatureError, match="expired"):
+            async for _ in store.update(expired):
+                pass
+        async for _ in store.verify():
+            pass
+        assert (await store.manifest()).serial == 1
+        assert store.report is not None and store.report.ok
+    finally:
+        await store.aclose()

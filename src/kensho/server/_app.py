@@ -315,6 +315,7 @@ def _add_health_routes(app: FastAPI, ctx: ServerContext, metrics: ServerMetrics)
                 listener(past)
             ctx.hub.add_listener(listener)
             stopping = asyncio.ensure_future(ctx.stopping.wait())
+            getter: asyncio.Future[Event] | None = None
             try:
                 yield b"event: snapshot\n" + _sse(_snapshot(ctx))
                 while True:
@@ -335,6 +336,8 @@ def _add_health_routes(app: FastAPI, ctx: ServerContext, metrics: ServerMetrics)
             finally:
                 ctx.hub.remove_listener(listener)
                 stopping.cancel()
+                if getter is not None:
+                    getter.cancel()
 
         return StreamingResponse(events(), media_type="text/event-stream", headers=_SSE_HEADERS)
 

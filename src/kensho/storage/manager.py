@@ -293,8 +293,16 @@ class StorageManager:
 
     async def _update(self, emit: Emit, new: Manifest, *, dry_run: bool, wait: bool) -> None:
         self._updating = True
+        saved = (self._manifest, self._manifest_given, self._trust_checked, self._expired)
         try:
             await self._update_locked(emit, new, dry_run=dry_run, wait=wait)
+        except BaseException:
+            # A refused or failed update leaves the manager on the release it had.
+            self._manifest, self._manifest_given, self._trust_checked, self._expired = saved
+            raise
+        else:
+            if dry_run:  # a plan only: nothing changed, so neither does the manager
+                self._manifest, self._manifest_given, self._trust_checked, self._expired = saved
         finally:
             self._updating = False
 
@@ -433,8 +441,11 @@ class StorageManager:
             await self._update(emit, self._manifest, dry_run=False, wait=wait)
             return
         report = await self._verify(emit, full=full)
-        self.offline = not self.sources
-        if report.to_repair and self.sources:
+        # An expired manifest never fetches: the store is then offline by policy, and
+        # the required/optional rules below decide between degraded mode and refusal.
+        can_fetch = bool(self.sources) and self._expired is None
+        self.offline = not can_fetch
+        if report.to_repair and can_fetch:
             report = await self._repair(emit, wait=wait)
         problems = {f.path: self._why(f) for f in report.files if f.required and f.needs_repair}
         if problems:
@@ -460,6 +471,13 @@ class StorageManager:
         reason = self._failures.get(report.path)
         if reason:
             return f"{report.status.value}: {reason}"
+        if self._expired is not None and report.status != FileStatus.UNSAFE:
+            manifest = self._manifest
+            expires = manifest.expires if manifest is not None else "?"
+            return (
+                f"{report.status.value}; the manifest expired at {expires}, so nothing is "
+                "fetched (publish a fresh manifest)"
+            )
         if not self.sources and report.status != FileStatus.UNSAFE:
             return f"{report.status.value}; no source to repair it from"
         return report.status.value + (f": {report.detail}" if report.detail else "")
