@@ -45,7 +45,7 @@ async def make_stack(**ctx_options: object) -> tuple[Stack, RuntimeManager, Task
         runtime=runtime, executor=executor, hub=executor.hub, model_id=MODEL, **ctx_options
     )  # type: ignore[arg-type]
     client = httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=create_app(ctx)), base_url="http://kensho.test"
+        transport=httpx.ASGITransport(app=create_app(ctx)), base_url="http://localhost:8000"
     )
     return Stack(client, ctx, gpu, cpu, clock), runtime, executor
 
@@ -307,3 +307,20 @@ async def test_draining_server_refuses_new_completions(stack: Stack) -> None:
     assert r.status_code == 503
     assert r.json()["error"]["code"] == "draining"
     assert (await stack.client.get("/readyz")).status_code == 503
+
+
+async def test_keyless_server_refuses_other_web_origins(stack: Stack) -> None:
+    evil = await stack.client.post("/v1/kensho/verify", headers={"Origin": "http://evil.example"})
+    assert evil.status_code == 403
+    assert evil.json()["error"]["code"] == "origin_refused"
+    local_ui = await stack.client.get("/v1/models", headers={"Origin": "http://localhost:3000"})
+    assert local_ui.status_code == 200
+
+
+async def test_keyless_loopback_server_refuses_rebound_host_names(stack: Stack) -> None:
+    rebound = await stack.client.get("/v1/models", headers={"Host": "attacker.example:8000"})
+    assert rebound.status_code == 403
+    assert "Host" in rebound.json()["error"]["message"]
+    for host in ("127.0.0.1:8000", "[::1]:8000", "localhost"):
+        assert (await stack.client.get("/v1/models", headers={"Host": host})).status_code == 200
+    assert (await stack.client.get("/healthz", headers={"Host": "x.example"})).status_code == 200

@@ -88,6 +88,12 @@ class _Guard:
 
     async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
         ctx = self.context
+        if not ctx.api_key and scope["path"] not in _OPEN_PATHS:
+            problem = _browser_problem(scope, ctx.host)
+            if problem:
+                why = f"{problem}; set an API key (--api-key) to serve other clients"
+                await _send_error(send, APIError(403, why, code="origin_refused"))
+                return
         if ctx.api_key and scope["path"] not in _OPEN_PATHS and not self._authorized(scope):
             await _send_error(
                 send,
@@ -190,12 +196,39 @@ def _timeout(request: Request, default: float | None) -> float | None:
 
 
 def _is_loopback(host: str) -> bool:
-    if host in {"localhost", ""}:
-        return host == "localhost"
+    """``localhost``, ``127.x.y.z`` or ``::1`` (brackets allowed)."""
+    host = host.strip("[]").lower()
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
     try:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _authority_host(authority: str) -> str:
+    """The host of ``host[:port]`` or ``[v6][:port]``."""
+    if authority.startswith("["):
+        return authority[1 : authority.find("]")] if "]" in authority else authority
+    return authority.rsplit(":", 1)[0] if authority.count(":") == 1 else authority
+
+
+def _browser_problem(scope: Scope, bound_host: str) -> str | None:
+    """Why a keyless request must be refused: another site or a rebound DNS name.
+
+    Without an API key, a loopback server trusts whoever can reach it; a web page in
+    the user's browser can too, unless requests from other origins (``Origin``) and
+    for other names (``Host``, DNS rebinding) are refused.
+    """
+    origin = _header(scope, b"origin")
+    if origin and origin != "null":
+        origin_host = _authority_host(origin.split("://", 1)[-1].split("/", 1)[0])
+        if not _is_loopback(origin_host):
+            return f"requests from the web origin {origin} are refused"
+    host = _header(scope, b"host")
+    if _is_loopback(bound_host) and host and not _is_loopback(_authority_host(host)):
+        return f"the Host {host} is not this machine's loopback name"
+    return None
 
 
 async def _until_disconnected(request: Request) -> None:
