@@ -324,3 +324,10 @@ async def test_keyless_loopback_server_refuses_rebound_host_names(stack: Stack) 
     for host in ("127.0.0.1:8000", "[::1]:8000", "localhost"):
         assert (await stack.client.get("/v1/models", headers={"Host": host})).status_code == 200
     assert (await stack.client.get("/healthz", headers={"Host": "x.example"})).status_code == 200
+
+
+async def test_wrong_method_is_405_with_allow(stack: Stack) -> None:
+    r = await stack.client.get("/v1/chat/completions")
+    assert r.status_code == 405
+    assert r.json()["error"]["code"] == "method_not_allowed"
+    assert r.headers["allow"] == "POST"

@@ -277,3 +277,17 @@ def test_client_that_disconnects_cancels_its_task(tmp_path: Path) -> None:
         text = httpx.get(server.url + "/metrics").text
         assert metric(text, 'kensho_tasks_total{outcome="completed"}') == 0
         assert metric(text, 'kensho_tasks_in_flight{engine="gpu"}') == 0
+
+
+def test_a_port_in_use_fails_before_boot(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = kensho_env(tmp_path, **{**MOCK_ENV, "KENSHO_SERVER_PORT": str(port)})
+        result = run_kensho("up", env=env, cwd=tmp_path, timeout=60)
+    assert result.returncode == 10
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "boot started" not in result.stderr  # refused before verifying anything

@@ -145,6 +145,7 @@ class Kernel:
         self.executor: TaskExecutor | None = None
         self.context: ServerContext | None = None
         self._boot_events: list[Event] = []
+        self._socket: socket.socket | None = None
 
     # -- wiring ------------------------------------------------------------------------
 
@@ -251,13 +252,23 @@ class Kernel:
             state.problems = {f.path: f.status.value for f in report.files if f.needs_repair}
         return state
 
+    def bind(self) -> socket.socket:
+        """Take the listening port now: a port in use fails in a second, before boot.
+
+        Verifying a store and loading a model can take minutes; finding out after
+        all that that the port was taken would waste them.
+        """
+        if self._socket is None:
+            self._socket = _bind(self.settings.server.host, self.settings.server.port)
+        return self._socket
+
     async def serve(self, *, on_listening: Callable[[str], None] | None = None) -> None:
         """Serve HTTP until SIGINT/SIGTERM, then shut down gracefully."""
         ctx = self.context
         if ctx is None:
             raise RuntimeError("boot() must succeed before serve()")
         settings = self.settings.server
-        sock = _bind(settings.host, settings.port)
+        sock = self.bind()
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
         url = f"http://{shown}:{port}"
@@ -284,6 +295,7 @@ class Kernel:
             await server.serve(sockets=[sock])
         finally:
             sock.close()
+            self._socket = None
 
     async def shutdown(self) -> None:
         """Cancel what is left, close engines, store and logs. Safe to call twice."""
@@ -294,6 +306,9 @@ class Kernel:
         if self.runtime is not None:
             await self.runtime.close()
         await self.storage.aclose()
+        if self._socket is not None:  # bound, but boot failed before serving
+            self._socket.close()
+            self._socket = None
         log.info("shutdown complete")
         log_service().flush()
 

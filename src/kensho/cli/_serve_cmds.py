@@ -141,6 +141,12 @@ async def _up(settings: Settings) -> int:
     with _Renderer(as_json=False) as renderer:
         kernel = Kernel(settings, on_event=renderer.handle)
         try:
+            kernel.bind()
+        except OSError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}")
+            await kernel.shutdown()
+            return int(ExitCode.ERROR)
+        try:
             ctx = await kernel.boot()
         except BaseException:
             await kernel.shutdown()

@@ -298,7 +298,10 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> Response:
-        return error_response(APIError(exc.status_code, str(exc.detail), code="not_found"))
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        response = error_response(APIError(exc.status_code, str(exc.detail), code=code))
+        response.headers.update(exc.headers or {})  # e.g. Allow on a 405
+        return response
 
 
 def _add_health_routes(app: FastAPI, ctx: ServerContext, metrics: ServerMetrics) -> None:
