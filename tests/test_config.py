@@ -53,13 +53,13 @@ def test_environment_lists_mappings_and_aliases(tmp_path: Path) -> None:
         env={
             "KENSHO_STORAGE_SOURCES": "/a, /b ,",
             "KENSHO_LOG_LEVELS": "storage=DEBUG, runtime=warn",
-            "KENSHO_API_KEY": "k-123",
+            "KENSHO_API_KEY": "k-1234567",
         },
         cwd=tmp_path,
     )
     assert settings.storage.sources == ["/a", "/b"]
     assert settings.log.levels == {"storage": "debug", "runtime": "warning"}
-    assert settings.server.api_key == "k-123"
+    assert settings.server.api_key == "k-1234567"
 
 
 def test_unknown_key_names_the_key(tmp_path: Path) -> None:
@@ -124,3 +124,11 @@ def test_several_problems_are_counted(tmp_path: Path) -> None:
     path = write(tmp_path, "[server]\nport = 'x'\nhost = 3\nzzz = 1\n")
     with pytest.raises(ConfigError, match="and 2 more problems"):
         load_settings(path, env={})
+
+
+@pytest.mark.parametrize("key", ["short", "has space inside", "clé-secrète-longue"])
+def test_api_key_must_be_a_usable_bearer_token(tmp_path: Path, key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(env={"KENSHO_API_KEY": key}, cwd=tmp_path)
+    assert info.value.key == "server.api_key"
+    assert key not in str(info.value)  # the secret itself is never echoed

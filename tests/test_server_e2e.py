@@ -75,23 +75,23 @@ def test_demo_model_with_the_openai_client(tmp_path: Path) -> None:
 
 
 def test_api_key_and_raw_bodies(tmp_path: Path) -> None:
-    env = kensho_env(tmp_path, **MOCK_ENV, KENSHO_API_KEY="k-123")
+    env = kensho_env(tmp_path, **MOCK_ENV, KENSHO_API_KEY="k-1234567")
     with kensho_up(env=env, cwd=tmp_path) as server:
         assert httpx.get(server.url + "/healthz").status_code == 200
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=server.url + "/v1", api_key="wrong").models.list()
-        client = openai.OpenAI(base_url=server.url + "/v1", api_key="k-123")
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="k-1234567")
         reply = client.chat.completions.create(
             model="mock", messages=[{"role": "user", "content": "hi"}], max_tokens=4
         )
         assert reply.usage is not None
         assert reply.usage.completion_tokens == 4
-        auth = {"Authorization": "Bearer k-123", "Content-Type": "application/json"}
+        auth = {"Authorization": "Bearer k-1234567", "Content-Type": "application/json"}
         bad = httpx.post(server.url + "/v1/chat/completions", content=b"{nope", headers=auth)
         assert bad.status_code == 400
         big = httpx.post(server.url + "/v1/completions", content=b"x" * (2 << 20), headers=auth)
         assert big.status_code == 413
-        assert "k-123" not in "".join(server.stderr)
+        assert "k-1234567" not in "".join(server.stderr)
 
 
 def test_overload_burst_every_answer_is_200_or_429(tmp_path: Path) -> None:

@@ -99,10 +99,20 @@ class ServerSettings(_Section):
 
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
-    api_key: str | None = Field(default=None, json_schema_extra={"env": "KENSHO_API_KEY"})
+    api_key: str | None = Field(
+        default=None, min_length=8, max_length=512, json_schema_extra={"env": "KENSHO_API_KEY"}
+    )
     max_body_bytes: int = Field(default=1 << 20, ge=1024, le=1 << 30)
     request_timeout: float | None = Field(default=None, gt=0)
     shutdown_timeout: float = Field(default=10.0, ge=0)
+
+    @field_validator("api_key")
+    @classmethod
+    def _visible_ascii(cls, value: str | None) -> str | None:
+        # A Bearer token travels in an HTTP header: printable ASCII, no spaces.
+        if value is not None and not all("!" <= c <= "~" for c in value):
+            raise ValueError("must be printable ASCII without spaces")
+        return value
 
 
 class ModelSettings(_Section):

@@ -64,13 +64,12 @@ def _settings_for(
     port: int | None = None,
     model: Path | None = None,
     manifest: Path | None = None,
-    root: Path | None = None,
     sources: list[str] | None = None,
     engine: str | None = None,
     api_key: str | None = None,
 ) -> Settings:
     base = state().settings
-    storage: dict[str, Any] = {"manifest": manifest, "root": root}
+    storage: dict[str, Any] = {"manifest": manifest}
     if sources:
         storage["sources"] = [*base.storage.sources, *sources]
     return _override(

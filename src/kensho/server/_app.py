@@ -138,7 +138,7 @@ class _Guard:
         scheme, _, token = value.partition(" ")
         key = self.context.api_key or ""
         return scheme.lower() == "bearer" and hmac.compare_digest(
-            token.strip().encode(), key.encode()
+            token.strip().encode("latin-1"), key.encode("latin-1", "replace")
         )
 
 
@@ -294,7 +294,8 @@ def _add_error_handlers(app: FastAPI) -> None:
             return error_response(APIError(400, f"request body is not valid JSON: {first['msg']}"))
         field = ".".join(loc) or None
         message = f"{field}: {first['msg']}" if field else str(first["msg"])
-        return error_response(APIError(422 if field else 400, message, param=field))
+        # 400, as OpenAI answers invalid parameters (its client raises BadRequestError).
+        return error_response(APIError(400, message, param=field))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> Response:
@@ -413,13 +414,18 @@ def _add_admin_routes(app: FastAPI, ctx: ServerContext) -> None:
         log.info("breaker changed by admin", engine=body.engine, action=body.action)
         return {"engine": body.engine, "state": str(target.state)}
 
+    verifying = asyncio.Lock()
+
     @app.post("/v1/kensho/verify")
     async def verify() -> dict[str, Any]:
-        """Re-verify the store now (full hash) and report."""
+        """Re-verify the store now (full hash) and report; one verification at a time."""
         _admin_allowed()
         if ctx.verify is None:
             raise APIError(404, "this server has no store to verify", code="no_store")
-        ctx.integrity = await ctx.verify()
+        if verifying.locked():
+            raise APIError(409, "a verification is already running", code="verify_running")
+        async with verifying:
+            ctx.integrity = await ctx.verify()
         return ctx.integrity.to_dict()
 
 
