@@ -33,16 +33,15 @@ class Server:
             return self.process.wait(timeout=10)
 
 
-def kensho_env(data_home: Path, **extra: str) -> dict[str, str]:
+def kensho_env(data_home: Path, *, port: str | None = "0", **extra: str) -> dict[str, str]:
+    """The environment of a ``kensho`` subprocess: no outside KENSHO_* leaks in, the
+    store lives under ``data_home``, logs are JSON, and ``up`` picks a free port."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("KENSHO_")}
     env.update(
-        {
-            "XDG_DATA_HOME": str(data_home),
-            "KENSHO_LOG_FORMAT": "json",
-            "KENSHO_SERVER_PORT": "0",
-            "PYTHONUNBUFFERED": "1",
-        }
+        {"XDG_DATA_HOME": str(data_home), "KENSHO_LOG_FORMAT": "json", "PYTHONUNBUFFERED": "1"}
     )
+    if port is not None:
+        env["KENSHO_SERVER_PORT"] = port
     env.update(extra)
     return env
 

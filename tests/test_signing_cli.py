@@ -2,27 +2,17 @@
 
 from __future__ import annotations
 
-import os
 import stat
 import subprocess
-import sys
 from pathlib import Path
 
+from _server_support import kensho_env, run_kensho
 from kensho.storage import load_manifest
 from kensho.storage.signing import TrustedKeys, verify_signatures
 
 
 def kensho(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("KENSHO_")}
-    return subprocess.run(
-        [sys.executable, "-m", "kensho", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    return run_kensho(*args, env=kensho_env(cwd), cwd=cwd, timeout=60)
 
 
 def test_keygen_then_sign_produces_a_manifest_trusted_by_that_key(tmp_path: Path) -> None:
