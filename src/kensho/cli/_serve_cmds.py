@@ -41,7 +41,8 @@ _UP_HELP = (
     "curl http://127.0.0.1:8000/v1/chat/completions -d "
     '\'{"model": "kensho-demo", "messages": [{"role": "user", "content": "Say hello."}]}\''
     "\n\nExit codes: 0 stopped cleanly · 3 bad config · 4 a required file could not be "
-    "made good (each is listed) · 10 no engine could start, or the port is taken."
+    "made good (each is listed) · 5 not enough disk space for a repair · 6 the manifest "
+    "failed a trust check · 10 no engine could start, or the port is taken."
 )
 
 
