@@ -448,3 +448,51 @@ async def test_server_ignoring_range_still_repairs_one_chunk(tmp_path: Path) -> 
     assert checked(events)["models/w.bin"].bad_chunks == (8,)
     assert state.statuses == [200]
     assert_tree(tmp_path, FILES)
+
+
+async def test_cancelled_repair_never_closes_a_file_a_thread_still_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cancellation waits for copy threads: a closed fd number could be reused by
+    another file (the state database) and receive model bytes."""
+    import threading
+
+    from kensho.storage import _repair
+
+    data = os.urandom(8 * 4096)
+    files = {"w.bin": data}
+    write_tree(tmp_path, files)
+    broken = bytearray(data)
+    broken[5 * 4096] ^= 0xFF  # chunk 5 bad: the other 7 are copied from the old file
+    (tmp_path / "w.bin").write_bytes(bytes(broken))
+    entered, release = threading.Event(), threading.Event()
+    fd_alive: list[bool] = []
+    original = _repair._copy_chunk
+
+    def slow_copy(src: Path, fd: int, chunk: object) -> bool:
+        entered.set()
+        release.wait(10)
+        try:
+            os.fstat(fd)
+            fd_alive.append(True)
+        except OSError:
+            fd_alive.append(False)
+        return original(src, fd, chunk)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_repair, "_copy_chunk", slow_copy)
+    manager = StorageManager(tmp_path, manifest_for(files, 4096), [MemorySource(files)])
+
+    async def run() -> None:
+        async for _ in manager.repair():
+            pass
+
+    task = asyncio.create_task(run())
+    await asyncio.to_thread(entered.wait, 10)
+    task.cancel()
+    for _ in range(50):  # let the cancellation travel as far as it would go
+        await asyncio.sleep(0)
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await manager.aclose()
+    assert fd_alive and all(fd_alive)

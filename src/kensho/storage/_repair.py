@@ -35,7 +35,7 @@ from kensho.events import (
 )
 from kensho.storage._fs import UnsafePathError, fsync_dir, resolve_inside
 from kensho.storage._verify import Emit
-from kensho.storage.hashing import Hasher, sha256_range
+from kensho.storage.hashing import Hasher, run_all, run_to_completion, sha256_range
 from kensho.storage.manifest import Chunk, FileEntry
 from kensho.storage.sources import Source, SourceUnreachableError
 from kensho.storage.state import StatRecord
@@ -256,7 +256,7 @@ class FileRepairer:
         part = part_path(self.tmp_dir, entry)
         try:
             dest = await asyncio.to_thread(resolve_inside, self.root, entry.path)
-            fd, before = await asyncio.to_thread(_open_part, part, entry.size)
+            fd, before = await run_to_completion(None, _open_part, part, entry.size)
         except UnsafePathError as exc:
             return RepairOutcome(False, str(exc))
         except OSError as exc:
@@ -267,7 +267,7 @@ class FileRepairer:
             outcome = await self._fetch(entry, fd, todo)
             if not outcome.ok:
                 return outcome
-            outcome.record = await asyncio.to_thread(_place, fd, part, dest)
+            outcome.record = await run_to_completion(None, _place, fd, part, dest)
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
                 raise self._disk_full(entry, part, dest) from exc
@@ -304,21 +304,17 @@ class FileRepairer:
         todo = list(range(len(entry.chunks)))
         if before:  # resume: trust only what hashes right in the partial file
             fits = [i for i in todo if entry.chunks[i].end <= before]
-            digests = await asyncio.gather(
-                *(
-                    self.hasher.run(
-                        sha256_range, part, entry.chunks[i].offset, entry.chunks[i].size
-                    )
-                    for i in fits
-                )
+            digests = await run_all(
+                self.hasher.run(sha256_range, part, entry.chunks[i].offset, entry.chunks[i].size)
+                for i in fits
             )
             good = {i for i, d in zip(fits, digests, strict=True) if d == entry.chunks[i].sha256}
             todo = [i for i in todo if i not in good]
         if report.status in {FileStatus.CORRUPT, FileStatus.WRONG_SIZE} and report.size:
             bad = set(report.bad_chunks)
             candidates = [i for i in todo if i not in bad]
-            copied = await asyncio.gather(
-                *(self.hasher.run(_copy_chunk, dest, fd, entry.chunks[i]) for i in candidates)
+            copied = await run_all(
+                self.hasher.run(_copy_chunk, dest, fd, entry.chunks[i]) for i in candidates
             )
             done = {i for i, ok in zip(candidates, copied, strict=True) if ok}
             todo = [i for i in todo if i not in done]

@@ -42,7 +42,7 @@ from kensho.storage._fs import PathGuard, UnsafePathError, fsync_dir, resolve_in
 from kensho.storage._plan import Donor, FilePlan, UpdatePlan
 from kensho.storage._repair import FileRepairer, RepairOutcome, _open_part, _pwrite_all, part_path
 from kensho.storage._verify import Emit
-from kensho.storage.hashing import Hasher, sha256_range
+from kensho.storage.hashing import Hasher, run_all, run_to_completion, sha256_range
 from kensho.storage.manifest import Chunk
 from kensho.storage.sources import Source
 from kensho.storage.state import StateStore, StatRecord
@@ -212,7 +212,7 @@ class DeltaUpdater:
         part = part_path(self.tmp_dir, entry)
         try:
             dest = await asyncio.to_thread(resolve_inside, self.root, entry.path)
-            fd, before = await asyncio.to_thread(_open_part, part, entry.size)
+            fd, before = await run_to_completion(None, _open_part, part, entry.size)
         except UnsafePathError as exc:
             return Assembled(fp, part, None, RepairOutcome(False, str(exc)))
         except OSError as exc:
@@ -250,11 +250,9 @@ class DeltaUpdater:
         """Copy the chunks local files hold; return the indices still to fetch."""
         entry = fp.entry
         candidates = [i for i in todo if i in fp.donors]
-        copied = await asyncio.gather(
-            *(
-                self.hasher.run(_copy_from, guard, self.root, fp.donors[i], fd, entry.chunks[i])
-                for i in candidates
-            )
+        copied = await run_all(
+            self.hasher.run(_copy_from, guard, self.root, fp.donors[i], fd, entry.chunks[i])
+            for i in candidates
         )
         done = {i for i, ok in zip(candidates, copied, strict=True) if ok}
         if len(done) < len(candidates):

@@ -13,11 +13,12 @@ never followed (the manager decides what to do with it).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import threading
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -97,6 +98,42 @@ class FileDigest:
     chunks: tuple[Chunk, ...]
 
 
+async def run_to_completion(pool: Executor | None, func: Callable[..., _T], *args: object) -> _T:
+    """Run ``func(*args)`` in a thread; if cancelled, wait for the thread to finish first.
+
+    A thread cannot be stopped. If cancellation returned at once, the caller's
+    ``finally`` would close the file descriptor the thread is still writing to, and
+    the process may hand that number to another file a moment later: model bytes
+    written into the state database. So cancellation is delivered only once the job
+    is over (a chunk copy or an fsync: milliseconds).
+    """
+    loop = asyncio.get_running_loop()
+    future = loop.run_in_executor(pool, func, *args)
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        while not future.done():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait([future])
+        raise
+
+
+async def run_all(jobs: Iterable[Awaitable[_T]]) -> list[_T]:
+    """Await every job, results in order; on cancellation, wait for all of them.
+
+    ``asyncio.gather`` propagates a cancellation as soon as its first child is
+    cancelled, while the others may still be writing through a file descriptor; a
+    task group only returns once every child is over.
+    """
+    async with asyncio.TaskGroup() as group:
+        tasks = [group.create_task(_awaited(job)) for job in jobs]
+    return [task.result() for task in tasks]
+
+
+async def _awaited(job: Awaitable[_T]) -> _T:
+    return await job
+
+
 class Hasher:
     """A thread pool sized to the machine, shared by every hash job of a store.
 
@@ -118,9 +155,8 @@ class Hasher:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
     async def run(self, func: Callable[..., _T], *args: object) -> _T:
-        """Run a blocking ``func(*args)`` on the hash pool."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, func, *args)
+        """Run a blocking ``func(*args)`` on the hash pool (see :func:`run_to_completion`)."""
+        return await run_to_completion(self._pool, func, *args)
 
     async def hash_ranges(
         self,
