@@ -115,6 +115,8 @@ async def run_to_completion(pool: Executor | None, func: Callable[..., _T], *arg
         while not future.done():
             with contextlib.suppress(asyncio.CancelledError):
                 await asyncio.wait([future])
+        if not future.cancelled():
+            future.exception()  # retrieved: the cancellation is what the caller sees
         raise
 
 
@@ -125,8 +127,11 @@ async def run_all(jobs: Iterable[Awaitable[_T]]) -> list[_T]:
     cancelled, while the others may still be writing through a file descriptor; a
     task group only returns once every child is over.
     """
-    async with asyncio.TaskGroup() as group:
-        tasks = [group.create_task(_awaited(job)) for job in jobs]
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [group.create_task(_awaited(job)) for job in jobs]
+    except BaseExceptionGroup as failed:
+        raise failed.exceptions[0] from None  # callers handle one error, as with gather
     return [task.result() for task in tasks]
 
 
