@@ -208,3 +208,25 @@ def test_source_from_string() -> None:
     assert isinstance(source_from_string("/media/usb"), MirrorSource)
     with pytest.raises(SourceError, match="unsupported source"):
         source_from_string("ftp://example.org/")
+
+
+async def test_hostile_retry_after_is_ignored_not_a_crash() -> None:
+    from kensho.storage.sources import _parse_retry_after
+
+    assert _parse_retry_after("\xb2") is None  # "²" passes str.isdigit()
+    assert _parse_retry_after("7") == 7.0
+
+
+async def test_mirror_read_error_falls_over_to_the_next_source(tmp_path: Path) -> None:
+    from kensho.errors import SourceError
+    from kensho.storage import MirrorSource
+
+    mirror = tmp_path / "mirror"
+    (mirror / "w.bin").mkdir(parents=True)  # not a regular file where the data should be
+    source = MirrorSource(mirror)
+    with pytest.raises(SourceError, match="not a regular file"):
+        await source.fetch("w.bin", 0, 4096, 4096, _ignore)
+
+
+async def _ignore(_: bytes) -> None:
+    return None

@@ -75,6 +75,8 @@ class PathGuard:
             mode = folder.lstat().st_mode
         except FileNotFoundError:
             return "absent"
+        except OSError as exc:  # permission denied, name too long, a symlink loop
+            return f"{folder} cannot be examined: {exc.strerror or exc}"
         if stat.S_ISLNK(mode) and not folder.resolve().is_relative_to(self.real_root):
             return (
                 f"{folder} is a symbolic link leading outside the store root {self.root}; "

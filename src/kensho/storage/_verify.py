@@ -80,6 +80,10 @@ def _scan(
                 _Scan(entry, path, None, verdict(FileStatus.UNSAFE, None, "a parent is a file"))
             )
             continue
+        except OSError as exc:  # name too long, permission denied, a symlink loop
+            detail = f"cannot be examined: {exc.strerror or exc}"
+            scans.append(_Scan(entry, path, None, verdict(FileStatus.UNSAFE, None, detail)))
+            continue
         if stat.S_ISLNK(st.st_mode):
             scans.append(
                 _Scan(entry, path, st, verdict(FileStatus.CORRUPT, None, "is a symbolic link"))

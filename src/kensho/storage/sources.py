@@ -25,6 +25,7 @@ import asyncio
 import email.utils
 import os
 import re
+import stat
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
@@ -114,13 +115,18 @@ class MirrorSource:
         real = target.resolve()
         if not real.is_relative_to(real_root):
             raise SourceError(f"{target} leads outside the mirror {self.root}; refusing to read")
+        flags = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
         try:
-            fd = os.open(real, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            fd = os.open(real, flags)  # O_NONBLOCK: a FIFO planted there cannot hang us
         except FileNotFoundError:
             raise SourceError(f"{path} is not in the mirror {self.root}") from None
         except OSError as exc:
             raise SourceError(f"cannot read {target}: {exc.strerror}") from exc
-        size = os.fstat(fd).st_size
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            os.close(fd)
+            raise SourceError(f"{target} in the mirror is not a regular file")
+        size = info.st_size
         if size != file_size:
             os.close(fd)
             raise _size_mismatch(str(target), size, file_size)
@@ -131,7 +137,12 @@ class MirrorSource:
         try:
             pos, end = offset, offset + length
             while pos < end:
-                piece = await asyncio.to_thread(os.pread, fd, min(_PIECE, end - pos), pos)
+                try:
+                    piece = await asyncio.to_thread(os.pread, fd, min(_PIECE, end - pos), pos)
+                except OSError as exc:  # a failing USB stick, a stale NFS handle
+                    raise SourceError(
+                        f"cannot read {self.root / path} at byte {pos}: {exc.strerror or exc}"
+                    ) from exc
                 if not piece:
                     raise DownloadError(f"{self.root / path} ended early at byte {pos}")
                 pos += len(piece)
@@ -158,7 +169,7 @@ def _parse_retry_after(value: str | None) -> float | None:
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
+    if value.isascii() and value.isdigit():  # "²".isdigit() is true: hostile input
         return min(float(value), _MAX_RETRY_AFTER)
     try:
         when = email.utils.parsedate_to_datetime(value)
@@ -296,7 +307,12 @@ class HttpSource:
             return 0
         if status == 200:
             length = resp.headers.get("Content-Length")
-            if length is not None and length.isdigit() and int(length) != file_size:
+            if (
+                length is not None
+                and length.isascii()
+                and length.isdigit()
+                and int(length) != file_size
+            ):
                 raise _size_mismatch(url, int(length), file_size)
             return start  # the server ignored Range: skip to our offset
         raise SourceError(f"{url} answered HTTP {status}; expected 200 or 206")
