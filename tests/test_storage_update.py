@@ -28,6 +28,7 @@ from kensho.events import (
     StorageChunkRejected,
     StorageFileChecked,
     StorageFileUpdated,
+    StorageReady,
     StorageUpdateFilePlanned,
     StorageUpdateFinished,
     StorageUpdatePlanned,
@@ -39,6 +40,7 @@ from kensho.storage import (
     HttpSource,
     Manifest,
     MemorySource,
+    MirrorSource,
     Source,
     StorageManager,
     build_manifest,
@@ -575,3 +577,22 @@ async def test_boot_with_a_newer_manifest_updates_by_plan(tmp_path: Path) -> Non
     assert trusted_serial(root) == 2
     assert any(isinstance(e, StorageUpdatePlanned) for e in events)
     assert served <= changed_span(old[MODEL], new[MODEL]) + 2 * CHUNK
+
+
+async def test_boot_with_a_newer_manifest_offline_stays_on_the_trusted_release(
+    tmp_path: Path,
+) -> None:
+    old = {MODEL: st_bytes(tensors(1)), "config.json": b'{"layers": 6}'}
+    new = {MODEL: st_bytes(tensors(2)), "config.json": b'{"layers": 6}'}
+    m1 = await publish(tmp_path / "v1", old, serial=1)
+    m2 = await publish(tmp_path / "v2", new, serial=2)
+    root = tmp_path / "store"
+    await install(root, old, m1)
+    unreachable = MirrorSource(tmp_path / "usb-stick-not-mounted")
+    with capture_logs() as logs:
+        async with StorageManager(root, m2, [unreachable]) as manager:
+            events = await drain(manager.initialize_and_verify())
+    assert isinstance(events[-1], StorageReady)
+    assert (root / MODEL).read_bytes() == old[MODEL]  # still the intact old release
+    assert trusted_serial(root) == 1
+    assert any(e["event"].startswith("update pending") for e in logs)

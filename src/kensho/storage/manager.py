@@ -438,8 +438,20 @@ class StorageManager:
             # A newer release at boot: update by plan (chunk reuse from anywhere in the
             # store, merged ranges) instead of repairing every changed file as corrupt.
             assert self._manifest is not None
-            await self._update(emit, self._manifest, dry_run=False, wait=wait)
-            return
+            new = self._manifest
+            try:
+                await self._update(emit, new, dry_run=False, wait=wait)
+                return
+            except IntegrityError as exc:
+                # Offline-first: the new release cannot be fetched now, but the trusted
+                # one is intact on disk. Boot on it; the update runs at the next boot.
+                _log.warning(
+                    "update pending: the store stays on its trusted release",
+                    pending_serial=new.serial,
+                    reason=str(exc),
+                )
+                self._manifest = await self.trusted_manifest()
+                self._manifest_given, self._trust_checked, self._expired = False, False, None
         report = await self._verify(emit, full=full)
         # An expired manifest never fetches: the store is then offline by policy, and
         # the required/optional rules below decide between degraded mode and refusal.
