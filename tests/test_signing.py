@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import stat
 from datetime import UTC, datetime
@@ -153,12 +154,8 @@ def test_threshold_needs_k_distinct_trusted_keys() -> None:
     assert set(verify_signatures(two, trusted)) == {key_id(a.public_key()), key_id(c.public_key())}
 
 
-def _fields(manifest: Manifest) -> dict[str, Any]:
-    return {f: getattr(manifest, f) for f in Manifest.__dataclass_fields__}
-
-
 def _with_signatures(manifest: Manifest, signatures: tuple[Signature, ...]) -> Manifest:
-    return Manifest(**{**_fields(manifest), "signatures": signatures})
+    return dataclasses.replace(manifest, signatures=signatures)
 
 
 def test_garbage_signature_text_is_refused_not_crashing() -> None:

@@ -115,6 +115,11 @@ class Manifest:
     files: tuple[FileEntry, ...]
     signatures: tuple[Signature, ...] = ()
     raw_signed: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+    _by_path: Mapping[str, FileEntry] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # Lookups by path happen per file in plans and repairs: O(1), not a scan.
+        object.__setattr__(self, "_by_path", {f.path: f for f in self.files})
 
     def canonical_bytes(self) -> bytes:
         """The bytes a signature covers (see :func:`canonical_bytes`)."""
@@ -122,10 +127,7 @@ class Manifest:
 
     def file(self, path: str) -> FileEntry | None:
         """The entry for ``path``, or ``None``."""
-        for entry in self.files:
-            if entry.path == path:
-                return entry
-        return None
+        return self._by_path.get(path)
 
     @property
     def total_size(self) -> int:
