@@ -561,3 +561,17 @@ async def test_slow_calls_are_judged_on_time_to_first_token_not_stream_length() 
     assert {c.engine for c in await short} == {"gpu"}  # served: slow is not an error
     assert breaker.metrics().slow_calls == 1
     assert breaker.state is S.OPEN
+
+
+async def test_close_stops_the_breaker_timers() -> None:
+    rig = Rig()
+    await rig.runtime.start()
+    rig.gpu.force_failure()
+    for _ in range(3):
+        await rig.text()
+    assert str(rig.runtime.primary_breaker.state) == "open"
+    before = len(rig.status())
+    await rig.runtime.close()
+    await rig.clock.advance(3600)  # the open period ends long after shutdown
+    assert str(rig.runtime.primary_breaker.state) == "open"
+    assert len(rig.status()) == before  # no "testing GPU" after close

@@ -612,6 +612,16 @@ class CircuitBreaker:
         self._trips += 1
         self._transition(_OPEN, reason, open_for=duration)
 
+    def close(self) -> None:
+        """Cancel the pending OPEN -> HALF_OPEN timer: nothing fires after shutdown.
+
+        The state stays as it is; a later call simply finds the breaker open until
+        the next :meth:`reset` or transition.
+        """
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
     def _to_half_open(self, gen: int) -> None:
         if gen == self._gen and self._state is _OPEN:
             self._transition(_HALF_OPEN, "open period elapsed: testing recovery")

@@ -207,7 +207,10 @@ class RuntimeManager:
         )
 
     async def close(self) -> None:
-        """Close both engines."""
+        """Close both engines and stop the breakers' timers (no event after shutdown)."""
+        self.primary_breaker.close()
+        if self.fallback_breaker is not None:
+            self.fallback_breaker.close()
         await self.primary.close()
         if self.fallback is not None:
             await self.fallback.close()

@@ -408,11 +408,13 @@ class StorageManager:
             emit(StorageLockWaiting(root=str(self.root), lock_path=str(self._lock.path)))
             await self._lock.acquire()
         try:
+            # Orphaned partial files first: on a nearly full disk they could be what
+            # makes the space check below fail, every run.
+            await asyncio.to_thread(self._drop_stale_parts, await self.manifest())
             # Re-check under the lock: another process may have repaired meanwhile.
             report = await self._verify(emit, full=False)
             if report.to_repair:
                 report = await self._repair_files(emit, report)
-            await asyncio.to_thread(self._drop_stale_parts, await self.manifest())
             self.report = report
             return report
         finally:
