@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -230,3 +231,48 @@ async def test_mirror_read_error_falls_over_to_the_next_source(tmp_path: Path) -
 
 async def _ignore(_: bytes) -> None:
     return None
+
+
+async def test_a_range_that_keeps_progressing_is_never_abandoned() -> None:
+    """Each response delivers one piece, then the connection drops: more drops than the
+    retry budget, but every attempt made progress, so the download completes."""
+    import httpx
+
+    from kensho.storage import HttpSource
+
+    data = bytes(range(256)) * 64  # 16 KiB
+    piece = 1024
+
+    class OnePieceThenDrop(httpx.AsyncByteStream):
+        def __init__(self, chunk: bytes) -> None:
+            self.chunk = chunk
+
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            yield self.chunk
+            raise httpx.ReadError("connection reset by peer")
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        start = int(request.headers["Range"].removeprefix("bytes=").split("-")[0])
+        headers = {"Content-Range": f"bytes {start}-{len(data) - 1}/{len(data)}"}
+        return httpx.Response(
+            206, headers=headers, stream=OnePieceThenDrop(data[start : start + piece])
+        )
+
+    source = HttpSource(
+        "http://mirror.test/",
+        transport=httpx.MockTransport(handler),
+        attempts=2,
+        wait_initial=0.0,
+        wait_max=0.0,
+        wait_jitter=0.0,
+    )
+    received = bytearray()
+
+    async def sink(chunk: bytes) -> None:
+        received.extend(chunk)
+
+    try:
+        await source.fetch("w.bin", 1, len(data) - 1, len(data), sink)
+    finally:
+        await source.aclose()
+    assert bytes(received) == data[1:]

@@ -36,6 +36,7 @@ import httpx
 import stamina
 
 from kensho.errors import DownloadError, SourceError
+from kensho.telemetry import get_logger
 
 __all__ = [
     "HttpSource",
@@ -46,6 +47,8 @@ __all__ = [
     "SourceUnreachableError",
     "source_from_string",
 ]
+
+_log = get_logger("storage.source")
 
 #: Receives the next bytes of a transfer, in order.
 Sink = Callable[[bytes], Awaitable[None]]
@@ -241,16 +244,17 @@ class HttpSource:
         end = offset + length
         pos = [offset]
         try:
-            async for attempt in stamina.retry_context(
-                on=_retry_hook,
-                attempts=self.attempts,
-                timeout=self.retry_timeout,
-                wait_initial=self.wait_initial,
-                wait_max=self.wait_max,
-                wait_jitter=self.wait_jitter,
-            ):
-                with attempt:
-                    await self._fetch_once(url, pos, end, file_size, sink)
+            while True:
+                budget_start = pos[0]
+                try:
+                    await self._fetch_with_retries(url, pos, end, file_size, sink)
+                    return
+                except (httpx.TransportError, _Truncated):
+                    # A long range that kept delivering before it failed gets a fresh
+                    # retry budget: the budget bounds failures, not transfer time.
+                    if pos[0] == budget_start or pos[0] >= end:
+                        raise
+                    _log.info("download resumed with a fresh retry budget", url=url, at=pos[0])
         except _TransientStatus as exc:
             raise SourceError(
                 f"{url} answered HTTP {exc.status} {self.attempts} times; the server is "
@@ -264,6 +268,20 @@ class HttpSource:
             ) from exc
         except (httpx.HTTPError, _Truncated) as exc:
             raise DownloadError(f"download of {url} failed: {exc}") from exc
+
+    async def _fetch_with_retries(
+        self, url: str, pos: list[int], end: int, file_size: int, sink: Sink
+    ) -> None:
+        async for attempt in stamina.retry_context(
+            on=_retry_hook,
+            attempts=self.attempts,
+            timeout=self.retry_timeout,
+            wait_initial=self.wait_initial,
+            wait_max=self.wait_max,
+            wait_jitter=self.wait_jitter,
+        ):
+            with attempt:
+                await self._fetch_once(url, pos, end, file_size, sink)
 
     async def _fetch_once(
         self, url: str, pos: list[int], end: int, file_size: int, sink: Sink
