@@ -596,3 +596,43 @@ async def test_boot_with_a_newer_manifest_offline_stays_on_the_trusted_release(
     assert (root / MODEL).read_bytes() == old[MODEL]  # still the intact old release
     assert trusted_serial(root) == 1
     assert any(e["event"].startswith("update pending") for e in logs)
+
+
+class _Killed(BaseException):
+    """Stands for the process dying (SIGKILL, power loss) between two swaps."""
+
+
+async def test_update_killed_among_its_swaps_is_finished_at_the_next_offline_boot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kensho.storage import _update
+
+    old = {"a.bin": os.urandom(3 * CHUNK), "b.bin": os.urandom(3 * CHUNK)}
+    new = {"a.bin": os.urandom(3 * CHUNK), "b.bin": os.urandom(3 * CHUNK)}
+    m1 = await publish(tmp_path / "v1", old, serial=1)
+    m2 = await publish(tmp_path / "v2", new, serial=2)
+    root = tmp_path / "store"
+    await install(root, old, m1)
+    real_swap = _update._swap
+    swaps: list[Path] = []
+
+    def swap_then_die(part: Path, dest: Path) -> object:
+        if swaps:
+            raise _Killed
+        swaps.append(dest)
+        return real_swap(part, dest)
+
+    monkeypatch.setattr(_update, "_swap", swap_then_die)
+    with pytest.raises(_Killed):
+        await update(root, m2, [MemorySource(new)])
+    monkeypatch.setattr(_update, "_swap", real_swap)
+    mixed = {rel: (root / rel).read_bytes() == new[rel] for rel in new}
+    assert sorted(mixed.values()) == [False, True]  # one file swapped, one not
+
+    async with StorageManager(root, None, []) as manager:  # offline, no manifest given
+        events = await drain(manager.initialize_and_verify())
+    assert any(isinstance(e, StorageReady) for e in events)
+    assert isinstance(events[-1], StorageUpdateFinished)
+    assert all((root / rel).read_bytes() == data for rel, data in new.items())
+    assert trusted_serial(root) == 2
+    assert not (root / ".kensho" / "pending-manifest.json").exists()

@@ -131,6 +131,7 @@ class StorageManager:
         self._trust_checked = False
         self._expired: SignatureError | None = None
         self._updating = False  # an update in progress ends with a plain _initialize
+        self._finishing = False  # finishing an update journaled before a crash
         self.sources = list(sources)
         self.state = StateStore(self.root)
         self.disk_free = disk_free
@@ -277,9 +278,26 @@ class StorageManager:
             )
         return current
 
+    async def _adopt_pending(self) -> None:
+        """At boot with no manifest given: finish an update killed among its swaps.
+
+        Its files are assembled and verified in ``.kensho/tmp`` and its manifest
+        passed the trust checks; finishing needs no network.
+        """
+        if self._manifest_given or self._updating:
+            return
+        pending = await asyncio.to_thread(self.state.load_pending_manifest)
+        if pending is None:
+            return
+        self._manifest = parse_manifest(pending)
+        self._manifest_given, self._trust_checked, self._finishing = True, False, True
+        _log.warning("finishing an interrupted update", serial=self._manifest.serial)
+
     async def _newer_release_given(self) -> bool:
         """Whether boot was given a manifest with a higher serial than the trusted one."""
-        if not (self._manifest_given and self.sources) or self._updating:
+        if not self._manifest_given or self._updating:
+            return False
+        if not self.sources and not self._finishing:
             return False
         try:
             current = await self.trusted_manifest()
@@ -378,6 +396,7 @@ class StorageManager:
                 "sources and run the sync again (finished work is kept and resumed)",
                 problems=blocking,
             )
+        await asyncio.to_thread(self.state.save_pending_manifest, dump_manifest(plan.target))
         records = await updater.swap_all(built)
         # Verify the rest against the new manifest, repair it, make it the trusted one.
         await self._initialize(emit, wait=True, full=False)
@@ -436,6 +455,7 @@ class StorageManager:
                 path.unlink()
 
     async def _initialize(self, emit: Emit, *, wait: bool, full: bool) -> None:
+        await self._adopt_pending()
         if await self._newer_release_given():
             # A newer release at boot: update by plan (chunk reuse from anywhere in the
             # store, merged ranges) instead of repairing every changed file as corrupt.
@@ -475,6 +495,7 @@ class StorageManager:
             data = dump_manifest(manifest)
             if await asyncio.to_thread(self.state.load_trusted_manifest) != data:
                 await asyncio.to_thread(self.state.save_trusted_manifest, data)
+            await asyncio.to_thread(self.state.clear_pending_manifest)
         ready = StorageReady(
             state="degraded" if degraded else "ok", offline=self.offline, degraded=degraded
         )

@@ -63,6 +63,7 @@ class StateStore:
         self.dir = root / STATE_DIR
         self.tmp_dir = self.dir / "tmp"
         self.manifest_path = self.dir / "trusted-manifest.json"
+        self.pending_path = self.dir / "pending-manifest.json"
         self._lock = threading.Lock()
         self._db: sqlite3.Connection | None = None
 
@@ -135,3 +136,21 @@ class StateStore:
         """Keep ``data`` as the trusted manifest (atomic, durable)."""
         self.dir.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(self.manifest_path, data, tmp_dir=self.dir)
+
+    # An update swaps files one by one. Its manifest is journaled first, so that a run
+    # killed among the swaps is finished by the next boot, even offline, instead of
+    # leaving a store that matches neither release.
+
+    def load_pending_manifest(self) -> bytes | None:
+        """The manifest of an update that started swapping files, or ``None``."""
+        with contextlib.suppress(FileNotFoundError):
+            return self.pending_path.read_bytes()
+        return None
+
+    def save_pending_manifest(self, data: bytes) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(self.pending_path, data, tmp_dir=self.dir)
+
+    def clear_pending_manifest(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.pending_path.unlink()
