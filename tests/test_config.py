@@ -132,3 +132,10 @@ def test_api_key_must_be_a_usable_bearer_token(tmp_path: Path, key: str) -> None
         load_settings(env={"KENSHO_API_KEY": key}, cwd=tmp_path)
     assert info.value.key == "server.api_key"
     assert key not in str(info.value)  # the secret itself is never echoed
+
+
+def test_home_in_paths_is_expanded(tmp_path: Path) -> None:
+    path = write(tmp_path, '[storage]\nroot = "~/kensho-store"\n[log]\nfile = "~/k.log"\n')
+    settings = load_settings(path, env={})
+    assert settings.storage.root == Path.home() / "kensho-store"
+    assert settings.log.file == Path.home() / "k.log"

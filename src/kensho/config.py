@@ -62,6 +62,12 @@ def default_data_dir() -> Path:
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    @field_validator("*", mode="after")
+    @classmethod
+    def _expand_home(cls, value: object) -> object:
+        # "~/models" in a config file means the user's home, as in a shell.
+        return value.expanduser() if isinstance(value, Path) else value
+
 
 class LogSettings(_Section):
     """``[log]``: the telemetry pipeline (see docs/logging.md)."""
