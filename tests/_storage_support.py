@@ -9,7 +9,10 @@ the end of the ``with`` block, releasing any handler that is blocked.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -199,3 +202,19 @@ def http_server(files: Mapping[str, bytes], **behaviour: Any) -> Iterator[tuple[
         server.shutdown()
         server.server_close()
         thread.join(10)
+
+
+ENTRY = "from kensho.cli import main; main()"
+
+
+def kensho(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """Run the ``kensho`` command in a subprocess, wide enough for tables."""
+    return subprocess.run(
+        [sys.executable, "-c", ENTRY, *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=50,
+        check=False,
+        env={**os.environ, "COLUMNS": "400"},
+    )

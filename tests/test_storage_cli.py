@@ -9,22 +9,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from _storage_support import http_server, write_tree
+from _storage_support import http_server, kensho, write_tree
 
 FILES = {"models/w.bin": os.urandom(300_000), "tok.json": b'{"vocab": 3}'}
 ENTRY = "from kensho.cli import main; main()"
-
-
-def kensho(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-c", ENTRY, *map(str, args)],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=50,
-        check=False,
-        env={**os.environ, "COLUMNS": "400"},
-    )
 
 
 def json_lines(text: str) -> list[dict[str, Any]]:

@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import save as save_safetensors
 
-from _storage_support import http_server, write_tree
+from _storage_support import http_server, kensho, write_tree
 from kensho.errors import DiskSpaceError, IntegrityError, ManifestError, SignatureError
 from kensho.events import (
     Event,
@@ -431,18 +431,6 @@ def test_sigkill_mid_update_then_resume(tmp_path: Path) -> None:
     plan = next(e for e in events if e["kind"] == "storage.update.planned")
     assert plan["to_serial"] == 2 and plan["bytes_to_fetch"] == 40 * CHUNK
     assert events[-1]["kind"] == "storage.update.finished"
-
-
-def kensho(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-c", ENTRY, *map(str, args)],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=50,
-        check=False,
-        env={**os.environ, "COLUMNS": "400"},
-    )
 
 
 def test_cli_cdc_build_dry_run_then_update(tmp_path: Path) -> None:

@@ -6,7 +6,7 @@
 
     manager = StorageManager(root, load_manifest(path), [MirrorSource("/media/usb")])
     async for event in manager.initialize_and_verify():
-        print(event.message)
+        render(event.message)
 
 The manifest schema is documented in ``docs/manifest.md``.
 """
