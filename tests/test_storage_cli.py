@@ -9,10 +9,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from _storage_support import http_server, kensho, write_tree
+from _storage_support import ENTRY, http_server, kensho, write_tree
 
 FILES = {"models/w.bin": os.urandom(300_000), "tok.json": b'{"vocab": 3}'}
-ENTRY = "from kensho.cli import main; main()"
 
 
 def json_lines(text: str) -> list[dict[str, Any]]:

@@ -9,13 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from _storage_support import http_server, manifest_for
+from _storage_support import ENTRY, http_server, manifest_for
 from kensho.storage import dump_manifest
 from kensho.storage._repair import part_path
 
 CHUNK = 64 * 1024
 FILES = {"models/w.bin": os.urandom(64 * CHUNK), "tok.json": b'{"vocab": 3}'}
-ENTRY = "from kensho.cli import main; main()"
 
 
 def test_sigkill_mid_download_then_resume(tmp_path: Path) -> None:

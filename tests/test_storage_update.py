@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import save as save_safetensors
 
-from _storage_support import http_server, kensho, write_tree
+from _storage_support import ENTRY, http_server, kensho, write_tree
 from kensho.errors import DiskSpaceError, IntegrityError, ManifestError, SignatureError
 from kensho.events import (
     Event,
@@ -52,7 +52,6 @@ from kensho.telemetry.testing import capture_logs
 
 CHUNK = 64 * 1024
 CDC = CdcParams.from_sizes(64 * 1024)  # min 16 KiB, max 256 KiB
-ENTRY = "from kensho.cli import main; main()"
 MODEL = "models/model.safetensors"
 
 
