@@ -84,7 +84,8 @@ class _Guard:
             # Counted here, in plain ASGI: Starlette's BaseHTTPMiddleware would add a
             # task and a memory stream to every request and every streamed chunk.
             route = getattr(scope.get("route"), "path", "unmatched")
-            self.metrics.requests.labels(route, str(status[0] or 500)).inc()
+            # No response started: the client left first (499, as nginx counts it).
+            self.metrics.requests.labels(route, str(status[0] or 499)).inc()
 
     async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
         ctx = self.context
@@ -568,9 +569,11 @@ class _Completer:
             log.warning("stream ended by an error", error=str(exc), tokens=count)
             yield _sse(error_body(_api_error(exc)))
         finally:
-            await handle.aclose()
+            # Measured first: a disconnect may cancel the awaits below.
             elapsed = time.perf_counter() - timing.started
             self.metrics.latency.labels(timing.endpoint).observe(elapsed)
+            handle.cancel("the response ended")  # no-op once the task has ended
+            await handle.aclose()
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,6 +45,13 @@ class FaultInjector:
     async def close(self) -> None:
         await self.inner.close()
 
+    async def health(self) -> bool:
+        """The inner engine's health, unless a fault is armed."""
+        if self._after is not None:
+            return False
+        probe = getattr(self.inner, "health", None)
+        return bool(await probe()) if probe is not None else True
+
     def _armed(self) -> int | None:
         if self._after is None:
             return None
