@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from _storage_support import ENTRY, http_server, manifest_for
+from _storage_support import ENTRY, http_server, kensho, manifest_for
 from kensho.storage import dump_manifest
 from kensho.storage._repair import part_path
 
@@ -52,14 +52,7 @@ def test_sigkill_mid_download_then_resume(tmp_path: Path) -> None:
         assert part_path(root / ".kensho" / "tmp", entry).is_file()
         state.resume.set()
         first_requests = len(state.requests)
-        again = subprocess.run(
-            [*args, "-s", url],
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=50,
-            check=False,
-        )
+        again = kensho(*args[3:], "-s", url, cwd=tmp_path)
         assert again.returncode == 0, again.stderr
         resumed = [r for r in state.requests[first_requests:] if r[0] == "models/w.bin"]
     assert final.read_bytes() == FILES["models/w.bin"]

@@ -409,14 +409,7 @@ def test_sigkill_mid_update_then_resume(tmp_path: Path) -> None:
         assert trusted_serial(root) == 1
         state.resume.set()
         first = len(state.requests)
-        again = subprocess.run(
-            [*args, "-s", url],
-            cwd=tmp_path,
-            capture_output=True,
-            text=True,
-            timeout=50,
-            check=False,
-        )
+        again = kensho(*args[3:], "-s", url, cwd=tmp_path)
         assert again.returncode == 0, again.stderr
         resumed = [r for r in state.requests[first:] if r[0] == "models/w.bin"]
     assert (root / "models/w.bin").read_bytes() == new

@@ -63,11 +63,14 @@ EventCallback = Callable[[Event], None]
 
 
 def _integrity(report: VerifyReport | None, offline: bool) -> IntegrityState:
+    """The store's state for health and metrics: ok, degraded (optional files bad) or
+    failed (a required file bad), with every file that needs repair."""
     if report is None:
         return IntegrityState()
-    problems = {f.path: f.status.value for f in report.files if f.needs_repair and not f.required}
+    problems = {f.path: f.status.value for f in report.files if f.needs_repair}
+    status = "failed" if not report.ok else "degraded" if problems else "ok"
     return IntegrityState(
-        status="degraded" if problems else "ok",
+        status=status,
         files={k: v for k, v in report.counts().items() if v},
         problems=problems,
         offline=offline,
@@ -245,12 +248,7 @@ class Kernel:
         """Re-hash the whole store (admin endpoint); events go to the hub."""
         async for event in self.storage.verify(full=True):
             self._publish(event)
-        report = self.storage.report
-        state = _integrity(report, self.storage.offline)
-        if report is not None and not report.ok:
-            state.status = "failed"
-            state.problems = {f.path: f.status.value for f in report.files if f.needs_repair}
-        return state
+        return _integrity(self.storage.report, self.storage.offline)
 
     def bind(self) -> socket.socket:
         """Take the listening port now: a port in use fails in a second, before boot.

@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import httpx
 import orjson
@@ -28,6 +28,9 @@ from kensho.config import Settings
 from kensho.errors import ConfigError
 from kensho.runtime.engines.base import GenerationRequest
 from kensho.runtime.executor import Priority
+
+if TYPE_CHECKING:
+    from kensho.kernel import Kernel
 
 __all__ = ["generate", "status", "up"]
 
@@ -135,22 +138,33 @@ def _run_fast(main: Coroutine[Any, Any, int]) -> int:
         return runner.run(main)
 
 
-async def _up(settings: Settings) -> int:
+async def _booted(settings: Settings, *, listen: bool) -> Kernel:
+    """A booted kernel, boot progress rendered; on any failure it is shut down first.
+
+    ``listen`` takes the port before booting, so a port in use fails in a second.
+    """
     from kensho.kernel import Kernel  # the server stack loads only for commands that use it
 
     with _Renderer(as_json=False) as renderer:
         kernel = Kernel(settings, on_event=renderer.handle)
         try:
-            kernel.bind()
-        except OSError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}")
-            await kernel.shutdown()
-            return int(ExitCode.ERROR)
-        try:
-            ctx = await kernel.boot()
+            if listen:
+                kernel.bind()
+            await kernel.boot()
         except BaseException:
             await kernel.shutdown()
             raise
+    return kernel
+
+
+async def _up(settings: Settings) -> int:
+    try:
+        kernel = await _booted(settings, listen=True)
+    except OSError as exc:  # the port is taken
+        err_console.print(f"[bold red]error:[/] {exc}")
+        return int(ExitCode.ERROR)
+    ctx = kernel.context
+    assert ctx is not None
     runtime = kernel.runtime
     assert runtime is not None
     if runtime.degraded:
@@ -213,15 +227,7 @@ def generate(  # noqa: PLR0917 - Typer maps each parameter to an option
 
 
 async def _generate(settings: Settings, request: GenerationRequest, priority: Priority) -> None:
-    from kensho.kernel import Kernel
-
-    with _Renderer(as_json=False) as renderer:
-        kernel = Kernel(settings, on_event=renderer.handle)
-        try:
-            await kernel.boot()
-        except BaseException:
-            await kernel.shutdown()
-            raise
+    kernel = await _booted(settings, listen=False)
     try:
         assert kernel.executor is not None
         started = time.perf_counter()
