@@ -69,3 +69,12 @@ def test_log_file_option_writes_json_lines(tmp_path: Path) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert log_file.exists()
+
+
+def test_an_error_naming_a_path_that_looks_like_markup_prints_it_literally(
+    tmp_path: Path,
+) -> None:
+    result = kensho("--config", "w[/]z[red]x[/red].toml", "config", "show", cwd=tmp_path)
+    assert result.returncode == ExitCode.CONFIG, result.stderr
+    assert "config file w[/]z[red]x[/red].toml does not exist" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import pty
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-from _storage_support import ENTRY, http_server, kensho, write_tree
+from _storage_support import ENTRY, http_server, kensho, signed_for, write_tree
 
 FILES = {"models/w.bin": os.urandom(300_000), "tok.json": b'{"vocab": 3}'}
 
@@ -130,3 +131,86 @@ def test_two_syncs_at_once(tmp_path: Path) -> None:
     assert "storage.download.progress" not in rest
     for rel, data in FILES.items():
         assert (root / rel).read_bytes() == data
+
+
+# Legal file names that are also rich markup: the first raised MarkupError, the
+# second was drawn as styling (display spoofing).
+MARKUP_FILES = {
+    "w[/]z.bin": b"w" * 3000,
+    "[green]ok[/green].bin": b"g" * 2000,
+    "models/[bold]x[/bold].bin": b"x" * 1000,
+}
+
+
+def write_manifest(path: Path, files: dict[str, bytes], **extra: Any) -> Path:
+    path.write_text(json.dumps({"signed": signed_for(files, 1024, **extra), "signatures": []}))
+    return path
+
+
+def test_file_names_that_look_like_markup_are_printed_literally(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    write_tree(src, MARKUP_FILES)
+    manifest = write_manifest(tmp_path / "m.json", MARKUP_FILES)
+    root = tmp_path / "store"
+    synced = kensho("sync", "-m", manifest, "-r", root, "-s", src, cwd=tmp_path)
+    assert synced.returncode == 0, synced.stderr
+    checked = kensho("verify", "-m", manifest, "-r", root, cwd=tmp_path)
+    assert checked.returncode == 0, checked.stderr
+    for done in (synced, checked):
+        for name in MARKUP_FILES:
+            assert name in done.stdout
+        assert "MarkupError" not in done.stderr
+
+
+def test_update_plan_shows_versions_and_changelogs_literally(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    write_tree(src, MARKUP_FILES)
+    root = tmp_path / "store"
+    v1 = write_manifest(tmp_path / "v1.json", MARKUP_FILES)
+    assert kensho("sync", "-m", v1, "-r", root, "-s", src, cwd=tmp_path).returncode == 0
+    changed = {**MARKUP_FILES, "w[/]z.bin": b"W" * 3000}
+    signed = signed_for(changed, 1024, serial=2, version="2.0[/]")
+    for entry in signed["files"]:
+        entry["changelog"] = "[red]urgent[/red] fix"
+    v2 = tmp_path / "v2.json"
+    v2.write_text(json.dumps({"signed": signed, "signatures": []}))
+    done = kensho("sync", "-m", v2, "-r", root, "-s", src, "--dry-run", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "(2.0[/])" in done.stdout
+    assert "[red]urgent[/red] fix" in done.stdout
+    assert "w[/]z.bin" in done.stdout
+
+
+def test_progress_bars_in_a_terminal_show_file_names_literally(tmp_path: Path) -> None:
+    """In a terminal, each file gets a progress bar whose description holds its path."""
+    src = tmp_path / "src"
+    write_tree(src, MARKUP_FILES)
+    manifest = write_manifest(tmp_path / "m.json", MARKUP_FILES)
+    controller, terminal = pty.openpty()
+    env = {**os.environ, "COLUMNS": "200", "TERM": "xterm"}
+    args = [sys.executable, "-c", ENTRY, "sync", "-m", str(manifest), "-r", str(tmp_path / "s")]
+    with subprocess.Popen(
+        [*args, "-s", str(src)], cwd=tmp_path, stdout=subprocess.PIPE, stderr=terminal, env=env
+    ) as process:
+        os.close(terminal)
+        screen = read_until_closed(controller)
+        stdout = process.stdout.read() if process.stdout else b""
+        assert process.wait(50) == 0, screen.decode(errors="replace")
+    assert b"MarkupError" not in screen
+    assert b"fetch w[/]z.bin" in screen
+    assert "[green]ok[/green].bin" in stdout.decode()
+
+
+def read_until_closed(fd: int) -> bytes:
+    """Everything written to a pseudo-terminal until its last writer closes it."""
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(fd)
+    return b"".join(chunks)

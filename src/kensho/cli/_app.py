@@ -15,6 +15,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from kensho import __version__
 from kensho.config import LogSettings, Settings, load_settings
@@ -28,7 +29,17 @@ from kensho.errors import (
 )
 from kensho.telemetry import configure_logging
 
-__all__ = ["ExitCode", "State", "app", "err_console", "main", "out_console", "state"]
+__all__ = [
+    "ExitCode",
+    "State",
+    "app",
+    "err_console",
+    "labelled",
+    "main",
+    "out_console",
+    "plain",
+    "state",
+]
 
 
 class ExitCode(enum.IntEnum):
@@ -54,6 +65,22 @@ EXIT_CODES_HELP = (
 
 out_console = Console()
 err_console = Console(stderr=True)
+
+
+def plain(value: object, style: str = "") -> Text:
+    """``value`` as literal text, for a line, a table cell or a title.
+
+    Rich reads ``[...]`` in a plain ``str`` as markup: a legal file name such as
+    ``w[/]z.bin`` would raise ``MarkupError`` and ``[green]ok[/green]`` would be drawn as
+    styling (display spoofing). Data (paths, messages, names) is therefore always
+    wrapped in :class:`~rich.text.Text`, never formatted into a markup string.
+    """
+    return Text(str(value), style=style)
+
+
+def labelled(label: str, style: str, message: object) -> Text:
+    """A styled ``label`` (``error:``) followed by ``message`` as literal text."""
+    return Text.assemble((label, style), " ", str(message))
 
 
 @dataclass
@@ -162,7 +189,7 @@ def main() -> None:
     try:
         app()
     except KenshoError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True)
+        err_console.print(labelled("error:", "bold red", exc))
         sys.exit(int(exit_code_for(exc)))
     except KeyboardInterrupt:
         err_console.print("interrupted")

@@ -22,7 +22,7 @@ from pydantic import ValidationError
 from rich.live import Live
 from rich.table import Table
 
-from kensho.cli._app import ExitCode, app, err_console, out_console, state
+from kensho.cli._app import ExitCode, app, err_console, labelled, out_console, plain, state
 from kensho.cli._storage_cmds import _Renderer
 from kensho.config import Settings
 from kensho.errors import ConfigError
@@ -161,7 +161,7 @@ async def _up(settings: Settings) -> int:
     try:
         kernel = await _booted(settings, listen=True)
     except OSError as exc:  # the port is taken
-        err_console.print(f"[bold red]error:[/] {exc}")
+        err_console.print(labelled("error:", "bold red", exc))
         return int(ExitCode.ERROR)
     ctx = kernel.context
     assert ctx is not None
@@ -169,8 +169,11 @@ async def _up(settings: Settings) -> int:
     assert runtime is not None
     if runtime.degraded:
         err_console.print(
-            f"[yellow]serving on the fallback engine ({runtime.active_engine.name}): "
-            "the primary is unavailable[/]"
+            plain(
+                f"serving on the fallback engine ({runtime.active_engine.name}): "
+                "the primary is unavailable",
+                style="yellow",
+            )
         )
 
     def listening(url: str) -> None:
@@ -187,7 +190,7 @@ async def _up(settings: Settings) -> int:
     try:
         await kernel.serve(on_listening=listening)
     except OSError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}")
+        err_console.print(labelled("error:", "bold red", exc))
         return int(ExitCode.ERROR)
     finally:
         await kernel.shutdown()
@@ -242,7 +245,7 @@ async def _generate(settings: Settings, request: GenerationRequest, priority: Pr
         sys.stdout.write("\n")
         elapsed = time.perf_counter() - started
         err_console.print(
-            f"[dim]{tokens} tokens in {elapsed:.2f} s on {', '.join(sorted(engines))}[/]"
+            plain(f"{tokens} tokens in {elapsed:.2f} s on {', '.join(sorted(engines))}", "dim")
         )
     finally:
         await kernel.shutdown()
@@ -264,7 +267,7 @@ def status(
     try:
         asyncio.run(_status(url.rstrip("/"), headers, once=once, as_json=as_json))
     except httpx.HTTPError as exc:
-        err_console.print(f"[bold red]error:[/] cannot reach {url}: {exc}")
+        err_console.print(labelled("error:", "bold red", f"cannot reach {url}: {exc}"))
         raise typer.Exit(ExitCode.FAILED) from None
 
 
@@ -332,18 +335,22 @@ class _StatusView:
 
     def render(self) -> Table:
         table = Table("what", "now", title="kensho status", show_lines=False)
+
+        def row(what: str, now: object) -> None:
+            table.add_row(plain(what), plain(now))  # server data, never markup
+
         snap = self.snapshot
         if snap:
-            table.add_row("active engine", str(snap.get("active_engine")))
-            table.add_row("degraded", str(snap.get("degraded")))
+            row("active engine", snap.get("active_engine"))
+            row("degraded", snap.get("degraded"))
             for breaker in snap.get("breakers", []):
-                table.add_row(f"breaker {breaker['name']}", str(breaker["state"]))
+                row(f"breaker {breaker['name']}", breaker["state"])
             queue = snap.get("queue", {})
             depth = sum(queue.get("depth", {}).values())
-            table.add_row("queue", f"{depth} waiting / capacity {queue.get('capacity')}")
-            table.add_row("overloaded", str(snap.get("overloaded")))
+            row("queue", f"{depth} waiting / capacity {queue.get('capacity')}")
+            row("overloaded", snap.get("overloaded"))
             integrity = snap.get("integrity", {})
-            table.add_row("integrity", f"{integrity.get('status')} {integrity.get('files', {})}")
+            row("integrity", f"{integrity.get('status')} {integrity.get('files', {})}")
         for line in self.events:
-            table.add_row("event", line)
+            row("event", line)
         return table

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from kensho.cli._app import app, err_console, out_console
+from kensho.cli._app import app, err_console, out_console, plain
 from kensho.cli._storage_cmds import manifest_app
 from kensho.storage import dump_manifest, load_manifest
 from kensho.storage._fs import atomic_write_bytes
@@ -37,7 +37,7 @@ def keygen(
     public = key.public_key()
     out_console.print(f"public key: {public_key_hex(public)}", highlight=False)
     out_console.print(f"key id:     {key_id(public)}", highlight=False)
-    err_console.print(f"private key written to {output} (mode 0600)", highlight=False)
+    err_console.print(plain(f"private key written to {output} (mode 0600)"))
 
 
 @manifest_app.command(
@@ -57,7 +57,8 @@ def sign(
     target = output or manifest
     atomic_write_bytes(target, dump_manifest(signed))
     out_console.print(
-        f"signed {manifest.name} (serial {signed.serial}) with key "
-        f"{key_id(private.public_key())[:16]}…; {len(signed.signatures)} signature(s)",
-        highlight=False,
+        plain(
+            f"signed {manifest.name} (serial {signed.serial}) with key "
+            f"{key_id(private.public_key())[:16]}…; {len(signed.signatures)} signature(s)"
+        )
     )

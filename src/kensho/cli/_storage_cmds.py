@@ -28,7 +28,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from kensho.cli._app import ExitCode, app, err_console, out_console, state
+from kensho.cli._app import ExitCode, app, err_console, labelled, out_console, plain, state
 from kensho.events import (
     Event,
     StorageDownloadProgress,
@@ -99,7 +99,7 @@ class _Renderer:
     def __init__(self, as_json: bool) -> None:
         self.as_json = as_json
         self.progress = Progress(
-            TextColumn("{task.description}"),
+            TextColumn("{task.description}", markup=False),  # descriptions hold paths
             BarColumn(),
             DownloadColumn(),
             TransferSpeedColumn(),
@@ -179,11 +179,11 @@ def _table(report: VerifyReport) -> Table:
                 "…" if len(f.bad_chunks) > 10 else ""
             )
         table.add_row(
-            f.path,
-            f"[{colour}]{f.status.value}[/]",
+            plain(f.path),
+            plain(f.status.value, style=colour),
             "yes" if f.required else "no",
             "" if f.size is None else str(f.size),
-            detail,
+            plain(detail),
         )
     return table
 
@@ -202,18 +202,18 @@ def _plan_table(files: list[StorageUpdateFilePlanned], total: StorageUpdatePlann
     if total.dry_run:
         title += " — dry run, nothing changed"
     table = Table(
-        "path", "action", "version", "reuse", "fetch", "requests", "changelog", title=title
+        "path", "action", "version", "reuse", "fetch", "requests", "changelog", title=plain(title)
     )
     for f in files:
         version = f"{f.previous_version or '-'} -> {f.version or '-'}"
         table.add_row(
-            f.path,
-            f.action,
-            version,
+            plain(f.path),
+            plain(f.action),
+            plain(version),
             _size(f.bytes_reused),
             _size(f.bytes_to_fetch),
             str(f.requests),
-            f.changelog,
+            plain(f.changelog),
         )
     table.add_section()
     table.add_row(
@@ -314,7 +314,7 @@ def sync(  # noqa: PLR0917 - Typer maps each parameter to an option
     try:
         report = asyncio.run(go())
     except StoreBusyError as exc:
-        err_console.print(f"[bold red]busy:[/] {exc}", highlight=False)
+        err_console.print(labelled("busy:", "bold red", exc))
         raise typer.Exit(int(ExitCode.BUSY)) from None
     if as_json:
         return
@@ -396,6 +396,5 @@ def build(  # noqa: PLR0917 - Typer maps each parameter to an option
         )
     )
     atomic_write_bytes(output, dump_manifest(result))
-    err_console.print(
-        f"wrote {output}: {len(result.files)} files, {result.total_size} bytes", highlight=False
-    )
+    summary = f"wrote {output}: {len(result.files)} files, {result.total_size} bytes"
+    err_console.print(plain(summary))
