@@ -78,3 +78,38 @@ def test_an_error_naming_a_path_that_looks_like_markup_prints_it_literally(
     assert result.returncode == ExitCode.CONFIG, result.stderr
     assert "config file w[/]z[red]x[/red].toml does not exist" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_misspelt_variable_stops_every_command_with_the_config_code(tmp_path: Path) -> None:
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "a.bin").write_bytes(b"a")
+    out = tmp_path / "m.json"
+    for command in (
+        ["config", "show"],
+        ["verify", "-r", str(tmp_path / "store")],
+        ["manifest", "build", str(tmp_path / "src"), "-o", str(out)],
+    ):
+        result = kensho(*command, cwd=tmp_path, env={"KENSHO_SERVR_PORT": "1"})
+        assert result.returncode == ExitCode.CONFIG, (command, result.stderr)
+        assert (
+            "error: KENSHO_SERVR_PORT: unknown variable, no setting has this name "
+            "(did you mean KENSHO_SERVER_PORT?)"
+        ) in result.stderr
+        assert "Traceback" not in result.stderr
+    assert not out.exists()  # stopped before doing anything
+    assert not (tmp_path / "store").exists()
+
+
+def test_documented_variables_are_accepted(tmp_path: Path) -> None:
+    (tmp_path / "custom.toml").write_text("[server]\nport = 8766\n")
+    env = {
+        "KENSHO_CONFIG": str(tmp_path / "custom.toml"),
+        "KENSHO_API_KEY": "k-1234567",
+        "KENSHO_LOG_LEVEL": "warning",
+        "KENSHO_LOG_LEVELS": "storage=debug",
+    }
+    result = kensho("config", "show", "--json", cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert data["server"]["port"] == 8766
+    assert data["log"]["levels"] == {"storage": "debug"}

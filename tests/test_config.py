@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from kensho.config import Settings, load_settings
+from kensho.config import CONFIG_FILE_ENV, Settings, env_variables, load_settings
 from kensho.errors import ConfigError
 
 
@@ -139,3 +139,74 @@ def test_home_in_paths_is_expanded(tmp_path: Path) -> None:
     settings = load_settings(path, env={})
     assert settings.storage.root == Path.home() / "kensho-store"
     assert settings.log.file == Path.home() / "k.log"
+
+
+def test_unknown_key_suggests_the_closest_setting(tmp_path: Path) -> None:
+    path = write(tmp_path, "[server]\nprot = 1\n")
+    with pytest.raises(ConfigError, match=r"did you mean server\.port\?"):
+        load_settings(path, env={})
+    path = write(tmp_path, "[sever]\nport = 1\n")
+    with pytest.raises(ConfigError, match=r"did you mean server\?"):
+        load_settings(path, env={})
+
+
+def test_misspelt_variable_is_refused_with_a_suggestion(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(env={"KENSHO_SERVR_PORT": "1"}, cwd=tmp_path)
+    assert info.value.key == "KENSHO_SERVR_PORT"
+    assert str(info.value) == (
+        "KENSHO_SERVR_PORT: unknown variable, no setting has this name "
+        "(did you mean KENSHO_SERVER_PORT?)"
+    )
+
+
+def test_every_unknown_variable_is_named(tmp_path: Path) -> None:
+    env = {"KENSHO_LOG_LEVLES": "storage=debug", "KENSHO_ZZZ": "1", "KENSHO_SERVER_PORT": "1"}
+    with pytest.raises(ConfigError) as info:
+        load_settings(env=env, cwd=tmp_path)
+    message = str(info.value)
+    assert "KENSHO_LOG_LEVLES: unknown variable" in message
+    assert "did you mean KENSHO_LOG_LEVELS?" in message
+    assert "KENSHO_ZZZ: unknown variable, no setting has this name" in message
+    assert "KENSHO_SERVER_PORT" not in message  # a real one is not blamed
+
+
+def test_variables_outside_the_prefix_are_not_checked(tmp_path: Path) -> None:
+    env = {"KENSHO": "x", "MY_KENSHO_PORT": "1", "kensho_server_prot": "1"}
+    assert load_settings(env=env, cwd=tmp_path) == Settings()
+
+
+def test_every_setting_and_alias_has_an_accepted_variable() -> None:
+    """Derived from the models: a field added to any section is accepted at once."""
+    names = env_variables()
+    for section, section_field in Settings.model_fields.items():
+        model = section_field.annotation
+        assert model is not None
+        for key in model.model_fields:
+            assert names[f"KENSHO_{section.upper()}_{key.upper()}"] == f"{section}.{key}"
+    assert names["KENSHO_API_KEY"] == "server.api_key"
+    assert CONFIG_FILE_ENV in names
+
+
+def test_config_file_variable_and_aliases_are_accepted(tmp_path: Path) -> None:
+    other = tmp_path / "elsewhere.toml"
+    other.write_text("[server]\nport = 8124\n")
+    write(tmp_path, "[server]\nport = 8123\n")
+    env = {
+        CONFIG_FILE_ENV: str(other),
+        "KENSHO_API_KEY": "k-1234567",
+        "KENSHO_LOG_LEVEL": "debug",
+        "KENSHO_LOG_LEVELS": "storage=warning",
+    }
+    settings = load_settings(env=env, cwd=tmp_path)
+    assert settings.server.port == 8124  # $KENSHO_CONFIG, not ./kensho.toml
+    assert settings.server.api_key == "k-1234567"
+    assert settings.log.level == "debug"
+    assert settings.log.levels == {"storage": "warning"}
+    explicit = write(tmp_path, "[server]\nport = 8125\n")
+    assert load_settings(explicit, env=env, cwd=tmp_path).server.port == 8125
+
+
+def test_missing_file_named_by_the_config_variable_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_settings(env={CONFIG_FILE_ENV: "missing.toml"}, cwd=tmp_path)

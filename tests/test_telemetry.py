@@ -6,6 +6,7 @@ import asyncio
 import io
 import json
 import logging
+import os
 import re
 import subprocess
 import sys
@@ -16,7 +17,8 @@ from typing import Any
 import pytest
 import structlog
 
-from kensho.config import load_settings
+from kensho.config import LogSettings, load_settings
+from kensho.errors import ConfigError
 from kensho.telemetry import (
     REDACTED,
     LoggerService,
@@ -448,3 +450,70 @@ def test_forced_console_format_has_no_colour_codes_off_a_terminal() -> None:
     configure_logging(stream=out, format="console")
     get_logger("cli").warning("plain text please")
     assert "\x1b[" not in out.getvalue()
+
+
+LIBRARY_USER = """
+import json, sys
+from kensho.telemetry import configure_logging, get_logger
+configure_logging(**json.loads(sys.argv[1]))
+get_logger("storage").debug("storage debug")
+get_logger("server").debug("server debug")
+get_logger("server").info("server info")
+"""
+
+
+def library_user(tmp_path: Path, arguments: dict[str, Any], **env: str) -> list[str]:
+    """Run a script that configures logging as a library user would; its events."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("KENSHO_")}
+    done = subprocess.run(
+        [sys.executable, "-c", LIBRARY_USER, json.dumps(arguments)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=tmp_path,
+        env={**clean, **env},
+    )
+    assert done.returncode == 0, done.stderr
+    return [json.loads(line)["event"] for line in done.stderr.splitlines()]
+
+
+@pytest.mark.parametrize(
+    ("env", "toml", "events"),
+    [
+        ({"KENSHO_LOG_LEVELS": "storage=debug"}, None, ["storage debug", "server info"]),
+        ({"KENSHO_LOG_LEVEL": "debug"}, None, ["storage debug", "server debug", "server info"]),
+        ({}, '[log]\nlevels = { server = "debug" }\n', ["server debug", "server info"]),
+        ({}, None, ["server info"]),
+    ],
+)
+def test_configure_logging_without_arguments_reads_the_cli_settings_sources(
+    tmp_path: Path, env: dict[str, str], toml: str | None, events: list[str]
+) -> None:
+    if toml is not None:
+        (tmp_path / "kensho.toml").write_text(toml)
+    assert library_user(tmp_path, {}, **env) == events
+
+
+def test_configure_logging_arguments_win_over_the_environment(tmp_path: Path) -> None:
+    env = {"KENSHO_LOG_LEVEL": "debug", "KENSHO_LOG_LEVELS": "storage=debug"}
+    # level is given, levels is not: the variable still applies to storage.
+    assert library_user(tmp_path, {"level": "info"}, **env) == ["storage debug", "server info"]
+    assert library_user(tmp_path, {"level": "info", "levels": {}}, **env) == ["server info"]
+
+
+def test_configure_logging_with_settings_ignores_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("KENSHO_LOG_LEVEL", "debug")
+    out = PipeStream()
+    configure_logging(LogSettings(format="json"), stream=out)
+    get_logger("server").debug("hidden")
+    get_logger("server").info("shown")
+    assert [e["event"] for e in lines(out)] == ["shown"]
+
+
+def test_configure_logging_refuses_a_misspelt_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KENSHO_LOG_LEVLES", "storage=debug")
+    with pytest.raises(ConfigError, match="did you mean KENSHO_LOG_LEVELS"):
+        configure_logging(stream=PipeStream())

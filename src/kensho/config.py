@@ -1,18 +1,21 @@
 """Typed settings: a TOML file plus ``KENSHO_*`` environment overrides.
 
 Precedence, lowest first: built-in defaults, the TOML file (``--config FILE``, else
-``./kensho.toml`` when it exists), then environment variables. Every setting
-``section.key`` can be overridden by ``KENSHO_SECTION_KEY`` (``server.port`` by
-``KENSHO_SERVER_PORT``); a few have short aliases documented on the field
-(``KENSHO_API_KEY``). List settings take comma-separated values and mapping settings
-``name=value`` pairs (``KENSHO_LOG_LEVELS="storage=debug,runtime=warning"``).
+``$KENSHO_CONFIG``, else ``./kensho.toml`` when it exists), then environment
+variables. Every setting ``section.key`` can be overridden by ``KENSHO_SECTION_KEY``
+(``server.port`` by ``KENSHO_SERVER_PORT``); a few have short aliases documented on
+the field (``KENSHO_API_KEY``). List settings take comma-separated values and mapping
+settings ``name=value`` pairs (``KENSHO_LOG_LEVELS="storage=debug,runtime=warning"``).
 
-Unknown keys and wrong types are errors, never silently ignored: a typo in a config
-file would otherwise leave a production setting at its default.
+Unknown keys, unknown ``KENSHO_*`` variables and wrong types are errors, never
+silently ignored: a typo (``KENSHO_SERVR_PORT``) would otherwise leave a production
+setting at its default. The accepted variable names are derived from the models
+below, so a new field is accepted (and its misspellings refused) with no list to keep.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
 import tomllib
 import types
@@ -26,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from kensho.errors import ConfigError
 
 __all__ = [
+    "CONFIG_FILE_ENV",
     "DEFAULT_CONFIG_FILE",
     "ENV_PREFIX",
     "LogSettings",
@@ -36,11 +40,13 @@ __all__ = [
     "StorageSettings",
     "TrustSettings",
     "default_data_dir",
+    "env_variables",
     "load_settings",
 ]
 
 ENV_PREFIX = "KENSHO_"
 DEFAULT_CONFIG_FILE = Path("kensho.toml")
+CONFIG_FILE_ENV = "KENSHO_CONFIG"  # the settings file, when --config is not given
 
 LevelName = Literal["debug", "info", "warning", "error", "critical"]
 _LEVEL_ALIASES = {"warn": "warning", "fatal": "critical", "exception": "error"}
@@ -227,13 +233,62 @@ def _env_names(section: str, field: str, extra: object) -> list[str]:
     return names
 
 
+def _section_models() -> dict[str, type[BaseModel]]:
+    """Each TOML section's name and model, read from :class:`Settings`."""
+    models: dict[str, type[BaseModel]] = {}
+    for section, section_field in Settings.model_fields.items():
+        model = section_field.annotation
+        assert isinstance(model, type) and issubclass(model, BaseModel)
+        models[section] = model
+    return models
+
+
+def env_variables() -> dict[str, str]:
+    """Every ``KENSHO_*`` variable Kensho reads, mapped to what it sets.
+
+    Values are dotted setting keys (``KENSHO_SERVER_PORT`` -> ``server.port``, the
+    alias ``KENSHO_API_KEY`` -> ``server.api_key``); :data:`CONFIG_FILE_ENV` maps to
+    ``"config file"``. Any other ``KENSHO_*`` variable is refused by
+    :func:`load_settings`.
+    """
+    names = {CONFIG_FILE_ENV: "config file"}
+    for section, model in _section_models().items():
+        for name, field in model.model_fields.items():
+            for var in _env_names(section, name, field.json_schema_extra):
+                names[var] = f"{section}.{name}"
+    return names
+
+
+def _did_you_mean(name: str, known: typing.Iterable[str], *, prefix: str = "") -> str:
+    """`` (did you mean X?)`` for the closest known name, or an empty string.
+
+    A shared prefix (``KENSHO_``) is ignored when comparing: it would make every
+    name look close to every other.
+    """
+    stems = {k.removeprefix(prefix): k for k in known}
+    close = difflib.get_close_matches(name.removeprefix(prefix), list(stems), n=1)
+    return f" (did you mean {stems[close[0]]}?)" if close else ""
+
+
+def _check_env_names(env: Mapping[str, str]) -> None:
+    """Refuse ``KENSHO_*`` variables that set nothing, naming each one."""
+    known = env_variables()
+    unknown = sorted(var for var in env if var.startswith(ENV_PREFIX) and var not in known)
+    if not unknown:
+        return
+    problems = [
+        f"{var}: unknown variable, no setting has this name"
+        + _did_you_mean(var, known, prefix=ENV_PREFIX)
+        for var in unknown
+    ]
+    raise ConfigError("; ".join(problems), key=unknown[0])
+
+
 def _env_overrides(env: Mapping[str, str]) -> tuple[dict[str, dict[str, object]], dict[str, str]]:
     """Collect overrides from the environment; also map dotted keys to variable names."""
     overrides: dict[str, dict[str, object]] = {}
     origins: dict[str, str] = {}
-    for section, section_field in Settings.model_fields.items():
-        model = section_field.annotation
-        assert isinstance(model, type) and issubclass(model, BaseModel)
+    for section, model in _section_models().items():
         for name, field in model.model_fields.items():
             for var in _env_names(section, name, field.json_schema_extra):
                 if var in env:
@@ -242,6 +297,18 @@ def _env_overrides(env: Mapping[str, str]) -> tuple[dict[str, dict[str, object]]
                     overrides.setdefault(section, {})[name] = value
                     origins[f"{section}.{name}"] = var
     return overrides, origins
+
+
+def _unknown_key_message(where: str, loc: tuple[int | str, ...]) -> str:
+    """``unknown setting 'server.prot' (did you mean 'server.port'?)``."""
+    key = ".".join(str(part) for part in loc)
+    models = _section_models()
+    section = models.get(str(loc[0])) if len(loc) == 2 else None
+    if section is not None:
+        known = [f"{loc[0]}.{name}" for name in section.model_fields]
+    else:
+        known = list(models)
+    return f"{where}: unknown setting {key!r}{_did_you_mean(key, known)}"
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -256,21 +323,33 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path} cannot be read: {exc.strerror}") from exc
 
 
+def _default_path(env: Mapping[str, str], cwd: Path | None) -> Path | None:
+    """The settings file when none is given: ``$KENSHO_CONFIG``, else ``./kensho.toml``."""
+    named = env.get(CONFIG_FILE_ENV)
+    if named:
+        return Path(named) if cwd is None else cwd / named
+    candidate = (cwd or Path.cwd()) / DEFAULT_CONFIG_FILE
+    return candidate if candidate.is_file() else None
+
+
 def load_settings(
     path: Path | None = None,
     *,
     env: Mapping[str, str] | None = None,
     cwd: Path | None = None,
 ) -> Settings:
-    """Load settings from ``path`` (or ``./kensho.toml``) and the environment.
+    """Load settings from ``path`` (else ``$KENSHO_CONFIG``, else ``./kensho.toml``)
+    and the environment.
 
     Raises :class:`ConfigError` naming the key (``server.port``) and where it came
-    from (the file or the variable) for unknown keys and wrong types.
+    from (the file or the variable) for unknown keys and wrong types, and naming the
+    variable for a ``KENSHO_*`` variable that sets nothing (with the closest real
+    name when there is one).
     """
     env = os.environ if env is None else env
+    _check_env_names(env)
     if path is None:
-        candidate = (cwd or Path.cwd()) / DEFAULT_CONFIG_FILE
-        path = candidate if candidate.is_file() else None
+        path = _default_path(env, cwd)
     data: dict[str, Any] = _read_toml(path) if path is not None else {}
     overrides, origins = _env_overrides(env)
     for section, values in overrides.items():
@@ -284,7 +363,7 @@ def load_settings(
         key = ".".join(str(part) for part in first["loc"])
         where = origins.get(key) or (str(path) if path else "settings")
         if first["type"] == "extra_forbidden":
-            message = f"{where}: unknown setting {key!r}"
+            message = _unknown_key_message(where, first["loc"])
         else:
             message = f"{where}: {key}: {first['msg']}"
         count = exc.error_count()

@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.text import Text
 
 from kensho import __version__
-from kensho.config import LogSettings, Settings, load_settings
+from kensho.config import CONFIG_FILE_ENV, LogSettings, Settings, load_settings
 from kensho.errors import (
     ConfigError,
     DiskSpaceError,
@@ -131,7 +131,7 @@ def _global(
             "--config",
             "-c",
             help="Settings file (TOML). Default: ./kensho.toml when it exists.",
-            envvar="KENSHO_CONFIG",
+            envvar=CONFIG_FILE_ENV,
         ),
     ] = None,
     log_level: Annotated[
@@ -189,7 +189,7 @@ def main() -> None:
     try:
         app()
     except KenshoError as exc:
-        err_console.print(labelled("error:", "bold red", exc))
+        err_console.print(labelled("error:", "bold red", exc), soft_wrap=True)  # one greppable line
         sys.exit(int(exit_code_for(exc)))
     except KeyboardInterrupt:
         err_console.print("interrupted")

@@ -23,7 +23,7 @@ from structlog.contextvars import clear_contextvars as clear_context
 from structlog.contextvars import unbind_contextvars as unbind_context
 from structlog.typing import FilteringBoundLogger
 
-from kensho.config import LogSettings
+from kensho.config import LogSettings, load_settings
 from kensho.telemetry._processors import REDACTED, error_to_dict, is_secret_key
 from kensho.telemetry._service import LEVELS, LoggerService
 
@@ -61,12 +61,18 @@ def configure_logging(
 ) -> LoggerService:
     """Configure the process-wide logging service.
 
-    ``fields`` override ``settings`` by name and are validated like the config file
+    Without ``settings``, the ``[log]`` settings come from the same sources as the
+    ``kensho`` command: ``$KENSHO_CONFIG`` or ``./kensho.toml``, then ``KENSHO_LOG_*``
+    variables (``KENSHO_LOG_LEVELS=storage=debug``), so a library user tunes levels the
+    way a CLI user does; like the CLI, invalid settings raise
+    :class:`~kensho.errors.ConfigError`. Passing ``settings`` uses exactly those.
+
+    ``fields`` override either by name and are validated like the config file
     (``level="debug"``, ``levels={"storage": "debug"}``, ``format="json"``,
     ``file=Path("kensho.log")``, ``file_max_bytes``, ``file_backups``). ``stream``
     replaces stderr as the stream sink; ``stderr=False`` writes to the file only.
     """
-    base = settings or LogSettings()
+    base = settings if settings is not None else load_settings().log
     if fields:
         if isinstance(fields.get("file"), str):
             fields["file"] = Path(fields["file"])
