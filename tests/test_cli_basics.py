@@ -6,11 +6,13 @@ import json
 import subprocess
 from pathlib import Path
 
+from rich.console import Console
 from typer.testing import CliRunner
 
 from _server_support import kensho_env, run_kensho
 from kensho import __version__
 from kensho.cli import ExitCode, app
+from kensho.cli._serve_cmds import _StatusView
 
 runner = CliRunner()
 Completed = subprocess.CompletedProcess[str]
@@ -113,3 +115,15 @@ def test_documented_variables_are_accepted(tmp_path: Path) -> None:
     data = json.loads(result.stdout)
     assert data["server"]["port"] == 8766
     assert data["log"]["levels"] == {"storage": "debug"}
+
+
+def test_status_view_shows_server_data_literally() -> None:
+    """``kensho status`` draws what the server sends: messages hold file names."""
+    view = _StatusView()
+    view.update("snapshot", {"active_engine": "[red]gpu[/red]", "breakers": []})
+    view.update("storage.file.repaired", {"message": "repaired w[/]z.bin"})
+    console = Console(record=True, width=200)
+    console.print(view.render())
+    text = console.export_text()
+    assert "[red]gpu[/red]" in text
+    assert "storage.file.repaired: repaired w[/]z.bin" in text
