@@ -20,7 +20,7 @@ import os
 import tomllib
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -259,7 +259,7 @@ def env_variables() -> dict[str, str]:
     return names
 
 
-def _did_you_mean(name: str, known: typing.Iterable[str], *, prefix: str = "") -> str:
+def _did_you_mean(name: str, known: Iterable[str], *, prefix: str = "") -> str:
     """`` (did you mean X?)`` for the closest known name, or an empty string.
 
     A shared prefix (``KENSHO_``) is ignored when comparing: it would make every
@@ -300,7 +300,7 @@ def _env_overrides(env: Mapping[str, str]) -> tuple[dict[str, dict[str, object]]
 
 
 def _unknown_key_message(where: str, loc: tuple[int | str, ...]) -> str:
-    """``unknown setting 'server.prot' (did you mean 'server.port'?)``."""
+    """``unknown setting 'server.prot' (did you mean server.port?)``."""
     key = ".".join(str(part) for part in loc)
     models = _section_models()
     section = models.get(str(loc[0])) if len(loc) == 2 else None
@@ -338,8 +338,9 @@ def load_settings(
     env: Mapping[str, str] | None = None,
     cwd: Path | None = None,
 ) -> Settings:
-    """Load settings from ``path`` (else ``$KENSHO_CONFIG``, else ``./kensho.toml``)
-    and the environment.
+    """Load settings from a TOML file and the environment.
+
+    The file is ``path``, else ``$KENSHO_CONFIG``, else ``./kensho.toml`` if present.
 
     Raises :class:`ConfigError` naming the key (``server.port``) and where it came
     from (the file or the variable) for unknown keys and wrong types, and naming the
