@@ -32,8 +32,11 @@ from kensho.storage._fs import fsync_dir, symlink_problem
 from kensho.storage.hashing import sha256_range
 from kensho.storage.manifest import FileEntry, Manifest
 from kensho.storage.state import STATE_DIR, StatRecord
+from kensho.telemetry import get_logger
 
 __all__ = ["Placement", "check_placement", "clear_obstacles", "placement_error"]
+
+_log = get_logger("storage")
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,12 +251,22 @@ def placement_error(
 
 
 def clear_obstacles(root: Path, placement: Placement) -> None:
-    """Delete the dropped files and folders in the way (right before the first swap)."""
+    """Delete the dropped files and folders in the way (right before the first swap).
+
+    An entry that cannot be deleted (changed since the check) is logged and left:
+    the swap that needed its place then fails and says so, the others go on.
+    """
     for rel in placement.files:
-        (root / rel).unlink(missing_ok=True)
+        try:
+            (root / rel).unlink(missing_ok=True)
+        except OSError as exc:
+            _log.warning("cannot delete a dropped file in the way", path=rel, error=str(exc))
     for rel in placement.folders:
         try:
             (root / rel).rmdir()
         except FileNotFoundError:
+            continue
+        except OSError as exc:
+            _log.warning("cannot delete a dropped folder in the way", path=rel, error=str(exc))
             continue
         fsync_dir((root / rel).parent)
