@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from _storage_support import sha, signed_for, write_tree
+from _storage_support import kensho, sha, signed_for, write_tree
 from kensho.errors import ManifestError
 from kensho.storage import (
     DEFAULT_CHUNK_SIZE,
@@ -148,6 +148,13 @@ HOSTILE = {
     "backslash": (_set(P + "path", "a\\one.bin"), "files[0].path"),
     "NUL": (_set(P + "path", "a/one\x00.bin"), "files[0].path"),
     "control char": (_set(P + "path", "a/one\n.bin"), "files[0].path"),
+    "C1 control CSI": (_set(P + "path", "a/one\x9b31m.bin"), "files[0].path"),
+    "C1 next line": (_set(P + "path", "a/one\x85.bin"), "files[0].path"),
+    "line separator": (_set(P + "path", "a/one\u2028.bin"), "files[0].path"),
+    "paragraph separator": (_set(P + "path", "a/one\u2029.bin"), "files[0].path"),
+    "bidi override": (_set(P + "path", "a/evil\u202egpj.exe"), "files[0].path"),
+    "zero-width non-joiner": (_set(P + "path", ".ken\u200csho/state.db"), "files[0].path"),
+    "byte order mark": (_set(P + "path", "\ufeffa/one.bin"), "files[0].path"),
     "empty segment": (_set(P + "path", "a//one.bin"), "files[0].path"),
     "trailing slash": (_set(P + "path", "a/"), "files[0].path"),
     "drive letter": (_set(P + "path", "C:/windows"), "files[0].path"),
@@ -182,6 +189,36 @@ def test_hostile_manifest_is_rejected_naming_the_field(case: str) -> None:
         parse_manifest(d)
     assert info.value.field == field, str(info.value)
     assert str(info.value).startswith(field)
+
+
+def test_non_ascii_names_that_display_as_written_are_accepted() -> None:
+    names = ["modèles/日本語/vocab.json", "données/straße 🙂.bin", "中文/文件.txt"]
+    d = doc()
+    for entry, name in zip(d["signed"]["files"], names, strict=True):
+        entry["path"] = name
+    assert [f.path for f in parse_manifest(d).files] == names
+
+
+@pytest.mark.parametrize(
+    ("char", "shown"),
+    [("\x9b", "\\x9b"), ("\x85", "\\x85"), ("\u2028", "\\u2028"), ("\u202e", "\\u202e")],
+    ids=["CSI", "NEL", "LS", "RLO"],
+)
+def test_cli_refuses_invisible_characters_in_paths_writing_nothing(
+    tmp_path: Path, char: str, shown: str
+) -> None:
+    d = doc()
+    d["signed"]["files"][1]["path"] = f"b{char}.txt"
+    (tmp_path / "m.json").write_text(json.dumps(d), encoding="utf-8")
+    src = tmp_path / "src"
+    write_tree(src, {f"b{char}.txt": b"hello"})
+    root = tmp_path / "store"
+    done = kensho("sync", "-m", "m.json", "-r", root, "-s", src, cwd=tmp_path)
+    assert done.returncode == 10, done.stderr
+    assert "files[1].path" in done.stderr and "control characters" in done.stderr
+    assert shown in done.stderr  # the character is named, not sent to the terminal
+    assert char not in done.stderr
+    assert not root.exists()
 
 
 @pytest.mark.parametrize(

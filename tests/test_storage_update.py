@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import save as save_safetensors
 
-from _storage_support import ENTRY, http_server, kensho, write_tree
+from _storage_support import ENTRY, http_server, kensho, signed_for, write_tree
 from kensho.errors import DiskSpaceError, IntegrityError, ManifestError, SignatureError
 from kensho.events import (
     Event,
@@ -616,3 +616,177 @@ async def test_update_killed_among_its_swaps_is_finished_at_the_next_offline_boo
     assert all((root / rel).read_bytes() == data for rel, data in new.items())
     assert trusted_serial(root) == 2
     assert not (root / ".kensho" / "pending-manifest.json").exists()
+
+
+# --- every file placeable before the first swap (all or nothing) ----------------------
+
+
+def cli_store(tmp_path: Path, old: Mapping[str, bytes], new: Mapping[str, bytes]) -> Path:
+    """A store synced to ``old`` (serial 1); ``v2.json`` (serial 2, ``new``) next to it."""
+    m1 = asyncio.run(publish(tmp_path / "v1", old, serial=1))
+    m2 = asyncio.run(publish(tmp_path / "v2", new, serial=2))
+    root = tmp_path / "store"
+    asyncio.run(install(root, old, m1))
+    (tmp_path / "v2.json").write_bytes(dump_manifest(m2))
+    return root
+
+
+def snapshot(root: Path) -> dict[str, bytes | str]:
+    """Every entry under ``root`` but ``.kensho``: file bytes, link targets, folders."""
+    tree: dict[str, bytes | str] = {}
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root).as_posix()
+        if rel.split("/")[0] == ".kensho":
+            continue
+        if path.is_symlink():
+            tree[rel] = f"-> {path.readlink()}"
+        elif path.is_dir():
+            tree[rel] = "folder"
+        else:
+            tree[rel] = path.read_bytes()
+    return tree
+
+
+OLD = {
+    "models/x.bin": os.urandom(8 * CHUNK),
+    "cfg/a.json": b'{"a": 1}',
+    "cfg/sub/b.json": b'{"b": 2}',
+}
+NEW = {
+    "models/x.bin": os.urandom(8 * CHUNK),
+    "cfg": b"a = 1\nb = 2\n",  # the folder cfg/ of v1 becomes a file
+    "extra/c.bin": os.urandom(CHUNK),
+    "data/d.bin": os.urandom(CHUNK),
+}
+
+
+def test_cli_update_turns_a_folder_of_dropped_files_into_a_file(tmp_path: Path) -> None:
+    root = cli_store(tmp_path, OLD, NEW)
+    done = kensho("sync", "-m", "v2.json", "-r", root, "-s", tmp_path / "v2", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert snapshot(root) == {"cfg": NEW["cfg"], "data": "folder", "extra": "folder"} | {
+        "data/d.bin": NEW["data/d.bin"],
+        "extra/c.bin": NEW["extra/c.bin"],
+        "models": "folder",
+        "models/x.bin": NEW["models/x.bin"],
+    }
+    assert trusted_serial(root) == 2
+    full = kensho("verify", "-r", root, "--full", cwd=tmp_path)
+    assert full.returncode == 0, full.stdout
+
+
+def _unlisted_file_in_the_folder(root: Path) -> None:
+    (root / "cfg/notes.txt").write_bytes(b"mine")
+
+
+def _edited_managed_file(root: Path) -> None:
+    (root / "cfg/sub/b.json").write_bytes(b'{"b": 9}')
+
+
+def _file_where_a_folder_goes(root: Path) -> None:
+    (root / "extra").write_bytes(b"mine")
+
+
+def _folder_where_a_file_goes(root: Path) -> None:
+    (root / "cfg/sub").rename(root / "kept")  # cfg/ keeps a.json: a v1 file, deletable
+    (root / "cfg/link").symlink_to("../kept")
+
+
+def _symlinked_folder_inside_the_root(root: Path) -> None:
+    (root / "real").mkdir()
+    (root / "data").symlink_to("real")
+
+
+REFUSALS = {
+    "unlisted file in the folder": (_unlisted_file_in_the_folder, "'cfg/notes.txt'", True),
+    "edited managed file": (_edited_managed_file, "'cfg/sub/b.json'", False),
+    "file where a folder goes": (
+        _file_where_a_folder_goes,
+        "'extra' is a file where a folder is needed",
+        True,
+    ),
+    "link in a folder where a file goes": (
+        _folder_where_a_file_goes,
+        "'cfg' is a folder where the file goes; it holds 'cfg/link'",
+        False,
+    ),
+    "symlinked folder": (_symlinked_folder_inside_the_root, "data is a symbolic link", True),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSALS), ids=sorted(REFUSALS))
+def test_cli_update_that_cannot_be_placed_changes_nothing(tmp_path: Path, case: str) -> None:
+    obstruct, named, still_good = REFUSALS[case]
+    root = cli_store(tmp_path, OLD, NEW)
+    obstruct(root)
+    before = snapshot(root)
+    with http_server(NEW) as (url, server):
+        done = kensho("sync", "-m", "v2.json", "-r", root, "-s", url, cwd=tmp_path)
+        requests = list(server.requests)
+    assert done.returncode == 4, done.stderr
+    assert "refused before changing anything" in done.stderr and named in done.stderr
+    assert snapshot(root) == before, "a refused update changed the store"
+    assert requests == [], "a refused update fetched data"
+    assert trusted_serial(root) == 1
+    assert not (root / ".kensho/pending-manifest.json").exists()
+    assert list((root / ".kensho/tmp").glob("*.part")) == []
+    if still_good:  # the store is still wholly on serial 1
+        offline = kensho("sync", "-r", root, cwd=tmp_path)
+        assert offline.returncode == 0, offline.stderr
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write in any folder")
+def test_cli_update_into_a_folder_kensho_may_not_write_in_is_refused(tmp_path: Path) -> None:
+    root = cli_store(tmp_path, OLD, NEW)
+    (root / "data").mkdir()
+    (root / "data").chmod(0o555)
+    try:
+        done = kensho("sync", "-m", "v2.json", "-r", root, "-s", tmp_path / "v2", cwd=tmp_path)
+    finally:
+        (root / "data").chmod(0o755)
+    assert done.returncode == 4, done.stderr
+    assert "permission denied" in done.stderr and "data" in done.stderr
+    assert (root / "models/x.bin").read_bytes() == OLD["models/x.bin"]
+
+
+def test_cli_symlinked_folder_inside_the_root_fails_sync_and_verify_alike(
+    tmp_path: Path,
+) -> None:
+    """``models -> other``: writing models/x.bin would overwrite other/x.bin."""
+    files = {"models/x.bin": os.urandom(2 * CHUNK), "other/x.bin": os.urandom(2 * CHUNK)}
+    m1 = asyncio.run(publish(tmp_path / "src", files, serial=1))
+    (tmp_path / "m.json").write_bytes(dump_manifest(m1))
+    root = tmp_path / "store"
+    (root / "other").mkdir(parents=True)
+    (root / "models").symlink_to("other")
+    synced = kensho("sync", "-m", "m.json", "-r", root, "-s", tmp_path / "src", cwd=tmp_path)
+    assert synced.returncode == 4, synced.stderr
+    assert "models/x.bin" in synced.stderr and "symbolic link" in synced.stderr
+    assert (root / "other/x.bin").read_bytes() == files["other/x.bin"]
+    full = kensho("verify", "-m", "m.json", "-r", root, "--full", cwd=tmp_path)
+    assert full.returncode == 1
+    assert "unsafe" in full.stdout
+
+
+def test_cli_chunks_right_whole_hash_wrong_is_refused_by_sync_and_update_alike(
+    tmp_path: Path,
+) -> None:
+    old, new = os.urandom(4 * CHUNK), os.urandom(4 * CHUNK)
+    src = tmp_path / "src"
+    write_tree(src, {"w.bin": new})
+    for serial in (1, 2):
+        signed = signed_for({"w.bin": new}, CHUNK, serial=serial)
+        signed["files"][0]["sha256"] = "0" * 64  # every chunk hash stays right
+        doc = {"signed": signed, "signatures": []}
+        (tmp_path / f"bad{serial}.json").write_text(json.dumps(doc))
+    fresh = tmp_path / "fresh"
+    synced = kensho("sync", "-m", "bad1.json", "-r", fresh, "-s", src, cwd=tmp_path)
+    root = cli_store(tmp_path, {"w.bin": old}, {"w.bin": old})
+    updated = kensho("sync", "-m", "bad2.json", "-r", root, "-s", src, cwd=tmp_path)
+    for done in (synced, updated):
+        assert done.returncode == 4, done.stderr
+        assert "whole file's SHA-256 does not match" in done.stderr
+    assert not (fresh / "w.bin").exists()
+    assert (root / "w.bin").read_bytes() == old and trusted_serial(root) == 1
+    for store in (fresh, root):
+        assert list((store / ".kensho/tmp").glob("*.part")) == []

@@ -2,9 +2,12 @@
 
 Why not just ``root / path``: a manifest path is validated text, but the disk may hold
 a symlink planted at ``root/models`` pointing at ``/etc``. Every path Kensho reads or
-writes goes through :func:`resolve_inside`, which refuses a path whose existing parts
-lead outside the root. (A local attacker racing us between check and use is out of
-scope; the final open uses ``O_NOFOLLOW`` regardless.)
+writes goes through :func:`resolve_inside`, which refuses a path whose existing parent
+folders include a symbolic link, wherever it leads. A link leading outside the root
+would make Kensho write outside it; a link inside the root (``models -> other``) would
+make two manifest paths name one file, so a sync writes one through the other, says
+ready, and the next full verify fails. (A local attacker racing us between check and
+use is out of scope; the final open uses ``O_NOFOLLOW`` regardless.)
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ __all__ = [
     "atomic_write_bytes",
     "fsync_dir",
     "resolve_inside",
+    "symlink_problem",
 ]
 
 
@@ -39,7 +43,6 @@ class PathGuard:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.real_root = root.resolve()
         self._checked: dict[str, str | None] = {}  # parent folder -> problem, or None
 
     def resolve(self, rel: str) -> Path:
@@ -51,8 +54,8 @@ class PathGuard:
         """Check that no existing parent folder of ``rel`` leaves the root.
 
         The final component may be a symlink (the caller reports it and replaces the
-        link itself, never its target); parents that are symlinks must resolve inside
-        the root. Raises :class:`UnsafePathError`.
+        link itself, never its target); a parent that is a symlink is refused, even
+        one resolving inside the root. Raises :class:`UnsafePathError`.
         """
         parent = rel.rpartition("/")[0]
         if not parent:
@@ -77,14 +80,29 @@ class PathGuard:
             return "absent"
         except OSError as exc:  # permission denied, name too long, a symlink loop
             return f"{folder} cannot be examined: {exc.strerror or exc}"
-        if stat.S_ISLNK(mode) and not folder.resolve().is_relative_to(self.real_root):
-            return (
-                f"{folder} is a symbolic link leading outside the store root {self.root}; "
-                "Kensho will not read or write through it (remove the link)"
-            )
+        if stat.S_ISLNK(mode):
+            return symlink_problem(folder, self.root)
         if not folder.is_dir():
             return f"{folder} is a file where the manifest needs a folder; move it away"
         return None
+
+
+def symlink_problem(folder: Path, root: Path) -> str:
+    """Why Kensho refuses to use the symbolic link ``folder`` as a folder of the store."""
+    try:
+        leads_out = not folder.resolve().is_relative_to(root.resolve())
+    except (OSError, RuntimeError):  # a loop: it leads nowhere usable
+        leads_out = True
+    if leads_out:
+        return (
+            f"{folder} is a symbolic link leading outside the store root {root}; "
+            "Kensho will not read or write through it (remove the link)"
+        )
+    return (
+        f"{folder} is a symbolic link to {folder.resolve()}, inside the store: two "
+        "manifest paths could then name one file, so Kensho will not read or write "
+        "through it (replace the link by a real folder)"
+    )
 
 
 def resolve_inside(root: Path, rel: str) -> Path:

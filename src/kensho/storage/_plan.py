@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kensho.storage._fs import PathGuard, UnsafePathError
+from kensho.storage._placement import Placement, check_placement
 from kensho.storage._repair import _runs
 from kensho.storage.manifest import FileEntry, Manifest
 from kensho.storage.state import StatRecord
@@ -42,13 +43,17 @@ class FilePlan:
 
     ``donors`` maps a chunk index to the local places that should hold its bytes
     (best first: the same path before other files); ``fetch`` lists the indices no
-    local file holds.
+    local file holds. ``maybe_placed``: the final path holds a regular file of the
+    new size that no fresh record vouches for as other content, so it may already be
+    the new file (a run killed between its swap and its record); the updater hashes
+    it before building anything.
     """
 
     entry: FileEntry
     previous: FileEntry | None
     donors: Mapping[int, tuple[Donor, ...]]
     fetch: tuple[int, ...]
+    maybe_placed: bool = False
 
     @property
     def action(self) -> str:
@@ -78,6 +83,7 @@ class UpdatePlan:
     unchanged: tuple[str, ...]
     removed: tuple[str, ...]
     done: tuple[str, ...] = field(default=())  # already at the new version (a resumed run)
+    placement: Placement = field(default_factory=Placement)  # obstacles, refusals
 
     @property
     def bytes_to_fetch(self) -> int:
@@ -114,6 +120,9 @@ def plan_update(
     Blocking (one ``lstat`` per file); run it in a thread. ``records`` are the
     state database's verified records: a file whose fresh record already matches
     its new hash was finished by an earlier, interrupted run and is left alone.
+    Whether every changed file can be placed is checked too (:mod:`._placement`):
+    ``plan.placement.problems`` lists the files that cannot be, and the updater
+    refuses to start then.
     """
     guard = PathGuard(root)
     index: dict[tuple[str, int], list[Donor]] = {}
@@ -137,7 +146,7 @@ def plan_update(
         ):
             continue  # already replaced by its new version: offered below instead
         offer(entry)
-    changed: list[FileEntry] = []
+    changed: list[tuple[FileEntry, bool]] = []
     unchanged: list[str] = []
     for entry in target.files:
         old = current.file(entry.path)
@@ -146,18 +155,28 @@ def plan_update(
             continue
         record = records.get(entry.path)
         st = _present(root, guard, entry)
-        if st is not None and record is not None and record == (entry.sha256, StatRecord.of(st)):
+        fresh = st is not None and record is not None and record[1] == StatRecord.of(st)
+        if fresh and record is not None and record[0] == entry.sha256:
             done.append(entry.path)
             offer(entry)
             continue
-        changed.append(entry)
-    plans = [_plan_file(entry, current.file(entry.path), index) for entry in changed]
+        changed.append((entry, st is not None and not fresh))
+    plans = [
+        _plan_file(entry, current.file(entry.path), index, maybe_placed)
+        for entry, maybe_placed in changed
+    ]
     removed = tuple(f.path for f in current.files if target.file(f.path) is None)
-    return UpdatePlan(current, target, tuple(plans), tuple(unchanged), removed, tuple(done))
+    placement = check_placement(root, current, target, [e for e, _ in changed], records)
+    return UpdatePlan(
+        current, target, tuple(plans), tuple(unchanged), removed, tuple(done), placement
+    )
 
 
 def _plan_file(
-    entry: FileEntry, previous: FileEntry | None, index: Mapping[tuple[str, int], list[Donor]]
+    entry: FileEntry,
+    previous: FileEntry | None,
+    index: Mapping[tuple[str, int], list[Donor]],
+    maybe_placed: bool,
 ) -> FilePlan:
     donors: dict[int, tuple[Donor, ...]] = {}
     fetch: list[int] = []
@@ -170,4 +189,4 @@ def _plan_file(
         same = [d for d in places if d.path == entry.path]
         others = [d for d in places if d.path != entry.path]
         donors[i] = tuple((same + others)[:4])
-    return FilePlan(entry, previous, donors, tuple(fetch))
+    return FilePlan(entry, previous, donors, tuple(fetch), maybe_placed)

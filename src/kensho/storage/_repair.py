@@ -265,6 +265,8 @@ class FileRepairer:
             todo = await self._reuse(entry, report, fd, part=part, before=before, dest=dest)
             reused = sum(entry.chunks[i].size for i in range(len(entry.chunks)) if i not in todo)
             outcome = await self._fetch(entry, fd, todo)
+            if outcome.ok:
+                outcome = await self.check_whole(entry, fd, part, outcome)
             if not outcome.ok:
                 return outcome
             outcome.record = await run_to_completion(None, _place, fd, part, dest)
@@ -284,6 +286,30 @@ class FileRepairer:
         )
         _log.info("file repaired", path=entry.path, fetched=outcome.fetched, reused=reused)
         return outcome
+
+    async def check_whole(
+        self, entry: FileEntry, fd: int, part: Path, outcome: RepairOutcome
+    ) -> RepairOutcome:
+        """``outcome``, or a failure if the built file's whole SHA-256 is not ``entry``'s.
+
+        Why on top of the chunk hashes: matching chunks prove the file against the
+        chunk list, but a manifest whose chunk list and ``sha256`` disagree cannot be
+        told at parse time without the data. Repair and update both check here,
+        before placing, so such a manifest is refused the same way by both (and the
+        partial file, proven wrong, is deleted). Also fsyncs the partial file.
+        """
+        await self.hasher.run(os.fsync, fd)
+        whole = await self.hasher.run(sha256_range, part, 0, entry.size)
+        if whole == entry.sha256:
+            return outcome
+        await asyncio.to_thread(part.unlink, missing_ok=True)
+        return RepairOutcome(
+            False,
+            "every chunk matched but the whole file's SHA-256 does not match the "
+            "manifest's: the manifest is inconsistent; ask its publisher for a rebuilt one",
+            fetched=outcome.fetched,
+            sources=outcome.sources,
+        )
 
     def _disk_full(self, entry: FileEntry, part: Path, dest: Path) -> DiskSpaceError:
         with contextlib.suppress(OSError):

@@ -1,7 +1,10 @@
 """Delta updates: assemble every changed file in ``.kensho/tmp``, then swap them in.
 
-For each file of an :class:`~kensho.storage._plan.UpdatePlan`, in order of preference
-per chunk:
+Before anything, the plan's placement check (:mod:`._placement`) must have found a
+place for every file; otherwise the update is refused and nothing is touched. A file
+whose final path already holds its new content (a run killed between its swap and
+its record) is hashed and kept, not fetched again. For each other file of an
+:class:`~kensho.storage._plan.UpdatePlan`, in order of preference per chunk:
 
 1. it is already good in the partial file of an interrupted run (resume);
 2. a local file holds the same bytes (same SHA-256, any file, any offset): the bytes
@@ -39,11 +42,12 @@ from kensho.events import (
     StorageUpdatePlanned,
 )
 from kensho.storage._fs import PathGuard, UnsafePathError, fsync_dir, resolve_inside
+from kensho.storage._placement import Placement, clear_obstacles, placement_error
 from kensho.storage._plan import Donor, FilePlan, UpdatePlan
 from kensho.storage._repair import FileRepairer, RepairOutcome, _open_part, _pwrite_all, part_path
 from kensho.storage._verify import Emit
 from kensho.storage.hashing import Hasher, run_all, run_to_completion, sha256_range
-from kensho.storage.manifest import Chunk
+from kensho.storage.manifest import Chunk, dump_manifest
 from kensho.storage.sources import Source
 from kensho.storage.state import StateStore, StatRecord
 from kensho.storage.status import FileReport, FileStatus
@@ -56,13 +60,18 @@ _log = get_logger("storage")
 
 @dataclass(slots=True)
 class Assembled:
-    """One file built in ``.kensho/tmp``: ready to swap in when ``outcome.ok``."""
+    """One file built in ``.kensho/tmp``: ready to swap in when ``outcome.ok``.
+
+    ``in_place``: the final path already held the new file (hashed whole), so there
+    is nothing to swap, only its record to keep.
+    """
 
     plan: FilePlan
     part: Path
     dest: Path | None
     outcome: RepairOutcome
     reused: int = 0
+    in_place: bool = False
 
 
 def plan_events(plan: UpdatePlan, *, dry_run: bool) -> list[Event]:
@@ -176,6 +185,7 @@ class DeltaUpdater:
     concurrency: int = 2
 
     def __post_init__(self) -> None:
+        self._placement = Placement()  # set by assemble_all, carried out by swap_all
         # One repairer for the whole run: a source it distrusts (wrong bytes) stays
         # distrusted for every later file. Its methods hold no per-file state.
         self.repairer = FileRepairer(
@@ -189,7 +199,17 @@ class DeltaUpdater:
         )
 
     async def assemble_all(self, plan: UpdatePlan) -> list[Assembled]:
-        """Build every planned file in ``.kensho/tmp``; nothing is swapped yet."""
+        """Build every planned file in ``.kensho/tmp``; nothing is swapped yet.
+
+        Refuses first, with an ``IntegrityError`` naming each path, an update whose
+        files cannot all be placed (:mod:`._placement`): nothing is fetched or
+        changed then, and a journal of this very update (left by an earlier run
+        killed among its swaps) is dropped, so boot does not replay it forever.
+        """
+        if plan.placement.problems:
+            await asyncio.to_thread(self._drop_journal_of, plan)
+            raise placement_error(self.root, plan.target, plan.current, plan.placement.problems)
+        self._placement = plan.placement
         gate = asyncio.Semaphore(self.concurrency)
         guard = PathGuard(self.root)
 
@@ -205,6 +225,15 @@ class DeltaUpdater:
             raise first from first.__cause__
         return [t.result() for t in tasks]
 
+    def _drop_journal_of(self, plan: UpdatePlan) -> None:
+        if self.state.load_pending_manifest() == dump_manifest(plan.target):
+            self.state.clear_pending_manifest()
+            _log.warning(
+                "interrupted update dropped: its files cannot be placed",
+                serial=plan.target.serial,
+                paths=sorted(plan.placement.problems),
+            )
+
     async def assemble(self, fp: FilePlan, guard: PathGuard) -> Assembled:
         """Build one new file in its partial file; see the module docstring."""
         entry = fp.entry
@@ -212,6 +241,9 @@ class DeltaUpdater:
         part = part_path(self.tmp_dir, entry)
         try:
             dest = await asyncio.to_thread(resolve_inside, self.root, entry.path)
+            if fp.maybe_placed and await self._holds_new_file(dest, fp):
+                await asyncio.to_thread(part.unlink, missing_ok=True)
+                return Assembled(fp, part, dest, RepairOutcome(True), entry.size, in_place=True)
             fd, before = await run_to_completion(None, _open_part, part, entry.size)
         except UnsafePathError as exc:
             return Assembled(fp, part, None, RepairOutcome(False, str(exc)))
@@ -225,16 +257,7 @@ class DeltaUpdater:
             reused = entry.size - sum(entry.chunks[i].size for i in todo)
             outcome = await repairer._fetch(entry, fd, todo)
             if outcome.ok:
-                await self.hasher.run(os.fsync, fd)
-                whole = await self.hasher.run(sha256_range, part, 0, entry.size)
-                if whole != entry.sha256:
-                    await asyncio.to_thread(part.unlink)
-                    outcome = RepairOutcome(
-                        False,
-                        "every chunk matched but the whole file's SHA-256 does not match the "
-                        "manifest's: the manifest is inconsistent; ask its publisher for a "
-                        "rebuilt one",
-                    )
+                outcome = await repairer.check_whole(entry, fd, part, outcome)
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
                 raise repairer._disk_full(entry, part, dest) from exc
@@ -243,6 +266,20 @@ class DeltaUpdater:
         finally:
             os.close(fd)
         return Assembled(fp, part, dest, outcome, reused)
+
+    async def _holds_new_file(self, dest: Path, fp: FilePlan) -> bool:
+        """Whether ``dest`` already is the new file: hashed whole, unchanged meanwhile.
+
+        Why: a run killed between a file's swap and its record leaves the new file
+        in place with no record saying so; fetching it again would cost its size.
+        """
+        try:
+            before = await asyncio.to_thread(dest.lstat)
+            whole = await self.hasher.run(sha256_range, dest, 0, fp.entry.size)
+            after = await asyncio.to_thread(dest.lstat)
+        except OSError:
+            return False
+        return whole == fp.entry.sha256 and StatRecord.of(before) == StatRecord.of(after)
 
     async def _copy_local(
         self, fp: FilePlan, fd: int, todo: list[int], guard: PathGuard
@@ -266,9 +303,13 @@ class DeltaUpdater:
     async def swap_all(self, built: Sequence[Assembled]) -> list[tuple[str, str, StatRecord]]:
         """Move every good assembled file to its final path; return their new records.
 
-        Each file's verified record is kept right after its swap, so a run killed
-        among the swaps finds the files already swapped up to date when it resumes.
+        First the obstacles the placement check found (dropped files of the old
+        release in the new files' way) are deleted. Each file's verified record is
+        kept right after its swap, so a run killed among the swaps finds the files
+        already swapped up to date when it resumes (and one killed between a swap
+        and its record finds the new file by hashing it, see :meth:`assemble`).
         """
+        await asyncio.to_thread(clear_obstacles, self.root, self._placement)
         records: list[tuple[str, str, StatRecord]] = []
         for item in built:
             if not item.outcome.ok or item.dest is None:
@@ -276,14 +317,16 @@ class DeltaUpdater:
             entry = item.plan.entry
             started = time.perf_counter()
             try:
-                record = await asyncio.to_thread(_swap, item.part, item.dest)
+                if item.in_place:
+                    record = StatRecord.of(await asyncio.to_thread(item.dest.lstat))
+                else:
+                    record = await asyncio.to_thread(_swap, item.part, item.dest)
             except OSError as exc:
                 item.outcome = RepairOutcome(
                     False, f"cannot move {item.part} to {item.dest}: {exc.strerror or exc}"
                 )
                 continue
             records.append((entry.path, entry.sha256, record))
-            await asyncio.to_thread(self.state.put, [records[-1]])
             used = tuple(dict.fromkeys(item.outcome.sources))
             self.emit(
                 StorageFileUpdated(
@@ -295,6 +338,7 @@ class DeltaUpdater:
                     sources=used,
                 )
             )
+            await asyncio.to_thread(self.state.put, [records[-1]])
             _log.info(
                 "file updated",
                 path=entry.path,

@@ -480,14 +480,29 @@ def _segment_problem(seg: str) -> str | None:
     return None
 
 
+#: Unicode categories refused in paths: Cc (C0, DEL and C1 controls such as U+009B CSI
+#: and U+0085 NEL), Cf (format: bidi overrides that make a name display as another,
+#: zero-width characters that HFS+ ignores in names, so ``.ken\u200csho`` would be
+#: ``.kensho`` there), Zl and Zp (U+2028, U+2029: line breaks to a terminal or a log).
+_INVISIBLE = frozenset({"Cc", "Cf", "Zl", "Zp"})
+
+
+def _has_invisible(path: str) -> bool:
+    """Whether ``path`` holds a character of a category in ``_INVISIBLE`` (see there)."""
+    if path.isascii():  # the common case, without a category lookup per character
+        return any(ord(c) < 32 or ord(c) == 127 for c in path)
+    return any(unicodedata.category(c) in _INVISIBLE for c in path)
+
+
 #: Whole-path rules, in the order they are checked: (is broken, what the rule says).
 _PATH_RULES: tuple[tuple[Callable[[str], bool], str], ...] = (
     (lambda p: len(p.encode("utf-8")) > MAX_PATH_BYTES, f"must be at most {MAX_PATH_BYTES} bytes"),
     (lambda p: p.startswith("/"), "must be relative to the store root, not absolute"),
     (lambda p: "\\" in p, "must use '/' as separator; backslashes are not allowed"),
     (
-        lambda p: any(ord(c) < 32 or ord(c) == 127 for c in p),
-        "must not contain NUL or control characters",
+        _has_invisible,
+        "must not contain NUL, control characters (C0, DEL, C1), invisible format "
+        "characters (bidi overrides, zero-width) or line/paragraph separators",
     ),
     (lambda p: _DRIVE.match(p) is not None, "must not start with a drive letter"),
     (
