@@ -55,11 +55,6 @@ class Drain:
 
     # -- what the HTTP layer reports ----------------------------------------------------
 
-    @property
-    def requests(self) -> int:
-        """HTTP requests in progress (counted by the server's outermost middleware)."""
-        return self._requests
-
     @contextmanager
     def request(self) -> Iterator[None]:
         """Count one HTTP request in progress for the duration of the block."""
