@@ -22,6 +22,19 @@ class Server:
     url: str
     stdout: list[str] = field(default_factory=list)
     stderr: list[str] = field(default_factory=list)
+    stderr_lines: queue.Queue[str | None] = field(default_factory=queue.Queue)
+
+    def wait_for_stderr(self, text: str, timeout: float = 30.0) -> str:
+        """Block until a new stderr line contains ``text`` (an observable event)."""
+        while True:
+            try:
+                line = self.stderr_lines.get(timeout=timeout)
+            except queue.Empty:
+                raise AssertionError(f"no stderr line with {text!r} in {timeout:g} s") from None
+            if line is None:
+                raise AssertionError(f"kensho up ended before logging {text!r}")
+            if text in line:
+                return line
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
         if self.process.poll() is None:
@@ -79,11 +92,10 @@ def kensho_up(*args: str, env: dict[str, str], cwd: Path) -> Iterator[Server]:
         text=True,
     )
     out_lines: queue.Queue[str | None] = queue.Queue()
-    err_lines: queue.Queue[str | None] = queue.Queue()
     server = Server(process, url="")
     threads = [
         threading.Thread(target=_pump, args=(process.stdout, server.stdout, out_lines)),
-        threading.Thread(target=_pump, args=(process.stderr, server.stderr, err_lines)),
+        threading.Thread(target=_pump, args=(process.stderr, server.stderr, server.stderr_lines)),
     ]
     for thread in threads:
         thread.daemon = True

@@ -17,7 +17,7 @@ from kensho.runtime.clock import VirtualClock
 from kensho.runtime.engines.faulty import MockCPUEngine, MockGPUEngine
 from kensho.runtime.executor import TaskExecutor
 from kensho.runtime.manager import RuntimeManager
-from kensho.server import IntegrityState, ServerContext, create_app
+from kensho.server import Drain, IntegrityState, ServerContext, create_app
 
 MODEL = "mock-model"
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 5}
@@ -42,8 +42,13 @@ async def make_stack(**ctx_options: object) -> tuple[Stack, RuntimeManager, Task
         runtime, clock=clock, max_queue_size=2, concurrency={"gpu": 1, "cpu": 1}
     )
     ctx = ServerContext(
-        runtime=runtime, executor=executor, hub=executor.hub, model_id=MODEL, **ctx_options
-    )  # type: ignore[arg-type]
+        runtime=runtime,
+        executor=executor,
+        hub=executor.hub,
+        model_id=MODEL,
+        drain=Drain(clock=clock),
+        **ctx_options,  # type: ignore[arg-type]
+    )
     client = httpx.AsyncClient(
         transport=httpx.ASGITransport(app=create_app(ctx)), base_url="http://localhost:8000"
     )
@@ -276,8 +281,10 @@ async def test_verify_without_store_is_404(stack: Stack) -> None:
     assert r.status_code == 404
 
 
-async def test_api_key_required_except_healthz(keyed: Stack) -> None:
-    assert (await keyed.client.get("/healthz")).status_code == 200
+async def test_api_key_guards_the_api_and_admin_but_not_the_probes(keyed: Stack) -> None:
+    # vLLM's split: orchestrator probes and Prometheus scrapes need no token.
+    for probe in ("/healthz", "/readyz", "/metrics"):
+        assert (await keyed.client.get(probe)).status_code == 200, probe
     denied = await keyed.client.get("/v1/models")
     assert denied.status_code == 401
     assert denied.json()["error"]["code"] == "invalid_api_key"
@@ -285,8 +292,25 @@ async def test_api_key_required_except_healthz(keyed: Stack) -> None:
     assert wrong.status_code == 401
     ok = await keyed.client.get("/v1/models", headers={"Authorization": "Bearer sekrit"})
     assert ok.status_code == 200
-    metrics = await keyed.client.get("/metrics")
-    assert metrics.status_code == 401
+    for admin in ("/v1/kensho/breaker", "/v1/kensho/verify"):
+        assert (await keyed.client.post(admin, json={"action": "reset"})).status_code == 401
+    assert (await keyed.client.get("/v1/kensho/status")).status_code == 401
+    assert (await keyed.client.post("/v1/chat/completions", json=CHAT)).status_code == 401
+
+
+async def test_protect_metrics_puts_the_probes_behind_the_key_too() -> None:
+    s, runtime, executor = await make_stack(api_key="sekrit", protect_metrics=True)
+    auth = {"Authorization": "Bearer sekrit"}
+    try:
+        for probe in ("/healthz", "/readyz", "/metrics"):
+            denied = await s.client.get(probe)
+            assert denied.status_code == 401, probe
+            assert denied.json()["error"]["code"] == "invalid_api_key"
+            assert (await s.client.get(probe, headers=auth)).status_code == 200, probe
+    finally:
+        await s.client.aclose()
+        await executor.aclose()
+        await runtime.close()
 
 
 async def test_admin_refused_on_public_address_without_key() -> None:
@@ -307,6 +331,119 @@ async def test_draining_server_refuses_new_completions(stack: Stack) -> None:
     assert r.status_code == 503
     assert r.json()["error"]["code"] == "draining"
     assert (await stack.client.get("/readyz")).status_code == 503
+
+
+def assert_shutting_down(r: httpx.Response, code: str) -> None:
+    """A 503 a client can act on: OpenAI error body, Retry-After, connection closed."""
+    assert r.status_code == 503
+    error = r.json()["error"]
+    assert error["type"] == "server_error"
+    assert error["code"] == code
+    assert "shutting down" in error["message"]
+    assert int(r.headers["Retry-After"]) >= 1
+    assert r.headers["connection"] == "close"
+
+
+async def test_drain_refuses_waiting_work_at_once_and_lets_the_stream_finish(
+    stack: Stack,
+) -> None:
+    stack.gpu.time_per_token = 1.0  # virtual seconds: nothing moves until the test says
+    stream = asyncio.create_task(
+        stack.client.post("/v1/chat/completions", json={**CHAT, "stream": True})
+    )
+    await stack.clock.settle()
+    queued = asyncio.create_task(stack.client.post("/v1/chat/completions", json=CHAT))
+    await stack.clock.settle()
+    assert stack.ctx.executor.statistics().queued_total == 1
+    before = stack.clock.monotonic()
+    finishing = asyncio.create_task(stack.ctx.drain.finish(30.0, grace=1.0))
+    await stack.clock.settle()
+    # Refused at once: no virtual time passed, the stream has not moved.
+    assert queued.done()
+    assert_shutting_down(queued.result(), "draining")
+    assert stack.clock.monotonic() == before
+    assert not stream.done()
+    late = await stack.client.post("/v1/completions", json={"model": MODEL, "prompt": "x"})
+    assert_shutting_down(late, "draining")
+    assert (
+        await stack.client.post("/v1/kensho/breaker", json={"action": "reset"})
+    ).status_code == 503
+    assert (await stack.client.get("/healthz")).status_code == 200
+    ready = await stack.client.get("/readyz")
+    assert ready.status_code == 503
+    assert ready.json()["draining"] is True
+    assert (await stack.client.get("/metrics")).status_code == 200
+    await stack.clock.advance(5.0)  # the stream's remaining 4 tokens
+    data = sse_data((await stream).text)
+    assert data[-1] == "[DONE]"
+    chunks = [json.loads(d) for d in data[:-1]]
+    assert "error" not in chunks[-1]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert await finishing is True  # a clean drain
+    assert stack.ctx.executor.statistics().completed == 1
+
+
+async def test_drain_timeout_ends_a_stream_with_an_error_event_then_done(stack: Stack) -> None:
+    stack.gpu.time_per_token = 1.0
+    long = {**CHAT, "max_tokens": 100, "stream": True}
+    stream = asyncio.create_task(stack.client.post("/v1/chat/completions", json=long))
+    await stack.clock.settle()
+    finishing = asyncio.create_task(stack.ctx.drain.finish(3.0, grace=1.0))
+    await stack.clock.advance(3.0)
+    r = await stream
+    assert r.status_code == 200  # the stream had started: it ends in-band
+    data = sse_data(r.text)
+    assert data[-1] == "[DONE]"
+    last = json.loads(data[-2])
+    assert last["error"]["code"] == "shutdown"
+    assert "shutting down" in last["error"]["message"]
+    tokens = [json.loads(d) for d in data[1:-2]]
+    assert 1 <= len(tokens) < 100  # the tokens produced before the cut were delivered
+    assert await finishing is False  # cut short: kensho up exits 128 + signal
+    assert stack.ctx.executor.statistics().cancelled == 1
+
+
+async def test_drain_timeout_answers_a_whole_answer_in_progress_with_503(stack: Stack) -> None:
+    stack.gpu.time_per_token = 1.0
+    whole = asyncio.create_task(
+        stack.client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 100})
+    )
+    await stack.clock.settle()
+    finishing = asyncio.create_task(stack.ctx.drain.finish(3.0, grace=1.0))
+    await stack.clock.advance(3.0)
+    assert_shutting_down(await whole, "shutdown")
+    assert await finishing is False
+
+
+async def test_second_signal_cut_off_ends_streams_without_waiting(stack: Stack) -> None:
+    stack.gpu.time_per_token = 1.0
+    long = {**CHAT, "max_tokens": 100, "stream": True}
+    stream = asyncio.create_task(stack.client.post("/v1/chat/completions", json=long))
+    await stack.clock.settle()
+    finishing = asyncio.create_task(stack.ctx.drain.finish(60.0, grace=1.0))
+    await stack.clock.settle()
+    stack.ctx.drain.cut_off("second signal (SIGINT)")
+    await stack.clock.settle()
+    data = sse_data((await stream).text)
+    assert data[-1] == "[DONE]"
+    assert json.loads(data[-2])["error"]["code"] == "shutdown"
+    assert await finishing is False
+    assert stack.clock.monotonic() < 60.0
+
+
+async def test_request_cancelled_at_a_forced_exit_gets_503_not_a_dump(stack: Stack) -> None:
+    never = asyncio.Event()
+
+    async def stuck_verify() -> IntegrityState:
+        await never.wait()
+        return IntegrityState()
+
+    stack.ctx.verify = stuck_verify
+    call = asyncio.create_task(stack.client.post("/v1/kensho/verify"))
+    await stack.clock.settle()
+    stack.ctx.drain.cut_off("second signal (SIGTERM)")
+    call.cancel()  # what uvicorn does to the tasks still running after its grace
+    assert_shutting_down(await call, "draining")
 
 
 async def test_keyless_server_refuses_other_web_origins(stack: Stack) -> None:

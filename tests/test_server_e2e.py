@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import time
 from pathlib import Path
@@ -12,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from _server_support import kensho_env, kensho_up, run_kensho
+from _server_support import Server, kensho_env, kensho_up, run_kensho
 
 pytestmark = pytest.mark.slow
 
@@ -92,6 +93,20 @@ def test_api_key_and_raw_bodies(tmp_path: Path) -> None:
         big = httpx.post(server.url + "/v1/completions", content=b"x" * (2 << 20), headers=auth)
         assert big.status_code == 413
         assert "k-1234567" not in "".join(server.stderr)
+        # Probes and scrapes need no token (vLLM's split).
+        assert httpx.get(server.url + "/readyz").status_code == 200
+        assert "kensho_breaker_state" in httpx.get(server.url + "/metrics").text
+
+
+def test_protect_metrics_puts_the_probes_behind_the_api_key(tmp_path: Path) -> None:
+    env = kensho_env(
+        tmp_path, **MOCK_ENV, KENSHO_API_KEY="k-1234567", KENSHO_SERVER_PROTECT_METRICS="true"
+    )
+    with kensho_up(env=env, cwd=tmp_path) as server:
+        auth = {"Authorization": "Bearer k-1234567"}
+        for probe in ("/healthz", "/readyz", "/metrics"):
+            assert httpx.get(server.url + probe).status_code == 401, probe
+            assert httpx.get(server.url + probe, headers=auth).status_code == 200, probe
 
 
 def test_overload_burst_every_answer_is_200_or_429(tmp_path: Path) -> None:
@@ -167,24 +182,180 @@ def test_failover_during_a_burst_loses_no_request(tmp_path: Path) -> None:
         assert "breaker.state_changed" in kinds
 
 
-def test_sigterm_lets_the_stream_in_flight_finish(tmp_path: Path) -> None:
-    # 60 tokens at 20 ms: about 1.2 s of streaming
-    env = kensho_env(tmp_path, **{**MOCK_ENV, "KENSHO_MODEL_MOCK_TIME_PER_TOKEN": "0.02"})
-    with kensho_up(env=env, cwd=tmp_path) as server:
-        body = {"model": "mock", "prompt": "x", "max_tokens": 60, "stream": True}
-        lines: list[str] = []
-        with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=30) as r:
-            for line in r.iter_lines():
-                lines.append(line)
-                if len(lines) == 4:  # a few tokens in: ask the server to stop
-                    server.process.send_signal(signal.SIGTERM)
+SLOW_ENV = {**MOCK_ENV, "KENSHO_MODEL_MOCK_TIME_PER_TOKEN": "0.02"}  # 50 tokens a second
+NO_DUMPS = ("Traceback", "CancelledError", "Exception in ASGI", "running task(s)")
+
+
+async def read_stream(
+    client: httpx.AsyncClient, max_tokens: int, started: asyncio.Event
+) -> tuple[int, list[str]]:
+    """Stream a completion; set ``started`` at the first token; status and data lines."""
+    body = {"model": "mock", "prompt": "x", "max_tokens": max_tokens, "stream": True}
+    data: list[str] = []
+    async with client.stream("POST", "/v1/completions", json=body) as r:
+        async for line in r.aiter_lines():
+            if line.startswith("data: "):
+                data.append(line[6:])
+                if len(data) == 2:  # the opening chunk, then the first token
+                    started.set()
+    return r.status_code, data
+
+
+async def read_openai_stream(base_url: str, max_tokens: int, started: asyncio.Event) -> str:
+    """The same through the official client; raises what it raises."""
+    client = openai.AsyncOpenAI(base_url=base_url + "/v1", api_key="unused", max_retries=0)
+    text = ""
+    async with client:
+        stream = await client.completions.create(
+            model="mock", prompt="x", max_tokens=max_tokens, stream=True
+        )
+        async for chunk in stream:
+            text += chunk.choices[0].text if chunk.choices else ""
+            if text:
+                started.set()
+    return text
+
+
+async def streams_started(
+    client: httpx.AsyncClient, server_url: str, count: int, max_tokens: int
+) -> tuple[list[asyncio.Task[tuple[int, list[str]]]], asyncio.Task[str]]:
+    """``count`` raw streams and one through the openai client, each past its first token."""
+    events = [asyncio.Event() for _ in range(count + 1)]
+    raw = [asyncio.create_task(read_stream(client, max_tokens, e)) for e in events[:count]]
+    sdk = asyncio.create_task(read_openai_stream(server_url, max_tokens, events[-1]))
+    gate = asyncio.ensure_future(asyncio.gather(*(e.wait() for e in events)))
+    done, _ = await asyncio.wait([gate, *raw, sdk], return_when=asyncio.FIRST_COMPLETED)
+    if gate not in done:
+        gate.cancel()
+        for task in done:
+            task.result()  # a stream that failed before the others started: show why
+        raise AssertionError("a stream ended before every stream had started")
+    return raw, sdk
+
+
+async def queue_depth(client: httpx.AsyncClient, depth: int) -> None:
+    """Read /metrics until ``depth`` tasks wait in the queue (real round trips)."""
+    name = 'kensho_queue_depth{priority="normal"}'
+    while metric((await client.get("/metrics")).text, name) < depth:
+        pass
+
+
+def assert_shutting_down(r: httpx.Response, code: str = "draining") -> None:
+    assert r.status_code == 503, r.text
+    assert r.json()["error"]["code"] == code
+    assert r.json()["error"]["type"] == "server_error"
+    assert int(r.headers["Retry-After"]) >= 1
+
+
+def shutdown_log(server: Server) -> list[dict[str, object]]:
+    return [json.loads(line) for line in server.stderr if line.startswith("{")]
+
+
+def assert_no_dumps(server: Server) -> None:
+    text = "".join(server.stderr)
+    for dump in NO_DUMPS:
+        assert dump not in text, dump
+
+
+def test_sigterm_refuses_queued_work_at_once_and_lets_streams_finish(tmp_path: Path) -> None:
+    tokens = 150  # 3 s per stream: the drain lasts that long after the signal
+    with kensho_up(env=kensho_env(tmp_path, **SLOW_ENV), cwd=tmp_path) as server:
+
+        async def scenario() -> None:
+            async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+                # gpu concurrency is 4: three raw streams and one openai stream run ...
+                raw, sdk = await streams_started(client, server.url, 3, tokens)
+                # ... and these three wait in the queue
+                body = {"model": "mock", "prompt": "x", "max_tokens": 5}
+                waiting = [
+                    asyncio.create_task(client.post("/v1/completions", json=body)),
+                    asyncio.create_task(
+                        client.post("/v1/completions", json={**body, "stream": True})
+                    ),
+                ]
+                sdk_waiting = asyncio.create_task(
+                    openai.AsyncOpenAI(
+                        base_url=server.url + "/v1", api_key="unused", max_retries=0
+                    ).completions.create(model="mock", prompt="x", max_tokens=5)
+                )
+                await queue_depth(client, 3)
+                os.kill(server.process.pid, signal.SIGTERM)
+                for refused in await asyncio.gather(*waiting):
+                    assert_shutting_down(refused)
+                with pytest.raises(openai.InternalServerError) as sdk_refused:
+                    await sdk_waiting
+                assert sdk_refused.value.status_code == 503
+                assert sdk_refused.value.code == "draining"
+                # Still listening during the drain: a new connection gets its 503.
+                async with httpx.AsyncClient(base_url=server.url, timeout=30) as fresh:
+                    assert_shutting_down(await fresh.post("/v1/completions", json=body))
+                    assert (await fresh.get("/readyz")).json()["draining"] is True
+                for status, data in await asyncio.gather(*raw):
+                    assert status == 200
+                    assert data[-1] == "[DONE]"
+                    assert len(data) == 1 + tokens + 1  # opening, every token, [DONE]
+                assert len((await sdk).split()) == tokens
+
+        asyncio.run(scenario())
         code = server.process.wait(timeout=30)
-    data = [line[6:] for line in lines if line.startswith("data: ")]
-    assert data[-1] == "[DONE]"
-    assert len(data) == 1 + 60 + 1  # opening chunk, every token, [DONE]
     assert code == 0
-    events = [json.loads(line) for line in server.stderr if line.startswith("{")]
-    assert any(e["event"] == "shutdown complete" for e in events)
+    events = [e["event"] for e in shutdown_log(server)]
+    assert "drain finished: every response completed" in events
+    assert "shutdown complete" in events
+    assert_no_dumps(server)
+
+
+def test_streams_running_at_shutdown_timeout_end_with_an_error_event(tmp_path: Path) -> None:
+    env = kensho_env(tmp_path, **SLOW_ENV, KENSHO_SERVER_SHUTDOWN_TIMEOUT="1")
+    with kensho_up(env=env, cwd=tmp_path) as server:
+
+        async def scenario() -> None:
+            async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+                raw, sdk = await streams_started(client, server.url, 1, 5000)
+                os.kill(server.process.pid, signal.SIGTERM)
+                status, data = await raw[0]
+                assert status == 200  # started streams end in-band, never a 500
+                assert data[-1] == "[DONE]"
+                error = json.loads(data[-2])["error"]
+                assert error["code"] == "shutdown"
+                assert "shutting down" in error["message"]
+                with pytest.raises(openai.APIError, match="shutting down"):
+                    await sdk
+
+        asyncio.run(scenario())
+        code = server.process.wait(timeout=30)
+    assert code == 128 + signal.SIGTERM  # 143: cut short
+    events = [str(e["event"]) for e in shutdown_log(server)]
+    assert any(e.startswith("drain not finished after 1 s") for e in events)
+    assert "shutdown complete" in events
+    assert_no_dumps(server)
+
+
+def test_second_signal_ends_the_drain_at_once_with_exit_130(tmp_path: Path) -> None:
+    env = kensho_env(tmp_path, **SLOW_ENV, KENSHO_SERVER_SHUTDOWN_TIMEOUT="60")
+    with kensho_up(env=env, cwd=tmp_path) as server:
+
+        async def scenario() -> None:
+            async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+                raw, sdk = await streams_started(client, server.url, 2, 5000)
+                os.kill(server.process.pid, signal.SIGINT)
+                await asyncio.to_thread(server.wait_for_stderr, "shutdown requested: draining")
+                os.kill(server.process.pid, signal.SIGINT)
+                for status, data in await asyncio.gather(*raw):
+                    assert status == 200
+                    assert data[-1] == "[DONE]"
+                    assert json.loads(data[-2])["error"]["code"] == "shutdown"
+                with pytest.raises(openai.APIError, match="shutting down"):
+                    await sdk
+
+        asyncio.run(scenario())
+        code = server.process.wait(timeout=30)
+    assert code == 128 + signal.SIGINT  # 130
+    events = [str(e["event"]) for e in shutdown_log(server)]
+    assert any(e.startswith("second signal (SIGINT)") for e in events)
+    assert not any(e.startswith("drain not finished") for e in events)  # not the 60 s
+    assert "shutdown complete" in events
+    assert_no_dumps(server)
 
 
 def test_boot_repairs_a_corrupted_required_file_then_serves(tmp_path: Path) -> None:

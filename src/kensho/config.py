@@ -117,6 +117,7 @@ class ServerSettings(_Section):
     max_body_bytes: int = Field(default=1 << 20, ge=1024, le=1 << 30)
     request_timeout: float | None = Field(default=None, gt=0)
     shutdown_timeout: float = Field(default=10.0, ge=0)
+    protect_metrics: bool = False  # the API key also guards /healthz, /readyz, /metrics
 
     @field_validator("api_key")
     @classmethod

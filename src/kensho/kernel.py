@@ -12,8 +12,10 @@ Boot, in order (``../shared/DESIGN.md``):
    on the fallback.
 3. **executor** — the bounded priority queue in front of the runtime.
 4. **server** — the HTTP API (:meth:`serve`), with a graceful shutdown on SIGINT or
-   SIGTERM: new requests are refused, in-flight streams get ``shutdown_timeout``
-   seconds to finish, then are cancelled; a second signal exits at once.
+   SIGTERM: the port stays open and answers 503 to new work, requests that have not
+   started get 503 at once, streams in flight get ``shutdown_timeout`` seconds to
+   finish and otherwise end with a final error event; a second signal cuts the drain
+   short (:class:`~kensho.server.Drain`).
 
 Every boot event (integrity progress, breaker transitions) goes to the ``on_event``
 callback (the CLI renders it), to the log, and into the event hub, so the status
@@ -24,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import math
 import signal
 import socket
 import threading
@@ -42,7 +43,7 @@ from kensho.runtime.engines.faulty import MockCPUEngine, MockGPUEngine
 from kensho.runtime.engines.torch_engine import TorchEngine
 from kensho.runtime.executor import TaskExecutor
 from kensho.runtime.manager import RuntimeManager
-from kensho.server import IntegrityState, ServerContext, create_app
+from kensho.server import Drain, IntegrityState, ServerContext, create_app
 from kensho.storage import (
     Manifest,
     MirrorSource,
@@ -78,31 +79,55 @@ def _integrity(report: VerifyReport | None, offline: bool) -> IntegrityState:
     )
 
 
-class _Server(uvicorn.Server):
-    """uvicorn, telling the kernel when it listens and when shutdown begins.
+#: After the drain, how long uvicorn waits for responses to finish writing (seconds).
+_CLOSE_GRACE = 2
 
-    Signal handling differs from uvicorn's in two ways: any second SIGINT or SIGTERM
-    forces the exit (uvicorn only counts SIGINT), and the signal is not re-raised
-    after a graceful shutdown, so the kernel still closes engines and flushes logs and
-    the process exits 0 after a clean stop.
+
+class _Server(uvicorn.Server):
+    """uvicorn, with Kensho's drain between the first signal and closing the port.
+
+    uvicorn stops listening at the first signal, then cancels the request tasks still
+    running at ``timeout_graceful_shutdown`` (500s, cut streams and a stack dump per
+    request). Here the listening socket stays open through the drain
+    (:class:`~kensho.server.Drain`: new requests get 503, streams finish or end with
+    an error event), and only then does uvicorn's own shutdown close the port and the
+    idle connections. Any second SIGINT or SIGTERM cuts the drain short (uvicorn only
+    counts SIGINT), and the signal is not re-raised afterwards, so the kernel still
+    closes engines and flushes logs; :attr:`forced_by` tells the exit code.
     """
 
     def __init__(
         self,
         config: uvicorn.Config,
         *,
+        drain: Drain,
+        drain_timeout: float,
         on_started: Callable[[], None],
-        on_exit: Callable[[], None],
     ) -> None:
         super().__init__(config)
+        self._drain = drain
+        self._drain_timeout = drain_timeout
         self._on_started = on_started
-        self._on_exit = on_exit
+        self._signals: list[int] = []
+        self._clean = True
+
+    @property
+    def forced_by(self) -> signal.Signals | None:
+        """The last signal received, when the drain had to cut responses short."""
+        if self._clean or not self._signals:
+            return None
+        return signal.Signals(self._signals[-1])
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         self._loop = asyncio.get_running_loop()
         await super().startup(sockets)
         if self.started:
             self._on_started()
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        # Still listening: whatever arrives during the drain gets its 503.
+        self._clean = await self._drain.finish(self._drain_timeout, grace=_CLOSE_GRACE)
+        await super().shutdown(sockets)
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -120,21 +145,22 @@ class _Server(uvicorn.Server):
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # A signal handler may interrupt the main thread inside the logging lock: it
         # only sets flags here, and everything else runs later on the event loop.
+        self._signals.append(sig)
         if self.should_exit:
             self.force_exit = True
-            self._later(_log_forced_exit)
+            self._later(self._force)
             return
         self.should_exit = True
-        self._later(self._on_exit)
+        self._later(self._drain.begin)
+
+    def _force(self) -> None:
+        name = signal.Signals(self._signals[-1]).name
+        self._drain.cut_off(f"second signal ({name})")
 
     def _later(self, callback: Callable[[], None]) -> None:
         loop = getattr(self, "_loop", None)
         if loop is not None and not loop.is_closed():
             loop.call_soon_threadsafe(callback)
-
-
-def _log_forced_exit() -> None:
-    log.warning("second signal: exiting now, cancelling what is still running")
 
 
 class Kernel:
@@ -228,6 +254,7 @@ class Kernel:
             integrity=integrity,
             verify=self.verify_now,
             api_key=server.api_key,
+            protect_metrics=server.protect_metrics,
             host=server.host,
             max_body_bytes=server.max_body_bytes,
             default_max_tokens=self.settings.model.max_tokens,
@@ -260,8 +287,15 @@ class Kernel:
             self._socket = _bind(self.settings.server.host, self.settings.server.port)
         return self._socket
 
-    async def serve(self, *, on_listening: Callable[[str], None] | None = None) -> None:
-        """Serve HTTP until SIGINT/SIGTERM, then shut down gracefully."""
+    async def serve(
+        self, *, on_listening: Callable[[str], None] | None = None
+    ) -> signal.Signals | None:
+        """Serve HTTP until SIGINT/SIGTERM, then drain and stop.
+
+        Returns None after a clean stop (every response finished within
+        ``server.shutdown_timeout``), else the signal that forced the exit (a second
+        signal, or the first when the drain timed out): ``kensho up`` exits 128 + it.
+        """
         ctx = self.context
         if ctx is None:
             raise RuntimeError("boot() must succeed before serve()")
@@ -275,7 +309,7 @@ class Kernel:
             log_config=None,
             access_log=False,
             lifespan="off",
-            timeout_graceful_shutdown=math.ceil(settings.shutdown_timeout),
+            timeout_graceful_shutdown=_CLOSE_GRACE,
         )
 
         def started() -> None:
@@ -283,17 +317,15 @@ class Kernel:
             if on_listening is not None:
                 on_listening(url)
 
-        def exiting() -> None:
-            if not ctx.draining:
-                log.info("shutdown requested: draining in-flight requests")
-            ctx.begin_shutdown()
-
-        server = _Server(config, on_started=started, on_exit=exiting)
+        server = _Server(
+            config, drain=ctx.drain, drain_timeout=settings.shutdown_timeout, on_started=started
+        )
         try:
             await server.serve(sockets=[sock])
         finally:
             sock.close()
             self._socket = None
+        return server.forced_by
 
     async def shutdown(self) -> None:
         """Cancel what is left, close engines, store and logs. Safe to call twice."""

@@ -43,9 +43,16 @@ _UP_HELP = (
     "Example: kensho up --port 8000, then "
     "curl http://127.0.0.1:8000/v1/chat/completions -d "
     '\'{"model": "kensho-demo", "messages": [{"role": "user", "content": "Say hello."}]}\''
-    "\n\nExit codes: 0 stopped cleanly · 3 bad config · 4 a required file could not be "
-    "made good (each is listed) · 5 not enough disk space for a repair · 6 the manifest "
-    "failed a trust check · 10 no engine could start, or the port is taken."
+    "\n\nStopping: at the first SIGINT (Ctrl-C) or SIGTERM the port stays open and "
+    "answers 503 with Retry-After to new requests; requests not yet streaming get that "
+    "503 at once; streams in flight get server.shutdown_timeout seconds to finish, and "
+    "one that cannot ends with a final error event then data: [DONE]. A second signal "
+    "ends them at once."
+    "\n\nExit codes: 0 stopped cleanly (every response finished) · 3 bad config · 4 a "
+    "required file could not be made good (each is listed) · 5 not enough disk space for "
+    "a repair · 6 the manifest failed a trust check · 10 no engine could start, or the "
+    "port is taken · 130 (SIGINT) / 143 (SIGTERM) stopped with responses cut short "
+    "(second signal, or server.shutdown_timeout reached)."
 )
 
 
@@ -188,13 +195,14 @@ async def _up(settings: Settings) -> int:
         sys.stdout.flush()
 
     try:
-        await kernel.serve(on_listening=listening)
+        forced_by = await kernel.serve(on_listening=listening)
     except OSError as exc:
         err_console.print(labelled("error:", "bold red", exc))
         return int(ExitCode.ERROR)
     finally:
         await kernel.shutdown()
-    return int(ExitCode.OK)
+    # Cut short: the shell's convention for "killed by this signal" (130, 143).
+    return int(ExitCode.OK) if forced_by is None else 128 + int(forced_by)
 
 
 @app.command(

@@ -4,5 +4,6 @@ from __future__ import annotations
 
 from kensho.server._app import create_app
 from kensho.server._context import IntegrityState, ServerContext
+from kensho.server._drain import Drain
 
-__all__ = ["IntegrityState", "ServerContext", "create_app"]
+__all__ = ["Drain", "IntegrityState", "ServerContext", "create_app"]

@@ -5,7 +5,9 @@ Every completion request goes through the :class:`~kensho.runtime.executor.TaskE
 (429 with ``Retry-After``) instead of by a request that hangs. A streaming request
 waits for its first token *before* the response starts, so queue-phase failures still
 get their proper status code (429, 503, 504) rather than a 200 with an error inside.
-A client that goes away cancels its task and frees its slot.
+A client that goes away cancels its task and frees its slot. A shutdown drains
+(``_drain.py``): new and not-yet-started work gets 503, streams finish or end with a
+final error event; with ``Retry-After`` and an OpenAI-style body throughout.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from kensho.events import Event
 from kensho.runtime.engines.base import ChatMessage, GenerationChunk, GenerationRequest
 from kensho.runtime.executor import Priority, TaskHandle
 from kensho.server._context import ServerContext
+from kensho.server._drain import Drain
 from kensho.server._errors import APIError, error_body, error_for_exception, error_response
 from kensho.server._metrics import CONTENT_TYPE, ServerMetrics
 from kensho.server._schemas import BreakerAction, ChatCompletionRequest, CompletionRequest
@@ -43,7 +46,14 @@ log = get_logger("server")
 
 PRIORITY_HEADER = "x-kensho-priority"
 TIMEOUT_HEADER = "x-kensho-timeout"
-_OPEN_PATHS = frozenset({"/healthz"})
+#: Open even without an API key to browsers of other origins: liveness says nothing.
+_ALWAYS_OPEN = frozenset({"/healthz"})
+#: Probes and scrapes: open with an API key unless ``protect_metrics`` (vLLM's choice),
+#: and still answered while draining (readiness then says 503, draining).
+_PROBE_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+#: Refusals while shutting down say when to come back.
+DRAIN_RETRY_AFTER = 5.0
+_CLOSE = (b"connection", b"close")
 _T = TypeVar("_T")
 
 
@@ -55,11 +65,12 @@ class ClientDisconnectedError(Exception):
 
 
 class _Guard:
-    """Authentication and body-size limit, before any routing or parsing.
+    """Drain, authentication and body-size limit, before any routing or parsing.
 
     Bodies are read here (up to the limit) and replayed to the app, so an oversize
     body is refused with 413 without ever being parsed; later ``receive`` calls go to
-    the server, which is how disconnects are still seen.
+    the server, which is how disconnects are still seen. Every request is counted in
+    the :class:`~kensho.server._drain.Drain`, so a shutdown knows when it is over.
     """
 
     def __init__(self, app: ASGIApp, context: ServerContext, metrics: ServerMetrics) -> None:
@@ -72,14 +83,22 @@ class _Guard:
             await self.app(scope, receive, send)
             return
         status = [0]
+        drain = self.context.drain
 
         async def counting_send(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
+                if drain.draining:  # keep-alive clients reconnect (elsewhere) next time
+                    message = {**message, "headers": [*message.get("headers", []), _CLOSE]}
             await send(message)
 
         try:
-            await self._guarded(scope, receive, counting_send)
+            with drain.request():
+                await self._guarded(scope, receive, counting_send)
+        except asyncio.CancelledError:
+            if not _cancelled_at_forced_exit(drain):
+                raise
+            await self._end_cancelled(scope, counting_send, started=bool(status[0]))
         finally:
             # Counted here, in plain ASGI: Starlette's BaseHTTPMiddleware would add a
             # task and a memory stream to every request and every streamed chunk.
@@ -87,24 +106,25 @@ class _Guard:
             # No response started: the client left first (499, as nginx counts it).
             self.metrics.requests.labels(route, str(status[0] or 499)).inc()
 
+    async def _end_cancelled(self, scope: Scope, send: Send, *, started: bool) -> None:
+        """A request the server cancelled at a forced exit: one log line, no dump.
+
+        Completions end themselves at the cut-off; this is for what could not (a
+        client that stopped reading, a long admin call) once the grace ran out.
+        """
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()  # handled: the request ends here
+        log.warning("request cancelled at exit", path=scope["path"], response_started=started)
+        if not started:
+            await _send_error(send, _shutting_down("this request could not finish in time"))
+
     async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
-        ctx = self.context
-        if not ctx.api_key and scope["path"] not in _OPEN_PATHS:
-            problem = _browser_problem(scope, ctx.host)
-            if problem:
-                why = f"{problem}; set an API key (--api-key) to serve other clients"
-                await _send_error(send, APIError(403, why, code="origin_refused"))
-                return
-        if ctx.api_key and scope["path"] not in _OPEN_PATHS and not self._authorized(scope):
-            await _send_error(
-                send,
-                APIError(
-                    401,
-                    "missing or invalid API key: send it as 'Authorization: Bearer <key>'",
-                    code="invalid_api_key",
-                ),
-            )
+        refusal = self._refusal(scope)
+        if refusal is not None:
+            await _send_error(send, refusal)
             return
+        ctx = self.context
         if scope["method"] not in {"POST", "PUT", "PATCH"}:
             await self.app(scope, receive, send)
             return
@@ -134,6 +154,25 @@ class _Guard:
 
         await self.app(scope, replay, send)
 
+    def _refusal(self, scope: Scope) -> APIError | None:
+        """Why the request is refused before it is read, or None: origin, key, drain."""
+        ctx = self.context
+        path = scope["path"]
+        if not ctx.api_key and path not in _ALWAYS_OPEN:
+            problem = _browser_problem(scope, ctx.host)
+            if problem:
+                why = f"{problem}; set an API key (--api-key) to serve other clients"
+                return APIError(403, why, code="origin_refused")
+        if ctx.api_key and _needs_key(ctx, path) and not self._authorized(scope):
+            return APIError(
+                401,
+                "missing or invalid API key: send it as 'Authorization: Bearer <key>'",
+                code="invalid_api_key",
+            )
+        if ctx.draining and path not in _PROBE_PATHS:
+            return _shutting_down("new requests are refused")
+        return None
+
     def _authorized(self, scope: Scope) -> bool:
         value = _header(scope, b"authorization") or ""
         scheme, _, token = value.partition(" ")
@@ -148,6 +187,37 @@ def _header(scope: Scope, name: bytes) -> str | None:
         if key.lower() == name:
             return bytes(value).decode("latin-1")
     return None
+
+
+def _needs_key(ctx: ServerContext, path: str) -> bool:
+    """With an API key, every path needs it but the probes (unless ``protect_metrics``)."""
+    return ctx.protect_metrics or path not in _PROBE_PATHS
+
+
+def _shutting_down(why: str, *, code: str = "draining") -> APIError:
+    return APIError(
+        503,
+        f"the server is shutting down: {why}; retry on another instance or after it restarts",
+        type="server_error",
+        code=code,
+        retry_after=DRAIN_RETRY_AFTER,
+    )
+
+
+def _cancelled_at_forced_exit(drain: Drain) -> bool:
+    """True for a cancellation of this request's task after the drain was cut off."""
+    return drain.cut and asyncio.current_task() is not None
+
+
+def _cancelled_by_server() -> bool:
+    """True when a caught ``CancelledError`` came from the task handle, not this task.
+
+    The executor reports a task it cancelled (shutdown, drain cut-off) by raising
+    ``CancelledError`` from the handle; a cancellation of the request's own task
+    (client gone, server exit) is pending on the current task instead.
+    """
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() == 0
 
 
 def _too_large(limit: int) -> APIError:
@@ -249,9 +319,9 @@ async def _unless_disconnected(request: Request, work: Coroutine[Any, Any, _T]) 
         if not task.done():
             task.cancel()
         watcher.cancel()
-    if not task.done() or task.cancelled():
+    if not task.done():
         raise ClientDisconnectedError
-    return task.result()
+    return task.result()  # a task the server cancelled raises CancelledError here
 
 
 def _sse(data: object) -> bytes:
@@ -310,12 +380,16 @@ def _add_health_routes(app: FastAPI, ctx: ServerContext, metrics: ServerMetrics)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
-        """Alive: answers while the process runs (no authentication)."""
+        """Alive: answers while the process runs, draining too (probes need no key,
+        unless ``server.protect_metrics``)."""
         return {"status": "ok"}
 
     @app.get("/readyz")
     async def readyz() -> Response:
-        """Ready: integrity verified and an engine admits requests; says degraded."""
+        """Ready: integrity verified and an engine admits requests; says degraded.
+
+        503 while draining, so an orchestrator stops routing here during a shutdown.
+        """
         runtime = ctx.runtime.metrics()
         engine_ready = ctx.runtime.retry_after() == 0
         ready = engine_ready and not ctx.draining and ctx.integrity.status != "failed"
@@ -480,8 +554,8 @@ class _Completer:
         self.ctx = ctx
         self.metrics = metrics
 
-    def _refuse(self, exc: KenshoError | ValueError) -> APIError:
-        err = _api_error(exc)
+    def _refuse(self, exc: KenshoError | ValueError | APIError) -> APIError:
+        err = exc if isinstance(exc, APIError) else _api_error(exc)
         reason = exc.reason if isinstance(exc, QueueFullError) else (err.code or "error")
         self.metrics.rejections.labels(reason).inc()
         return err
@@ -503,7 +577,7 @@ class _Completer:
                 param="model",
             )
         if ctx.draining:
-            raise APIError(503, "the server is shutting down", code="draining", retry_after=5)
+            raise _shutting_down("new requests are refused")
         started = time.perf_counter()
         endpoint = "chat" if kind == "chat" else "completions"
         priority = _priority(request)
@@ -513,17 +587,11 @@ class _Completer:
                 handle = ctx.executor.submit(gen, priority=priority, deadline=deadline)
             except QueueFullError as exc:
                 raise self._refuse(exc) from None
+            ctx.drain.admit(handle)
             try:
-                first = await _unless_disconnected(request, _first(handle))
+                first = await self._first(handle, request)
             except ClientDisconnectedError:
-                await handle.aclose()
                 return Response(status_code=499)
-            except (KenshoError, ValueError) as exc:
-                await handle.aclose()
-                raise self._refuse(exc) from None
-            except BaseException:
-                await handle.aclose()
-                raise
             self.metrics.ttft.labels(endpoint).observe(time.perf_counter() - started)
             shape = _Shaper(kind, body.model)
             if body.stream:
@@ -533,17 +601,54 @@ class _Completer:
                     stream, media_type="text/event-stream", headers=_SSE_HEADERS
                 )
             try:
-                chunks = await _unless_disconnected(request, _rest(handle, first))
+                chunks = await self._rest(handle, first, request)
             except ClientDisconnectedError:
                 return Response(status_code=499)
-            except (KenshoError, ValueError) as exc:
-                raise self._refuse(exc) from None
             finally:
+                ctx.drain.release(handle)
                 await handle.aclose()
             for chunk in chunks:
                 self.metrics.tokens.labels(chunk.engine).inc()
             self.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
             return JSONResponse(shape.whole(chunks))
+
+    async def _first(self, handle: TaskHandle, request: Request) -> GenerationChunk | None:
+        """The first chunk, before the response starts: failures keep their status."""
+        try:
+            first = await _unless_disconnected(request, _first(handle))
+        except BaseException as exc:
+            self.ctx.drain.release(handle)
+            await handle.aclose()
+            err = self._not_started(exc)
+            if err is exc:
+                raise
+            raise err from None
+        self.ctx.drain.producing(handle)  # released when its response ends
+        return first
+
+    def _not_started(self, exc: BaseException) -> BaseException:
+        """What to raise for a task that failed before its first token."""
+        if isinstance(exc, asyncio.CancelledError) and _cancelled_by_server():
+            # A drain refusing work that has not started, or the executor closing.
+            return self._refuse(_shutting_down("this request had not started and was dropped"))
+        if isinstance(exc, (KenshoError, ValueError)):
+            return self._refuse(exc)
+        return exc
+
+    async def _rest(
+        self, handle: TaskHandle, first: GenerationChunk | None, request: Request
+    ) -> list[GenerationChunk]:
+        """Every chunk of a whole (non-streamed) answer."""
+        try:
+            return await _unless_disconnected(request, _rest(handle, first))
+        except asyncio.CancelledError:
+            if _cancelled_by_server():  # cut off at the end of a drain
+                raise _shutting_down(
+                    "this answer could not finish in time", code="shutdown"
+                ) from None
+            raise
+        except (KenshoError, ValueError) as exc:
+            raise self._refuse(exc) from None
 
     async def _stream(
         self,
@@ -564,14 +669,25 @@ class _Completer:
                 chunk = await anext(handle, None)
             if include_usage:
                 yield _sse(shape.usage_chunk(count))
-            yield b"data: [DONE]\n\n"
+            yield _DONE
         except (KenshoError, ValueError) as exc:
             log.warning("stream ended by an error", error=str(exc), tokens=count)
             yield _sse(error_body(_api_error(exc)))
+            yield _DONE
+        except asyncio.CancelledError:
+            if not _cancelled_by_server():
+                raise  # the client went away, or the server is exiting
+            # Cut off at the end of a drain: say so in the stream (the openai client
+            # raises it as an APIError) rather than cutting the connection.
+            log.warning("stream cut off at shutdown", tokens=count)
+            err = _shutting_down("this stream could not finish in time", code="shutdown")
+            yield _sse(error_body(err))
+            yield _DONE
         finally:
             # Measured first: a disconnect may cancel the awaits below.
             elapsed = time.perf_counter() - timing.started
             self.metrics.latency.labels(timing.endpoint).observe(elapsed)
+            self.ctx.drain.release(handle)
             handle.cancel("the response ended")  # no-op once the task has ended
             await handle.aclose()
 
@@ -583,6 +699,7 @@ class _Timing:
 
 
 _SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+_DONE = b"data: [DONE]\n\n"
 
 
 def _api_error(exc: KenshoError | ValueError) -> APIError:

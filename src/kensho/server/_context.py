@@ -15,6 +15,7 @@ from typing import Any
 from kensho.runtime.executor import TaskExecutor
 from kensho.runtime.hub import EventHub
 from kensho.runtime.manager import RuntimeManager
+from kensho.server._drain import Drain
 
 __all__ = ["IntegrityState", "ServerContext"]
 
@@ -46,7 +47,11 @@ class IntegrityState:
 
 @dataclass
 class ServerContext:
-    """The running runtime, executor and store status behind one HTTP server."""
+    """The running runtime, executor and store status behind one HTTP server.
+
+    ``api_key`` guards the API (``/v1/*``) and admin endpoints; health, readiness
+    and metrics stay open for probes and scrapers unless ``protect_metrics``.
+    """
 
     runtime: RuntimeManager
     executor: TaskExecutor
@@ -55,15 +60,24 @@ class ServerContext:
     integrity: IntegrityState = field(default_factory=IntegrityState)
     verify: Callable[[], Awaitable[IntegrityState]] | None = None
     api_key: str | None = None
+    protect_metrics: bool = False
     host: str = "127.0.0.1"
     max_body_bytes: int = 1 << 20
     default_max_tokens: int = 256
     request_timeout: float | None = None
     log_counts: Callable[[], dict[str, int]] | None = None
-    draining: bool = False
-    stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    drain: Drain = field(default_factory=Drain)
+
+    @property
+    def draining(self) -> bool:
+        """True from the first shutdown signal on: new work gets 503."""
+        return self.drain.draining
+
+    @property
+    def stopping(self) -> asyncio.Event:
+        """Set when the shutdown begins: the status streams end on it."""
+        return self.drain.stopping
 
     def begin_shutdown(self) -> None:
         """Refuse new completions and end the status streams; in-flight work goes on."""
-        self.draining = True
-        self.stopping.set()
+        self.drain.begin()
