@@ -212,7 +212,7 @@ def test_source_from_string() -> None:
 
 
 async def test_hostile_retry_after_is_ignored_not_a_crash() -> None:
-    from kensho.storage.sources import _parse_retry_after
+    from kensho.storage.sources.http import _parse_retry_after
 
     assert _parse_retry_after("\xb2") is None  # "²" passes str.isdigit()
     assert _parse_retry_after("7") == 7.0

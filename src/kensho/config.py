@@ -99,11 +99,22 @@ class LogSettings(_Section):
 
 
 class StorageSettings(_Section):
-    """``[storage]``: the integrity store."""
+    """``[storage]``: the integrity store.
+
+    ``source_*`` bound what one HTTP source may cost a run: seconds to wait for a
+    connection (at most 10 s) or for the next bytes, retries of a failed request, and
+    the slowest average rate (bytes/s, per ``source_rate_window`` seconds; 0: none)
+    before the source is abandoned for the next one. 16 KiB/s is far below any link
+    that can move model weights, and makes a trickling mirror lose its turn in 30 s.
+    """
 
     root: Path = Field(default_factory=default_data_dir)
     manifest: Path | None = None
     sources: list[str] = Field(default_factory=list)
+    source_timeout: float = Field(default=30.0, gt=0)
+    source_retries: int = Field(default=5, ge=0, le=100)
+    source_min_rate: int = Field(default=16 * 1024, ge=0)
+    source_rate_window: float = Field(default=30.0, gt=0)
 
 
 class ServerSettings(_Section):

@@ -185,7 +185,7 @@ class Kernel:
 
     def _make_storage(self) -> StorageManager:
         storage, model = self.settings.storage, self.settings.model
-        sources: list[Source] = [source_from_string(s) for s in storage.sources]
+        sources: list[Source] = [source_from_string(s, settings=storage) for s in storage.sources]
         manifest: Manifest | None
         if self.uses_demo:
             root = storage.root / "demo"

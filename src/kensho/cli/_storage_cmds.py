@@ -296,7 +296,7 @@ def sync(  # noqa: PLR0917 - Typer maps each parameter to an option
 ) -> None:
     loaded, store = _resolve(manifest, root)
     specs = source if source else state().settings.storage.sources
-    sources = [source_from_string(s) for s in specs]
+    sources = [source_from_string(s, settings=state().settings.storage) for s in specs]
     renderer = _Renderer(as_json)
 
     async def go() -> VerifyReport | None:

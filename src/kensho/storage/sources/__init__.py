@@ -1,0 +1,58 @@
+"""Where repaired bytes come from: mirror folders, HTTP(S) servers, memory (tests).
+
+Every source implements one call, :meth:`Source.fetch`: deliver exactly ``length``
+bytes of ``path`` starting at ``offset`` to an async ``sink``, in order, or raise.
+The manager hashes and writes what the sink receives, so a source never needs to be
+trusted: it only moves bytes. Errors are split by what the manager should do next:
+
+::
+
+    SourceError                  this source cannot deliver this file: try the next one
+    ├── SourceUnreachableError   cannot reach the source at all (offline, no such folder)
+    └── DownloadError            the transfer broke, crawled or offered the wrong size
+
+Exceptions raised by the sink (a hash mismatch, ``ENOSPC``) pass through untouched
+and are never retried here: they are the manager's business.
+
+A source that is not fit for now (it asked to be left alone, timed out, crawled
+below the minimum rate, ran out of retries) is abandoned for the rest of the run:
+later requests fail at once with an error of the same class saying why, and the
+manager moves on to the next source (see :mod:`._health`).
+
+Why the sink instead of an async iterator: the HTTP source retries in a loop that
+resumes at the last delivered byte, and a ``yield`` inside a retry context would hand
+the consumer's own exceptions to the retry machinery.
+
+One module per source kind: :mod:`.mirror`, :mod:`.http`, :mod:`.memory`.
+"""
+
+from __future__ import annotations
+
+from kensho.storage.sources._base import Sink, Source, SourceUnreachableError
+from kensho.storage.sources._factory import HttpOptions, http_options, source_from_string
+from kensho.storage.sources._health import SYSTEM_CLOCK, MonotonicClock
+from kensho.storage.sources.http import (
+    DEFAULT_MIN_RATE,
+    DEFAULT_RATE_WINDOW,
+    MAX_RETRY_AFTER,
+    HttpSource,
+)
+from kensho.storage.sources.memory import MemorySource
+from kensho.storage.sources.mirror import MirrorSource
+
+__all__ = [
+    "DEFAULT_MIN_RATE",
+    "DEFAULT_RATE_WINDOW",
+    "MAX_RETRY_AFTER",
+    "SYSTEM_CLOCK",
+    "HttpOptions",
+    "HttpSource",
+    "MemorySource",
+    "MirrorSource",
+    "MonotonicClock",
+    "Sink",
+    "Source",
+    "SourceUnreachableError",
+    "http_options",
+    "source_from_string",
+]
