@@ -510,6 +510,7 @@ async def test_without_fallback_an_open_primary_refuses_with_retry_after() -> No
     with pytest.raises(CircuitOpenError, match="no fallback engine") as info:
         _ = [c async for c in runtime.generate(GenerationRequest(prompt="x"))]
     assert info.value.retry_after == FORCED_OPEN_RETRY_AFTER  # not open_duration (60 s)
+    assert "until an operator resets one" in str(info.value)
 
 
 async def test_status_stream_yields_readable_events() -> None:

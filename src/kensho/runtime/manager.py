@@ -452,11 +452,11 @@ class RuntimeManager:
         if fallback is None or breaker is None:
             self._rejected += 1
             assert primary_refusal is not None
+            retry = primary_refusal.retry_after
             raise CircuitOpenError(
                 f"request {request.request_id} refused: {primary_label} is unavailable "
-                f"and no fallback engine is configured; retry in "
-                f"{primary_refusal.retry_after:.1f} s",
-                retry_after=primary_refusal.retry_after,
+                f"and no fallback engine is configured; {self._retry_hint(retry)}",
+                retry_after=retry,
             ) from primary_refusal
         if produced:
             if produced >= request.max_tokens:  # failed after the last token: nothing lost
@@ -482,7 +482,7 @@ class RuntimeManager:
             )
             raise CircuitOpenError(
                 f"request {request.request_id} refused: {why} and {fallback_label} "
-                f"(fallback) is refusing calls too; retry in {retry:.1f} s",
+                f"(fallback) is refusing calls too; {self._retry_hint(retry)}",
                 retry_after=retry,
             ) from (primary_error or exc)
         if primary_error is not None:
@@ -522,6 +522,16 @@ class RuntimeManager:
             raise
         permit.success(elapsed=first_token)
         self._by_fallback += 1
+
+    def _retry_hint(self, retry: float) -> str:
+        """ "retry in N s", and what to do when no breaker will ever reopen by itself."""
+        breakers = (self.primary_breaker, self.fallback_breaker)
+        if all(b is None or b.admission_delay() is None for b in breakers):
+            return (
+                "every engine is forced open and none will be tested until an operator "
+                f"resets one (admin API); retry in {retry:.1f} s"
+            )
+        return f"retry in {retry:.1f} s"
 
     async def _stream(
         self, engine: Engine, request: GenerationRequest, permit: Permit
