@@ -13,7 +13,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from kensho.errors import CircuitOpenError, EngineError
 from kensho.events import BreakerStateChanged, Event
-from kensho.runtime.breaker import BreakerState, CircuitBreaker, Permit
+from kensho.runtime.breaker import FORCED_OPEN_RETRY_AFTER, BreakerState, CircuitBreaker, Permit
 from kensho.runtime.clock import VirtualClock
 from kensho.telemetry.testing import capture_logs
 
@@ -115,6 +115,47 @@ async def test_failure_rate_over_count_window_trips_without_consecutive_failures
     assert "last 10 calls" in events[-1].reason
 
 
+@pytest.mark.parametrize(("calls", "failures", "threshold"), [(100, 55, 0.55), (25, 7, 0.28)])
+async def test_a_failure_rate_exactly_at_the_threshold_opens(
+    calls: int, failures: int, threshold: float
+) -> None:
+    # 0.55 * 100 is 55.000...01 in floats: a float product kept this breaker CLOSED.
+    clock = VirtualClock()
+    breaker, events = make(
+        clock,
+        failure_threshold=calls + 1,
+        failure_rate_threshold=threshold,
+        window_size=calls,
+        minimum_calls=calls,
+    )
+    for _ in range(calls - failures + 1):
+        await breaker.call(ok)
+    await fail_n(breaker, failures - 1)  # a full window, one failure short
+    assert breaker.state is S.CLOSED
+    assert breaker.metrics().failure_rate == (failures - 1) / calls
+    await fail_n(breaker, 1)  # the oldest success slides out: exactly at the threshold
+    assert breaker.metrics().failure_rate == threshold
+    assert breaker.state is S.OPEN
+    assert f"failure rate {threshold:.0%} >= {threshold:.0%}" in events[-1].reason
+
+
+async def test_minimum_calls_is_clamped_to_a_smaller_count_window() -> None:
+    # resilience4j's rule: the default minimum of 10 could never be met by 5 calls.
+    clock = VirtualClock()
+    breaker, events = make(clock, failure_threshold=100, failure_rate_threshold=0.5, window_size=5)
+    assert breaker.minimum_calls == 5
+    await breaker.call(ok)
+    await fail_n(breaker, 3)
+    assert breaker.state is S.CLOSED  # 4 calls: the window is not full yet
+    assert breaker.metrics().failure_rate is None
+    await fail_n(breaker, 1)  # 4 of 5 fail
+    assert breaker.state is S.OPEN
+    assert "failure rate 80% >= 50% over the last 5 calls" in events[-1].reason
+    # A time window is in seconds, not calls: its minimum is kept as given.
+    timed, _ = make(clock, failure_rate_threshold=0.5, window_type="time", window_size=5)
+    assert timed.minimum_calls == 10
+
+
 async def test_count_window_forgets_old_outcomes() -> None:
     clock = VirtualClock()
     breaker, _ = make(
@@ -200,6 +241,36 @@ async def test_excluded_exceptions_count_neither_way() -> None:
     m = breaker.metrics()
     assert breaker.state is S.CLOSED
     assert (m.failures, m.successes, m.ignored) == (0, 0, 2)
+
+
+async def test_a_raising_exclude_if_counts_as_failure_and_frees_the_probe_slot() -> None:
+    clock = VirtualClock()
+
+    def broken(exc: BaseException) -> bool:
+        raise KeyError("predicate bug")
+
+    breaker, _ = make(
+        clock, failure_threshold=1, open_duration=10, half_open_timeout=None, exclude_if=broken
+    )
+    with capture_logs() as logs:
+        await fail_n(breaker, 1)  # the caller sees the engine's error, not the predicate's
+    assert breaker.state is S.OPEN
+    assert breaker.metrics().failures == 1
+    failed = [
+        e for e in logs if e["event"] == "exclude_if predicate raised; the call counts as a failure"
+    ]
+    assert failed and failed[0]["breaker"] == "gpu"
+    await clock.advance(10)
+    probe = breaker.acquire()
+    assert probe.probe
+    probe.failure(EngineError("still down"))  # the predicate raises again
+    assert breaker.state is S.OPEN
+    assert breaker.metrics().probes_in_flight == 0
+    await clock.advance(10)
+    assert breaker.state is S.HALF_OPEN
+    await breaker.call(ok)  # the slot was freed: a new probe gets in
+    await breaker.call(ok)
+    assert breaker.state is S.CLOSED
 
 
 async def test_cancellation_is_not_a_failure() -> None:
@@ -370,6 +441,33 @@ async def test_open_duration_grows_on_repeated_trips_up_to_cap() -> None:
     assert events[-1].open_for == 10
 
 
+@pytest.mark.parametrize(("cap", "longest"), [(30.0, 30.0), (None, 86_400.0)])
+async def test_more_than_1024_failed_probes_never_overflow(
+    cap: float | None, longest: float
+) -> None:
+    # multiplier ** trips overflowed a float at the 1,024th trip and wedged the breaker.
+    clock = VirtualClock()
+    breaker, events = make(
+        clock,
+        failure_threshold=1,
+        open_duration=1,
+        open_duration_multiplier=2,
+        max_open_duration=cap,
+        half_open_timeout=None,
+    )
+    await fail_n(breaker, 1)
+    for _ in range(1100):
+        await clock.advance(events[-1].open_for or 0)
+        assert breaker.state is S.HALF_OPEN
+        await fail_n(breaker, 1)  # the engine's error, never OverflowError
+    assert breaker.state is S.OPEN
+    assert breaker.metrics().trips == 1101
+    assert events[-1].open_for == longest
+    assert breaker.current_open_duration() == longest
+    await clock.advance(longest)
+    assert await breaker.call(ok) == "ok"  # still probing after the long outage
+
+
 async def test_late_outcome_of_a_call_admitted_before_the_trip_decides_nothing() -> None:
     clock = VirtualClock()
     breaker, _ = make(clock, failure_threshold=1, open_duration=10, half_open_timeout=None)
@@ -401,7 +499,10 @@ async def test_force_open_rejects_everything_until_reset() -> None:
     await clock.advance(1000)  # no timer: forced open stays open
     with pytest.raises(CircuitOpenError, match="forced open") as info:
         await breaker.call(ok)
-    assert info.value.retry_after == 30
+    # No probe is scheduled: not a made-up cool-down (open_duration), a short re-check.
+    assert info.value.retry_after == FORCED_OPEN_RETRY_AFTER
+    assert breaker.admission_delay() is None
+    assert "until it is reset" in str(info.value)
     breaker.reset()
     assert await breaker.call(ok) == "ok"
     assert [e.to_state for e in events] == ["forced_open", "closed"]
@@ -510,6 +611,12 @@ def test_event_serialises_to_json_ready_data() -> None:
         ({"open_duration_multiplier": 0.5}, "multiplier"),
         ({"failure_rate_threshold": 1.5}, "failure_rate_threshold"),
         ({"window_size": 0}, "window_size"),
+        ({"window_size": 2.5}, "whole number"),
+        ({"window_type": "calls"}, "window_type"),
+        ({"minimum_calls": 0}, "minimum_calls"),
+        ({"max_open_duration": 0}, "max_open_duration"),
+        ({"open_duration": float("nan")}, "open_duration"),
+        ({"open_duration_multiplier": float("inf")}, "multiplier"),
     ],
 )
 def test_invalid_settings_are_refused(kwargs: dict[str, Any], match: str) -> None:

@@ -292,25 +292,93 @@ async def test_sustained_rejection_hard_opens_for_critical_only_then_recovers() 
         overloaded = [e for e in rig.events if isinstance(e, RuntimeOverloaded)]
         assert len(overloaded) == 1
         assert overloaded[0].message == (
-            "overloaded (3 rejections within 10 s): only critical tasks accepted for 30 s"
+            "overloaded (3 rejections within 10 s): only critical tasks accepted until the "
+            "queue drains (about 1.0 s, at most 30 s)"
         )
         assert rig.executor.overloaded
         with pytest.raises(QueueFullError) as info:
             rig.submit(P.HIGH)
         assert info.value.reason == "overloaded"
-        assert info.value.retry_after == 30
+        # Nothing has completed on the CPU yet: 1 task ahead at the 1 s prior, 1 slot.
+        assert info.value.retry_after == 1.0
         critical = rig.submit(P.CRITICAL)  # sheds the queued NORMAL task
         assert critical.state is TaskState.QUEUED
         # Hard open re-routes nothing: the GPU is not touched, routing is unchanged.
         assert rig.gpu.stats().calls == 0
         assert rig.runtime.primary_breaker.state is BreakerState.FORCED_OPEN
         assert rig.cpu.stats().calls == cpu_calls
-        await rig.clock.advance(30)
+        # The CPU (slowed 100x) finishes nothing in 30 s: the upper bound ends it.
+        await rig.clock.advance(29.9)
+        assert rig.executor.overloaded
+        await rig.clock.advance(0.1)
         assert not rig.executor.overloaded
         assert isinstance(rig.events[-1], RuntimeRecovered)
         assert rig.events[-1].message == (
-            "recovered after 30 s overloaded: accepting all tasks again"
+            "recovered after 30 s overloaded (upper bound of 30 s reached): "
+            "accepting all tasks again"
         )
+
+
+async def test_hard_open_ends_as_soon_as_the_queue_drains_with_honest_retry_after() -> None:
+    async with Rig(
+        max_queue_size=2, rejection_threshold=3, rejection_window=10, hard_open_duration=600
+    ) as rig:
+        warm = rig.submit()  # measures the GPU: 0.05 s + 4 * 0.01 s per 5-token task
+        await rig.finish_all()
+        assert warm.outcome is Out.COMPLETED
+        start = rig.clock.monotonic()
+        burst = [rig.submit() for _ in range(3)]  # 1 running, 2 queued: the queue is full
+        for _ in range(3):
+            with pytest.raises(QueueFullError) as rejected:
+                rig.submit()
+        # Admitted once the 2 queued tasks and this one's turn have started: 3 x 0.09 s.
+        assert rejected.value.retry_after == pytest.approx(0.27)
+        assert rig.executor.overloaded
+        overloaded = next(e for e in rig.events if isinstance(e, RuntimeOverloaded))
+        assert overloaded.max_duration == 600
+        with pytest.raises(QueueFullError) as refused:
+            rig.submit(P.HIGH)
+        assert refused.value.reason == "overloaded"
+        # Below the low-water mark (1 of 2) after 2 more finished tasks: 0.18 s, not 600.
+        assert refused.value.retry_after == pytest.approx(0.18)
+        assert overloaded.retry_after == pytest.approx(0.18)
+        await rig.clock.advance(0.1)  # one finished: 1 still queued, not below the mark
+        assert rig.executor.overloaded
+        await rig.clock.advance(0.1)
+        assert not rig.executor.overloaded
+        recovered = [e for e in rig.events if isinstance(e, RuntimeRecovered)]
+        assert len(recovered) == 1
+        assert recovered[0].overloaded_for == pytest.approx(0.18)
+        assert recovered[0].message == (
+            "recovered after 0.2 s overloaded (queue down to 0 (low-water mark 1) and tasks "
+            "finishing): accepting all tasks again"
+        )
+        assert rig.clock.monotonic() - start < 600
+        late = rig.submit()  # admitted at once: no lock-out while idle
+        await rig.finish_all()
+        assert late.outcome is Out.COMPLETED
+        assert all(h.outcome is Out.COMPLETED for h in burst)
+
+
+async def test_hard_open_holds_while_the_engine_does_not_keep_up() -> None:
+    async with Rig(
+        max_queue_size=2, rejection_threshold=3, rejection_window=10, hard_open_duration=600
+    ) as rig:
+        rig.gpu.slow_down(100)  # a 5-token task now takes 9 s
+        running = rig.submit()
+        queued = [rig.submit(queue_timeout=1) for _ in range(2)]
+        for _ in range(3):
+            with pytest.raises(QueueFullError):
+                rig.submit()
+        assert rig.executor.overloaded
+        await rig.clock.advance(5)
+        # The queue emptied by expiry, not by service: the pressure has not ended.
+        assert all(h.outcome is Out.TIMED_OUT for h in queued)
+        assert rig.executor.statistics().queued_total == 0
+        assert rig.executor.overloaded
+        await rig.clock.advance(4)  # the running task finishes: the engine keeps up
+        assert running.outcome is Out.COMPLETED
+        assert not rig.executor.overloaded
 
 
 async def test_statistics_snapshot_and_wait_percentiles() -> None:
@@ -368,6 +436,8 @@ def test_invalid_settings_are_refused() -> None:
         TaskExecutor(runtime, rejection_threshold=0)
     with pytest.raises(ValueError, match="stream_buffer"):
         TaskExecutor(runtime, stream_buffer=0)
+    with pytest.raises(ValueError, match="hard_open_low_water"):
+        TaskExecutor(runtime, hard_open_low_water=0)
 
 
 # -- Hypothesis: every accepted task ends exactly once, in priority order ---------------

@@ -17,9 +17,10 @@ from kensho.events import (
     PrimaryProbing,
     PrimaryRestored,
     RequestRerouted,
+    RuntimeAvailable,
     RuntimeUnavailable,
 )
-from kensho.runtime.breaker import BreakerState, CircuitBreaker
+from kensho.runtime.breaker import FORCED_OPEN_RETRY_AFTER, BreakerState, CircuitBreaker
 from kensho.runtime.clock import VirtualClock
 from kensho.runtime.engines import (
     FaultyEngine,
@@ -241,6 +242,104 @@ async def test_both_failing_reports_both_with_retry_after() -> None:
     assert rig.runtime.metrics().rejected == 1
 
 
+async def test_cpu_opening_first_then_gpu_says_no_engine_then_announces_the_cpu_back() -> None:
+    rig = Rig()
+    await rig.runtime.start()
+    assert rig.runtime.fallback_breaker is not None
+    rig.runtime.fallback_breaker.trip("CPU crashed")  # the GPU serves: nothing to announce
+    assert rig.status() == []
+    rig.runtime.force_primary_failure()  # the GPU fails from now on
+    for _ in range(3):
+        with pytest.raises(CircuitOpenError, match="refusing calls too"):
+            await rig.text()
+    assert rig.runtime.primary_breaker.state is S.OPEN
+    unavailable = [e for e in rig.events if isinstance(e, RuntimeUnavailable)]
+    assert len(unavailable) == 1
+    assert unavailable[0].message.startswith("no engine available (GPU and CPU both failing")
+    assert unavailable[0].retry_after == pytest.approx(60, abs=0.5)  # the CPU's next probe
+    assert not any(isinstance(e, FallbackActivated) for e in rig.events)  # not "switched to CPU"
+    await rig.clock.advance(60)  # both test recovery; the GPU still fails, the CPU serves
+    for _ in range(2):
+        _, engines = await rig.text()
+        assert engines == {"cpu"}
+    assert rig.runtime.fallback_breaker.state is S.CLOSED
+    states = [m for m in rig.status() if not m.startswith("request ")]
+    assert states[1:3] == ["testing GPU", "GPU still failing, staying on CPU; next test in 60 s"]
+    assert states[3:] == [
+        "CPU recovered after 61 s with no engine: serving on CPU (degraded performance)"
+    ]
+    back = [e for e in rig.events if isinstance(e, RuntimeAvailable)]
+    assert (back[0].engine, back[0].degraded) == ("CPU", True)
+    assert back[0].unavailable_for == pytest.approx(60.5, abs=0.5)  # GPU opened at ~0.1 s
+
+
+async def test_both_down_then_the_gpu_back_is_announced_as_restored_once() -> None:
+    rig = Rig(fallback_breaker=None)
+    await rig.runtime.start()
+    assert rig.runtime.fallback_breaker is not None
+    rig.runtime.primary_breaker.trip("GPU crashed")
+    rig.runtime.fallback_breaker.trip("CPU crashed")
+    assert rig.status() == [
+        "GPU failing, switched to CPU (degraded performance)",
+        "no engine available (GPU and CPU both failing (CPU crashed)); retry in 60 s",
+    ]
+    await rig.clock.advance(60)
+    for _ in range(2):
+        _, engines = await rig.text()
+        assert engines == {"gpu"}
+    assert rig.status()[-1] == "GPU restored"
+    for _ in range(2):  # the CPU closes too, later: users were already told
+        await rig.runtime.fallback_breaker.call(asyncio.sleep, 0)
+    assert rig.runtime.fallback_breaker.state is S.CLOSED
+    assert rig.status()[-1] == "GPU restored"
+    assert not any(isinstance(e, RuntimeAvailable) for e in rig.events)
+
+
+async def test_a_forced_open_gpu_does_not_shorten_the_cpus_retry_after() -> None:
+    rig = Rig()
+    rig.runtime = RuntimeManager(
+        rig.gpu,
+        rig.cpu,
+        clock=rig.clock,
+        fallback_breaker=CircuitBreaker("cpu", clock=rig.clock, open_duration=120),
+    )
+    await rig.runtime.start()
+    rig.runtime.primary_breaker.force_open("maintenance")  # no probe is ever due
+    assert rig.runtime.fallback_breaker is not None
+    rig.runtime.fallback_breaker.trip("CPU crashed")
+    await rig.clock.advance(15)
+    # The GPU's open_duration (60 s) says nothing: the CPU's next probe is in 105 s.
+    assert rig.runtime.retry_after() == pytest.approx(105)
+    with pytest.raises(CircuitOpenError) as refused:
+        await rig.text()
+    assert refused.value.retry_after == pytest.approx(105)
+    rig.runtime.fallback_breaker.force_open("maintenance")
+    assert rig.runtime.retry_after() == FORCED_OPEN_RETRY_AFTER  # nothing scheduled at all
+    assert rig.runtime.retry_after() > 0  # /readyz stays "not ready"
+
+
+async def test_gpu_dead_for_a_long_outage_is_still_served_by_the_cpu() -> None:
+    clock = VirtualClock()
+    gpu, cpu = MockGPUEngine(clock=clock), MockCPUEngine(clock=clock)
+    breaker = CircuitBreaker(
+        "gpu", clock=clock, open_duration=1, open_duration_multiplier=2, max_open_duration=600
+    )
+    rig = Rig()
+    rig.clock, rig.gpu, rig.cpu = clock, gpu, cpu
+    rig.runtime = RuntimeManager(gpu, cpu, clock=clock, primary_breaker=breaker)
+    await rig.runtime.start()
+    for _ in range(1100):  # a week of failed probes, as trips
+        breaker.trip("GPU lost")
+    gpu.force_failure()
+    await clock.advance(600)
+    assert breaker.state is S.HALF_OPEN
+    text, engines = await rig.text()  # this request carries the probe
+    assert engines == {"cpu"}
+    assert text == await reference_text("hello", 5)
+    assert breaker.state is S.OPEN
+    assert breaker.metrics().open_until == pytest.approx(600 + 600)  # failed at 600, capped
+
+
 async def test_hung_gpu_is_detected_by_first_token_timeout() -> None:
     rig = Rig(first_token_timeout=2.0)
     await rig.runtime.start()
@@ -407,6 +506,11 @@ async def test_without_fallback_an_open_primary_refuses_with_retry_after() -> No
         _ = [c async for c in runtime.generate(GenerationRequest(prompt="x"))]
     assert info.value.retry_after == pytest.approx(40)
     assert any(isinstance(e, RuntimeUnavailable) for e in seen)
+    runtime.primary_breaker.force_open("maintenance")
+    with pytest.raises(CircuitOpenError, match="no fallback engine") as info:
+        _ = [c async for c in runtime.generate(GenerationRequest(prompt="x"))]
+    assert info.value.retry_after == FORCED_OPEN_RETRY_AFTER  # not open_duration (60 s)
+    assert "until an operator resets one" in str(info.value)
 
 
 async def test_status_stream_yields_readable_events() -> None:

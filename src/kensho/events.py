@@ -404,6 +404,7 @@ __all__ += [
     "PrimaryRestored",
     "QueueCapacityChanged",
     "RequestRerouted",
+    "RuntimeAvailable",
     "RuntimeOverloaded",
     "RuntimeRecovered",
     "RuntimeUnavailable",
@@ -530,6 +531,23 @@ class RuntimeUnavailable(Event):
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class RuntimeAvailable(Event):
+    """After a time with no engine, ``engine`` serves again (``degraded``: the fallback)."""
+
+    kind: ClassVar[str] = "runtime.available"
+    engine: str
+    degraded: bool
+    unavailable_for: float
+
+    @property
+    def message(self) -> str:
+        text = f"{self.engine} recovered after {_seconds(self.unavailable_for)} with no engine"
+        if self.degraded:
+            return f"{text}: serving on {self.engine} (degraded performance)"
+        return f"{text}: serving normally"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class QueueCapacityChanged(Event):
     """The executor's effective queue capacity changed (dynamic MAX_QUEUE_SIZE)."""
 
@@ -545,29 +563,40 @@ class QueueCapacityChanged(Event):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RuntimeOverloaded(Event):
-    """Sustained rejections: only CRITICAL tasks are admitted for ``retry_after`` s."""
+    """Sustained rejections: only CRITICAL tasks are admitted until the queue drains.
+
+    ``retry_after`` estimates when that will be (from the measured service time);
+    ``max_duration``, when set, is the upper bound (``hard_open_duration``).
+    """
 
     kind: ClassVar[str] = "executor.overloaded"
     reason: str
     retry_after: float
     rejections: int
+    max_duration: float | None = None
 
     @property
     def message(self) -> str:
-        return (
-            f"overloaded ({self.reason}): only critical tasks accepted for "
-            f"{_seconds(self.retry_after)}"
-        )
+        if self.max_duration is None:
+            until = f"for {_seconds(self.retry_after)}"
+        else:
+            until = (
+                f"until the queue drains (about {_seconds(self.retry_after)}, "
+                f"at most {_seconds(self.max_duration)})"
+            )
+        return f"overloaded ({self.reason}): only critical tasks accepted {until}"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RuntimeRecovered(Event):
-    """The overload cool-down ended: every priority is admitted again."""
+    """The overload ended (``reason``: why): every priority is admitted again."""
 
     kind: ClassVar[str] = "executor.recovered"
     overloaded_for: float
+    reason: str = ""
 
     @property
     def message(self) -> str:
         took = _seconds(self.overloaded_for)
-        return f"recovered after {took} overloaded: accepting all tasks again"
+        why = f" ({self.reason})" if self.reason else ""
+        return f"recovered after {took} overloaded{why}: accepting all tasks again"

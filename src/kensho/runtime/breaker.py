@@ -12,14 +12,19 @@ failures, let every concurrent caller through in half-open, and pybreaker holds 
 around the whole call. Here:
 
 - it trips on ``failure_threshold`` consecutive failures *or* on a failure rate over a
-  count- or time-based sliding window (after ``minimum_calls``); calls slower than
+  count- or time-based sliding window (after ``minimum_calls``; for a count window the
+  minimum is clamped to the window size, as resilience4j does, so the rate can always
+  be computed); the rate is compared exactly (55 failures of 100 reach a 0.55
+  threshold, with no float rounding in the way); calls slower than
   ``slow_call_threshold`` count as failures; exceptions can be excluded by type or
-  predicate (they count as neither success nor failure);
+  predicate (they count as neither success nor failure; a predicate that raises
+  counts the call as a failure, so a broken predicate never holds a probe slot);
 - HALF_OPEN admits at most ``half_open_max_calls`` concurrent probes, each bounded by
   ``half_open_timeout``; the rest are rejected at once with a retry-after;
 - OPEN → HALF_OPEN is driven by a timer on the injected clock, so the change is
   announced (event + log) even when no request arrives, and the open period can grow
-  on repeated trips (``open_duration_multiplier``) up to ``max_open_duration``;
+  on repeated trips (``open_duration_multiplier``) up to ``max_open_duration`` (24 h
+  when unset), computed so that it never overflows however long the outage;
 - no lock is ever held around a call: the state machine runs on the event loop
   thread between awaits, so it needs none, and a slow call never blocks another;
 - an outcome is attributed to the state that admitted the call (a generation number):
@@ -34,9 +39,11 @@ and ``permit = breaker.acquire()`` then ``permit.success()`` / ``permit.failure(
 from __future__ import annotations
 
 import enum
+import math
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Literal, ParamSpec, TypeVar
 
 from kensho.errors import CircuitOpenError
@@ -45,6 +52,7 @@ from kensho.runtime.clock import AsyncioClock, Clock, TimerHandle, timeout
 from kensho.telemetry import get_logger
 
 __all__ = [
+    "FORCED_OPEN_RETRY_AFTER",
     "BreakerMetrics",
     "BreakerState",
     "CircuitBreaker",
@@ -56,6 +64,17 @@ P = ParamSpec("P")
 T = TypeVar("T")
 
 log = get_logger("runtime.breaker")
+
+#: What a FORCED_OPEN breaker tells callers to wait. It schedules no probe: only
+#: :meth:`CircuitBreaker.reset` ends it, at a moment nobody can predict. A made-up
+#: cool-down (it used to be ``open_duration``) made clients that honour Retry-After
+#: sleep a minute per retry; a short re-check makes them fail fast, and the refusal's
+#: message says that an operator must reset the breaker.
+FORCED_OPEN_RETRY_AFTER = 1.0
+
+# Without max_open_duration the growing open period stops here: the engine is still
+# probed daily, and no timer is set further out than any clock can hold.
+_OPEN_DURATION_CEILING = 86_400.0
 
 
 class BreakerState(enum.StrEnum):
@@ -268,6 +287,12 @@ class CircuitBreaker:
 
     Defaults follow the roadmap: 3 consecutive failures trip it, 2 probe successes
     close it, it stays open 60 s, a probe gets 5 s.
+
+    With ``window_type="count"``, ``minimum_calls`` is clamped to ``window_size``
+    (``window_size=5`` with the default minimum of 10 computes the rate over 5 calls);
+    :attr:`minimum_calls` holds the value in force. Settings that cannot work
+    (a threshold of 0, a fractional count window, a non-finite duration) raise
+    ``ValueError`` naming the setting.
     """
 
     def __init__(
@@ -291,26 +316,22 @@ class CircuitBreaker:
         exclude_if: Callable[[BaseException], bool] | None = None,
         listeners: Iterable[Listener] = (),
     ) -> None:
-        if failure_threshold < 1:
-            raise ValueError(f"failure_threshold must be >= 1, got {failure_threshold}")
-        if success_threshold < 1:
-            raise ValueError(f"success_threshold must be >= 1, got {success_threshold}")
-        if half_open_max_calls < 1:
-            raise ValueError(f"half_open_max_calls must be >= 1, got {half_open_max_calls}")
-        if success_threshold > half_open_max_calls and half_open_max_calls < 1:
-            raise ValueError("success_threshold cannot be reached")  # pragma: no cover
-        if open_duration <= 0:
-            raise ValueError(f"open_duration must be > 0 s, got {open_duration}")
-        if open_duration_multiplier < 1:
-            raise ValueError(
-                f"open_duration_multiplier must be >= 1, got {open_duration_multiplier}"
-            )
-        if failure_rate_threshold is not None and not 0 < failure_rate_threshold <= 1:
-            raise ValueError(
-                f"failure_rate_threshold is a fraction in (0, 1], got {failure_rate_threshold}"
-            )
-        if window_size <= 0 or minimum_calls < 1:
-            raise ValueError("window_size must be > 0 and minimum_calls >= 1")
+        _check_settings(
+            failure_threshold=failure_threshold,
+            success_threshold=success_threshold,
+            half_open_max_calls=half_open_max_calls,
+            open_duration=open_duration,
+            open_duration_multiplier=open_duration_multiplier,
+            max_open_duration=max_open_duration,
+            failure_rate_threshold=failure_rate_threshold,
+            window_type=window_type,
+            window_size=window_size,
+            minimum_calls=minimum_calls,
+        )
+        if window_type == "count":
+            # resilience4j's rule for COUNT_BASED windows: a minimum larger than the
+            # window could never be reached, and the rate would never be computed.
+            minimum_calls = min(minimum_calls, int(window_size))
         self.name = name
         self.clock: Clock = clock if clock is not None else AsyncioClock()
         self.failure_threshold = failure_threshold
@@ -321,6 +342,10 @@ class CircuitBreaker:
         self.half_open_max_calls = half_open_max_calls
         self.half_open_timeout = half_open_timeout
         self.failure_rate_threshold = failure_rate_threshold
+        # The threshold as the exact fraction the user wrote (0.55 is 11/20), so that
+        # "failures / calls >= threshold" is decided in integers, never float products.
+        rate = Fraction(repr(float(failure_rate_threshold or 1)))
+        self._rate_num, self._rate_den = rate.numerator, rate.denominator
         self.minimum_calls = minimum_calls
         self.slow_call_threshold = slow_call_threshold
         self._exclude = tuple(exclude)
@@ -378,16 +403,31 @@ class CircuitBreaker:
         if listener in self._listeners:
             self._listeners.remove(listener)
 
-    def retry_after(self) -> float:
-        """Seconds until a call may be admitted again (0 when one would be now)."""
+    def admission_delay(self) -> float | None:
+        """Seconds until a call may be admitted (0 now); ``None`` when none is scheduled.
+
+        OPEN: until the next probe is due. HALF_OPEN with every probe slot taken: at
+        most ``half_open_timeout``, when a probe must have ended. FORCED_OPEN: ``None``,
+        only :meth:`reset` ends it; a caller choosing between engines should then ask
+        the other one (the runtime manager does).
+        """
         state = self._state
         if state is _OPEN and self._open_until is not None:
             return max(0.0, self._open_until - self.clock.monotonic())
         if state is _HALF_OPEN and self._probes >= self.half_open_max_calls:
             return self.half_open_timeout if self.half_open_timeout is not None else 1.0
         if state is _FORCED_OPEN:
-            return self.open_duration
+            return None
         return 0.0
+
+    def retry_after(self) -> float:
+        """Seconds until a call may be admitted again (0 when one would be now).
+
+        :meth:`admission_delay`, with :data:`FORCED_OPEN_RETRY_AFTER` for a forced-open
+        breaker, which has no probe due.
+        """
+        delay = self.admission_delay()
+        return FORCED_OPEN_RETRY_AFTER if delay is None else delay
 
     def metrics(self) -> BreakerMetrics:
         """An immutable snapshot of counters, state and timing."""
@@ -452,7 +492,10 @@ class CircuitBreaker:
             )
         retry = self.retry_after()
         if state is _FORCED_OPEN:
-            why = "was forced open by an operator; call reset() to resume"
+            why = (
+                "was forced open by an operator and admits no call until it is reset "
+                "(no probe is scheduled)"
+            )
         else:
             why = (
                 f"is testing recovery with {self._probes} probe call(s) "
@@ -517,7 +560,21 @@ class CircuitBreaker:
     def _is_excluded(self, exc: BaseException) -> bool:
         if self._exclude and isinstance(exc, self._exclude):
             return True
-        return self._exclude_if is not None and bool(self._exclude_if(exc))
+        predicate = self._exclude_if
+        if predicate is None:
+            return False
+        try:
+            return bool(predicate(exc))
+        except Exception:
+            # The outcome is being recorded (the permit is already spent): raising here
+            # would leave a half-open probe slot taken forever. A predicate that cannot
+            # decide does not excuse the call: it counts as a failure.
+            log.exception(
+                "exclude_if predicate raised; the call counts as a failure",
+                breaker=self.name,
+                error_type=type(exc).__name__,
+            )
+            return False
 
     def _on_release(self, gen: int, probe: bool) -> None:
         if probe and gen == self._gen:
@@ -587,7 +644,7 @@ class CircuitBreaker:
                 window is not None
                 and self.failure_rate_threshold is not None
                 and window.calls >= self.minimum_calls
-                and window.failures >= self.failure_rate_threshold * window.calls
+                and window.failures * self._rate_den >= self._rate_num * window.calls
             ):
                 rate = window.failures / window.calls
                 self._trip(
@@ -601,11 +658,22 @@ class CircuitBreaker:
     # -- transitions -------------------------------------------------------------------
 
     def current_open_duration(self) -> float:
-        """How long the next trip would keep the breaker open (grows on repeated trips)."""
-        duration = self.open_duration * self.open_duration_multiplier**self._trips
-        if self.max_open_duration is not None:
-            duration = min(duration, self.max_open_duration)
-        return duration
+        """How long the next trip would keep the breaker open (grows on repeated trips).
+
+        ``open_duration * multiplier ** trips``, capped at ``max_open_duration`` (24 h,
+        or ``open_duration`` if longer, when unset). The cap is checked in log space
+        first: after 1,024 doublings the power itself would overflow a float, and a
+        device whose GPU has been dead for a week must still fail over.
+        """
+        base, multiplier, trips = self.open_duration, self.open_duration_multiplier, self._trips
+        cap = self.max_open_duration
+        if cap is None:
+            cap = max(base, _OPEN_DURATION_CEILING)
+        if trips == 0 or multiplier == 1.0:
+            return min(base, cap)
+        if trips * math.log(multiplier) >= math.log(cap / base):
+            return cap
+        return min(cap, base * multiplier**trips)
 
     def _trip(self, reason: str) -> None:
         duration = self.current_open_duration()
@@ -704,3 +772,50 @@ class CircuitBreaker:
 
     def __repr__(self) -> str:
         return f"CircuitBreaker({self.name!r}, state={self._state.value})"
+
+
+def _check_settings(
+    *,
+    failure_threshold: int,
+    success_threshold: int,
+    half_open_max_calls: int,
+    open_duration: float,
+    open_duration_multiplier: float,
+    max_open_duration: float | None,
+    failure_rate_threshold: float | None,
+    window_type: str,
+    window_size: float,
+    minimum_calls: int,
+) -> None:
+    """Refuse settings the breaker could not honour, naming the setting."""
+    for name, count in (
+        ("failure_threshold", failure_threshold),
+        ("success_threshold", success_threshold),
+        ("half_open_max_calls", half_open_max_calls),
+        ("minimum_calls", minimum_calls),
+    ):
+        if count < 1:
+            raise ValueError(f"{name} must be >= 1, got {count}")
+    for name, seconds in (
+        ("open_duration", open_duration),
+        ("max_open_duration", max_open_duration),
+    ):
+        if seconds is not None and not (math.isfinite(seconds) and seconds > 0):
+            raise ValueError(f"{name} must be a finite number of seconds > 0, got {seconds}")
+    if not (math.isfinite(open_duration_multiplier) and open_duration_multiplier >= 1):
+        raise ValueError(
+            f"open_duration_multiplier must be a finite number >= 1, got {open_duration_multiplier}"
+        )
+    if failure_rate_threshold is not None and not 0 < failure_rate_threshold <= 1:
+        raise ValueError(
+            f"failure_rate_threshold is a fraction in (0, 1], got {failure_rate_threshold}"
+        )
+    if window_type not in ("count", "time"):
+        raise ValueError(f"window_type must be 'count' or 'time', got {window_type!r}")
+    if not (math.isfinite(window_size) and window_size > 0):
+        raise ValueError(f"window_size must be > 0, got {window_size}")
+    if window_type == "count" and window_size != int(window_size):
+        raise ValueError(
+            f"window_size of a count window is a number of calls (a whole number), "
+            f"got {window_size}"
+        )

@@ -14,9 +14,15 @@ and then times out anyway. The executor keeps the system responsive by refusing 
   that engine can drain within ``max_queue_wait`` (measured throughput), and grows back
   after recovery — the roadmap's "dynamic MAX_QUEUE_SIZE";
 - sustained rejection (``rejection_threshold`` within ``rejection_window``) is a *hard
-  open*: only CRITICAL tasks are admitted for ``hard_open_duration``, announced as
-  ``overloaded`` then ``recovered`` events. Work is never re-routed to the saturated
-  engine (the original's bug);
+  open*: only CRITICAL tasks are admitted until the pressure ends, announced as
+  ``overloaded`` then ``recovered`` events. Like Envoy's overload manager it is a
+  state of the load, not a cool-down: it ends as soon as a task finishes with the
+  queue below its low-water mark (``hard_open_low_water`` of the capacity: the
+  queue drained and the engine keeps up); ``hard_open_duration`` is only the upper
+  bound. Work is never re-routed to the saturated engine (the original's bug);
+- every refusal carries an honest ``retry_after``: when that request would be
+  admitted, from the queue ahead of it and the measured service time (a prior of
+  1 s per task until a task has completed on that engine), never a fixed cool-down;
 - every accepted task ends exactly once — completed, failed, cancelled, timed out
   (queue wait or total deadline) or shed — and its submitter is told which.
 
@@ -69,6 +75,11 @@ __all__ = [
 ]
 
 log = get_logger("runtime.executor")
+
+# The service time assumed for an engine on which no task has completed yet.
+_UNMEASURED_SERVICE = 1.0
+# The shortest retry-after ever suggested: retrying sooner would only be refused again.
+_MIN_RETRY = 0.1
 
 
 class Priority(enum.IntEnum):
@@ -300,6 +311,11 @@ class TaskExecutor:
     ``max_queue_wait`` is the default queue-wait deadline *and* the horizon for the
     dynamic capacity. ``stream_buffer`` chunks may wait for a consumer; a consumer
     that leaves them unread for ``consumer_timeout`` seconds is considered gone.
+
+    ``rejection_threshold`` rejections within ``rejection_window`` seconds start a
+    hard open; it ends when a task finishes with fewer than ``hard_open_low_water``
+    x capacity tasks queued (at least: an empty queue), or after
+    ``hard_open_duration`` seconds at most.
     """
 
     def __init__(
@@ -316,6 +332,7 @@ class TaskExecutor:
         rejection_threshold: int = 5,
         rejection_window: float = 10.0,
         hard_open_duration: float = 30.0,
+        hard_open_low_water: float = 0.5,
         stream_buffer: int = 64,
         consumer_timeout: float | None = 30.0,
         hub: EventHub | None = None,
@@ -326,6 +343,11 @@ class TaskExecutor:
             raise ValueError("concurrency limits must be >= 1")
         if rejection_threshold < 1 or rejection_window <= 0 or hard_open_duration <= 0:
             raise ValueError("rejection_threshold >= 1, window and duration > 0 required")
+        if not 0 < hard_open_low_water <= 1:
+            raise ValueError(
+                f"hard_open_low_water is a fraction of the queue capacity in (0, 1], "
+                f"got {hard_open_low_water}"
+            )
         if stream_buffer < 1:
             raise ValueError(f"stream_buffer must be >= 1, got {stream_buffer}")
         self.runtime = runtime
@@ -339,6 +361,7 @@ class TaskExecutor:
         self.rejection_threshold = rejection_threshold
         self.rejection_window = rejection_window
         self.hard_open_duration = hard_open_duration
+        self.hard_open_low_water = hard_open_low_water
         self.stream_buffer = stream_buffer
         self.consumer_timeout = consumer_timeout
         runtime_hub = getattr(runtime, "hub", None)
@@ -411,11 +434,12 @@ class TaskExecutor:
         now = self.clock.monotonic()
         if self._hard_open_until is not None and priority < Priority.CRITICAL:
             self._rejected += 1
-            retry = max(0.0, self._hard_open_until - now)
+            retry = self._overload_estimate(self._hard_open_until - now)
             log.debug("task rejected", reason="overloaded", priority=priority.name)
             raise QueueFullError(
-                f"overloaded: only CRITICAL tasks are accepted for the next {retry:.1f} s "
-                f"after sustained rejections; retry {priority.name} work in {retry:.1f} s",
+                f"overloaded: only CRITICAL tasks are accepted until the queue drains "
+                f"({self._queued} tasks waiting) after sustained rejections; retry "
+                f"{priority.name} work in {retry:.1f} s",
                 reason="overloaded",
                 retry_after=retry,
             )
@@ -547,13 +571,27 @@ class TaskExecutor:
                 return queue[-1]
         return None
 
-    def _retry_estimate(self) -> float:
+    def _seconds_per_start(self) -> float:
+        """How often a queued task starts on the active engine: service time / slots."""
         engine = self.runtime.active_engine
         service = self._service.get(engine.name)
         if service is None or service <= 0:
-            return 1.0
-        throughput = self._limit(engine) / service
-        return max(0.1, (self._queued + 1) / throughput)
+            service = _UNMEASURED_SERVICE
+        return service / self._limit(engine)
+
+    def _retry_estimate(self) -> float:
+        """When a refused task would get in: once the queue ahead of it has started."""
+        return max(_MIN_RETRY, (self._queued + 1) * self._seconds_per_start())
+
+    def _low_water(self) -> int:
+        """The queue depth the hard open waits for: below it, the pressure has ended."""
+        return max(1, math.ceil(self.capacity() * self.hard_open_low_water))
+
+    def _overload_estimate(self, remaining: float) -> float:
+        """When the hard open should end: the queue drained below the low-water mark
+        (one finished task at least), or ``remaining`` s at most."""
+        starts = max(1, self._queued - self._low_water() + 1)
+        return max(0.0, min(remaining, max(_MIN_RETRY, starts * self._seconds_per_start())))
 
     def _reject(self, priority: Priority, capacity: int, now: float) -> NoReturn:
         self._rejected += 1
@@ -579,26 +617,42 @@ class TaskExecutor:
         while times and times[0] <= now - self.rejection_window:
             times.popleft()
         if len(times) >= self.rejection_threshold and self._hard_open_until is None:
+            limit = self.hard_open_duration
             self._hard_open_since = now
-            self._hard_open_until = now + self.hard_open_duration
+            self._hard_open_until = now + limit
             self._hard_open_timer = self.clock.call_later(
-                self.hard_open_duration, self._end_hard_open
+                limit, lambda: self._end_hard_open(f"upper bound of {limit:g} s reached")
             )
             event = RuntimeOverloaded(
                 reason=f"{len(times)} rejections within {self.rejection_window:g} s",
-                retry_after=self.hard_open_duration,
+                retry_after=self._overload_estimate(limit),
                 rejections=len(times),
+                max_duration=limit,
             )
             log.warning(event.message, status=event.kind)
             self.hub.emit(event)
 
-    def _end_hard_open(self) -> None:
+    def _check_pressure(self) -> None:
+        """After a task ended: end the hard open once the queue is below its low water."""
+        if self._hard_open_until is None:
+            return
+        low_water = self._low_water()
+        if self._queued < low_water:
+            self._end_hard_open(
+                f"queue down to {self._queued} (low-water mark {low_water}) and tasks finishing"
+            )
+
+    def _end_hard_open(self, reason: str) -> None:
         if self._hard_open_until is None:
             return
         self._hard_open_until = None
-        self._hard_open_timer = None
+        if self._hard_open_timer is not None:
+            self._hard_open_timer.cancel()
+            self._hard_open_timer = None
         self._rejection_times.clear()
-        event = RuntimeRecovered(overloaded_for=self.clock.monotonic() - self._hard_open_since)
+        event = RuntimeRecovered(
+            overloaded_for=self.clock.monotonic() - self._hard_open_since, reason=reason
+        )
         log.info(event.message, status=event.kind)
         self.hub.emit(event)
 
@@ -689,6 +743,7 @@ class TaskExecutor:
         self._active.discard(handle)
         if not self._closed:
             self._pump()
+            self._check_pressure()
 
     async def _run(self, handle: TaskHandle) -> None:
         engine = handle.engine or ""

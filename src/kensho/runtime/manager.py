@@ -19,7 +19,10 @@ Routing of one request:
 Users are told what happens, loudly (Ollama switches to CPU silently): every breaker
 transition becomes a status event with a readable message — "GPU failing, switched to
 CPU (degraded performance)", "testing GPU", "GPU restored" — on :meth:`events`, on
-listeners, and in the ``runtime.manager`` log.
+listeners, and in the ``runtime.manager`` log. The message is the state users are in,
+whatever order the breakers moved in: once neither engine admits requests it is "no
+engine available", even when the fallback's breaker opened first, and the end of that
+is announced too ("CPU recovered ... serving on CPU", or "GPU restored").
 """
 
 from __future__ import annotations
@@ -39,9 +42,16 @@ from kensho.events import (
     PrimaryProbing,
     PrimaryRestored,
     RequestRerouted,
+    RuntimeAvailable,
     RuntimeUnavailable,
 )
-from kensho.runtime.breaker import BreakerMetrics, BreakerState, CircuitBreaker, Permit
+from kensho.runtime.breaker import (
+    FORCED_OPEN_RETRY_AFTER,
+    BreakerMetrics,
+    BreakerState,
+    CircuitBreaker,
+    Permit,
+)
 from kensho.runtime.clock import AsyncioClock, Clock, timeout
 from kensho.runtime.engines.base import Engine, GenerationChunk, GenerationRequest
 from kensho.runtime.hub import EventHub, Listener
@@ -50,6 +60,9 @@ from kensho.telemetry import get_logger
 __all__ = ["RuntimeManager", "RuntimeMetrics"]
 
 log = get_logger("runtime.manager")
+
+_DOWN = (BreakerState.OPEN, BreakerState.FORCED_OPEN)
+_UP = (BreakerState.CLOSED, BreakerState.DISABLED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +128,7 @@ class RuntimeManager:
         self._fallback_ready = False
         self._primary_missing = False  # the primary's device does not exist here
         self._forced_failures: int | None = 0  # None: forced until turned off
+        self._unavailable_since: float | None = None  # when "no engine available" began
         self._requests = self._by_primary = self._by_fallback = 0
         self._rerouted = self._continued = self._failed = self._rejected = 0
         self.primary_breaker.add_listener(self._on_primary_transition)
@@ -243,11 +257,16 @@ class RuntimeManager:
         return self.fallback
 
     def retry_after(self) -> float:
-        """Seconds until some engine should admit a request again (0 if one does now)."""
-        delays = [self.primary_breaker.retry_after()]
-        if self.fallback_breaker is not None:
-            delays.append(self.fallback_breaker.retry_after())
-        return min(delays)
+        """Seconds until some engine should admit a request again (0 if one does now).
+
+        The earliest engine decides: an open breaker's next probe, bounded by when the
+        other engine admits again. A forced-open breaker has no probe due, so it does
+        not count (a forced-open GPU and a CPU open for 45 s mean 45 s); with nothing
+        scheduled at all it is :data:`~kensho.runtime.breaker.FORCED_OPEN_RETRY_AFTER`.
+        """
+        breakers = [self.primary_breaker, self.fallback_breaker]
+        delays = [d for b in breakers if b is not None and (d := b.admission_delay()) is not None]
+        return min(delays) if delays else FORCED_OPEN_RETRY_AFTER
 
     def add_listener(self, listener: Listener) -> None:
         """Call ``listener(event)`` synchronously for every status event."""
@@ -299,52 +318,77 @@ class RuntimeManager:
     def _on_primary_transition(self, event: Event) -> None:
         assert isinstance(event, BreakerStateChanged)
         self._hub.emit(event)
-        primary, fallback = self._labels
-        to, previous = event.to_state, event.from_state
-        status: Event | None = None
-        if to in (BreakerState.OPEN, BreakerState.FORCED_OPEN):
-            if self.fallback is None:
-                status = RuntimeUnavailable(
-                    reason=f"{primary} failing and no fallback engine is configured",
-                    retry_after=event.open_for or self.primary_breaker.retry_after(),
-                )
-            elif previous == BreakerState.HALF_OPEN:
-                status = PrimaryProbeFailed(
-                    primary=primary, fallback=fallback, reason=event.reason, retry_in=event.open_for
-                )
-            else:
-                status = FallbackActivated(
-                    primary=primary,
-                    fallback=fallback,
-                    reason=event.reason,
-                    retry_in=event.open_for,
-                    permanent=self._primary_missing and to == BreakerState.FORCED_OPEN,
-                )
-        elif to == BreakerState.HALF_OPEN:
-            status = PrimaryProbing(primary=primary)
-        elif to in (BreakerState.CLOSED, BreakerState.DISABLED) and previous not in (
-            BreakerState.CLOSED,
-            BreakerState.DISABLED,
-        ):
-            status = PrimaryRestored(primary=primary)
-        if status is not None:
-            level = (
-                log.info if isinstance(status, PrimaryProbing | PrimaryRestored) else log.warning
-            )
-            level(status.message, status=status.kind, reason=event.reason)
-            self._hub.emit(status)
+        self._announce(self._primary_status(event), event.reason)
 
     def _on_fallback_transition(self, event: Event) -> None:
         assert isinstance(event, BreakerStateChanged)
         self._hub.emit(event)
-        if event.to_state in (BreakerState.OPEN, BreakerState.FORCED_OPEN) and self.degraded:
-            primary, fallback = self._labels
-            status = RuntimeUnavailable(
-                reason=f"{primary} and {fallback} both failing ({event.reason})",
-                retry_after=self.retry_after(),
+        self._announce(self._fallback_status(event), event.reason)
+
+    def _fallback_down(self) -> bool:
+        """True when no fallback would take a request (none, or its breaker refuses)."""
+        breaker = self.fallback_breaker
+        return breaker is None or breaker.state in _DOWN
+
+    def _primary_status(self, event: BreakerStateChanged) -> Event | None:
+        """The user-facing event for a primary transition, given the fallback's state."""
+        primary, fallback = self._labels
+        to, previous = event.to_state, event.from_state
+        if to in _DOWN:
+            if self._fallback_down():
+                return self._unavailable(
+                    f"{primary} failing and no fallback engine is configured"
+                    if self.fallback is None
+                    else f"{primary} and {fallback} both failing ({event.reason})"
+                )
+            if previous == BreakerState.HALF_OPEN:
+                return PrimaryProbeFailed(
+                    primary=primary, fallback=fallback, reason=event.reason, retry_in=event.open_for
+                )
+            return FallbackActivated(
+                primary=primary,
+                fallback=fallback,
+                reason=event.reason,
+                retry_in=event.open_for,
+                permanent=self._primary_missing and to == BreakerState.FORCED_OPEN,
             )
-            log.error(status.message, status=status.kind)
-            self._hub.emit(status)
+        if to == BreakerState.HALF_OPEN:
+            return PrimaryProbing(primary=primary)
+        if to in _UP and previous not in _UP:
+            self._unavailable_since = None
+            return PrimaryRestored(primary=primary)
+        return None
+
+    def _fallback_status(self, event: BreakerStateChanged) -> Event | None:
+        """The user-facing event for a fallback transition (only matters while degraded)."""
+        if not self.degraded:
+            return None  # the primary serves: the fallback's trouble changes nothing yet
+        primary, fallback = self._labels
+        if event.to_state in _DOWN:
+            return self._unavailable(f"{primary} and {fallback} both failing ({event.reason})")
+        since = self._unavailable_since
+        if event.to_state in _UP and since is not None:
+            self._unavailable_since = None
+            return RuntimeAvailable(
+                engine=fallback, degraded=True, unavailable_for=self.clock.monotonic() - since
+            )
+        return None
+
+    def _unavailable(self, reason: str) -> RuntimeUnavailable:
+        if self._unavailable_since is None:
+            self._unavailable_since = self.clock.monotonic()
+        return RuntimeUnavailable(reason=reason, retry_after=self.retry_after())
+
+    def _announce(self, status: Event | None, reason: str) -> None:
+        if status is None:
+            return
+        if isinstance(status, RuntimeUnavailable):
+            log.error(status.message, status=status.kind, reason=reason)
+        elif isinstance(status, PrimaryProbing | PrimaryRestored | RuntimeAvailable):
+            log.info(status.message, status=status.kind, reason=reason)
+        else:
+            log.warning(status.message, status=status.kind, reason=reason)
+        self._hub.emit(status)
 
     # -- serving ------------------------------------------------------------------------
 
@@ -408,11 +452,11 @@ class RuntimeManager:
         if fallback is None or breaker is None:
             self._rejected += 1
             assert primary_refusal is not None
+            retry = primary_refusal.retry_after
             raise CircuitOpenError(
                 f"request {request.request_id} refused: {primary_label} is unavailable "
-                f"and no fallback engine is configured; retry in "
-                f"{primary_refusal.retry_after:.1f} s",
-                retry_after=primary_refusal.retry_after,
+                f"and no fallback engine is configured; {self._retry_hint(retry)}",
+                retry_after=retry,
             ) from primary_refusal
         if produced:
             if produced >= request.max_tokens:  # failed after the last token: nothing lost
@@ -438,7 +482,7 @@ class RuntimeManager:
             )
             raise CircuitOpenError(
                 f"request {request.request_id} refused: {why} and {fallback_label} "
-                f"(fallback) is refusing calls too; retry in {retry:.1f} s",
+                f"(fallback) is refusing calls too; {self._retry_hint(retry)}",
                 retry_after=retry,
             ) from (primary_error or exc)
         if primary_error is not None:
@@ -478,6 +522,16 @@ class RuntimeManager:
             raise
         permit.success(elapsed=first_token)
         self._by_fallback += 1
+
+    def _retry_hint(self, retry: float) -> str:
+        """ "retry in N s", and what to do when no breaker will ever reopen by itself."""
+        breakers = (self.primary_breaker, self.fallback_breaker)
+        if all(b is None or b.admission_delay() is None for b in breakers):
+            return (
+                "every engine is forced open and none will be tested until an operator "
+                f"resets one (admin API); retry in {retry:.1f} s"
+            )
+        return f"retry in {retry:.1f} s"
 
     async def _stream(
         self, engine: Engine, request: GenerationRequest, permit: Permit
