@@ -108,7 +108,9 @@ class StorageManager:
 
     ``manifest`` may be ``None``: the last trusted manifest under ``.kensho/`` is
     used (offline boot). ``sources`` are tried in order and closed by :meth:`aclose`.
-    ``disk_free`` (bytes free for a path) is injectable for tests.
+    ``trust`` are the configured keys; the keys pinned in the store at its first
+    signed sync apply as well (docs/signing.md, "Pinned keys"). ``disk_free`` (bytes
+    free for a path) is injectable for tests.
     """
 
     def __init__(
@@ -288,6 +290,10 @@ class StorageManager:
         longer lists are left in place and reported as unexpected. Raises
         ``ManifestError`` (no trusted manifest, serial not higher), ``DiskSpaceError``
         (before writing) or ``IntegrityError`` (the store stays on the old version).
+
+        The trusted serial is read again under the store lock: a store that another
+        process brought to this very release meanwhile is verified like a sync; one
+        it moved past this release refuses it (``SignatureError``, rollback).
         """
         return _stream(lambda emit: self._update(emit, new_manifest, dry_run=dry_run, wait=wait))
 
