@@ -154,6 +154,43 @@ def test_threshold_needs_k_distinct_trusted_keys() -> None:
     assert set(verify_signatures(two, trusted)) == {key_id(a.public_key()), key_id(c.public_key())}
 
 
+def test_a_key_listed_twice_is_named_in_the_refusal() -> None:
+    a, b = generate_private_key(), generate_private_key()
+    trusted = TrustedKeys.from_hex([public_key_hex(k.public_key()) for k in (a, b)], 2)
+    one = sign_manifest(make_manifest(), a)
+    with pytest.raises(SignatureError, match="listed more than once") as info:
+        verify_signatures(_with_signatures(one, one.signatures * 2), trusted)
+    assert "carries no signatures" not in str(info.value)
+
+
+def test_pinned_keys_round_trip_and_name_their_file(tmp_path: Path) -> None:
+    a, b = generate_private_key(), generate_private_key()
+    keys = TrustedKeys.from_hex([public_key_hex(k.public_key()) for k in (a, b)], 2)
+    pinned = TrustedKeys.load(keys.dump(), tmp_path / "trusted-keys.json")
+    assert pinned == keys and pinned.same_as(keys)
+    assert str(tmp_path / "trusted-keys.json") in pinned.origin
+    assert not pinned.same_as(TrustedKeys.from_hex([public_key_hex(a.public_key())]))
+    assert not pinned.same_as(None)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        b"",
+        b"[]",
+        b'{"keys": [], "threshold": 1}',
+        b'{"keys": ["zz"], "threshold": 1}',
+        b'{"keys": ["%s"], "threshold": 2}',
+        b'{"keys": ["%s"], "threshold": true}',
+    ],
+)
+def test_a_damaged_pin_is_a_signature_error_naming_the_file(tmp_path: Path, damage: bytes) -> None:
+    hex_key = public_key_hex(generate_private_key().public_key()).encode()
+    data = damage.replace(b"%s", hex_key)
+    with pytest.raises(SignatureError, match=r"trusted-keys\.json is damaged"):
+        TrustedKeys.load(data, tmp_path / "trusted-keys.json")
+
+
 def _with_signatures(manifest: Manifest, signatures: tuple[Signature, ...]) -> Manifest:
     return dataclasses.replace(manifest, signatures=signatures)
 

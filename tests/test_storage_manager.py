@@ -11,7 +11,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from _storage_support import http_server, manifest_for, write_tree
+from _storage_support import http_server, kensho, manifest_for, write_tree
 from kensho.errors import DiskSpaceError, IntegrityError, ManifestError, SourceError
 from kensho.events import (
     Event,
@@ -30,6 +30,7 @@ from kensho.storage import (
     StorageManager,
     StoreBusyError,
     _repair,
+    dump_manifest,
 )
 from kensho.storage._lock import StoreLock
 from kensho.storage.sources import Sink, SourceUnreachableError
@@ -496,3 +497,25 @@ async def test_cancelled_repair_never_closes_a_file_a_thread_still_writes(
         await task
     await manager.aclose()
     assert fd_alive and all(fd_alive)
+
+
+@pytest.mark.parametrize("link", [".kensho", ".kensho/tmp"])
+def test_state_folder_leading_outside_the_root_is_refused_before_writing(
+    tmp_path: Path, link: str
+) -> None:
+    """``kensho sync`` and ``verify`` refuse (exit 10, naming the link) a state folder
+    that is a symlink out of the root; nothing is written there or in the root."""
+    source, root, outside = tmp_path / "src", tmp_path / "store", tmp_path / "outside"
+    write_tree(source, FILES)
+    manifest = tmp_path / "m.json"
+    manifest.write_bytes(dump_manifest(manifest_for(FILES, CHUNK)))
+    outside.mkdir()
+    (root / link).parent.mkdir(parents=True, exist_ok=True)
+    (root / link).symlink_to(outside, target_is_directory=True)
+    before = sorted(p.relative_to(root).as_posix() for p in root.rglob("*"))
+    for command in (["sync", "-s", source], ["verify"]):
+        done = kensho(*command, "-m", manifest, "-r", root, cwd=tmp_path)
+        assert done.returncode == 10, done.stdout + done.stderr
+        assert f"{root / link} is a symbolic link leading outside the store root" in done.stderr
+        assert list(outside.iterdir()) == []
+        assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*")) == before

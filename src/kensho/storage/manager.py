@@ -108,7 +108,9 @@ class StorageManager:
 
     ``manifest`` may be ``None``: the last trusted manifest under ``.kensho/`` is
     used (offline boot). ``sources`` are tried in order and closed by :meth:`aclose`.
-    ``disk_free`` (bytes free for a path) is injectable for tests.
+    ``trust`` are the configured keys; the keys pinned in the store at its first
+    signed sync apply as well (docs/signing.md, "Pinned keys"). ``disk_free`` (bytes
+    free for a path) is injectable for tests.
     """
 
     def __init__(
@@ -144,6 +146,7 @@ class StorageManager:
         self._failures: dict[str, str] = {}
         self._manifest = manifest
         self._manifest_given = manifest is not None
+        self._trusted_data: bytes | None = None  # bytes of the trusted manifest in use
         self._own_hasher = hasher is None
         self._hasher = hasher or Hasher()
         self._lock = StoreLock(self.state.dir / "lock")
@@ -166,8 +169,9 @@ class StorageManager:
         """The manifest in use: the given one, else the last trusted one.
 
         The first call checks trust (see :mod:`kensho.storage.signing`): signatures
-        when keys are configured, no rollback below the last trusted serial, and
-        expiry, which forbids fetching but not verifying (offline boot goes on).
+        against the pinned and the configured keys, no rollback below the last
+        trusted serial, and expiry, which forbids fetching but not verifying
+        (offline boot goes on).
         """
         if self._manifest is None:
             data = await asyncio.to_thread(self.state.load_trusted_manifest)
@@ -176,27 +180,68 @@ class StorageManager:
                     f"no manifest given and none trusted yet under {self.state.dir}; "
                     "pass --manifest (or set storage.manifest) for the first sync"
                 )
-            self._manifest = parse_manifest(data)
+            self._use_trusted(data)
+        assert self._manifest is not None
         if not self._trust_checked:
             await self._check_trust(self._manifest)
             self._trust_checked = True
         return self._manifest
 
-    async def _check_trust(self, manifest: Manifest) -> None:
-        if self.trust.enabled:
-            signers = verify_signatures(manifest, self.trust)
-            _log.info("manifest signature verified", serial=manifest.serial, signers=len(signers))
-        else:
+    def _use_trusted(self, data: bytes) -> Manifest:
+        """Run on the trusted manifest ``data``; its trust is checked at the next use."""
+        self._manifest, self._trusted_data = parse_manifest(data), data
+        self._manifest_given, self._trust_checked, self._expired = False, False, None
+        return self._manifest
+
+    async def _pinned_keys(self) -> TrustedKeys | None:
+        """The keys pinned in the store at its first signed sync, or ``None``."""
+        data = await asyncio.to_thread(self.state.load_pinned_keys)
+        return None if data is None else TrustedKeys.load(data, self.state.keys_path)
+
+    async def _check_signatures(self, manifest: Manifest) -> None:
+        """The pinned keys always apply; settings naming other keys apply as well.
+
+        Why both: the pin keeps a store signed when a run lacks the settings, and
+        settings with new keys (a rotation, see docs/signing.md) take effect only
+        through a manifest that the pinned keys signed too.
+        """
+        pinned = await self._pinned_keys()
+        configured = self.trust
+        if pinned is None and not configured.enabled:
             _warn_unsigned_once()
+            return
+        signers: tuple[str, ...] = ()
+        rotating = configured.enabled and not configured.same_as(pinned)
+        if pinned is not None:
+            try:
+                signers = verify_signatures(manifest, pinned)
+            except SignatureError as exc:
+                if not rotating:
+                    raise
+                raise SignatureError(
+                    f"{exc}. The [trust] settings name other keys than the pinned ones: "
+                    "a key change is accepted only from a manifest signed by the pinned "
+                    "keys as well (docs/signing.md, 'Pinned keys')"
+                ) from None
+        if rotating:
+            signers = verify_signatures(manifest, configured)
+        _log.info("manifest signature verified", serial=manifest.serial, signers=len(signers))
+
+    async def _check_not_older(self, manifest: Manifest) -> None:
+        """The rollback rule against the trusted manifest on disk *now* (re-read)."""
+        data = await asyncio.to_thread(self.state.load_trusted_manifest)
+        if data is None:
+            return
+        try:
+            trusted = parse_manifest(data)
+        except ManifestError:  # a damaged record must not block a good manifest
+            return
+        check_rollback(manifest, trusted.serial, manifest_digest(trusted))
+
+    async def _check_trust(self, manifest: Manifest) -> None:
+        await self._check_signatures(manifest)
         if self._manifest_given:
-            data = await asyncio.to_thread(self.state.load_trusted_manifest)
-            if data is not None:
-                try:
-                    trusted: Manifest | None = parse_manifest(data)
-                except ManifestError:  # a damaged record must not block a good manifest
-                    trusted = None
-                if trusted is not None:
-                    check_rollback(manifest, trusted.serial, manifest_digest(trusted))
+            await self._check_not_older(manifest)
         try:
             check_expiry(manifest, self.now())
         except SignatureError as exc:
@@ -245,6 +290,10 @@ class StorageManager:
         longer lists are left in place and reported as unexpected. Raises
         ``ManifestError`` (no trusted manifest, serial not higher), ``DiskSpaceError``
         (before writing) or ``IntegrityError`` (the store stays on the old version).
+
+        The trusted serial is read again under the store lock: a store that another
+        process brought to this very release meanwhile is verified like a sync; one
+        it moved past this release refuses it (``SignatureError``, rollback).
         """
         return _stream(lambda emit: self._update(emit, new_manifest, dry_run=dry_run, wait=wait))
 
@@ -256,7 +305,7 @@ class StorageManager:
     # --- steps ----------------------------------------------------------------------
 
     async def _take_lock(self, emit: Emit, *, wait: bool) -> None:
-        await asyncio.to_thread(self.state.dir.mkdir, parents=True, exist_ok=True)
+        await asyncio.to_thread(self.state.ensure_dir)
         if not await asyncio.to_thread(self._lock.try_acquire):
             if not wait:
                 raise self._lock.busy_error(self.root)
@@ -326,14 +375,22 @@ class StorageManager:
 
     async def _update_locked(self, emit: Emit, new: Manifest, *, dry_run: bool, wait: bool) -> None:
         started = time.perf_counter()
+        # Refuse what is not an update of the release the store holds at the call...
+        self._accept_update(await self.trusted_manifest(), new)
         if not dry_run:
             await self._take_lock(emit, wait=wait)
         try:
-            current = self._accept_update(await self.trusted_manifest(), new)
-            # The new manifest goes through the same trust checks as any given one
-            # (signatures, rollback, expiry); an expired one never updates anything.
+            # ...and decide again under the lock, from the trusted state re-read: another
+            # process may have moved the store while this one waited. The new manifest
+            # goes through the same trust checks as any given one (signatures, rollback
+            # against the trusted serial now, expiry); an expired one updates nothing.
+            current = await self.trusted_manifest()
             self._manifest, self._manifest_given, self._trust_checked = new, True, False
             await self.manifest()
+            if current is not None and current.serial == new.serial:
+                await self._already_applied(emit, new, dry_run=dry_run)
+                return
+            current = self._accept_update(current, new)
             self._refuse_if_expired()
             records = await asyncio.to_thread(self.state.records)
             plan = await asyncio.to_thread(plan_update, self.root, current, new, records)
@@ -366,6 +423,18 @@ class StorageManager:
         finally:
             if not dry_run:
                 self._lock.release()
+
+    async def _already_applied(self, emit: Emit, new: Manifest, *, dry_run: bool) -> None:
+        """The store reached ``new`` while this update waited: verify it as a sync would.
+
+        Only the very same release gets here (the rollback rule refused another one
+        with this serial), so there is nothing to plan; repairs still happen.
+        """
+        _log.info("the store already holds the release to update to", serial=new.serial)
+        if dry_run:
+            await self._verify(emit, full=False)
+        else:
+            await self._initialize(emit, wait=True, full=False)
 
     async def _apply_update(self, emit: Emit, plan: UpdatePlan, started: float) -> None:
         needed = await asyncio.to_thread(space_needed, plan, self.state.tmp_dir)
@@ -420,13 +489,10 @@ class StorageManager:
     async def _repair(self, emit: Emit, *, wait: bool) -> VerifyReport:
         await self.manifest()
         self._refuse_if_expired()
-        await asyncio.to_thread(self.state.dir.mkdir, parents=True, exist_ok=True)
-        if not await asyncio.to_thread(self._lock.try_acquire):
-            if not wait:
-                raise self._lock.busy_error(self.root)
-            emit(StorageLockWaiting(root=str(self.root), lock_path=str(self._lock.path)))
-            await self._lock.acquire()
+        await self._take_lock(emit, wait=wait)
         try:
+            await self._recheck_release()
+            self._refuse_if_expired()
             # Orphaned partial files first: on a nearly full disk they could be what
             # makes the space check below fail, every run.
             await asyncio.to_thread(self._drop_stale_parts, await self.manifest())
@@ -438,6 +504,80 @@ class StorageManager:
             return report
         finally:
             self._lock.release()
+
+    async def _recheck_release(self) -> None:
+        """Under the lock: re-read the trusted state another process may have changed.
+
+        A given manifest must still pass the rollback rule (an update may have moved
+        the store past it while this run waited for the lock). A run on the trusted
+        manifest switches to the one trusted now, so it repairs against the current
+        release and never reverts another process's update.
+        """
+        if self._manifest_given:
+            await self._check_not_older(await self.manifest())
+            return
+        data = await asyncio.to_thread(self.state.load_trusted_manifest)
+        if data is None or data == self._trusted_data:
+            return
+        before = self._manifest.serial if self._manifest is not None else None
+        self._use_trusted(data)
+        now = await self.manifest()
+        _log.info(
+            "the trusted release changed while waiting for the lock",
+            from_serial=before,
+            to_serial=now.serial,
+        )
+
+    async def _commit_release(self, emit: Emit, *, wait: bool) -> None:
+        """Record the manifest in use as trusted and pin the keys, under the lock.
+
+        The rollback rule is checked again under the lock, so a run that verified
+        an older release while another process updated the store never records it.
+        The usual boot has nothing to write and takes no lock.
+        """
+        if self._expired is not None:
+            return
+        manifest = await self.manifest()
+        data = dump_manifest(manifest) if self._manifest_given else None
+        if not await self._commit_needed(data):
+            return
+        await self._take_lock(emit, wait=wait)
+        try:
+            if data is not None:
+                await self._check_not_older(manifest)
+                if await asyncio.to_thread(self.state.load_trusted_manifest) != data:
+                    await asyncio.to_thread(self.state.save_trusted_manifest, data)
+                await asyncio.to_thread(self.state.clear_pending_manifest)
+            await self._pin_keys()  # after the manifest: a crash between keeps both valid
+        finally:
+            self._lock.release()
+
+    async def _commit_needed(self, data: bytes | None) -> bool:
+        if data is not None and (
+            await asyncio.to_thread(self.state.load_trusted_manifest) != data
+            or await asyncio.to_thread(self.state.has_pending_manifest)
+        ):
+            return True
+        return self.trust.enabled and not self.trust.same_as(await self._pinned_keys())
+
+    async def _pin_keys(self) -> None:
+        """Pin the configured keys: at the first signed sync, or as a rotation.
+
+        Called once the manifest in use passed them (and any pinned keys, see
+        :meth:`_check_signatures`) and is trusted.
+        """
+        if not self.trust.enabled:
+            return
+        pinned = await self._pinned_keys()
+        if self.trust.same_as(pinned):
+            return
+        await asyncio.to_thread(self.state.save_pinned_keys, self.trust.dump())
+        _log.warning(
+            "trusted keys pinned in the store" if pinned is None else "trusted keys rotated",
+            path=str(self.state.keys_path),
+            keys=len(self.trust.keys),
+            threshold=self.trust.threshold,
+        )
 
     def _drop_stale_parts(self, manifest: Manifest) -> None:
         """Delete partial files no entry of ``manifest`` can resume (under the lock).
@@ -472,8 +612,8 @@ class StorageManager:
                     pending_serial=new.serial,
                     reason=str(exc),
                 )
-                self._manifest = await self.trusted_manifest()
-                self._manifest_given, self._trust_checked, self._expired = False, False, None
+                self._manifest, self._manifest_given = None, False  # reloaded on next use
+                self._trust_checked, self._expired = False, None
         report = await self._verify(emit, full=full)
         # An expired manifest never fetches: the store is then offline by policy, and
         # the required/optional rules below decide between degraded mode and refusal.
@@ -490,12 +630,7 @@ class StorageManager:
                 problems=problems,
             )
         degraded = tuple(f.path for f in report.files if not f.required and f.needs_repair)
-        if self._manifest_given and self._expired is None:
-            manifest = await self.manifest()
-            data = dump_manifest(manifest)
-            if await asyncio.to_thread(self.state.load_trusted_manifest) != data:
-                await asyncio.to_thread(self.state.save_trusted_manifest, data)
-            await asyncio.to_thread(self.state.clear_pending_manifest)
+        await self._commit_release(emit, wait=wait)
         ready = StorageReady(
             state="degraded" if degraded else "ok", offline=self.offline, degraded=degraded
         )

@@ -10,7 +10,10 @@ check failed:
 
 - **threshold**: at least ``k`` valid signatures from distinct trusted keys (k of n).
   Signatures from unknown keys are ignored, never counted; two signatures from the same
-  key count once.
+  key count once (and a refusal says the key was listed twice).
+- **pinning**: the keys and threshold a store first trusted are kept in
+  ``.kensho/trusted-keys.json`` (:meth:`TrustedKeys.dump`), as TUF pins its root, so
+  forgetting the settings never turns the checks off (the manager applies this rule).
 - **rollback**: a manifest whose ``serial`` is lower than the last trusted one is
   refused, and so is the same serial with different content (a replayed or forked
   release).
@@ -22,9 +25,10 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -35,7 +39,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
-from kensho.errors import ConfigError, SignatureError
+from kensho.errors import ConfigError, KenshoError, SignatureError
 from kensho.storage.manifest import Manifest, Signature
 
 __all__ = [
@@ -142,12 +146,20 @@ def sign_manifest(manifest: Manifest, key: Ed25519PrivateKey) -> Manifest:
     return dataclasses.replace(manifest, signatures=(*others, signature))
 
 
+_SETTINGS = "the [trust] settings"
+
+
 @dataclass(frozen=True)
 class TrustedKeys:
-    """The public keys a manifest may be signed by, and how many must agree."""
+    """The public keys a manifest may be signed by, and how many must agree.
+
+    ``origin`` says where they come from, for error messages only (it is not part of
+    equality): the ``[trust]`` settings, or the keys pinned in a store.
+    """
 
     keys: Mapping[str, Ed25519PublicKey]
     threshold: int = 1
+    origin: str = field(default=_SETTINGS, compare=False)
 
     def __post_init__(self) -> None:
         if self.keys and not 1 <= self.threshold <= len(self.keys):
@@ -158,14 +170,54 @@ class TrustedKeys:
             )
 
     @classmethod
-    def from_hex(cls, public_keys: Iterable[str], threshold: int = 1) -> TrustedKeys:
+    def from_hex(
+        cls, public_keys: Iterable[str], threshold: int = 1, *, origin: str = _SETTINGS
+    ) -> TrustedKeys:
         keys = [public_key_from_hex(text) for text in public_keys]
-        return cls({key_id(k): k for k in keys}, threshold)
+        return cls({key_id(k): k for k in keys}, threshold, origin)
 
     @property
     def enabled(self) -> bool:
         """False when no key is configured: unsigned manifests are then accepted."""
         return bool(self.keys)
+
+    def same_as(self, other: TrustedKeys | None) -> bool:
+        """Whether ``other`` names exactly these keys with this threshold."""
+        return (
+            other is not None
+            and set(self.keys) == set(other.keys)
+            and self.threshold == other.threshold
+        )
+
+    def dump(self) -> bytes:
+        """JSON for ``.kensho/trusted-keys.json``: sorted public keys and the threshold."""
+        keys = sorted(public_key_hex(k) for k in self.keys.values())
+        doc = {"keys": keys, "threshold": self.threshold}
+        return json.dumps(doc, indent=2).encode() + b"\n"
+
+    @classmethod
+    def load(cls, data: bytes, path: Path) -> TrustedKeys:
+        """Parse :meth:`dump`'s output, read from ``path``; ``SignatureError`` if damaged.
+
+        Why not fall back to "no keys": a pin that cannot be read must not switch
+        the signature checks off, which is exactly what pinning prevents.
+        """
+        try:
+            doc = json.loads(data)
+            if not isinstance(doc, dict) or set(doc) != {"keys", "threshold"}:
+                raise ValueError('expected an object with "keys" and "threshold"')
+            keys, threshold = doc["keys"], doc["threshold"]
+            if not isinstance(keys, list) or not keys or not all(isinstance(k, str) for k in keys):
+                raise ValueError('"keys" must be a non-empty list of hex strings')
+            if not isinstance(threshold, int) or isinstance(threshold, bool):
+                raise ValueError('"threshold" must be an integer')
+            return cls.from_hex(keys, threshold, origin=f"the store (pinned in {path})")
+        except (ValueError, KenshoError) as exc:  # JSONDecodeError is a ValueError
+            raise SignatureError(
+                f"{path} is damaged ({exc}); it pins the keys this store trusts, so no "
+                "manifest is accepted until it is restored (or deleted: the next signed "
+                "sync then pins the [trust] settings anew)"
+            ) from None
 
 
 def verify_signatures(manifest: Manifest, trusted: TrustedKeys) -> tuple[str, ...]:
@@ -177,13 +229,16 @@ def verify_signatures(manifest: Manifest, trusted: TrustedKeys) -> tuple[str, ..
     payload = manifest.canonical_bytes()
     valid: list[str] = []
     problems: list[str] = []
+    seen: set[str] = set()
     for sig in manifest.signatures:
         key = trusted.keys.get(sig.keyid)
         short = sig.keyid[:12]
+        if sig.keyid in seen:
+            problems.append(f"key {short}… is listed more than once (it counts once)")
+            continue
+        seen.add(sig.keyid)
         if key is None:
             problems.append(f"key {short}… is not trusted")
-            continue
-        if sig.keyid in valid:
             continue
         try:
             key.verify(bytes.fromhex(sig.sig), payload)
@@ -195,7 +250,8 @@ def verify_signatures(manifest: Manifest, trusted: TrustedKeys) -> tuple[str, ..
         detail = "; ".join(problems) if problems else "the manifest carries no signatures"
         raise SignatureError(
             f"manifest {manifest.name!r} serial {manifest.serial}: {len(valid)} valid "
-            f"signature(s) from trusted keys, {trusted.threshold} required ({detail})"
+            f"signature(s) from keys trusted by {trusted.origin}, {trusted.threshold} "
+            f"required ({detail})"
         )
     return tuple(valid)
 

@@ -8,6 +8,11 @@ from user space: ``touch -d`` or a restore tool can fake mtime, not ctime.
 
 ``trusted-manifest.json`` is the last manifest under which every required file was
 good; with no manifest given and no network, Kensho boots from it (offline-first).
+``trusted-keys.json`` pins the signing keys and threshold the store trusts (see
+``docs/signing.md``, "Pinned keys").
+
+Everything here lives inside the root: a ``.kensho`` (or ``.kensho/tmp``) that is a
+symlink leading elsewhere is refused before anything is read or written through it.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from kensho.storage._fs import atomic_write_bytes
+from kensho.storage._fs import PathGuard, atomic_write_bytes
 from kensho.telemetry import get_logger
 
 __all__ = ["STATE_DIR", "StatRecord", "StateStore"]
@@ -60,16 +65,33 @@ class StateStore:
     """SQLite state of one store root. Thread-safe; every call is short and blocking."""
 
     def __init__(self, root: Path) -> None:
+        self.root = root
         self.dir = root / STATE_DIR
         self.tmp_dir = self.dir / "tmp"
         self.manifest_path = self.dir / "trusted-manifest.json"
         self.pending_path = self.dir / "pending-manifest.json"
+        self.keys_path = self.dir / "trusted-keys.json"
         self._lock = threading.Lock()
         self._db: sqlite3.Connection | None = None
 
+    def check_dir(self) -> None:
+        """Refuse a state folder that leads outside the root (``UnsafePathError``).
+
+        Why: the lock, ``state.db``, the partial downloads and the trusted manifest
+        would otherwise be read and written wherever a planted ``.kensho`` symlink
+        points. :meth:`PathGuard.check` vets the folders above a path, so checking a
+        name inside the tmp folder covers ``.kensho`` and ``.kensho/tmp``.
+        """
+        PathGuard(self.root).check(self.tmp_dir.relative_to(self.root).as_posix() + "/x")
+
+    def ensure_dir(self) -> None:
+        """:meth:`check_dir`, then create the state folder if it is missing."""
+        self.check_dir()
+        self.dir.mkdir(parents=True, exist_ok=True)
+
     def _conn(self) -> sqlite3.Connection:
         if self._db is None:
-            self.dir.mkdir(parents=True, exist_ok=True)
+            self.ensure_dir()
             db = sqlite3.connect(self.dir / "state.db", timeout=30, check_same_thread=False)
             try:
                 db.execute("PRAGMA journal_mode=WAL")
@@ -93,6 +115,7 @@ class StateStore:
         The records are a cache: an unreadable database (read-only medium, disk
         error, garbage) means "no records", so every file gets hashed, never a crash.
         """
+        self.check_dir()
         if self._db is None and not (self.dir / "state.db").exists():
             return {}
         try:
@@ -126,16 +149,31 @@ class StateStore:
             # Losing a cache entry costs a re-hash later; failing the verify costs more.
             _log.warning("cannot update the state database", path=str(self.dir), error=str(exc))
 
+    def _load(self, path: Path) -> bytes | None:
+        self.check_dir()
+        with contextlib.suppress(FileNotFoundError):
+            return path.read_bytes()
+        return None
+
+    def _save(self, path: Path, data: bytes) -> None:
+        self.ensure_dir()
+        atomic_write_bytes(path, data, tmp_dir=self.dir)
+
     def load_trusted_manifest(self) -> bytes | None:
         """The last trusted manifest's bytes, or ``None``."""
-        with contextlib.suppress(FileNotFoundError):
-            return self.manifest_path.read_bytes()
-        return None
+        return self._load(self.manifest_path)
 
     def save_trusted_manifest(self, data: bytes) -> None:
         """Keep ``data`` as the trusted manifest (atomic, durable)."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(self.manifest_path, data, tmp_dir=self.dir)
+        self._save(self.manifest_path, data)
+
+    def load_pinned_keys(self) -> bytes | None:
+        """The pinned trusted keys (``TrustedKeys.dump`` bytes), or ``None``."""
+        return self._load(self.keys_path)
+
+    def save_pinned_keys(self, data: bytes) -> None:
+        """Pin ``data`` as the store's trusted keys (atomic, durable)."""
+        self._save(self.keys_path, data)
 
     # An update swaps files one by one. Its manifest is journaled first, so that a run
     # killed among the swaps is finished by the next boot, even offline, instead of
@@ -143,14 +181,16 @@ class StateStore:
 
     def load_pending_manifest(self) -> bytes | None:
         """The manifest of an update that started swapping files, or ``None``."""
-        with contextlib.suppress(FileNotFoundError):
-            return self.pending_path.read_bytes()
-        return None
+        return self._load(self.pending_path)
 
     def save_pending_manifest(self, data: bytes) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(self.pending_path, data, tmp_dir=self.dir)
+        self._save(self.pending_path, data)
+
+    def has_pending_manifest(self) -> bool:
+        self.check_dir()
+        return self.pending_path.exists()
 
     def clear_pending_manifest(self) -> None:
+        self.check_dir()
         with contextlib.suppress(FileNotFoundError):
             self.pending_path.unlink()
