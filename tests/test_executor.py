@@ -582,12 +582,14 @@ TestExecutorMachine.settings = settings(
 async def test_built_from_settings() -> None:
     from kensho.config import load_settings
 
-    settings = load_settings(env={"KENSHO_RUNTIME_MAX_QUEUE_SIZE": "7"}).runtime
+    env = {"KENSHO_RUNTIME_MAX_QUEUE_SIZE": "7", "KENSHO_RUNTIME_HARD_OPEN_LOW_WATER": "0.25"}
+    settings = load_settings(env=env).runtime
     runtime = RuntimeManager(MockGPUEngine(clock=VirtualClock()))
     executor = TaskExecutor.from_settings(runtime, settings, clock=VirtualClock())
     assert executor.max_queue_size == 7
     assert executor.concurrency == {"gpu": 4, "cpu": 1}
     assert executor.hard_open_duration == 30
+    assert executor.hard_open_low_water == 0.25
 
 
 async def test_half_open_probe_through_the_executor_is_bounded_and_served() -> None:

@@ -183,6 +183,7 @@ class RuntimeSettings(_Section):
     rejection_threshold: int = Field(default=5, ge=1)
     rejection_window: float = Field(default=10.0, gt=0)
     hard_open_duration: float = Field(default=30.0, gt=0)
+    hard_open_low_water: float = Field(default=0.5, gt=0, le=1)
 
 
 class TrustSettings(_Section):

@@ -406,6 +406,7 @@ class TaskExecutor:
             rejection_threshold=settings.rejection_threshold,
             rejection_window=settings.rejection_window,
             hard_open_duration=settings.hard_open_duration,
+            hard_open_low_water=settings.hard_open_low_water,
         )
 
     # -- public API ---------------------------------------------------------------------
