@@ -29,14 +29,18 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from kensho.errors import ManifestError
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
+    "MAX_CHUNKS",
     "MAX_CHUNKS_PER_FILE",
     "MAX_FILES",
     "MAX_FILE_SIZE",
     "MAX_MANIFEST_BYTES",
+    "MIN_CHUNK_SIZE",
     "RESERVED_DIR",
     "SCHEMA_VERSION",
     "Chunk",
@@ -54,7 +58,14 @@ SCHEMA_VERSION = 1
 DEFAULT_CHUNK_SIZE = 4 * 1024 * 1024
 MAX_FILE_SIZE = 1 << 40  # 1 TiB: larger than any model file, small enough to be sane
 MAX_FILES = 100_000
-MAX_CHUNKS_PER_FILE = 1 << 20
+#: Chunks in one manifest, all files together (and so in one file). Every chunk costs
+#: memory and bookkeeping whatever its size: 262,144 is 1 TiB at 4 MiB chunks and
+#: keeps the worst manifest near 150 MiB of RAM (docs/manifest.md, "Limits").
+MAX_CHUNKS = 1 << 18
+MAX_CHUNKS_PER_FILE = MAX_CHUNKS
+#: Every chunk but a file's last has at least this many bytes: the smallest minimum
+#: ``manifest build --cdc-min`` accepts. A 1-byte chunk is an attack, not a use case.
+MIN_CHUNK_SIZE = 64
 MAX_MANIFEST_BYTES = 64 * 1024 * 1024
 MAX_PATH_BYTES = 4096
 MAX_SEGMENT_BYTES = 255
@@ -152,7 +163,18 @@ def dump_manifest(manifest: Manifest) -> bytes:
         "signed": manifest.raw_signed,
         "signatures": [{"keyid": s.keyid, "sig": s.sig} for s in manifest.signatures],
     }
-    return (json.dumps(doc, sort_keys=True, indent=2, ensure_ascii=False) + "\n").encode()
+    # orjson writes the same bytes as json.dumps(sort_keys=True, indent=2,
+    # ensure_ascii=False), in C: json's indenting encoder is pure Python and holds
+    # every token in a list (800 MiB and 5 s for a 60 MiB manifest).
+    options = orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS
+    return orjson.dumps(doc, default=_plain, option=options) + b"\n"
+
+
+def _plain(value: object) -> dict[str, Any]:
+    """A mapping orjson does not know (a ``MappingProxyType``) as a dict."""
+    if isinstance(value, Mapping):
+        return dict(value)
+    raise TypeError(f"{type(value).__name__} cannot be written into a manifest")
 
 
 def load_manifest(path: Path) -> Manifest:
@@ -221,6 +243,20 @@ def parse_manifest(data: bytes | str | Mapping[str, Any]) -> Manifest:
 
 class _Validator:
     """Walks a decoded document; each method validates one level and names fields."""
+
+    def __init__(self) -> None:
+        self.chunks_seen = 0
+
+    def _count_chunks(self, count: int, where: str) -> None:
+        """Refuse, before reading them, chunks past :data:`MAX_CHUNKS` in all."""
+        self.chunks_seen += count
+        if self.chunks_seen > MAX_CHUNKS:
+            raise ManifestError(
+                f"the manifest lists more than {MAX_CHUNKS} chunks in all (this file brings "
+                f"it to {self.chunks_seen}); rebuild it with larger chunks (manifest build "
+                "--cdc-avg or --chunk-size) or split the store",
+                field=where,
+            )
 
     def manifest(self, doc: object) -> Manifest:
         obj = self._object(doc, "", required={"signed", "signatures"}, optional=set())
@@ -333,14 +369,14 @@ class _Validator:
         if "chunks" in obj:
             chunks = self._chunks(obj["chunks"], where, size, sha)
         else:
+            self._count_chunks(1, f"{where}.size")
             chunks = (Chunk(0, size, sha),)
         return FileEntry(path, size, sha, version, changelog, required, chunks)
 
     def _chunks(self, value: object, where: str, size: int, sha: str) -> tuple[Chunk, ...]:
         if not isinstance(value, list):
             raise ManifestError(f"must be a list, got {_kind(value)}", field=f"{where}.chunks")
-        if len(value) > MAX_CHUNKS_PER_FILE:
-            raise ManifestError(f"more than {MAX_CHUNKS_PER_FILE} chunks", field=f"{where}.chunks")
+        self._count_chunks(len(value), f"{where}.chunks")
         chunks: list[Chunk] = []
         expected = 0
         for j, item in enumerate(value):
@@ -357,6 +393,12 @@ class _Validator:
             if offset + csize > size:
                 raise ManifestError(
                     f"chunk ends at byte {offset + csize}, past the file size {size}",
+                    field=f"{cw}.size",
+                )
+            if csize < MIN_CHUNK_SIZE and offset + csize != size:
+                raise ManifestError(
+                    f"must be at least {MIN_CHUNK_SIZE} bytes, got {csize}: only a file's "
+                    "last chunk may be smaller (rebuild the manifest with larger chunks)",
                     field=f"{cw}.size",
                 )
             chunks.append(Chunk(offset, csize, self._hex(obj["sha256"], f"{cw}.sha256")))
