@@ -177,15 +177,26 @@ class _ChunkWriter:
         job = loop.run_in_executor(
             self._pool, _write_and_check, self.fd, pieces, self.flushed, self._hashing
         )
+        job.add_done_callback(self._report)
         self.flushed = self.pos
         self._pending.append(job)
         while len(self._pending) > _IN_FLIGHT:
             await self._settle()
 
+    def _report(self, job: asyncio.Future[tuple[range, int | None]]) -> None:
+        """Count the chunks a job verified as soon as it ends (in order: one thread).
+
+        Not when the job is next awaited: that waits for more data, and a transfer
+        that stalls would hide the progress already made (a kill then loses nothing,
+        but nobody sees how far it got).
+        """
+        if not job.cancelled() and job.exception() is None:
+            verified, _ = job.result()
+            if verified:
+                self.on_chunks(verified)
+
     async def _settle(self) -> None:
-        verified, bad = await self._pending.popleft()
-        if verified:
-            self.on_chunks(verified)
+        _, bad = await self._pending.popleft()
         if bad is not None:
             raise _ChunkMismatch(bad)
 
