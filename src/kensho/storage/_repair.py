@@ -131,6 +131,14 @@ class _RunHasher:
         return range(first, self.index), None
 
 
+@dataclass(slots=True)
+class _WriteJob:
+    """A queued write-and-check job; ``reported`` once its verified chunks are counted."""
+
+    future: asyncio.Future[tuple[range, int | None]]
+    reported: bool = False
+
+
 class _ChunkWriter:
     """The sink for one run of consecutive chunks: writes, hashes, checks each chunk.
 
@@ -159,7 +167,7 @@ class _ChunkWriter:
         self.pieces: list[bytes] = []
         self._hashing = _RunHasher(chunks, run)
         self._pool = pool
-        self._pending: deque[asyncio.Future[tuple[range, int | None]]] = deque()
+        self._pending: deque[_WriteJob] = deque()
 
     async def __call__(self, data: bytes) -> None:
         if len(data) > self.end - self.pos:
@@ -177,26 +185,33 @@ class _ChunkWriter:
         job = loop.run_in_executor(
             self._pool, _write_and_check, self.fd, pieces, self.flushed, self._hashing
         )
-        job.add_done_callback(self._report)
+        item = _WriteJob(job)
+        job.add_done_callback(lambda _: self._report(item))
         self.flushed = self.pos
-        self._pending.append(job)
+        self._pending.append(item)
         while len(self._pending) > _IN_FLIGHT:
             await self._settle()
 
-    def _report(self, job: asyncio.Future[tuple[range, int | None]]) -> None:
-        """Count the chunks a job verified as soon as it ends (in order: one thread).
+    def _report(self, item: _WriteJob) -> None:
+        """Count the chunks a job verified as soon as it ends (jobs end in order).
 
-        Not when the job is next awaited: that waits for more data, and a transfer
-        that stalls would hide the progress already made (a kill then loses nothing,
-        but nobody sees how far it got).
+        Not only when the job is next awaited: that waits for more data, and a
+        transfer that stalls would hide the progress already made. Called again by
+        :meth:`_settle`, since an awaited future that is already done does not wait
+        for its callbacks; the flag makes the second call a no-op.
         """
-        if not job.cancelled() and job.exception() is None:
-            verified, _ = job.result()
-            if verified:
-                self.on_chunks(verified)
+        job = item.future
+        if item.reported or job.cancelled() or job.exception() is not None:
+            return
+        item.reported = True
+        verified, _ = job.result()
+        if verified:
+            self.on_chunks(verified)
 
     async def _settle(self) -> None:
-        _, bad = await self._pending.popleft()
+        item = self._pending.popleft()
+        _, bad = await item.future
+        self._report(item)
         if bad is not None:
             raise _ChunkMismatch(bad)
 
@@ -209,9 +224,9 @@ class _ChunkWriter:
             while self._pending:
                 await self._settle()
         finally:
-            for job in self._pending:
+            for item in self._pending:
                 with contextlib.suppress(BaseException):
-                    await job
+                    await item.future
             self._pending.clear()
 
 
