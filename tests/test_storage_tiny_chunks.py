@@ -23,6 +23,7 @@ from _storage_support import kensho, sha, write_tree
 from kensho.errors import ManifestError
 from kensho.events import StorageDownloadProgress, StorageFileRepaired, StorageHashProgress
 from kensho.storage import MemorySource, MirrorSource, StorageManager, parse_manifest
+from kensho.storage._plan import plan_update
 from kensho.storage.hashing import BATCH_CHUNKS
 from kensho.storage.manifest import MAX_CHUNKS, MIN_CHUNK_SIZE
 
@@ -187,3 +188,24 @@ async def test_repair_copies_good_tiny_chunks_and_fetches_only_bad_ones(tmp_path
     assert source.bytes_served == len(bad) * MIN_CHUNK_SIZE
     runs = [(0, 1), (BATCH_CHUNKS - 1, 2), (5000, 1), (count - 1, 1)]
     assert source.requests == [("w.bin", i * MIN_CHUNK_SIZE, n * MIN_CHUNK_SIZE) for i, n in runs]
+
+
+def test_update_plan_stays_linear_when_one_hash_repeats_everywhere(tmp_path: Path) -> None:
+    """50,000 identical chunks: each gets a few donors by lookup, not a scan of all."""
+    count = 50_000
+    old = bytes(count * MIN_CHUNK_SIZE)  # zeros: every chunk has the same hash
+    new = bytearray(old)
+    changed = [7, count - 1]
+    for i in changed:
+        new[i * MIN_CHUNK_SIZE] = 1
+    write_tree(tmp_path, {"w.bin": old, "copy.bin": old})
+    current = parse_manifest(signed_doc({"w.bin": old, "copy.bin": old}, MIN_CHUNK_SIZE))
+    doc = signed_doc({"w.bin": bytes(new), "copy.bin": old}, MIN_CHUNK_SIZE)
+    doc["signed"]["serial"] = 2
+    plan = plan_update(tmp_path, current, parse_manifest(doc), {})
+    [file_plan] = plan.files
+    assert file_plan.fetch == tuple(changed)
+    assert len(file_plan.donors) == count - len(changed)
+    for places in file_plan.donors.values():
+        assert 1 <= len(places) <= 4
+        assert places[0].path == "w.bin"  # the same file first, then the others
