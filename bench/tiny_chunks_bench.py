@@ -6,7 +6,8 @@ script builds, for each chunk count, one file of ``count x chunk-size`` random b
 and a manifest cutting it into chunks of ``chunk-size`` bytes, then runs the real CLI
 in a subprocess (as a user would) and reads its peak RSS from ``wait4``:
 
-- ``parse``: ``load_manifest`` alone (a refusal by the limits is shown as such);
+- ``parse``: ``load_manifest`` alone, interpreter start included (a refusal by the
+  limits shows the field it names);
 - ``verify --full``: every chunk re-hashed, the store already good;
 - ``sync``: an empty store filled from a mirror folder holding the file.
 
@@ -20,6 +21,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -114,8 +116,10 @@ def measure(count: int, chunk_size: int, timeout: float) -> list[str]:
         size_mib = manifest.stat().st_size / (1 << 20)
         parse = run(["-c", PARSE, str(manifest)], timeout)
         if parse.rc != 0:
-            refused = parse.stderr.strip().splitlines()[-1][:120] if parse.stderr else "?"
-            return [f"{count:,}", f"{size_mib:.1f} MiB", f"refused: {refused}", "", ""]
+            found = re.search(r"files\[\d+\]\.chunks[\w.\[\]]*", parse.stderr)
+            field = found.group(0) if found else parse.stderr.strip()[-100:]
+            refused = f"refused ({parse.seconds:.2f} s, {parse.peak_mib:.0f} MiB): {field}"
+            return [f"{count:,}", f"{size_mib:.1f} MiB", refused, "", ""]
         verify = run(
             ["-c", ENTRY, "verify", "--full", "-m", str(manifest), "-r", str(data_dir)], timeout
         )
