@@ -299,7 +299,7 @@ class Hasher:
         path: str | Path,
         chunks: Sequence[Chunk],
         indices: Iterable[int],
-        done: ProgressCallback | None = None,
+        done: Callable[[int], None] | None = None,
     ) -> list[int]:
         """Indices among sorted ``indices`` whose chunk does not hash right in ``path``.
 
