@@ -42,7 +42,7 @@ from kensho.storage._fs import PathGuard, UnsafePathError, fsync_dir, resolve_in
 from kensho.storage._plan import Donor, FilePlan, UpdatePlan
 from kensho.storage._repair import FileRepairer, RepairOutcome, _open_part, _pwrite_all, part_path
 from kensho.storage._verify import Emit
-from kensho.storage.hashing import Hasher, run_all, run_to_completion, sha256_range
+from kensho.storage.hashing import Hasher, run_to_completion, sha256_range
 from kensho.storage.manifest import Chunk
 from kensho.storage.sources import Source
 from kensho.storage.state import StateStore, StatRecord
@@ -154,6 +154,12 @@ def _copy_from(
     return False
 
 
+def _copy_batch(guard: PathGuard, root: Path, fp: FilePlan, fd: int, batch: range) -> list[int]:
+    """Copy each chunk of ``batch`` from its donors; the indices none could give."""
+    chunks, donors = fp.entry.chunks, fp.donors
+    return [i for i in batch if not _copy_from(guard, root, donors[i], fd, chunks[i])]
+
+
 def _swap(part: Path, dest: Path) -> StatRecord:
     dest.parent.mkdir(parents=True, exist_ok=True)
     part.replace(dest)
@@ -250,18 +256,18 @@ class DeltaUpdater:
         """Copy the chunks local files hold; return the indices still to fetch."""
         entry = fp.entry
         candidates = [i for i in todo if i in fp.donors]
-        copied = await run_all(
-            self.hasher.run(_copy_from, guard, self.root, fp.donors[i], fd, entry.chunks[i])
-            for i in candidates
-        )
-        done = {i for i, ok in zip(candidates, copied, strict=True) if ok}
-        if len(done) < len(candidates):
+
+        async def copy(batch: range) -> list[int]:  # one thread job per batch, not per chunk
+            return await self.hasher.run(_copy_batch, guard, self.root, fp, fd, batch)
+
+        missed = await self.hasher.in_batches(entry.chunks, candidates, copy)
+        if missed:
             _log.warning(
                 "local chunks changed since the manifest; fetching them instead",
                 path=entry.path,
-                chunks=len(candidates) - len(done),
+                chunks=len(missed),
             )
-        return [i for i in todo if i not in done]
+        return sorted([i for i in todo if i not in fp.donors] + missed)
 
     async def swap_all(self, built: Sequence[Assembled]) -> list[tuple[str, str, StatRecord]]:
         """Move every good assembled file to its final path; return their new records.
