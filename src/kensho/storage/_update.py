@@ -132,32 +132,56 @@ def space_needed(plan: UpdatePlan, tmp_dir: Path) -> int:
     return needed
 
 
-def _copy_from(
-    guard: PathGuard, root: Path, donors: Sequence[Donor], fd: int, chunk: Chunk
+def _copy_from(  # noqa: PLR0917 - one thread job's private helper
+    guard: PathGuard,
+    root: Path,
+    donors: Sequence[Donor],
+    fd: int,
+    chunk: Chunk,
+    opened: dict[str, int | None],
 ) -> bool:
-    """Copy ``chunk``'s bytes from the first donor that still holds them (re-hashed)."""
+    """Copy ``chunk``'s bytes from the first donor that still holds them (re-hashed).
+
+    Donor files are opened once and kept in ``opened`` (path -> fd, or ``None`` when
+    it cannot be opened) for the caller to close.
+    """
     for donor in donors:
-        try:
-            guard.check(donor.path)
-            src = os.open(root / donor.path, os.O_RDONLY | os.O_NOFOLLOW)
-        except (OSError, UnsafePathError):
+        if donor.path not in opened:
+            try:
+                guard.check(donor.path)
+                opened[donor.path] = os.open(root / donor.path, os.O_RDONLY | os.O_NOFOLLOW)
+            except (OSError, UnsafePathError):
+                opened[donor.path] = None
+        src = opened[donor.path]
+        if src is None:
             continue
         try:
             data = os.pread(src, chunk.size, donor.offset)
         except OSError:
             continue
-        finally:
-            os.close(src)
         if len(data) == chunk.size and hashlib.sha256(data).hexdigest() == chunk.sha256:
             _pwrite_all(fd, data, chunk.offset)
             return True
     return False
 
 
+def _close_all(opened: dict[str, int | None]) -> None:
+    for src in opened.values():
+        if src is not None:
+            os.close(src)
+
+
 def _copy_batch(guard: PathGuard, root: Path, fp: FilePlan, fd: int, batch: range) -> list[int]:
-    """Copy each chunk of ``batch`` from its donors; the indices none could give."""
+    """Copy each chunk of ``batch`` from its donors; the indices none could give.
+
+    Donor files stay open for the batch: one ``open`` per donor file, not per chunk.
+    """
     chunks, donors = fp.entry.chunks, fp.donors
-    return [i for i in batch if not _copy_from(guard, root, donors[i], fd, chunks[i])]
+    opened: dict[str, int | None] = {}
+    try:
+        return [i for i in batch if not _copy_from(guard, root, donors[i], fd, chunks[i], opened)]
+    finally:
+        _close_all(opened)
 
 
 def _swap(part: Path, dest: Path) -> StatRecord:
