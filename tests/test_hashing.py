@@ -11,7 +11,15 @@ from pathlib import Path
 import pytest
 
 from kensho.storage import Hasher
-from kensho.storage.hashing import BUFFER_SIZE, sha256_range
+from kensho.storage.hashing import (
+    BATCH_BYTES,
+    BATCH_CHUNKS,
+    BUFFER_SIZE,
+    chunk_batches,
+    run_bounded,
+    sha256_range,
+)
+from kensho.storage.manifest import Chunk
 
 
 def test_sha256_range_matches_hashlib(tmp_path: Path) -> None:
@@ -81,3 +89,57 @@ async def test_event_loop_keeps_running_while_hashing(tmp_path: Path) -> None:
         done.set()
         await task
     assert ticks > 1
+
+
+def _chunks_of(data: bytes, sizes: list[int]) -> tuple[Chunk, ...]:
+    chunks, off = [], 0
+    for n in sizes:
+        chunks.append(Chunk(off, n, hashlib.sha256(data[off : off + n]).hexdigest()))
+        off += n
+    return tuple(chunks)
+
+
+def test_batches_group_adjacent_chunks_within_both_limits() -> None:
+    tiny = tuple(Chunk(i * 64, 64, "0" * 64) for i in range(BATCH_CHUNKS + 10))
+    batches = chunk_batches(tiny, range(len(tiny)))
+    assert batches == [range(0, BATCH_CHUNKS), range(BATCH_CHUNKS, BATCH_CHUNKS + 10)]
+    # A gap starts a new batch: a batch is always one contiguous read.
+    assert chunk_batches(tiny, [0, 1, 2, 5, 6]) == [range(0, 3), range(5, 7)]
+    big = BATCH_BYTES // 2 + 1
+    sizes = (Chunk(0, big, "0" * 64), Chunk(big, big, "0" * 64), Chunk(2 * big, 3 * big, "0" * 64))
+    # Two halves do not fit in one buffer; a chunk larger than the buffer is alone.
+    assert chunk_batches(sizes, range(3)) == [range(0, 1), range(1, 2), range(2, 3)]
+    assert chunk_batches(tiny, []) == []
+
+
+async def test_mismatched_names_exactly_the_bad_and_missing_chunks(tmp_path: Path) -> None:
+    sizes = [64] * (2 * BATCH_CHUNKS + 5) + [BATCH_BYTES + 3, 64]  # tiny ones, one large
+    data = os.urandom(sum(sizes))
+    chunks = _chunks_of(data, sizes)
+    broken = bytearray(data)
+    wrong = [0, BATCH_CHUNKS - 1, BATCH_CHUNKS, 2 * BATCH_CHUNKS + 4, len(sizes) - 2]
+    for i in wrong:
+        broken[chunks[i].offset + chunks[i].size - 1] ^= 1
+    (tmp_path / "f").write_bytes(bytes(broken[:-10]))  # the last chunk is cut short
+    seen: list[int] = []
+    async with Hasher(workers=2) as hasher:
+        bad = await hasher.mismatched(tmp_path / "f", chunks, range(len(chunks)), seen.append)
+    assert bad == [*wrong, len(sizes) - 1]
+    assert sum(seen) == len(data)  # progress per batch adds up to the bytes asked for
+    assert len(seen) == len(chunk_batches(chunks, range(len(chunks))))
+
+
+async def test_run_bounded_keeps_order_and_never_exceeds_its_limit() -> None:
+    running, peak = 0, 0
+
+    async def job(n: int) -> int:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await asyncio.sleep(0)  # yield: let the other workers start if they may
+        running -= 1
+        return n * n
+
+    assert await run_bounded(list(range(100)), job, 3) == [n * n for n in range(100)]
+    assert peak == 3
+    assert await run_bounded([], job, 3) == []

@@ -468,9 +468,9 @@ async def test_cancelled_repair_never_closes_a_file_a_thread_still_writes(
     (tmp_path / "w.bin").write_bytes(bytes(broken))
     entered, release = threading.Event(), threading.Event()
     fd_alive: list[bool] = []
-    original = _repair._copy_chunk
+    original = _repair._copy_chunks
 
-    def slow_copy(src: Path, fd: int, chunk: object) -> bool:
+    def slow_copy(src: Path, fd: int, chunks: object, batch: range) -> list[int]:
         entered.set()
         release.wait(10)
         try:
@@ -478,9 +478,9 @@ async def test_cancelled_repair_never_closes_a_file_a_thread_still_writes(
             fd_alive.append(True)
         except OSError:
             fd_alive.append(False)
-        return original(src, fd, chunk)  # type: ignore[arg-type]
+        return original(src, fd, chunks, batch)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(_repair, "_copy_chunk", slow_copy)
+    monkeypatch.setattr(_repair, "_copy_chunks", slow_copy)
     manager = StorageManager(tmp_path, manifest_for(files, 4096), [MemorySource(files)])
 
     async def run() -> None:

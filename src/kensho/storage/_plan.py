@@ -28,6 +28,9 @@ from kensho.storage.state import StatRecord
 
 __all__ = ["Donor", "FilePlan", "UpdatePlan", "plan_update"]
 
+#: Local places remembered per chunk hash, and tried per chunk (best first).
+_DONORS = 4
+
 
 @dataclass(frozen=True, slots=True)
 class Donor:
@@ -126,10 +129,14 @@ def plan_update(
     """
     guard = PathGuard(root)
     index: dict[tuple[str, int], list[Donor]] = {}
+    offered: dict[str, FileEntry] = {}
 
     def offer(entry: FileEntry) -> None:
+        offered[entry.path] = entry
         for chunk in entry.chunks:
-            index.setdefault((chunk.sha256, chunk.size), []).append(Donor(entry.path, chunk.offset))
+            places = index.setdefault((chunk.sha256, chunk.size), [])
+            if len(places) < _DONORS:  # a hash repeated a million times keeps 4 places
+                places.append(Donor(entry.path, chunk.offset))
 
     done: list[str] = []
     for entry in current.files:
@@ -162,7 +169,7 @@ def plan_update(
             continue
         changed.append((entry, st is not None and not fresh))
     plans = [
-        _plan_file(entry, current.file(entry.path), index, maybe_placed)
+        _plan_file(entry, current.file(entry.path), index, offered.get(entry.path), maybe_placed)
         for entry, maybe_placed in changed
     ]
     removed = tuple(f.path for f in current.files if target.file(f.path) is None)
@@ -176,17 +183,29 @@ def _plan_file(
     entry: FileEntry,
     previous: FileEntry | None,
     index: Mapping[tuple[str, int], list[Donor]],
+    local: FileEntry | None,
     maybe_placed: bool,
 ) -> FilePlan:
+    """Donors for each chunk of ``entry``: the same path first, then other files.
+
+    ``local`` is the file now at ``entry.path`` if it was offered as a donor. Each
+    chunk gets at most :data:`_DONORS` places, found by dictionary lookups: the
+    cost follows the chunk count, however often a hash repeats.
+    """
+    same: dict[tuple[str, int], list[int]] = {}
+    for chunk in local.chunks if local is not None else ():
+        offsets = same.setdefault((chunk.sha256, chunk.size), [])
+        if len(offsets) < _DONORS:
+            offsets.append(chunk.offset)
     donors: dict[int, tuple[Donor, ...]] = {}
     fetch: list[int] = []
     for i, chunk in enumerate(entry.chunks):
-        places = index.get((chunk.sha256, chunk.size))
-        if not places:
-            fetch.append(i)
-            continue
+        key = (chunk.sha256, chunk.size)
         # The same file first (likely cached, same disk region), then the others.
-        same = [d for d in places if d.path == entry.path]
-        others = [d for d in places if d.path != entry.path]
-        donors[i] = tuple((same + others)[:4])
+        places = [Donor(entry.path, off) for off in same.get(key, ())]
+        places += [d for d in index.get(key, ()) if d.path != entry.path]
+        if places:
+            donors[i] = tuple(places[:_DONORS])
+        else:
+            fetch.append(i)
     return FilePlan(entry, previous, donors, tuple(fetch), maybe_placed)

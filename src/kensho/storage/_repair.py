@@ -21,8 +21,8 @@ import hashlib
 import os
 import shutil
 from collections import deque
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,7 +35,17 @@ from kensho.events import (
 )
 from kensho.storage._fs import UnsafePathError, fsync_dir, resolve_inside
 from kensho.storage._verify import Emit
-from kensho.storage.hashing import Hasher, run_all, run_to_completion, sha256_range
+from kensho.storage.hashing import (
+    BATCH_BYTES,
+    BUFFER_SIZE,
+    Hasher,
+    chunks_within,
+    mismatches_in,
+    read_into,
+    run_to_completion,
+    sha256_range,
+    thread_buffer,
+)
 from kensho.storage.manifest import Chunk, FileEntry
 from kensho.storage.sources import Source, SourceUnreachableError
 from kensho.storage.state import StatRecord
@@ -47,6 +57,7 @@ __all__ = ["FileRepairer", "RepairOutcome", "part_path"]
 _FLUSH = 1 << 20
 _IN_FLIGHT = 8  # queued write jobs per transfer, at most _FLUSH bytes each (or a chunk)
 _log = get_logger("storage")
+_DISTRUSTED = "skipped, it sent wrong bytes earlier in this run"
 
 
 def part_path(tmp_dir: Path, entry: FileEntry) -> Path:
@@ -73,7 +84,7 @@ class _ChunkMismatch(Exception):
         self.index = index
 
 
-def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
     view = memoryview(data)
     while view:
         n = os.pwrite(fd, view, offset)
@@ -81,95 +92,151 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
         offset += n
 
 
+class _RunHasher:
+    """Checks the bytes of one run of consecutive chunks, chunk by chunk, as they come.
+
+    Lives on the writer thread: its jobs run one after the other, in order, so the
+    running digest needs no lock, and the event loop never touches a chunk boundary.
+    """
+
+    def __init__(self, chunks: Sequence[Chunk], run: range) -> None:
+        self.chunks = chunks
+        self.index = run.start
+        self.pos = chunks[run.start].offset
+        self.digest = hashlib.sha256()
+        self.failed = False
+
+    def feed(self, pieces: list[bytes]) -> tuple[range, int | None]:
+        """Hash ``pieces``; the chunks they completed that matched, and the one that did not.
+
+        After a mismatch, later bytes are ignored: the chunks after it are fetched again.
+        """
+        first = self.index
+        if self.failed:
+            return range(first, first), None
+        chunks = self.chunks
+        for piece in pieces:
+            view = memoryview(piece)
+            while view:
+                chunk = chunks[self.index]
+                take = min(len(view), chunk.end - self.pos)
+                self.digest.update(view[:take])
+                self.pos += take
+                view = view[take:]
+                if self.pos == chunk.end:
+                    if self.digest.hexdigest() != chunk.sha256:
+                        self.failed = True
+                        return range(first, self.index), self.index
+                    self.index += 1
+                    self.digest = hashlib.sha256()
+        return range(first, self.index), None
+
+
+@dataclass(slots=True)
+class _WriteJob:
+    """A queued write-and-check job; ``reported`` once its verified chunks are counted."""
+
+    future: asyncio.Future[tuple[range, int | None]]
+    reported: bool = False
+
+
 class _ChunkWriter:
     """The sink for one run of consecutive chunks: writes, hashes, checks each chunk.
 
     Why a pipeline: writing and hashing run on one dedicated thread (in order, so one
-    running digest per chunk is enough) while the event loop keeps receiving; at
-    most ``_IN_FLIGHT`` jobs are queued, which bounds memory. Call :meth:`drain`
-    after the transfer (also after a failure) to wait for the thread and learn the
-    last verdicts.
+    running digest is enough) while the event loop keeps receiving. The loop only
+    buffers what arrives and hands it over per ``_FLUSH`` bytes (or at the end of the
+    run): one job per MiB, whatever the chunk size, so a run of a million one-byte
+    chunks is not a million jobs. At most ``_IN_FLIGHT`` jobs are queued, which
+    bounds memory. Call :meth:`drain` after the transfer (also after a failure) to
+    hand over the rest, wait for the thread and learn the last verdicts.
     """
 
     def __init__(
         self,
         fd: int,
-        chunks: Sequence[tuple[int, Chunk]],
-        on_chunk: Callable[[int, Chunk], None],
+        chunks: Sequence[Chunk],
+        run: range,
+        on_chunks: Callable[[range], None],
+        pool: Executor,
     ) -> None:
         self.fd = fd
-        self.chunks = list(chunks)
-        self._by_index = dict(self.chunks)
-        self.on_chunk = on_chunk
-        self.next = 0
-        self.pos = self.chunks[0][1].offset
+        self.on_chunks = on_chunks
+        self.end = chunks[run[-1]].end
+        self.pos = chunks[run.start].offset
         self.flushed = self.pos
         self.pieces: list[bytes] = []
-        self.digest = hashlib.sha256()
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="kensho-write")
-        self._pending: deque[tuple[asyncio.Future[str | None], int | None]] = deque()
+        self._hashing = _RunHasher(chunks, run)
+        self._pool = pool
+        self._pending: deque[_WriteJob] = deque()
 
     async def __call__(self, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            if self.next >= len(self.chunks):
-                raise DownloadError("the source sent more bytes than asked for")
-            index, chunk = self.chunks[self.next]
-            take = min(len(view), chunk.end - self.pos)
-            # The common case keeps the received object: no copy until the join.
-            self.pieces.append(data if take == len(data) else bytes(view[:take]))
-            self.pos += take
-            view = view[take:]
-            if self.pos == chunk.end:
-                await self._submit(index)
-                self.digest = hashlib.sha256()
-                self.next += 1
-            elif self.pos - self.flushed >= _FLUSH:
-                await self._submit(None)
+        if len(data) > self.end - self.pos:
+            raise DownloadError("the source sent more bytes than asked for")
+        # The received object is kept as it is: no copy until the vectored write.
+        self.pieces.append(data)
+        self.pos += len(data)
+        if self.pos == self.end or self.pos - self.flushed >= _FLUSH:
+            await self._submit()
 
-    async def _submit(self, finishing: int | None) -> None:
-        """Queue the buffered bytes; ``finishing`` is the chunk they complete, if any."""
+    async def _submit(self) -> None:
+        """Queue the buffered bytes for writing and checking."""
         pieces, self.pieces = self.pieces, []
-        size = sum(map(len, pieces))
         loop = asyncio.get_running_loop()
         job = loop.run_in_executor(
-            self._pool, _write_hash_finish, self.fd, pieces, self.flushed, self.digest, finishing
+            self._pool, _write_and_check, self.fd, pieces, self.flushed, self._hashing
         )
-        self.flushed += size
-        self._pending.append((job, finishing))
+        item = _WriteJob(job)
+        job.add_done_callback(lambda _: self._report(item))
+        self.flushed = self.pos
+        self._pending.append(item)
         while len(self._pending) > _IN_FLIGHT:
             await self._settle()
 
+    def _report(self, item: _WriteJob) -> None:
+        """Count the chunks a job verified as soon as it ends (jobs end in order).
+
+        Not only when the job is next awaited: that waits for more data, and a
+        transfer that stalls would hide the progress already made. Called again by
+        :meth:`_settle`, since an awaited future that is already done does not wait
+        for its callbacks; the flag makes the second call a no-op.
+        """
+        job = item.future
+        if item.reported or job.cancelled() or job.exception() is not None:
+            return
+        item.reported = True
+        verified, _ = job.result()
+        if verified:
+            self.on_chunks(verified)
+
     async def _settle(self) -> None:
-        job, finishing = self._pending.popleft()
-        digest = await job
-        if finishing is not None:
-            chunk = self._by_index[finishing]
-            if digest != chunk.sha256:
-                raise _ChunkMismatch(finishing)
-            self.on_chunk(finishing, chunk)
+        item = self._pending.popleft()
+        _, bad = await item.future
+        self._report(item)
+        if bad is not None:
+            raise _ChunkMismatch(bad)
 
     async def drain(self) -> None:
-        """Wait for queued writes; raise the first mismatch or write error among them."""
+        """Hand over what is buffered, wait for queued writes; raise the first mismatch
+        or write error among them."""
         try:
+            if self.pieces:  # a transfer that broke off: keep the chunks it completed
+                await self._submit()
             while self._pending:
                 await self._settle()
         finally:
-            for job, _ in self._pending:
+            for item in self._pending:
                 with contextlib.suppress(BaseException):
-                    await job
+                    await item.future
             self._pending.clear()
-            self._pool.shutdown(wait=True)
 
 
-def _write_hash_finish(
-    fd: int, pieces: list[bytes], offset: int, digest: hashlib._Hash, finishing: int | None
-) -> str | None:
-    """Write ``pieces`` at ``offset`` (vectored: no join on the event loop) and hash them."""
+def _write_and_check(
+    fd: int, pieces: list[bytes], offset: int, hashing: _RunHasher
+) -> tuple[range, int | None]:
+    """Write ``pieces`` at ``offset`` (vectored: no join on the event loop), check them."""
     _pwritev_all(fd, pieces, offset)
-    for piece in pieces:
-        digest.update(piece)
-    return digest.hexdigest() if finishing is not None else None
+    return hashing.feed(pieces)
 
 
 def _pwritev_all(fd: int, pieces: list[bytes], offset: int) -> None:
@@ -185,31 +252,77 @@ def _pwritev_all(fd: int, pieces: list[bytes], offset: int) -> None:
         offset += want
 
 
-def _runs(indices: Sequence[int]) -> list[list[int]]:
+def _runs(indices: Iterable[int]) -> list[range]:
     """Split sorted chunk indices into runs of consecutive ones (one request each)."""
-    runs: list[list[int]] = []
+    runs: list[range] = []
+    lo = hi = -1
     for i in indices:
-        if runs and runs[-1][-1] == i - 1:
-            runs[-1].append(i)
-        else:
-            runs.append([i])
+        if i == hi:
+            hi += 1
+            continue
+        if hi > lo:
+            runs.append(range(lo, hi))
+        lo, hi = i, i + 1
+    if hi > lo:
+        runs.append(range(lo, hi))
     return runs
 
 
-def _copy_chunk(src: Path, fd: int, chunk: Chunk) -> bool:
-    """Copy one chunk from the old file into the temp file if it still matches."""
+def _copy_chunks(src: Path, fd: int, chunks: Sequence[Chunk], batch: range) -> list[int]:
+    """Copy the chunks of ``batch`` that still match in the old file ``src`` into the
+    temp file, at the same offsets; return the indices that did not (to be fetched).
+
+    One open and one read per batch. The bytes written are the bytes hashed (one
+    buffer), so a file changing meanwhile costs a fetch, never a wrong byte. A read
+    error only means "fetch these"; a write error (``ENOSPC``) propagates.
+    """
     try:
-        src_fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW)
+        src_fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
     except OSError:
-        return False
+        return list(batch)
     try:
-        data = os.pread(src_fd, chunk.size, chunk.offset)
+        start = chunks[batch.start].offset
+        span = chunks[batch[-1]].end - start
+        if span > BATCH_BYTES:  # one large chunk: copied streaming, hashed on the way
+            return [] if _copy_large(src_fd, fd, chunks[batch.start]) else [batch.start]
+        view = thread_buffer()[:span]
+        try:
+            got = read_into(src_fd, view, start)
+        except OSError:
+            return list(batch)
     finally:
         os.close(src_fd)
-    if len(data) != chunk.size or hashlib.sha256(data).hexdigest() != chunk.sha256:
-        return False
-    _pwrite_all(fd, data, chunk.offset)
-    return True
+    bad = mismatches_in(view[:got], start, chunks, batch)
+    lo = batch.start
+    for stop in [*bad, batch.stop]:  # write each stretch of good chunks at once
+        if stop > lo:
+            first, end = chunks[lo].offset, chunks[stop - 1].end
+            _pwrite_all(fd, view[first - start : end - start], first)
+        lo = stop + 1
+    return bad
+
+
+def _copy_large(src_fd: int, fd: int, chunk: Chunk) -> bool:
+    """Copy one chunk larger than the buffer piece by piece; whether it matched.
+
+    A mismatch leaves unchecked bytes in the temp file where that chunk goes; they are
+    overwritten when the chunk is fetched, and never trusted (resume re-hashes).
+    """
+    digest = hashlib.sha256()
+    buf = thread_buffer()
+    pos = chunk.offset
+    while pos < chunk.end:
+        want = min(BUFFER_SIZE, chunk.end - pos)
+        try:
+            got = read_into(src_fd, buf[:want], pos)
+        except OSError:
+            return False
+        if got < want:
+            return False
+        digest.update(buf[:got])
+        _pwrite_all(fd, buf[:got], pos)
+        pos += got
+    return digest.hexdigest() == chunk.sha256
 
 
 def _open_part(part: Path, size: int) -> tuple[int, int]:
@@ -263,7 +376,7 @@ class FileRepairer:
             return RepairOutcome(False, f"cannot create {part}: {exc.strerror or exc}")
         try:
             todo = await self._reuse(entry, report, fd, part=part, before=before, dest=dest)
-            reused = sum(entry.chunks[i].size for i in range(len(entry.chunks)) if i not in todo)
+            reused = entry.size - sum(entry.chunks[i].size for i in todo)
             outcome = await self._fetch(entry, fd, todo)
             if outcome.ok:
                 outcome = await self.check_whole(entry, fd, part, outcome)
@@ -326,24 +439,27 @@ class FileRepairer:
     async def _reuse(
         self, entry: FileEntry, report: FileReport, fd: int, *, part: Path, before: int, dest: Path
     ) -> list[int]:
-        """Return the indices of chunks that still have to be fetched."""
-        todo = list(range(len(entry.chunks)))
+        """Return the indices of chunks that still have to be fetched (sorted).
+
+        Both steps work in batches of adjacent chunks (:mod:`.hashing`), so their cost
+        follows the bytes, not the number of chunks.
+        """
+        chunks = entry.chunks
         if before:  # resume: trust only what hashes right in the partial file
-            fits = [i for i in todo if entry.chunks[i].end <= before]
-            digests = await run_all(
-                self.hasher.run(sha256_range, part, entry.chunks[i].offset, entry.chunks[i].size)
-                for i in fits
-            )
-            good = {i for i, d in zip(fits, digests, strict=True) if d == entry.chunks[i].sha256}
-            todo = [i for i in todo if i not in good]
+            fits = chunks_within(chunks, before)
+            todo = await self.hasher.mismatched(part, chunks, range(fits))
+            todo.extend(range(fits, len(chunks)))
+        else:
+            todo = list(range(len(chunks)))
         if report.status in {FileStatus.CORRUPT, FileStatus.WRONG_SIZE} and report.size:
             bad = set(report.bad_chunks)
             candidates = [i for i in todo if i not in bad]
-            copied = await run_all(
-                self.hasher.run(_copy_chunk, dest, fd, entry.chunks[i]) for i in candidates
-            )
-            done = {i for i, ok in zip(candidates, copied, strict=True) if ok}
-            todo = [i for i in todo if i not in done]
+
+            async def copy(batch: range) -> list[int]:
+                return await self.hasher.run(_copy_chunks, dest, fd, chunks, batch)
+
+            missed = await self.hasher.in_batches(chunks, candidates, copy)
+            todo = sorted([i for i in todo if i in bad] + missed)
         return todo
 
     async def _fetch(self, entry: FileEntry, fd: int, todo: list[int]) -> RepairOutcome:
@@ -351,41 +467,49 @@ class FileRepairer:
             return RepairOutcome(True)
         if not self.sources:
             return RepairOutcome(False, "no source is configured (pass --source)", True)
-        total = sum(entry.chunks[i].size for i in todo)
-        done: set[int] = set()
+        chunks = entry.chunks
+        total = sum(chunks[i].size for i in todo)
+        done = bytearray(len(chunks))  # 1: written and verified (a byte, not an object, per chunk)
         fetched = [0]
         used: list[str] = []
         errors: list[str] = []
         unreachable = True
-        for n, source in enumerate(self.sources):
-            nxt = self.sources[n + 1].name if n + 1 < len(self.sources) else None
-            if source.name in self.distrusted:
-                errors.append(f"{source.name}: skipped, it sent wrong bytes earlier in this run")
-                continue
+        # One writer thread for the whole file: its runs are fetched one after the other.
+        with ThreadPoolExecutor(1, thread_name_prefix="kensho-write") as pool:
+            for n, source in enumerate(self.sources):
+                nxt = self.sources[n + 1].name if n + 1 < len(self.sources) else None
+                if source.name in self.distrusted:
+                    errors.append(f"{source.name}: {_DISTRUSTED}")
+                    continue
 
-            def on_chunk(index: int, chunk: Chunk, src: Source = source) -> None:
-                done.add(index)
-                fetched[0] += chunk.size
-                self.emit(
-                    StorageDownloadProgress(
-                        path=entry.path, source=src.name, done=fetched[0], total=total
+                def on_chunks(run: range, src: Source = source) -> None:  # once per write job
+                    done[run.start : run.stop] = b"\x01" * len(run)
+                    fetched[0] += chunks[run[-1]].end - chunks[run.start].offset
+                    self.emit(
+                        StorageDownloadProgress(
+                            path=entry.path, source=src.name, done=fetched[0], total=total
+                        )
                     )
-                )
 
-            error = await self._from_source(entry, fd, source, todo, done=done, on_chunk=on_chunk)
-            if done.issuperset(todo) or error is None:
-                used.append(source.name)
-            if error is not None:
-                unreachable = unreachable and isinstance(error, SourceUnreachableError)
-                errors.append(f"{source.name}: {error}")
-                self.emit(
-                    StorageSourceFailed(
-                        path=entry.path, source=source.name, error=str(error), next_source=nxt
-                    )
+                error = await self._from_source(
+                    entry, fd, source, todo, done=done, on_chunks=on_chunks, pool=pool
                 )
-                _log.warning("source failed", path=entry.path, source=source.name, error=str(error))
-            if done.issuperset(todo):
-                return RepairOutcome(True, fetched=fetched[0], sources=used)
+                finished = all(done[i] for i in todo)
+                if finished or error is None:
+                    used.append(source.name)
+                if error is not None:
+                    unreachable = unreachable and isinstance(error, SourceUnreachableError)
+                    errors.append(f"{source.name}: {error}")
+                    self.emit(
+                        StorageSourceFailed(
+                            path=entry.path, source=source.name, error=str(error), next_source=nxt
+                        )
+                    )
+                    _log.warning(
+                        "source failed", path=entry.path, source=source.name, error=str(error)
+                    )
+                if finished:
+                    return RepairOutcome(True, fetched=fetched[0], sources=used)
         reason = "; ".join(errors) or "no source could deliver it"
         return RepairOutcome(False, reason, unreachable, fetched[0], sources=used)
 
@@ -396,22 +520,24 @@ class FileRepairer:
         source: Source,
         todo: list[int],
         *,
-        done: set[int],
-        on_chunk: Callable[[int, Chunk], None],
+        done: bytearray,
+        on_chunks: Callable[[range], None],
+        pool: Executor,
     ) -> SourceError | None:
         """Fetch what is left of ``todo`` from one source; the error that stopped it."""
         mismatches = 0
-        while remaining := [i for i in todo if i not in done]:
+        chunks = entry.chunks
+        while remaining := [i for i in todo if not done[i]]:
             try:
                 for run in _runs(remaining):
-                    start = entry.chunks[run[0]].offset
-                    length = entry.chunks[run[-1]].end - start
-                    writer = _ChunkWriter(fd, [(i, entry.chunks[i]) for i in run], on_chunk)
+                    start = chunks[run.start].offset
+                    length = chunks[run[-1]].end - start
+                    writer = _ChunkWriter(fd, chunks, run, on_chunks, pool)
                     try:
                         await source.fetch(entry.path, start, length, entry.size, writer)
                     finally:
                         await writer.drain()
-                    if not done.issuperset(run):
+                    if done.find(0, run.start, run.stop) != -1:
                         raise DownloadError("the source delivered fewer bytes than asked for")
             except _ChunkMismatch as exc:
                 mismatches += 1

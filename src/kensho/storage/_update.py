@@ -46,7 +46,7 @@ from kensho.storage._placement import Placement, clear_obstacles, placement_erro
 from kensho.storage._plan import Donor, FilePlan, UpdatePlan
 from kensho.storage._repair import FileRepairer, RepairOutcome, _open_part, _pwrite_all, part_path
 from kensho.storage._verify import Emit
-from kensho.storage.hashing import Hasher, run_all, run_to_completion, sha256_range
+from kensho.storage.hashing import Hasher, run_to_completion, sha256_range
 from kensho.storage.manifest import Chunk, dump_manifest
 from kensho.storage.sources import Source
 from kensho.storage.state import StateStore, StatRecord
@@ -141,26 +141,56 @@ def space_needed(plan: UpdatePlan, tmp_dir: Path) -> int:
     return needed
 
 
-def _copy_from(
-    guard: PathGuard, root: Path, donors: Sequence[Donor], fd: int, chunk: Chunk
+def _copy_from(  # noqa: PLR0917 - one thread job's private helper
+    guard: PathGuard,
+    root: Path,
+    donors: Sequence[Donor],
+    fd: int,
+    chunk: Chunk,
+    opened: dict[str, int | None],
 ) -> bool:
-    """Copy ``chunk``'s bytes from the first donor that still holds them (re-hashed)."""
+    """Copy ``chunk``'s bytes from the first donor that still holds them (re-hashed).
+
+    Donor files are opened once and kept in ``opened`` (path -> fd, or ``None`` when
+    it cannot be opened) for the caller to close.
+    """
     for donor in donors:
-        try:
-            guard.check(donor.path)
-            src = os.open(root / donor.path, os.O_RDONLY | os.O_NOFOLLOW)
-        except (OSError, UnsafePathError):
+        if donor.path not in opened:
+            try:
+                guard.check(donor.path)
+                opened[donor.path] = os.open(root / donor.path, os.O_RDONLY | os.O_NOFOLLOW)
+            except (OSError, UnsafePathError):
+                opened[donor.path] = None
+        src = opened[donor.path]
+        if src is None:
             continue
         try:
             data = os.pread(src, chunk.size, donor.offset)
         except OSError:
             continue
-        finally:
-            os.close(src)
         if len(data) == chunk.size and hashlib.sha256(data).hexdigest() == chunk.sha256:
             _pwrite_all(fd, data, chunk.offset)
             return True
     return False
+
+
+def _close_all(opened: dict[str, int | None]) -> None:
+    for src in opened.values():
+        if src is not None:
+            os.close(src)
+
+
+def _copy_batch(guard: PathGuard, root: Path, fp: FilePlan, fd: int, batch: range) -> list[int]:
+    """Copy each chunk of ``batch`` from its donors; the indices none could give.
+
+    Donor files stay open for the batch: one ``open`` per donor file, not per chunk.
+    """
+    chunks, donors = fp.entry.chunks, fp.donors
+    opened: dict[str, int | None] = {}
+    try:
+        return [i for i in batch if not _copy_from(guard, root, donors[i], fd, chunks[i], opened)]
+    finally:
+        _close_all(opened)
 
 
 def _swap(part: Path, dest: Path) -> StatRecord:
@@ -287,18 +317,18 @@ class DeltaUpdater:
         """Copy the chunks local files hold; return the indices still to fetch."""
         entry = fp.entry
         candidates = [i for i in todo if i in fp.donors]
-        copied = await run_all(
-            self.hasher.run(_copy_from, guard, self.root, fp.donors[i], fd, entry.chunks[i])
-            for i in candidates
-        )
-        done = {i for i, ok in zip(candidates, copied, strict=True) if ok}
-        if len(done) < len(candidates):
+
+        async def copy(batch: range) -> list[int]:  # one thread job per batch, not per chunk
+            return await self.hasher.run(_copy_batch, guard, self.root, fp, fd, batch)
+
+        missed = await self.hasher.in_batches(entry.chunks, candidates, copy)
+        if missed:
             _log.warning(
                 "local chunks changed since the manifest; fetching them instead",
                 path=entry.path,
-                chunks=len(candidates) - len(done),
+                chunks=len(missed),
             )
-        return [i for i in todo if i not in done]
+        return sorted([i for i in todo if i not in fp.donors] + missed)
 
     async def swap_all(self, built: Sequence[Assembled]) -> list[tuple[str, str, StatRecord]]:
         """Move every good assembled file to its final path; return their new records.

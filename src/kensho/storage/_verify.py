@@ -24,7 +24,7 @@ from kensho.events import (
     StorageVerifyStarted,
 )
 from kensho.storage._fs import PathGuard, UnsafePathError
-from kensho.storage.hashing import Hasher, sha256_range
+from kensho.storage.hashing import Hasher, chunks_within, run_bounded
 from kensho.storage.manifest import RESERVED_DIR, FileEntry, Manifest
 from kensho.storage.state import StateStore, StatRecord
 from kensho.storage.status import FileReport, FileStatus, VerifyReport
@@ -131,37 +131,29 @@ def _unexpected(root: Path, manifest: Manifest) -> list[str]:
 
 
 async def _hash_one(scan: _Scan, hasher: Hasher, emit: Emit) -> tuple[FileReport, int]:
+    """Hash the chunks of one file that fit in its current size, in batches."""
     entry, st = scan.entry, scan.stat
     assert st is not None
     size = st.st_size
-    fits = [i for i, c in enumerate(entry.chunks) if c.end <= size]
-    bad = [i for i, c in enumerate(entry.chunks) if c.end > size]
-    progress = [0]
+    chunks = entry.chunks
+    fits = chunks_within(chunks, size)
+    hashed = [0]
 
-    async def job(i: int) -> str | None:
-        chunk = entry.chunks[i]
-        digest = await hasher.run(sha256_range, scan.path, chunk.offset, chunk.size)
-        progress[0] += chunk.size
-        if len(entry.chunks) > 1:
-            emit(StorageHashProgress(path=entry.path, done=progress[0], total=entry.size))
-        return digest
+    def advanced(n: int) -> None:  # once per batch, not per chunk
+        hashed[0] += n
+        if len(chunks) > 1:
+            emit(StorageHashProgress(path=entry.path, done=hashed[0], total=entry.size))
 
-    results = await asyncio.gather(*(job(i) for i in fits), return_exceptions=True)
-    for result in results:
-        if isinstance(result, OSError):
-            everything = tuple(range(len(entry.chunks)))
-            detail = f"cannot be read: {result.strerror or result}"
-            report = FileReport(
-                entry.path, FileStatus.CORRUPT, entry.required, size, entry.size, everything, detail
-            )
-            return report, progress[0]
-        if isinstance(result, BaseException):
-            raise result
-    for i, digest in zip(fits, results, strict=True):
-        if digest != entry.chunks[i].sha256:
-            bad.append(i)
-    hashed = progress[0]
-    bad.sort()
+    try:
+        bad = await hasher.mismatched(scan.path, chunks, range(fits), advanced)
+    except OSError as exc:
+        everything = tuple(range(len(chunks)))
+        detail = f"cannot be read: {exc.strerror or exc}"
+        report = FileReport(
+            entry.path, FileStatus.CORRUPT, entry.required, size, entry.size, everything, detail
+        )
+        return report, hashed[0]
+    bad.extend(range(fits, len(chunks)))
     if size != entry.size:
         status = FileStatus.WRONG_SIZE
         detail = f"{size} bytes, expected {entry.size}"
@@ -171,7 +163,7 @@ async def _hash_one(scan: _Scan, hasher: Hasher, emit: Emit) -> tuple[FileReport
         status, detail = FileStatus.OK, ""
     return FileReport(
         entry.path, status, entry.required, size, entry.size, tuple(bad), detail
-    ), hashed
+    ), hashed[0]
 
 
 async def verify_store(
@@ -205,7 +197,8 @@ async def verify_store(
         return report, hashed
 
     to_hash = [s for s in scans if s.report is None]
-    results = await asyncio.gather(*(check(s) for s in to_hash))
+    # Files in parallel, a bounded number at a time (each one's batches are bounded too).
+    results = await run_bounded(to_hash, check, hasher.workers * 2)
     verified: list[tuple[str, str, StatRecord]] = []
     for scan, (report, _) in zip(to_hash, results, strict=True):
         reports[scan.entry.path] = report
