@@ -14,6 +14,8 @@ The event schema is documented in ``docs/logging.md``.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
@@ -23,7 +25,7 @@ from structlog.contextvars import clear_contextvars as clear_context
 from structlog.contextvars import unbind_contextvars as unbind_context
 from structlog.typing import FilteringBoundLogger
 
-from kensho.config import LogSettings, load_settings
+from kensho.config import LogSettings, TelemetrySettings, load_settings
 from kensho.telemetry._processors import REDACTED, error_to_dict, is_secret_key
 from kensho.telemetry._service import LEVELS, LoggerService
 
@@ -40,6 +42,7 @@ __all__ = [
     "get_logger",
     "is_secret_key",
     "log_service",
+    "span",
     "unbind_context",
 ]
 
@@ -54,6 +57,7 @@ def log_service() -> LoggerService:
 def configure_logging(
     settings: LogSettings | None = None,
     *,
+    telemetry: TelemetrySettings | None = None,
     stream: IO[str] | None = None,
     stderr: bool = True,
     capture_stdlib: bool = True,
@@ -71,14 +75,41 @@ def configure_logging(
     (``level="debug"``, ``levels={"storage": "debug"}``, ``format="json"``,
     ``file=Path("kensho.log")``, ``file_max_bytes``, ``file_backups``). ``stream``
     replaces stderr as the stream sink; ``stderr=False`` writes to the file only.
+
+    ``telemetry`` configures OTLP export (see docs/logging.md, "Export"). Without
+    ``settings``, it too comes from the CLI's sources (``[telemetry]``,
+    ``KENSHO_TELEMETRY_*``, ``OTEL_EXPORTER_OTLP_*``...), so a library user exports
+    as soon as a collector endpoint is set.
     """
-    base = settings if settings is not None else load_settings().log
+    if settings is None:
+        loaded = load_settings()
+        base = loaded.log
+        telemetry = telemetry if telemetry is not None else loaded.telemetry
+    else:
+        base = settings
     if fields:
         if isinstance(fields.get("file"), str):
             fields["file"] = Path(fields["file"])
         base = LogSettings.model_validate({**base.model_dump(), **fields})
-    _service.configure(base, stream=stream, stderr=stderr, capture_stdlib=capture_stdlib)
+    _service.configure(
+        base, stream=stream, stderr=stderr, capture_stdlib=capture_stdlib, telemetry=telemetry
+    )
     return _service
+
+
+@contextmanager
+def span(name: str, **attributes: Any) -> Iterator[None]:
+    """A trace span around a block (boot, verify, a request); a no-op without export.
+
+    Log records emitted inside carry its ``trace_id`` and ``span_id``; an exception
+    leaving the block is recorded on the span and re-raised.
+    """
+    export = _service.export
+    if export is None:
+        yield
+        return
+    with export.tracer.start_as_current_span(name, attributes=attributes):
+        yield
 
 
 def get_logger(service: str) -> FilteringBoundLogger:
