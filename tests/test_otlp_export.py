@@ -264,3 +264,45 @@ def test_cli_spools_while_collector_is_down_and_the_next_run_sends_it_once(
     assert sorted(r.body for r in spooled) == sorted(e["event"] for e in logged)  # each once
     assert {r.resource["service.name"] for r in collector.logs} == {"kensho-e2e"}
     assert not list((tmp_path / "spool").glob("*.logs.*"))
+
+
+def test_kensho_up_traces_requests_under_the_callers_traceparent(tmp_path: Path) -> None:
+    """A real server: request span child of the incoming traceparent, logs carry its ids."""
+    import httpx
+
+    from _server_support import kensho_up
+
+    trace_id, parent_id = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    with running_collector() as collector:
+        env = kensho_env(
+            tmp_path,
+            KENSHO_MODEL_ENGINE="mock",
+            OTEL_EXPORTER_OTLP_ENDPOINT=collector.endpoint,
+            KENSHO_TELEMETRY_SPOOL_DIR=str(tmp_path / "spool"),
+        )
+        with kensho_up(env=env, cwd=tmp_path) as server:
+            answer = httpx.post(
+                f"{server.url}/v1/kensho/breaker",
+                json={"action": "heal_primary"},
+                headers={"traceparent": f"00-{trace_id}-{parent_id}-01"},
+            )
+            assert answer.status_code == 200, answer.text
+            line = server.wait_for_stderr("primary failure injection changed by admin")
+            assert server.stop() == 0
+        collector.wait_for(lambda c: any(s.name == "POST /v1/kensho/breaker" for s in c.spans))
+        collector.wait_for(lambda c: any(r.trace_id == trace_id for r in c.logs))
+
+    (request,) = [s for s in collector.spans if s.name == "POST /v1/kensho/breaker"]
+    assert (request.trace_id, request.parent_span_id) == (trace_id, parent_id)
+    assert request.attributes["http.response.status_code"] == 200
+    assert request.resource["service.name"] == "kensho"
+    in_request = [r for r in collector.logs if r.trace_id == trace_id]
+    (record,) = [r for r in in_request if r.body == "primary failure injection changed by admin"]
+    assert record.span_id == request.span_id
+    assert all(r.span_id == request.span_id for r in in_request)
+    logged = json.loads(line)
+    assert (logged["trace_id"], logged["span_id"]) == (trace_id, request.span_id)
+    boot = next(s for s in collector.spans if s.name == "kensho.boot")
+    integrity = next(s for s in collector.spans if s.name == "kensho.verify_and_repair")
+    assert integrity.parent_span_id == boot.span_id and integrity.trace_id == boot.trace_id
+    assert any(r.body == "boot finished" and r.span_id == boot.span_id for r in collector.logs)

@@ -14,10 +14,11 @@ The event schema is documented in ``docs/logging.md``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import functools
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, ParamSpec, TypeVar
 
 from structlog.contextvars import bind_contextvars as bind_context
 from structlog.contextvars import bound_contextvars as bound_context
@@ -43,6 +44,7 @@ __all__ = [
     "is_secret_key",
     "log_service",
     "span",
+    "traced",
     "unbind_context",
 ]
 
@@ -115,3 +117,21 @@ def span(name: str, **attributes: Any) -> Iterator[None]:
 def get_logger(service: str) -> FilteringBoundLogger:
     """The logger for ``service`` (``storage``, ``runtime.breaker``, ``server`` ...)."""
     return _service.get_logger(service)
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def traced(name: str) -> Callable[[Callable[_P, Awaitable[_R]]], Callable[_P, Awaitable[_R]]]:
+    """Decorate a coroutine function so that each call runs inside :func:`span` ``name``."""
+
+    def decorate(fn: Callable[_P, Awaitable[_R]]) -> Callable[_P, Awaitable[_R]]:
+        @functools.wraps(fn)
+        async def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+            with span(name):
+                return await fn(*args, **kwargs)
+
+        return wrapper
+
+    return decorate
