@@ -3,15 +3,21 @@
 The path of one log event, and who pays for each step:
 
 1. the caller: :meth:`OtlpExport.put` appends the finished event dict to a bounded
-   deque (about 0.2 µs; a full queue drops the event with a counter, never blocks);
-2. our converter thread turns queued events into OpenTelemetry log records with
-   Kensho's schema and hands them to the SDK's ``BatchLogRecordProcessor``, which
-   costs about 20 µs each and is why it is not done on the caller's path;
-3. the SDK's batch thread calls :class:`_LogExporter`, which serializes the batch
-   with the SDK's OTLP protobuf encoder and passes the bytes to :class:`_Shipper`;
-4. the shipper posts the bytes, or puts them in the :class:`~._spool.Spool` when the
+   deque (about 0.3 µs; a full queue drops the event with a counter, never blocks);
+2. the batch thread wakes every second (or at 512 queued), turns queued events into
+   the SDK's ``ReadableLogRecord`` with Kensho's schema, and calls
+   :class:`_LogExporter` (the SDK's ``LogRecordExporter`` interface), which
+   serializes the batch with the SDK's OTLP protobuf encoder. Building and encoding
+   cost tens of µs per record, which is why none of it runs on the caller's thread.
+   The deque is the one bounded queue: the SDK's ``BatchLogRecordProcessor`` would
+   be a second one, dropping records without our counter while the collector is
+   slow, and its ``Logger.emit`` alone costs about 20 µs a record;
+3. the shipper posts the bytes, or puts them in the :class:`~._spool.Spool` when the
    collector is unreachable, times out, or answers 429/5xx; its drain thread sends
    spooled batches, oldest first, once the collector answers again.
+
+Spans are few (one per request, boot, verify) and take the SDK's standard path:
+``TracerProvider`` and ``BatchSpanProcessor``, then the same shipper.
 
 The SDK exporter's in-line retries (up to its whole timeout, on the batch thread) are
 replaced by the spool, which is a retry that survives a restart: one attempt per
@@ -37,15 +43,12 @@ from opentelemetry import trace
 from opentelemetry._logs import LogRecord, SeverityNumber
 from opentelemetry.exporter.otlp.proto.common._log_encoder import encode_logs
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
-from opentelemetry.sdk._logs import LoggerProvider, ReadableLogRecord
-from opentelemetry.sdk._logs.export import (
-    BatchLogRecordProcessor,
-    LogRecordExporter,
-    LogRecordExportResult,
-)
+from opentelemetry.sdk._logs import ReadableLogRecord
+from opentelemetry.sdk._logs.export import LogRecordExporter, LogRecordExportResult
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import NonRecordingSpan, SpanContext, TraceFlags
 
 from kensho.config import TelemetrySettings
@@ -64,6 +67,8 @@ _HEADER_KEYS = frozenset({"timestamp", "level", "event", "error", "trace_id", "s
 _MAX_ATTRIBUTES = 128  # the SDK's default limit: more would warn from a worker thread
 _INT64 = (-(2**63), 2**63 - 1)
 _CONTENT_TYPE = "application/x-protobuf"
+_BATCH_SIZE = 512  # records per OTLP request (the SDK batch processors' default)
+_BATCH_DELAY = 1.0  # seconds a record may wait for its batch (the SDK's default)
 
 
 def build_resource(settings: TelemetrySettings) -> Resource:
@@ -273,17 +278,14 @@ class _SpanExporter(SpanExporter):
 
 
 class OtlpExport:
-    """Everything one configured export owns: queue, threads, SDK providers, spool."""
+    """Everything one configured export owns: queue, threads, SDK pieces, spool."""
 
     def __init__(self, settings: TelemetrySettings) -> None:
         self.settings = settings
         self.resource = build_resource(settings)
         self.shipper = _Shipper(settings)
-        self.logger_provider = LoggerProvider(resource=self.resource, shutdown_on_exit=False)
-        self.logger_provider.add_log_record_processor(
-            BatchLogRecordProcessor(_LogExporter(self.shipper), schedule_delay_millis=1000)
-        )
-        self._otel_logger = self.logger_provider.get_logger("kensho")
+        self._exporter = _LogExporter(self.shipper)
+        self._scope = InstrumentationScope("kensho")
         self.tracer_provider = TracerProvider(resource=self.resource, shutdown_on_exit=False)
         if settings.signal_url("traces") is not None:
             self.tracer_provider.add_span_processor(
@@ -295,8 +297,9 @@ class OtlpExport:
         self.dropped = 0  # events lost because the queue was full
         self._wake = threading.Event()
         self._stop = threading.Event()
+        self._batching = threading.Lock()  # one batch in flight: order kept, no duplicates
         self._closed = False
-        self._thread = threading.Thread(target=self._convert_loop, name="kensho-otlp", daemon=True)
+        self._thread = threading.Thread(target=self._batch_loop, name="kensho-otlp", daemon=True)
         self._thread.start()
         atexit.register(self.close)
 
@@ -309,36 +312,41 @@ class OtlpExport:
             self.dropped += 1
             return
         queue.append((time.time_ns(), event))
-        if len(queue) == self._max // 2:
+        if len(queue) == _BATCH_SIZE:
             self._wake.set()
 
-    # -- the converter thread ---------------------------------------------------------
+    # -- the batch thread -----------------------------------------------------------
 
-    def _convert_loop(self) -> None:
+    def _batch_loop(self) -> None:
         while not self._stop.is_set():
-            self._wake.wait(0.2)
+            self._wake.wait(_BATCH_DELAY)
             self._wake.clear()
-            self._convert_pending()
-        self._convert_pending()
+            self._export_pending()
 
-    def _convert_pending(self) -> None:
-        queue, logger = self._queue, self._otel_logger
-        while True:
-            try:
-                time_ns, event = queue.popleft()
-            except IndexError:  # empty (flush() may drain it from another thread)
-                return
+    def _export_pending(self) -> None:
+        """Export everything queued, in batches of at most ``_BATCH_SIZE`` records."""
+        with self._batching:
+            while self._queue:
+                batch = self._next_batch()
+                if batch:
+                    with contextlib.suppress(Exception):  # never let the thread die
+                        self._exporter.export(batch)
+
+    def _next_batch(self) -> list[ReadableLogRecord]:
+        queue, batch = self._queue, list[ReadableLogRecord]()
+        while queue and len(batch) < _BATCH_SIZE:
+            time_ns, event = queue.popleft()
             if str(event.get("service", "")).startswith("opentelemetry"):
                 continue  # the SDK's own complaints about exporting would loop
             with contextlib.suppress(Exception):  # one odd event must not stop export
-                logger.emit(to_log_record(time_ns, event))
+                record = to_log_record(time_ns, event)
+                batch.append(ReadableLogRecord(record, self.resource, self._scope))
+        return batch
 
     def flush(self, timeout: float | None = None) -> None:
-        """Hand every queued event to the SDK and push it out (or into the spool)."""
+        """Push every queued record and span out now (or into the spool)."""
         budget = self.settings.timeout if timeout is None else timeout
-        self._wake.set()
-        self._convert_pending()
-        self.logger_provider.force_flush(int(budget * 1000))
+        self._export_pending()
         self.tracer_provider.force_flush(int(budget * 1000))
 
     def close(self) -> None:
@@ -349,9 +357,8 @@ class OtlpExport:
         self._stop.set()
         self._wake.set()
         self._thread.join(self.settings.timeout)
-        self._convert_pending()
-        self.tracer_provider.shutdown()
-        self.logger_provider.shutdown()
+        self.tracer_provider.shutdown()  # its spans first: their log records follow
+        self._export_pending()
         self.shipper.close(self.settings.timeout)
         atexit.unregister(self.close)
 
