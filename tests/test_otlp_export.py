@@ -92,15 +92,8 @@ def test_records_inside_a_span_carry_its_ids_in_json_and_otlp(
             capture_stdlib=False,
             telemetry=TelemetrySettings(spool_dir=tmp_path, endpoint=collector.endpoint),
         )
-        import kensho.telemetry as telemetry
-
-        previous = telemetry._service
-        telemetry._service = service  # span() uses the process-wide service
-        try:
-            with span("kernel.boot", phase="verify"):
-                service.get_logger("kernel").info("inside")
-        finally:
-            telemetry._service = previous
+        with service.span("kernel.boot", phase="verify"):
+            service.get_logger("kernel").info("inside")
         service.flush_export()
         collector.wait_for(lambda c: len(c.logs) == 1 and len(c.spans) == 1)
     line = json.loads(stream.getvalue().splitlines()[0])
@@ -306,3 +299,16 @@ def test_kensho_up_traces_requests_under_the_callers_traceparent(tmp_path: Path)
     integrity = next(s for s in collector.spans if s.name == "kensho.verify_and_repair")
     assert integrity.parent_span_id == boot.span_id and integrity.trace_id == boot.trace_id
     assert any(r.body == "boot finished" and r.span_id == boot.span_id for r in collector.logs)
+
+
+def test_span_without_export_is_a_no_op_that_keeps_exceptions() -> None:
+    stream = io.StringIO()
+    service = LoggerService()
+    service.configure(LogSettings(format="json"), stream=stream, capture_stdlib=False)
+    with pytest.raises(ValueError, match="kept"), service.span("noop"):
+        service.get_logger("x").info("inside")
+        raise ValueError("kept")
+    assert "trace_id" not in json.loads(stream.getvalue())
+    with span("module-level"):  # the process-wide service, export off in tests
+        pass
+    service.close()

@@ -15,8 +15,8 @@ The event schema is documented in ``docs/logging.md``.
 from __future__ import annotations
 
 import functools
-from collections.abc import Awaitable, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import IO, Any, ParamSpec, TypeVar
 
@@ -99,19 +99,13 @@ def configure_logging(
     return _service
 
 
-@contextmanager
-def span(name: str, **attributes: Any) -> Iterator[None]:
+def span(name: str, **attributes: Any) -> AbstractContextManager[None]:
     """A trace span around a block (boot, verify, a request); a no-op without export.
 
     Log records emitted inside carry its ``trace_id`` and ``span_id``; an exception
     leaving the block is recorded on the span and re-raised.
     """
-    export = _service.export
-    if export is None:
-        yield
-        return
-    with export.tracer.start_as_current_span(name, attributes=attributes):
-        yield
+    return _service.span(name, **attributes)
 
 
 def get_logger(service: str) -> FilteringBoundLogger:

@@ -257,6 +257,15 @@ class LoggerService:
         self._processors.insert(1, self._trace_ids)
         self._router.exports = [self._export]
 
+    @contextmanager
+    def span(self, name: str, **attributes: Any) -> Iterator[None]:
+        """A trace span while export is on (see :func:`kensho.telemetry.span`)."""
+        if self._export is None:
+            yield
+            return
+        with self._export.tracer.start_as_current_span(name, attributes=attributes):
+            yield
+
     @property
     def export(self) -> Any:
         """The running OTLP export (``stats()``, ``flush()``, ``tracer_provider``), or ``None``."""
