@@ -33,6 +33,7 @@ __all__ = ["Outcome", "Spool", "SpoolStats"]
 
 _LOCK_NAME = ".drain.lock"
 _TMP_SUFFIX = ".tmp"
+_STALE_TMP_SECONDS = 60.0
 
 
 class Outcome(Enum):
@@ -62,11 +63,16 @@ class _Entry:
     size: int
 
 
+def _is_batch_name(name: str) -> bool:
+    parts = name.split(".")
+    return len(parts) == 3 and parts[0][:1].isdigit() and parts[2].isdigit()
+
+
 def _parse(path: Path) -> _Entry | None:
     """A spool file's signal and record count from its name; ``None`` if not ours."""
-    parts = path.name.split(".")
-    if len(parts) != 3 or not parts[2].isdigit():
+    if not _is_batch_name(path.name):
         return None
+    parts = path.name.split(".")
     try:
         size = path.stat().st_size
     except OSError:
@@ -89,10 +95,12 @@ class Spool:
         self._remove_stale_temporaries()
 
     def _remove_stale_temporaries(self) -> None:
-        # A .tmp file is a write that a crash interrupted: never renamed, never whole.
+        # A .tmp file a minute old is a write that a crash interrupted: never renamed,
+        # never whole. Younger ones may be another live process's write in progress.
+        stale = time.time() - _STALE_TMP_SECONDS
         with contextlib.suppress(OSError):
             for path in self.directory.glob(f"*{_TMP_SUFFIX}"):
-                if not path.name.startswith(f"{os.getpid()}-"):
+                if path.stat().st_mtime < stale:
                     path.unlink(missing_ok=True)
 
     def entries(self) -> list[_Entry]:
@@ -104,8 +112,15 @@ class Spool:
         return [e for e in map(_parse, names) if e is not None]
 
     def pending(self) -> bool:
-        """Whether anything waits in the folder (from this process or an earlier one)."""
-        return bool(self.entries())
+        """Whether anything waits in the folder (from this process or an earlier one).
+
+        Called for every batch, so it stops at the first spool file and stats nothing.
+        """
+        try:
+            with os.scandir(self.directory) as it:
+                return any(_is_batch_name(entry.name) for entry in it)
+        except OSError:
+            return False
 
     def put(self, signal: str, payload: bytes, records: int) -> bool:
         """Store one batch; ``False`` (and counted) when it cannot be kept."""
