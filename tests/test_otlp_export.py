@@ -312,3 +312,24 @@ def test_span_without_export_is_a_no_op_that_keeps_exceptions() -> None:
     with span("module-level"):  # the process-wide service, export off in tests
         pass
     service.close()
+
+
+def test_configure_logging_without_arguments_exports_when_otel_variables_say_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kensho.telemetry import configure_logging, get_logger, log_service
+
+    with running_collector() as collector:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", collector.endpoint)
+        monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "team=edge%20ops")
+        monkeypatch.setenv("KENSHO_TELEMETRY_SPOOL_DIR", str(tmp_path))
+        monkeypatch.chdir(tmp_path)
+        configure_logging(stream=io.StringIO())
+        try:
+            get_logger("library").info("from a library user")
+            log_service().flush_export()
+            collector.wait_for(lambda c: c.bodies() == ["from a library user"])
+        finally:
+            configure_logging(LogSettings())  # settings given, no telemetry: export off
+        assert log_service().export is None
+    assert collector.logs[0].resource["team"] == "edge ops"

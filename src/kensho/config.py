@@ -367,7 +367,7 @@ def _section_models() -> dict[str, type[BaseModel]]:
 
 
 def env_variables() -> dict[str, str]:
-    """Every ``KENSHO_*`` variable Kensho reads, mapped to what it sets.
+    """Every ``KENSHO_*`` variable Kensho reads (and the ``OTEL_*`` ones), mapped to what it sets.
 
     Values are dotted setting keys (``KENSHO_SERVER_PORT`` -> ``server.port``, the
     alias ``KENSHO_API_KEY`` -> ``server.api_key``); :data:`CONFIG_FILE_ENV` maps to
