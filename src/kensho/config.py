@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import tomllib
 import types
 import typing
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import unquote, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -38,6 +40,7 @@ __all__ = [
     "ServerSettings",
     "Settings",
     "StorageSettings",
+    "TelemetrySettings",
     "TrustSettings",
     "default_data_dir",
     "env_variables",
@@ -198,6 +201,112 @@ class TrustSettings(_Section):
     threshold: int = Field(default=1, ge=1)
 
 
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+
+
+def _check_endpoint(value: str | None) -> str | None:
+    """An OTLP endpoint is an absolute ``http(s)://host[:port][/path]`` URL."""
+    if value is None:
+        return None
+    value = value.strip()
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError for a port out of range
+    except ValueError as exc:
+        raise ValueError(f"{value!r} is not a URL: {exc}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{value!r} is not an http:// or https:// URL with a host")
+    if any(c.isspace() for c in value):
+        raise ValueError(f"{value!r} contains whitespace")
+    return value
+
+
+def _decode_pairs(value: object, what: str) -> object:
+    """Percent-decode ``name=value`` pairs (the OTEL_* syntax) and check header syntax."""
+    if not isinstance(value, dict):
+        return value
+    decoded = {unquote(str(k)).strip(): unquote(str(v)).strip() for k, v in value.items()}
+    if what == "header":
+        for name, text in decoded.items():
+            if not _HEADER_NAME.match(name):
+                raise ValueError(f"header name {name!r} is not a valid HTTP header name")
+            if any(ord(c) < 32 or ord(c) == 127 for c in text):
+                raise ValueError(f"header {name!r} has a control character in its value")
+    return decoded
+
+
+class TelemetrySettings(_Section):
+    """``[telemetry]``: OTLP/HTTP export of logs and traces, and the disk spool.
+
+    Export is on when an endpoint is set. Each field also reads the standard
+    OpenTelemetry variable named on it (``OTEL_EXPORTER_OTLP_ENDPOINT``...), so a
+    collector configured for other services configures Kensho too. ``endpoint`` is
+    the base URL (``/v1/logs`` and ``/v1/traces`` are appended); the per-signal
+    endpoints are used as given. When the collector cannot be reached, batches wait
+    in ``spool_dir`` (default: ``telemetry-spool`` in the data dir), at most
+    ``spool_max_bytes`` (0: no spool), and are sent when it answers again.
+    """
+
+    endpoint: str | None = Field(
+        default=None, json_schema_extra={"env": "OTEL_EXPORTER_OTLP_ENDPOINT"}
+    )
+    logs_endpoint: str | None = Field(
+        default=None, json_schema_extra={"env": "OTEL_EXPORTER_OTLP_LOGS_ENDPOINT"}
+    )
+    traces_endpoint: str | None = Field(
+        default=None, json_schema_extra={"env": "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"}
+    )
+    headers: dict[str, str] = Field(
+        default_factory=dict, json_schema_extra={"env": "OTEL_EXPORTER_OTLP_HEADERS"}
+    )
+    service_name: str = Field(
+        default="kensho", min_length=1, json_schema_extra={"env": "OTEL_SERVICE_NAME"}
+    )
+    resource_attributes: dict[str, str] = Field(
+        default_factory=dict, json_schema_extra={"env": "OTEL_RESOURCE_ATTRIBUTES"}
+    )
+    timeout: float = Field(default=10.0, gt=0, le=300)
+    spool_dir: Path | None = None
+    spool_max_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
+    retry_interval: float = Field(default=5.0, gt=0)
+    queue_size: int = Field(default=8192, ge=1, le=1_000_000)
+
+    @field_validator("endpoint", "logs_endpoint", "traces_endpoint")
+    @classmethod
+    def _endpoint(cls, value: str | None) -> str | None:
+        return _check_endpoint(value)
+
+    @field_validator("headers", mode="before")
+    @classmethod
+    def _headers(cls, value: object) -> object:
+        return _decode_pairs(value, "header")
+
+    @field_validator("resource_attributes", mode="before")
+    @classmethod
+    def _resource(cls, value: object) -> object:
+        return _decode_pairs(value, "attribute")
+
+    @property
+    def enabled(self) -> bool:
+        """Whether any endpoint is set, which is what turns export on."""
+        return bool(self.endpoint or self.logs_endpoint or self.traces_endpoint)
+
+    def signal_url(self, signal: Literal["logs", "traces"]) -> str | None:
+        """Where ``signal`` is posted: its own endpoint, else the base one + ``/v1/…``."""
+        own = self.logs_endpoint if signal == "logs" else self.traces_endpoint
+        if own:
+            return own
+        if self.endpoint:
+            return f"{self.endpoint.rstrip('/')}/v1/{signal}"
+        return None
+
+    def spool_path(self) -> Path:
+        """The spool folder: ``spool_dir``, else ``telemetry-spool`` in the data dir."""
+        return (
+            self.spool_dir if self.spool_dir is not None else default_data_dir() / "telemetry-spool"
+        )
+
+
 class Settings(_Section):
     """All of Kensho's settings, one attribute per TOML section."""
 
@@ -207,6 +316,7 @@ class Settings(_Section):
     model: ModelSettings = Field(default_factory=ModelSettings)
     trust: TrustSettings = Field(default_factory=TrustSettings)
     runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)
+    telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
 
 
 def _origin_kind(annotation: Any) -> str:
@@ -257,7 +367,7 @@ def _section_models() -> dict[str, type[BaseModel]]:
 
 
 def env_variables() -> dict[str, str]:
-    """Every ``KENSHO_*`` variable Kensho reads, mapped to what it sets.
+    """Every ``KENSHO_*`` variable Kensho reads (and the ``OTEL_*`` ones), mapped to what it sets.
 
     Values are dotted setting keys (``KENSHO_SERVER_PORT`` -> ``server.port``, the
     alias ``KENSHO_API_KEY`` -> ``server.api_key``); :data:`CONFIG_FILE_ENV` maps to

@@ -54,7 +54,7 @@ from kensho.storage import (
     source_from_string,
 )
 from kensho.storage.signing import TrustedKeys
-from kensho.telemetry import get_logger, log_service
+from kensho.telemetry import get_logger, log_service, span, traced
 
 __all__ = ["Kernel"]
 
@@ -224,6 +224,7 @@ class Kernel:
 
     # -- lifecycle -----------------------------------------------------------------------
 
+    @traced("kensho.boot")
     async def boot(self) -> ServerContext:
         """Verify and repair the store, start the engines and the executor.
 
@@ -232,8 +233,9 @@ class Kernel:
         """
         started = time.perf_counter()
         log.info("boot started", root=str(self.storage.root), demo=self.uses_demo)
-        async for event in self.storage.initialize_and_verify():
-            self._publish(event)
+        with span("kensho.verify_and_repair"):
+            async for event in self.storage.initialize_and_verify():
+                self._publish(event)
         integrity = _integrity(self.storage.report, self.storage.offline)
         primary, fallback = self._make_engines()
         runtime = RuntimeManager.from_settings(primary, fallback, self.settings.runtime)
@@ -271,6 +273,7 @@ class Kernel:
         )
         return self.context
 
+    @traced("kensho.verify")
     async def verify_now(self) -> IntegrityState:
         """Re-hash the whole store (admin endpoint); events go to the hub."""
         async for event in self.storage.verify(full=True):

@@ -165,7 +165,7 @@ def _global(
         except ValueError as exc:
             raise ConfigError(f"invalid logging option: {exc}") from None
         settings = settings.model_copy(update={"log": log})
-    configure_logging(log)
+    configure_logging(log, telemetry=settings.telemetry)
     _state = State(settings=settings, config_path=config)
 
 

@@ -27,6 +27,8 @@ def show(
     data = state().settings.model_dump(mode="json")
     if data.get("server", {}).get("api_key"):
         data["server"]["api_key"] = REDACTED
+    headers = data.get("telemetry", {}).get("headers") or {}
+    data["telemetry"]["headers"] = dict.fromkeys(headers, REDACTED)  # credentials, often
     if as_json:
         out_console.print_json(json.dumps(data))
         return

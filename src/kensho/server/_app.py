@@ -38,6 +38,7 @@ from kensho.server._drain import Drain
 from kensho.server._errors import APIError, error_body, error_for_exception, error_response
 from kensho.server._metrics import CONTENT_TYPE, ServerMetrics
 from kensho.server._schemas import BreakerAction, ChatCompletionRequest, CompletionRequest
+from kensho.server._tracing import TracingMiddleware
 from kensho.telemetry import bound_context, get_logger
 
 __all__ = ["create_app"]
@@ -343,6 +344,7 @@ def create_app(ctx: ServerContext) -> FastAPI:
     app.state.context = ctx
     app.state.metrics = metrics
     app.add_middleware(_Guard, context=ctx, metrics=metrics)
+    app.add_middleware(TracingMiddleware)  # outermost: refused requests are traced too
     _add_error_handlers(app)
     _add_health_routes(app, ctx, metrics)
     _add_admin_routes(app, ctx)

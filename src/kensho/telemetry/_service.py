@@ -10,6 +10,9 @@ Design, in the order an event travels:
    into a structured ``error`` object.
 3. The router renders the event once per format and writes it to every sink under one
    lock, counting events by level for metrics.
+4. With OTLP export configured (``[telemetry]`` or ``OTEL_EXPORTER_OTLP_*``), the
+   router also hands the finished dict to the export queue (``_otlp.py``): an append
+   to a bounded deque, everything else happens on export threads.
 
 Reconfiguring mutates the chain and the router in place and re-classes live loggers,
 so loggers obtained before ``configure_logging`` follow the new settings.
@@ -30,7 +33,8 @@ import structlog
 from structlog.contextvars import merge_contextvars
 from structlog.typing import FilteringBoundLogger
 
-from kensho.config import LogSettings
+from kensho.config import LogSettings, TelemetrySettings
+from kensho.errors import ConfigError
 from kensho.telemetry._processors import add_header, format_exc_info, redact_secrets
 from kensho.telemetry._sinks import (
     RotatingFileSink,
@@ -66,6 +70,7 @@ class _Router:
         self.counts: dict[str, int] = dict.fromkeys(LEVELS, 0)
         self.dropped = 0  # lines a sink could not take (closed pipe, full disk)
         self.colors = True
+        self.exports: list[Any] = []  # OtlpExport queues, fed the finished dicts
 
     @property
     def sinks(self) -> list[Sink]:
@@ -93,6 +98,8 @@ class _Router:
                 self._write(sink, line)
             for sink in self.console_sinks:
                 self._write(sink, text)
+        for export in self.exports:
+            export.put(event_dict)
 
     def _write(self, sink: Sink, data: bytes) -> None:
         """A sink that fails (closed pipe, full disk) loses the line, never the caller.
@@ -173,6 +180,8 @@ class LoggerService:
         self._bridge: _StdlibBridge | None = None
         self.settings = LogSettings()
         self._configured = False
+        self._export: Any = None  # the OtlpExport, when telemetry export is configured
+        self._trace_ids: Any = None  # its trace-id processor, in the chain while it runs
 
     # -- configuration -------------------------------------------------------------
 
@@ -183,9 +192,15 @@ class LoggerService:
         stream: IO[str] | None = None,
         stderr: bool = True,
         capture_stdlib: bool = True,
+        telemetry: TelemetrySettings | None = None,
     ) -> None:
-        """(Re)configure levels and sinks from ``settings`` (defaults: info, JSON/console)."""
+        """(Re)configure levels and sinks from ``settings`` (defaults: info, JSON/console).
+
+        ``telemetry`` with an endpoint turns OTLP export on; ``None`` or no endpoint
+        turns it off (what was queued is flushed first).
+        """
         settings = settings or LogSettings()
+        self._configure_export(telemetry)
         sinks: list[Sink] = []
         if stderr:
             fmt: Literal["json", "console"]
@@ -216,6 +231,45 @@ class LoggerService:
         if capture_stdlib:
             self._install_bridge()
         self._apply_levels(settings.level, dict(settings.levels))
+
+    def _configure_export(self, telemetry: TelemetrySettings | None) -> None:
+        wanted = telemetry if telemetry is not None and telemetry.enabled else None
+        current = self._export.settings if self._export is not None else None
+        if wanted == current:
+            return
+        if self._export is not None:
+            self._router.exports = []
+            self._processors.remove(self._trace_ids)
+            self._export.close()
+            self._export = None
+        if wanted is None:
+            return
+        try:
+            from kensho.telemetry import _otlp, _tracing
+        except ImportError as exc:
+            raise ConfigError(
+                f"telemetry export is configured but OpenTelemetry is missing ({exc.name}): "
+                "install it with pip install 'kensho[otel]'",
+                key="telemetry.endpoint",
+            ) from None
+        self._export = _otlp.OtlpExport(wanted)
+        self._trace_ids = _tracing.add_trace_ids
+        self._processors.insert(1, self._trace_ids)
+        self._router.exports = [self._export]
+
+    @contextmanager
+    def span(self, name: str, **attributes: Any) -> Iterator[None]:
+        """A trace span while export is on (see :func:`kensho.telemetry.span`)."""
+        if self._export is None:
+            yield
+            return
+        with self._export.tracer.start_as_current_span(name, attributes=attributes):
+            yield
+
+    @property
+    def export(self) -> Any:
+        """The running OTLP export (``stats()``, ``flush()``, ``tracer_provider``), or ``None``."""
+        return self._export
 
     def _ensure_configured(self) -> None:
         # Implicit defaults only: merely importing Kensho must not take over the
@@ -270,6 +324,11 @@ class LoggerService:
             result = processor(None, method, result)
         self._router.emit(result)
 
+    def flush_export(self, timeout: float | None = None) -> None:
+        """Push every queued record out to the collector (or the spool), now."""
+        if self._export is not None:
+            self._export.flush(timeout)
+
     @property
     def dropped(self) -> int:
         """Lines lost because a sink failed (closed pipe, full disk)."""
@@ -289,6 +348,7 @@ class LoggerService:
 
     def close(self) -> None:
         """Close file sinks and detach from stdlib logging."""
+        self._configure_export(None)
         with self._router.lock:
             sinks = self._router.set_sinks([])
         for sink in sinks:

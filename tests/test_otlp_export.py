@@ -1,0 +1,335 @@
+"""OTLP/HTTP export and the disk spool, against a real collector on 127.0.0.1."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from _otlp_support import Collector, running_collector
+from _server_support import kensho_env, run_kensho
+from kensho.config import LogSettings, TelemetrySettings, load_settings
+from kensho.errors import ConfigError
+from kensho.telemetry import LoggerService, span
+from kensho.telemetry._spool import Outcome, Spool
+
+
+@pytest.fixture
+def service() -> Iterator[LoggerService]:
+    svc = LoggerService()
+    yield svc
+    svc.close()
+
+
+def export_to(svc: LoggerService, spool: Path, **fields: Any) -> None:
+    svc.configure(
+        LogSettings(),
+        stream=io.StringIO(),
+        capture_stdlib=False,
+        telemetry=TelemetrySettings(spool_dir=spool, **fields),
+    )
+
+
+def test_records_arrive_with_kensho_schema_and_resource(
+    service: LoggerService, tmp_path: Path
+) -> None:
+    with running_collector() as collector:
+        export_to(
+            service,
+            tmp_path / "spool",
+            endpoint=collector.endpoint,
+            service_name="edge-box",
+            resource_attributes={"deployment.environment": "lab"},
+            headers={"Authorization": "Bearer s3cret-token"},
+        )
+        log = service.get_logger("storage")
+        log.warning("file repaired", path="models/x.bin", bytes=42, detail={"from": "usb"})
+        try:
+            raise ValueError("bad chunk")
+        except ValueError:
+            log.exception("repair failed", path="models/y.bin")
+        service.flush_export()
+        collector.wait_for(lambda c: len(c.logs) == 2)
+
+    first, second = collector.logs
+    assert first.resource["service.name"] == "edge-box"
+    assert first.resource["service.version"]
+    assert first.resource["host.name"] == os.uname().nodename
+    assert first.resource["deployment.environment"] == "lab"
+    assert (first.body, first.severity_text, first.severity_number) == (
+        "file repaired",
+        "warning",
+        13,
+    )
+    assert first.attributes == {
+        "service": "storage",
+        "path": "models/x.bin",
+        "bytes": 42,
+        "detail": {"from": "usb"},
+    }
+    assert second.severity_number == 17
+    assert second.attributes["exception.type"] == "ValueError"
+    assert second.attributes["exception.message"] == "bad chunk"
+    assert 'raise ValueError("bad chunk")' in second.attributes["exception.stacktrace"]
+    assert "error" not in second.attributes
+    assert collector.headers[0]["Authorization"] == "Bearer s3cret-token"
+    assert service.export.stats()["sent"] == 2
+
+
+def test_records_inside_a_span_carry_its_ids_in_json_and_otlp(
+    service: LoggerService, tmp_path: Path
+) -> None:
+    stream = io.StringIO()
+    with running_collector() as collector:
+        service.configure(
+            LogSettings(format="json"),
+            stream=stream,
+            capture_stdlib=False,
+            telemetry=TelemetrySettings(spool_dir=tmp_path, endpoint=collector.endpoint),
+        )
+        with service.span("kernel.boot", phase="verify"):
+            service.get_logger("kernel").info("inside")
+        service.flush_export()
+        collector.wait_for(lambda c: len(c.logs) == 1 and len(c.spans) == 1)
+    line = json.loads(stream.getvalue().splitlines()[0])
+    (boot,) = collector.spans
+    assert boot.name == "kernel.boot" and boot.attributes == {"phase": "verify"}
+    assert line["trace_id"] == boot.trace_id and line["span_id"] == boot.span_id
+    assert (collector.logs[0].trace_id, collector.logs[0].span_id) == (boot.trace_id, boot.span_id)
+    assert "trace_id" not in collector.logs[0].attributes
+
+
+@pytest.mark.parametrize("status", [503, 0])
+def test_unreachable_or_5xx_collector_spools_then_sends_once(
+    service: LoggerService, tmp_path: Path, status: int
+) -> None:
+    """503 or nothing listening: records wait on disk and go out once it answers."""
+    collector = Collector(status=503)
+    collector.start()
+    if status == 0:
+        collector.stop()  # the port is known and nothing listens on it
+    export_to(service, tmp_path, endpoint=collector.endpoint, retry_interval=0.05)
+    log = service.get_logger("runtime")
+    for i in range(5):
+        log.info("offline", n=i)
+    service.flush_export()
+    assert service.export.stats()["spooled"] == 5
+    assert list(tmp_path.glob("*.logs.*"))
+    collector.status = 200
+    if status == 0:
+        collector.start()
+    try:
+        collector.wait_for(lambda c: len(c.logs) == 5)
+        service.flush_export()
+        service.close()
+    finally:
+        collector.stop()
+    assert sorted(r.attributes["n"] for r in collector.logs) == [0, 1, 2, 3, 4]
+    assert not list(tmp_path.glob("*.logs.*"))
+
+
+def test_collector_4xx_drops_the_batch_with_a_counter(
+    service: LoggerService, tmp_path: Path
+) -> None:
+    with running_collector(status=400) as collector:
+        export_to(service, tmp_path, endpoint=collector.endpoint)
+        service.get_logger("x").info("refused")
+        service.flush_export()
+        assert service.export.stats()["rejected"] == 1
+    assert not list(tmp_path.glob("*.logs.*"))  # retrying would never succeed
+
+
+def test_slow_collector_times_out_into_the_spool(service: LoggerService, tmp_path: Path) -> None:
+    with running_collector(delay=1.0) as collector:
+        export_to(service, tmp_path, endpoint=collector.endpoint, timeout=0.2)
+        service.get_logger("x").info("slow")
+        service.flush_export()
+        assert service.export.stats()["spooled"] == 1
+        collector.delay = 0.0
+        collector.wait_for(lambda c: len(c.logs) == 1)
+
+
+def test_unwritable_spool_drops_with_a_counter_never_raises(
+    service: LoggerService, tmp_path: Path
+) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    collector = Collector()
+    collector.start()
+    collector.stop()
+    export_to(service, blocker / "spool", endpoint=collector.endpoint)
+    service.get_logger("x").info("lost")
+    service.flush_export()
+    assert service.export.stats()["spool_failed"] == 1
+
+
+def test_spool_is_bounded_and_drops_the_oldest(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, max_bytes=250)
+    for i in range(5):
+        assert spool.put("logs", bytes([i]) * 100, records=3)
+    kept = [e.path.read_bytes()[0] for e in spool.entries()]
+    assert kept == [3, 4]
+    assert spool.stats.evicted == 9
+    sent: list[bytes] = []
+    assert spool.drain(lambda _signal, body: sent.append(body) or Outcome.SENT)
+    assert [b[0] for b in sent] == [3, 4] and spool.stats.sent == 6
+    assert spool.entries() == []
+
+
+def test_spool_keeps_a_batch_the_collector_asks_to_retry(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, max_bytes=1000)
+    spool.put("logs", b"a", records=1)
+    spool.put("logs", b"b", records=1)
+    assert not spool.drain(lambda _s, _b: Outcome.RETRY)
+    assert len(spool.entries()) == 2
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4318"),
+        ("OTEL_EXPORTER_OTLP_LOGS_ENDPOINT", "http://host:99999/v1/logs"),
+        ("OTEL_EXPORTER_OTLP_HEADERS", "api-key"),
+        ("OTEL_EXPORTER_OTLP_HEADERS", "bad name=1"),
+    ],
+)
+def test_bad_endpoint_or_header_names_the_variable(
+    tmp_path: Path, variable: str, value: str
+) -> None:
+    with pytest.raises(ConfigError, match=variable):
+        load_settings(env={variable: value}, cwd=tmp_path)
+
+
+def test_cli_exits_3_naming_a_bad_otel_variable(tmp_path: Path) -> None:
+    env = kensho_env(tmp_path, OTEL_EXPORTER_OTLP_ENDPOINT="ftp://collector")
+    result = run_kensho("config", "show", env=env, cwd=tmp_path)
+    assert result.returncode == 3
+    assert "OTEL_EXPORTER_OTLP_ENDPOINT" in result.stderr
+
+
+def test_config_show_redacts_telemetry_headers(tmp_path: Path) -> None:
+    env = kensho_env(tmp_path, OTEL_EXPORTER_OTLP_HEADERS="Authorization=Bearer%20hunter22")
+    result = run_kensho("config", "show", "--json", env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "hunter22" not in result.stdout
+    assert json.loads(result.stdout)["telemetry"]["headers"] == {"Authorization": "[redacted]"}
+
+
+def test_cli_spools_while_collector_is_down_and_the_next_run_sends_it_once(
+    tmp_path: Path,
+) -> None:
+    """kensho offline → logs spooled → restarted with the collector up → all of them, once."""
+    collector = Collector()
+    collector.start()
+    collector.stop()
+    env = kensho_env(
+        tmp_path,
+        OTEL_EXPORTER_OTLP_ENDPOINT=collector.endpoint,
+        OTEL_SERVICE_NAME="kensho-e2e",
+        KENSHO_TELEMETRY_SPOOL_DIR=str(tmp_path / "spool"),
+    )
+    offline = run_kensho(
+        "generate", "--engine", "mock", "--max-tokens", "4", "hi", env=env, cwd=tmp_path
+    )
+    assert offline.returncode == 0, offline.stderr
+    logged = [json.loads(x) for x in offline.stderr.splitlines() if x.startswith("{")]
+    assert logged and list((tmp_path / "spool").glob("*.logs.*"))
+
+    collector.start()
+    try:
+        online = run_kensho(
+            "generate", "--engine", "mock", "--max-tokens", "4", "hi", env=env, cwd=tmp_path
+        )
+        assert online.returncode == 0, online.stderr
+    finally:
+        collector.stop()
+    by_run: dict[str, list[Any]] = {}
+    for record in collector.logs:
+        by_run.setdefault(record.resource["service.instance.id"], []).append(record)
+    assert len(by_run) == 2
+    # The run whose records were spooled: the first of the collector's batches.
+    spooled = by_run[collector.logs[0].resource["service.instance.id"]]
+    assert sorted(r.body for r in spooled) == sorted(e["event"] for e in logged)  # each once
+    assert {r.resource["service.name"] for r in collector.logs} == {"kensho-e2e"}
+    assert not list((tmp_path / "spool").glob("*.logs.*"))
+
+
+def test_kensho_up_traces_requests_under_the_callers_traceparent(tmp_path: Path) -> None:
+    """A real server: request span child of the incoming traceparent, logs carry its ids."""
+    import httpx
+
+    from _server_support import kensho_up
+
+    trace_id, parent_id = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    with running_collector() as collector:
+        env = kensho_env(
+            tmp_path,
+            KENSHO_MODEL_ENGINE="mock",
+            OTEL_EXPORTER_OTLP_ENDPOINT=collector.endpoint,
+            KENSHO_TELEMETRY_SPOOL_DIR=str(tmp_path / "spool"),
+        )
+        with kensho_up(env=env, cwd=tmp_path) as server:
+            answer = httpx.post(
+                f"{server.url}/v1/kensho/breaker",
+                json={"action": "heal_primary"},
+                headers={"traceparent": f"00-{trace_id}-{parent_id}-01"},
+            )
+            assert answer.status_code == 200, answer.text
+            line = server.wait_for_stderr("primary failure injection changed by admin")
+            assert server.stop() == 0
+        collector.wait_for(lambda c: any(s.name == "POST /v1/kensho/breaker" for s in c.spans))
+        collector.wait_for(lambda c: any(r.trace_id == trace_id for r in c.logs))
+
+    (request,) = [s for s in collector.spans if s.name == "POST /v1/kensho/breaker"]
+    assert (request.trace_id, request.parent_span_id) == (trace_id, parent_id)
+    assert request.attributes["http.response.status_code"] == 200
+    assert request.resource["service.name"] == "kensho"
+    in_request = [r for r in collector.logs if r.trace_id == trace_id]
+    (record,) = [r for r in in_request if r.body == "primary failure injection changed by admin"]
+    assert record.span_id == request.span_id
+    assert all(r.span_id == request.span_id for r in in_request)
+    logged = json.loads(line)
+    assert (logged["trace_id"], logged["span_id"]) == (trace_id, request.span_id)
+    boot = next(s for s in collector.spans if s.name == "kensho.boot")
+    integrity = next(s for s in collector.spans if s.name == "kensho.verify_and_repair")
+    assert integrity.parent_span_id == boot.span_id and integrity.trace_id == boot.trace_id
+    assert any(r.body == "boot finished" and r.span_id == boot.span_id for r in collector.logs)
+
+
+def test_span_without_export_is_a_no_op_that_keeps_exceptions() -> None:
+    stream = io.StringIO()
+    service = LoggerService()
+    service.configure(LogSettings(format="json"), stream=stream, capture_stdlib=False)
+    with pytest.raises(ValueError, match="kept"), service.span("noop"):
+        service.get_logger("x").info("inside")
+        raise ValueError("kept")
+    assert "trace_id" not in json.loads(stream.getvalue())
+    with span("module-level"):  # the process-wide service, export off in tests
+        pass
+    service.close()
+
+
+def test_configure_logging_without_arguments_exports_when_otel_variables_say_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kensho.telemetry import configure_logging, get_logger, log_service
+
+    with running_collector() as collector:
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", collector.endpoint)
+        monkeypatch.setenv("OTEL_RESOURCE_ATTRIBUTES", "team=edge%20ops")
+        monkeypatch.setenv("KENSHO_TELEMETRY_SPOOL_DIR", str(tmp_path))
+        monkeypatch.chdir(tmp_path)
+        configure_logging(stream=io.StringIO())
+        try:
+            get_logger("library").info("from a library user")
+            log_service().flush_export()
+            collector.wait_for(lambda c: c.bodies() == ["from a library user"])
+        finally:
+            configure_logging(LogSettings())  # settings given, no telemetry: export off
+        assert log_service().export is None
+    assert collector.logs[0].resource["team"] == "edge ops"
