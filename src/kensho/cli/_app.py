@@ -110,7 +110,7 @@ app = typer.Typer(
         "with a CPU fallback, and logs everything as structured JSON.\n\n" + EXIT_CODES_HELP
     ),
     no_args_is_help=True,
-    rich_markup_mode="rich",
+    rich_markup_mode=None,
     pretty_exceptions_enable=False,
     add_completion=False,
     context_settings={"help_option_names": ["-h", "--help"]},

@@ -9,9 +9,11 @@ a running server's status stream.
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 import time
-from collections.abc import Coroutine
+from collections import deque
+from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -26,13 +28,21 @@ from kensho.cli._app import ExitCode, app, err_console, labelled, out_console, p
 from kensho.cli._storage_cmds import _Renderer
 from kensho.config import Settings
 from kensho.errors import ConfigError
+from kensho.events import (
+    BreakerChange,
+    BreakerStateChanged,
+    Event,
+    ServerShutdown,
+    StatusSnapshot,
+    decode_event,
+)
 from kensho.runtime.engines.base import GenerationRequest
 from kensho.runtime.executor import Priority
 
 if TYPE_CHECKING:
     from kensho.kernel import Kernel
 
-__all__ = ["generate", "status", "up"]
+__all__ = ["StatusView", "generate", "status", "up"]
 
 _UP_HELP = (
     "Boot Kensho and serve the OpenAI-compatible API.\n\n"
@@ -259,28 +269,72 @@ async def _generate(settings: Settings, request: GenerationRequest, priority: Pr
         await kernel.shutdown()
 
 
-@app.command(
-    help="Live view of a running server: breakers, queue, integrity, recent events. "
-    "Exit codes: 0 ok · 1 the server could not be reached."
+_STATUS_HELP = (
+    "Live view of a running server: engines and breakers (state, last transition and "
+    "why), queue depth per priority against capacity, tasks by outcome, integrity, "
+    "recent events. It follows the status stream (GET /v1/kensho/status) and redraws "
+    "as events and the periodic snapshots arrive.\n\n"
+    "The server is the one the settings describe (server.host and server.port, "
+    "KENSHO_SERVER_HOST / KENSHO_SERVER_PORT, kensho.toml), unless --url says "
+    "otherwise; the API key is server.api_key (KENSHO_API_KEY) unless --api-key.\n\n"
+    "\b\nExamples:\n"
+    "  kensho status                      # the server of ./kensho.toml\n"
+    '  kensho status --url http://10.0.0.5:8000 --api-key "$KEY"\n'
+    "  kensho status --once --json | jq .queue\n\n"
+    "Exit codes: 0 ok · 1 the server could not be reached or refused the key."
 )
+
+
+@app.command(help=_STATUS_HELP)
 def status(
-    url: Annotated[str, typer.Option(help="Server base URL.")] = "http://127.0.0.1:8000",
-    api_key: Annotated[
-        str | None, typer.Option(envvar="KENSHO_API_KEY", show_default=False)
+    url: Annotated[
+        str | None,
+        typer.Option(
+            help="Server base URL. Default: http://server.host:server.port from the settings.",
+            show_default=False,
+        ),
     ] = None,
-    once: Annotated[bool, typer.Option("--once", help="Print the snapshot and exit.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print raw events as JSON.")] = False,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            help="Bearer token of a server started with an API key. Default: server.api_key "
+            "(KENSHO_API_KEY).",
+            show_default=False,
+        ),
+    ] = None,
+    once: Annotated[
+        bool, typer.Option("--once", help="Print the first snapshot and exit.")
+    ] = False,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json", help="Print each event as one JSON line (with --once: the snapshot only)."
+        ),
+    ] = False,
 ) -> None:
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    server = state().settings.server
+    base = (url or _server_url(server.host, server.port)).rstrip("/")
+    key = api_key or server.api_key
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # no request line above the table
     try:
-        asyncio.run(_status(url.rstrip("/"), headers, once=once, as_json=as_json))
+        asyncio.run(_status(base, headers, once=once, as_json=as_json))
     except httpx.HTTPError as exc:
-        err_console.print(labelled("error:", "bold red", f"cannot reach {url}: {exc}"))
+        err_console.print(labelled("error:", "bold red", f"cannot reach {base}: {exc}"))
         raise typer.Exit(ExitCode.FAILED) from None
 
 
+def _server_url(host: str, port: int) -> str:
+    """Where a local client reaches a server bound to ``host``: a wildcard means here."""
+    if host in {"", "0.0.0.0", "::"}:  # noqa: S104 - a bind address, read not bound
+        host = "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
+
+
 async def _status(url: str, headers: dict[str, str], *, once: bool, as_json: bool) -> None:
-    view = _StatusView()
+    view = StatusView()
     timeout = httpx.Timeout(10.0, read=None)
     async with (
         httpx.AsyncClient(headers=headers, timeout=timeout) as client,
@@ -293,24 +347,32 @@ async def _status(url: str, headers: dict[str, str], *, once: bool, as_json: boo
                 request=response.request,
                 response=response,
             )
-        with Live(view.render(), console=out_console, auto_refresh=False,
-                  transient=False) if not (once or as_json) else _NoLive() as live:  # fmt: skip
-            kind = "message"
-            async for line in response.aiter_lines():
-                if line.startswith("event: "):
-                    kind = line[7:]
-                elif line.startswith("data: "):
-                    data = orjson.loads(line[6:])
-                    if as_json:
-                        out_console.print_json(orjson.dumps({"kind": kind, **data}).decode())
-                    view.update(kind, data)
-                    if once and kind == "snapshot":
-                        if not as_json:
-                            out_console.print(view.render())
-                        return
-                    live.update(view.render(), refresh=True)
-                    if kind == "shutdown":
-                        return
+        live = not (once or as_json)
+        with Live(view.render(), console=out_console, auto_refresh=False) if live else _NoLive(
+        ) as screen:  # fmt: skip
+            async for kind, data in _stream_events(response):
+                event = decode_event(kind, data)
+                if as_json:
+                    sys.stdout.buffer.write(orjson.dumps(event.to_dict()) + b"\n")
+                    sys.stdout.buffer.flush()
+                view.update(event)
+                if once and isinstance(event, StatusSnapshot):
+                    if not as_json:
+                        out_console.print(view.render())
+                    return
+                screen.update(view.render(), refresh=True)
+                if isinstance(event, ServerShutdown):
+                    return
+
+
+async def _stream_events(response: httpx.Response) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+    """``(kind, data)`` for each server-sent event of the status stream."""
+    kind = "message"
+    async for line in response.aiter_lines():
+        if line.startswith("event: "):
+            kind = line[7:]
+        elif line.startswith("data: "):
+            yield kind, orjson.loads(line[6:])
 
 
 class _NoLive:
@@ -324,41 +386,81 @@ class _NoLive:
         return None
 
 
-class _StatusView:
-    """The latest snapshot plus the last events, as a rich table."""
+def _clock(ts: float) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(ts))
 
-    def __init__(self) -> None:
-        self.snapshot: dict[str, Any] = {}
-        self.events: list[str] = []
 
-    def update(self, kind: str, data: dict[str, Any]) -> None:
-        if kind == "snapshot":
-            self.snapshot = data
+class StatusView:
+    """The latest snapshot, breaker states as events move them, and the last events.
+
+    Fed decoded events only (:func:`kensho.events.decode_event`): the fields it reads
+    are the dataclasses' own, checked by the type checker and the decoder.
+    """
+
+    def __init__(self, *, keep: int = 10) -> None:
+        self.snapshot: StatusSnapshot | None = None
+        self.states: dict[str, str] = {}
+        self.changes: dict[str, BreakerChange] = {}
+        self.events: deque[Event] = deque(maxlen=keep)
+
+    def update(self, event: Event) -> None:
+        """Take in one event of the stream."""
+        if isinstance(event, StatusSnapshot):
+            self.snapshot = event
+            for b in event.breakers:
+                self.states[b.name] = b.state
+                if b.last_change is not None:
+                    self.changes[b.name] = b.last_change
             return
-        self.events = [*self.events[-9:], f"{kind}: {data.get('message', '')}"]
-        if kind == "breaker.state_changed" and "breakers" in self.snapshot:
-            for breaker in self.snapshot["breakers"]:
-                if breaker.get("name") == data.get("breaker"):
-                    breaker["state"] = data.get("to")
+        self.events.append(event)
+        if isinstance(event, BreakerStateChanged):
+            self.states[event.breaker] = event.to_state
+            self.changes[event.breaker] = BreakerChange(
+                from_state=event.from_state,
+                to_state=event.to_state,
+                reason=event.reason,
+                ts=event.ts,
+            )
+
+    def rows(self) -> list[tuple[str, str]]:
+        """``(what, now)`` pairs, in the order drawn; also what tests read."""
+        rows: list[tuple[str, str]] = []
+        snap = self.snapshot
+        if snap is not None:
+            mode = " (degraded: fallback)" if snap.degraded else ""
+            rows.append(("model", f"{snap.model} on {snap.active_engine}{mode}"))
+            for name, state in self.states.items():
+                change = self.changes.get(name)
+                since = (
+                    f" since {_clock(change.ts)} ({change.reason})" if change is not None else ""
+                )
+                rows.append((f"breaker {name}", f"{state}{since}"))
+            rows.append(("queue", _queue_line(snap)))
+            done = " · ".join(f"{k} {v}" for k, v in snap.tasks.items())
+            rows.append(("tasks", done))
+            if snap.overloaded:
+                rows.append(("overloaded", "yes: only critical tasks admitted"))
+            if snap.draining:
+                rows.append(("draining", "yes: shutting down"))
+            integrity = snap.integrity
+            counts = ", ".join(f"{n} {s}" for s, n in sorted(integrity.files.items()))
+            offline = " · offline" if integrity.offline else ""
+            rows.append(("integrity", f"{integrity.status} ({counts or 'no files'}){offline}"))
+        rows += [("event", f"{_clock(e.ts)} {e.message}") for e in self.events]
+        return rows
 
     def render(self) -> Table:
         table = Table("what", "now", title="kensho status", show_lines=False)
-
-        def row(what: str, now: object) -> None:
+        for what, now in self.rows():
             table.add_row(plain(what), plain(now))  # server data, never markup
-
-        snap = self.snapshot
-        if snap:
-            row("active engine", snap.get("active_engine"))
-            row("degraded", snap.get("degraded"))
-            for breaker in snap.get("breakers", []):
-                row(f"breaker {breaker['name']}", breaker["state"])
-            queue = snap.get("queue", {})
-            depth = sum(queue.get("depth", {}).values())
-            row("queue", f"{depth} waiting / capacity {queue.get('capacity')}")
-            row("overloaded", snap.get("overloaded"))
-            integrity = snap.get("integrity", {})
-            row("integrity", f"{integrity.get('status')} {integrity.get('files', {})}")
-        for line in self.events:
-            row("event", line)
         return table
+
+
+def _queue_line(snap: StatusSnapshot) -> str:
+    queue = snap.queue
+    order = [p.name for p in sorted(Priority, reverse=True)]  # critical first
+    depth = sorted(queue.depth.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 9)
+    per = " · ".join(f"{p.lower()} {n}" for p, n in depth)
+    running = ", ".join(f"{e} {n}" for e, n in queue.in_flight.items() if n)
+    text = f"{queue.waiting} waiting of {queue.capacity} ({per})"
+    return text + (f"; running {running}" if running else "")

@@ -30,7 +30,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kensho import __version__
 from kensho.errors import KenshoError, QueueFullError
-from kensho.events import Event
+from kensho.events import Event, ServerShutdown
 from kensho.runtime.engines.base import ChatMessage, GenerationChunk, GenerationRequest
 from kensho.runtime.executor import Priority, TaskHandle
 from kensho.server._context import ServerContext
@@ -38,6 +38,7 @@ from kensho.server._drain import Drain
 from kensho.server._errors import APIError, error_body, error_for_exception, error_response
 from kensho.server._metrics import CONTENT_TYPE, ServerMetrics
 from kensho.server._schemas import BreakerAction, ChatCompletionRequest, CompletionRequest
+from kensho.server._status import SNAPSHOT_INTERVAL, StatusBoard
 from kensho.telemetry import bound_context, get_logger
 
 __all__ = ["create_app"]
@@ -152,7 +153,7 @@ class _Guard:
                 return {"type": "http.request", "body": bytes(body), "more_body": False}
             return await receive()
 
-        await self.app(scope, replay, send)
+        await self.app(_as_json(scope), replay, send)
 
     def _refusal(self, scope: Scope) -> APIError | None:
         """Why the request is refused before it is read, or None: origin, key, drain."""
@@ -187,6 +188,17 @@ def _header(scope: Scope, name: bytes) -> str | None:
         if key.lower() == name:
             return bytes(value).decode("latin-1")
     return None
+
+
+def _as_json(scope: Scope) -> Scope:
+    """Every body this API takes is JSON: read it as JSON whatever its content type.
+
+    ``curl -d`` sends ``application/x-www-form-urlencoded`` and many clients send no
+    type at all; Ollama reads such bodies as JSON, and so does Kensho (a body that is
+    not JSON still gets a 400 that says so).
+    """
+    headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-type"]
+    return {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
 
 
 def _needs_key(ctx: ServerContext, path: str) -> bool:
@@ -377,6 +389,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 
 def _add_health_routes(app: FastAPI, ctx: ServerContext, metrics: ServerMetrics) -> None:
+    board = StatusBoard(ctx, metrics)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -411,7 +424,8 @@ def _add_health_routes(app: FastAPI, ctx: ServerContext, metrics: ServerMetrics)
 
     @app.get("/v1/kensho/status")
     async def status_stream(request: Request) -> StreamingResponse:
-        """Server-sent events: a snapshot, then integrity, breaker and overload events."""
+        """Server-sent events: a snapshot (again every second while idle: queue depth,
+        counters), then integrity, breaker and overload events."""
 
         async def events() -> AsyncIterator[bytes]:
             # A synchronous listener feeding a bounded queue: cleanup needs no await,
@@ -429,19 +443,21 @@ def _add_health_routes(app: FastAPI, ctx: ServerContext, metrics: ServerMetrics)
             stopping = asyncio.ensure_future(ctx.stopping.wait())
             getter: asyncio.Future[Event] | None = None
             try:
-                yield b"event: snapshot\n" + _sse(_snapshot(ctx))
+                yield b"event: snapshot\n" + _sse(board.snapshot().to_dict())
                 while True:
                     getter = asyncio.ensure_future(queue.get())
                     done, _ = await asyncio.wait(
-                        {getter, stopping}, timeout=15.0, return_when=asyncio.FIRST_COMPLETED
+                        {getter, stopping},
+                        timeout=SNAPSHOT_INTERVAL,
+                        return_when=asyncio.FIRST_COMPLETED,
                     )
                     if getter not in done:
                         getter.cancel()
                     if stopping in done:
-                        yield b"event: shutdown\n" + _sse({"message": "server shutting down"})
+                        yield b"event: shutdown\n" + _sse(ServerShutdown().to_dict())
                         return
-                    if not done:
-                        yield b": keep-alive\n\n"
+                    if not done:  # idle: the state now (and a keep-alive)
+                        yield b"event: snapshot\n" + _sse(board.snapshot().to_dict())
                         continue
                     event = getter.result()
                     yield f"event: {event.kind}\n".encode() + _sse(event.to_dict())
@@ -717,19 +733,6 @@ async def _rest(handle: TaskHandle, first: GenerationChunk | None) -> list[Gener
     chunks = [first] if first is not None else []
     chunks += [chunk async for chunk in handle]
     return chunks
-
-
-def _snapshot(ctx: ServerContext) -> dict[str, Any]:
-    runtime = ctx.runtime.metrics()
-    stats = ctx.executor.statistics()
-    return {
-        "active_engine": runtime.active_engine,
-        "degraded": runtime.degraded,
-        "breakers": [b.to_dict() for b in (runtime.primary, runtime.fallback) if b is not None],
-        "queue": {"depth": stats.queued, "capacity": stats.capacity, "in_flight": stats.in_flight},
-        "overloaded": stats.overloaded,
-        "integrity": ctx.integrity.to_dict(),
-    }
 
 
 class _Shaper:
