@@ -110,6 +110,8 @@ app = typer.Typer(
         "with a CPU fallback, and logs everything as structured JSON.\n\n" + EXIT_CODES_HELP
     ),
     no_args_is_help=True,
+    # Plain click help: rich markup would eat bracketed words ("the [trust] keys list")
+    # and typer's rich panels show flags as "--once <bool>".
     rich_markup_mode=None,
     pretty_exceptions_enable=False,
     add_completion=False,

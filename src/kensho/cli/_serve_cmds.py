@@ -50,9 +50,13 @@ _UP_HELP = (
     "missing or corrupt from the sources, loads the primary (GPU) and fallback (CPU) "
     "engines behind circuit breakers, then listens. With no arguments it serves the "
     "embedded demo model, fully offline.\n\n"
-    "Example: kensho up --port 8000, then "
-    "curl http://127.0.0.1:8000/v1/chat/completions -d "
+    "\b\nExamples:\n"
+    "  kensho up --port 8000\n"
+    "  curl http://127.0.0.1:8000/v1/chat/completions -d "
     '\'{"model": "kensho-demo", "messages": [{"role": "user", "content": "Say hello."}]}\''
+    '\n  kensho up --engine mock --api-key "$KENSHO_API_KEY" --host 0.0.0.0'
+    "\n\nThe dashboard is at the server's root (http://127.0.0.1:8000/); "
+    "kensho status shows the same in a terminal."
     "\n\nStopping: at the first SIGINT (Ctrl-C) or SIGTERM the port stays open and "
     "answers 503 with Retry-After to new requests; requests not yet streaming get that "
     "503 at once; streams in flight get server.shutdown_timeout seconds to finish, and "
@@ -217,14 +221,23 @@ async def _up(settings: Settings) -> int:
 
 @app.command(
     help="Run one prompt through the runtime in-process (breaker, fallback, executor) "
-    "and stream the answer to the terminal."
+    "and stream the answer to the terminal.\n\n"
+    "\b\nExamples:\n"
+    '  kensho generate "Say hello."\n'
+    '  kensho generate "Once upon a time" --no-chat --max-tokens 40 --temperature 0.7 --seed 1'
 )
 def generate(  # noqa: PLR0917 - Typer maps each parameter to an option
     prompt: Annotated[str, typer.Argument(help="The prompt (a user message for chat models).")],
-    max_tokens: Annotated[int, typer.Option(min=1, max=32768)] = 64,
+    max_tokens: Annotated[
+        int, typer.Option(min=1, max=32768, help="Stop after this many generated tokens.")
+    ] = 64,
     priority: Annotated[str, typer.Option(help="critical, high, normal or low.")] = "normal",
-    temperature: Annotated[float, typer.Option(min=0.0, max=2.0)] = 0.0,
-    seed: Annotated[int | None, typer.Option()] = None,
+    temperature: Annotated[
+        float, typer.Option(min=0.0, max=2.0, help="Sampling temperature; 0 is greedy.")
+    ] = 0.0,
+    seed: Annotated[
+        int | None, typer.Option(help="Seed for sampling, for a repeatable answer.")
+    ] = None,
     chat: Annotated[bool, typer.Option(help="Send as a chat message (default).")] = True,
     model: ModelOpt = None,
     engine: EngineOpt = None,
