@@ -34,6 +34,7 @@ from kensho.events import Event, ServerShutdown
 from kensho.runtime.engines.base import ChatMessage, GenerationChunk, GenerationRequest
 from kensho.runtime.executor import Priority, TaskHandle
 from kensho.server._context import ServerContext
+from kensho.server._dashboard import DASHBOARD_PATHS, add_dashboard_routes
 from kensho.server._drain import Drain
 from kensho.server._errors import APIError, error_body, error_for_exception, error_response
 from kensho.server._metrics import CONTENT_TYPE, ServerMetrics
@@ -203,6 +204,8 @@ def _as_json(scope: Scope) -> Scope:
 
 def _needs_key(ctx: ServerContext, path: str) -> bool:
     """With an API key, every path needs it but the probes (unless ``protect_metrics``)."""
+    if path in DASHBOARD_PATHS:  # static files; the page asks for the key itself
+        return False
     return ctx.protect_metrics or path not in _PROBE_PATHS
 
 
@@ -359,6 +362,7 @@ def create_app(ctx: ServerContext) -> FastAPI:
     _add_health_routes(app, ctx, metrics)
     _add_admin_routes(app, ctx)
     _add_openai_routes(app, ctx, metrics)
+    add_dashboard_routes(app)
     return app
 
 
