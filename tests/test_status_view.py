@@ -63,6 +63,7 @@ class Terminal:
         os.close(slave)
         self.master = master
         self.text = ""
+        self.raw = ""
 
     def read_until(self, pattern: str, timeout: float = 30.0) -> str:
         """Read the terminal until ``pattern`` (a regex) appears in what came after the
@@ -80,7 +81,9 @@ class Terminal:
                 chunk = b""
             if not chunk:
                 raise AssertionError(f"kensho status ended before {pattern!r}:\n{self.text}")
-            self.text += _ANSI.sub("", chunk.decode("utf-8", "replace"))
+            decoded = chunk.decode("utf-8", "replace")
+            self.raw += decoded
+            self.text += _ANSI.sub("", decoded)
         return self.text[start:]
 
     def close(self) -> None:

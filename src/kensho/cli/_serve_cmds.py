@@ -25,7 +25,7 @@ from rich.live import Live
 from rich.table import Table
 
 from kensho.cli._app import ExitCode, app, err_console, labelled, out_console, plain, state
-from kensho.cli._storage_cmds import _Renderer
+from kensho.cli._storage_cmds import _Renderer, _size
 from kensho.config import Settings
 from kensho.errors import ConfigError
 from kensho.events import (
@@ -34,15 +34,22 @@ from kensho.events import (
     Event,
     ServerShutdown,
     StatusSnapshot,
+    StorageDownloadProgress,
+    StorageFileRepaired,
+    StorageRepairStarted,
+    StorageVerifyFinished,
     decode_event,
 )
 from kensho.runtime.engines.base import GenerationRequest
 from kensho.runtime.executor import Priority
+from kensho.telemetry import get_logger
 
 if TYPE_CHECKING:
     from kensho.kernel import Kernel
 
 __all__ = ["StatusView", "generate", "status", "up"]
+
+_log = get_logger("cli")
 
 _UP_HELP = (
     "Boot Kensho and serve the OpenAI-compatible API.\n\n"
@@ -166,7 +173,7 @@ async def _booted(settings: Settings, *, listen: bool) -> Kernel:
     """
     from kensho.kernel import Kernel  # the server stack loads only for commands that use it
 
-    with _Renderer(as_json=False) as renderer:
+    with _BootRenderer() as renderer:
         kernel = Kernel(settings, on_event=renderer.handle)
         try:
             if listen:
@@ -176,6 +183,60 @@ async def _booted(settings: Settings, *, listen: bool) -> Kernel:
             await kernel.shutdown()
             raise
     return kernel
+
+
+class _BootRenderer(_Renderer):
+    """Boot as a person reads it on a terminal, and as JSON logs only off one.
+
+    On a terminal: progress bars, and one human line per event: a store with every
+    file missing is a first install ("installing 6 files (954.3 KiB) from SOURCE"),
+    not six "missing" files and a repair; a verdict repeated by the second check
+    under the store lock is not printed twice. Off a terminal the components' JSON
+    logs say it all; the few verdicts no component logs are logged here, as JSON.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(as_json=False)
+        self.terminal = err_console.is_terminal
+        self.first_install = False
+        self.install: StorageRepairStarted | None = None
+        self.verdict: tuple[bool, dict[str, int]] | None = None
+
+    def handle(self, event: Event) -> None:
+        line = self._line(event)
+        if not self.terminal:
+            if line is not None:
+                _log.info(line, status=event.kind)
+            return
+        if line is not None:
+            self.progress.console.print(line, highlight=False, markup=False)
+        if isinstance(event, StorageVerifyFinished):
+            return  # said by its line, or deliberately not
+        if isinstance(event, StorageFileRepaired) and self.first_install:
+            return  # the install line and the bars say it
+        super().handle(event)
+
+    def _line(self, event: Event) -> str | None:
+        """The human line this event deserves here, if it is one of the boot verdicts."""
+        if isinstance(event, StorageVerifyFinished):
+            verdict = (event.ok, dict(event.counts))
+            if verdict == self.verdict:
+                return None  # the same check again, under the store lock
+            self.verdict = verdict
+            found = {status for status, n in event.counts.items() if n}
+            self.first_install = not event.ok and found == {"missing"}
+            return None if self.first_install else event.message
+        if isinstance(event, StorageRepairStarted):
+            if not self.first_install:
+                return event.message
+            self.install = event
+        elif isinstance(event, StorageDownloadProgress) and self.install is not None:
+            install, self.install = self.install, None
+            return (
+                f"installing {install.files} files ({_size(install.bytes_needed)}) "
+                f"from {event.source}"
+            )
+        return None
 
 
 async def _up(settings: Settings) -> int:
