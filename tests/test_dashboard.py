@@ -249,3 +249,58 @@ def test_the_assets_ship_in_the_package_and_load_nothing_from_elsewhere() -> Non
         assert urls == [], (name, urls)
         assert "@import" not in text
         assert "innerHTML" not in text  # server data is written as text, never as markup
+
+
+# -- the Grafana dashboard of docs/ -------------------------------------------------------
+
+GRAFANA = Path(__file__).parent.parent / "docs" / "grafana-kensho.json"
+_SELECTOR = re.compile(r"\b(kensho_\w+)(?:\{([^}]*)\})?")
+_SCRAPE_LABELS = {"instance", "job"}  # added by Prometheus when it scrapes
+
+
+def _grafana_queries() -> list[str]:
+    board = json.loads(GRAFANA.read_text())
+    queries = [t["expr"] for p in board["panels"] for t in p["targets"]]
+    queries += [v["definition"] for v in board["templating"]["list"]]
+    return queries
+
+
+def _exposed(text: str) -> dict[str, set[str]]:
+    """Every series name a PromQL query can select in ``text``, with its label names."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    series: dict[str, set[str]] = {}
+    suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"]}
+    for family in text_string_to_metric_families(text):
+        for suffix in suffixes.get(family.type, [""]):
+            series.setdefault(family.name + suffix, set())  # declared, maybe no sample yet
+        for sample in family.samples:
+            series.setdefault(sample.name, set()).update(sample.labels)
+    return series
+
+
+def test_every_metric_the_grafana_dashboard_queries_exists_in_metrics(tmp_path: Path) -> None:
+    with kensho_up(env=kensho_env(tmp_path, **MOCK_ENV), cwd=tmp_path) as server:
+        body = {"model": "mock", "prompt": "x", "max_tokens": 5, "stream": True}
+        with httpx.stream("POST", server.url + "/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            r.read()  # a streamed answer: latency, TTFT and tokens get samples
+        text = httpx.get(server.url + "/metrics").text
+    exposed = _exposed(text)
+    used: set[str] = set()
+    for query in _grafana_queries():
+        for name, selector in _SELECTOR.findall(query):
+            used.add(name)
+            assert name in exposed, f"{name} (in {query!r}) is not in /metrics"
+            for label in re.findall(r"(\w+)\s*=~?", selector):
+                if label not in _SCRAPE_LABELS:
+                    assert label in exposed[name], f"{name} has no label {label}"
+            for group in re.findall(r"by \(([^)]*)\)", query):
+                for label in (g.strip() for g in group.split(",")):
+                    samples = exposed.get(name, set())
+                    assert not samples or label in samples | _SCRAPE_LABELS, (name, label)
+    # The dashboard covers every family Kensho exports (a new metric gets a panel).
+    families = {n.removesuffix("_total") for n in exposed if not n.endswith(("_created",))}
+    covered = {re.sub(r"_(total|bucket|sum|count)$", "", n) for n in used}
+    missing = {f for f in families if re.sub(r"_(bucket|sum|count)$", "", f) not in covered}
+    assert missing == set(), missing
