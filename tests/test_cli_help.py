@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import shutil
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -95,6 +96,7 @@ def _example(text: str, starts: str) -> str:
     raise AssertionError(f"no example starting with {starts!r} in:\n{text}")
 
 
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 def test_the_curl_example_of_up_works_as_printed(tmp_path: Path) -> None:
     curl = _example(_help(("up",)), "curl ")
     with kensho_up(env=kensho_env(tmp_path, KENSHO_MODEL_ENGINE="mock"), cwd=tmp_path) as server:

@@ -173,7 +173,9 @@ def test_status_once_with_the_api_key_from_the_settings(tmp_path: Path) -> None:
     assert "breaker gpu" in keyed.stdout
     assert "HTTP Request" not in keyed.stderr + keyed.stdout
     assert keyless.returncode == 1
-    assert "401" in keyless.stderr
+    assert "refused: HTTP 401" in keyless.stderr
+    assert "--api-key or set KENSHO_API_KEY" in keyless.stderr
+    assert "Traceback" not in keyless.stderr
 
 
 def test_server_url_of_a_wildcard_bind_is_this_machine() -> None:

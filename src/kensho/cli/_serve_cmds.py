@@ -393,8 +393,15 @@ def status(
     logging.getLogger("httpx").setLevel(logging.WARNING)  # no request line above the table
     try:
         asyncio.run(_status(base, headers, once=once, as_json=as_json))
+    except httpx.HTTPStatusError as exc:
+        hint = " (pass --api-key or set KENSHO_API_KEY)" if exc.response.status_code == 401 else ""
+        err_console.print(labelled("error:", "bold red", f"{base} refused: {exc}{hint}"))
+        raise typer.Exit(ExitCode.FAILED) from None
     except httpx.HTTPError as exc:
         err_console.print(labelled("error:", "bold red", f"cannot reach {base}: {exc}"))
+        raise typer.Exit(ExitCode.FAILED) from None
+    except ValueError as exc:  # an event this version cannot decode (a renamed field)
+        err_console.print(labelled("error:", "bold red", f"{base} sent {exc}"))
         raise typer.Exit(ExitCode.FAILED) from None
 
 
