@@ -154,7 +154,8 @@ class _Guard:
                 return {"type": "http.request", "body": bytes(body), "more_body": False}
             return await receive()
 
-        await self.app(_as_json(scope), replay, send)
+        _read_as_json(scope)
+        await self.app(scope, replay, send)
 
     def _refusal(self, scope: Scope) -> APIError | None:
         """Why the request is refused before it is read, or None: origin, key, drain."""
@@ -191,15 +192,16 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
-def _as_json(scope: Scope) -> Scope:
+def _read_as_json(scope: Scope) -> None:
     """Every body this API takes is JSON: read it as JSON whatever its content type.
 
     ``curl -d`` sends ``application/x-www-form-urlencoded`` and many clients send no
     type at all; Ollama reads such bodies as JSON, and so does Kensho (a body that is
-    not JSON still gets a 400 that says so).
+    not JSON still gets a 400 that says so). The scope is changed in place: the router
+    records the matched route in it, which the request metrics read afterwards.
     """
     headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-type"]
-    return {**scope, "headers": [*headers, (b"content-type", b"application/json")]}
+    scope["headers"] = [*headers, (b"content-type", b"application/json")]
 
 
 def _needs_key(ctx: ServerContext, path: str) -> bool:
