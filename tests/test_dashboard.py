@@ -54,12 +54,14 @@ class Browser:
         )  # fmt: skip
         self._ids = itertools.count(1)
         self._buffer = b""
+        self.errors: list[str] = []  # script exceptions and console/CSP errors
         target = self.call("Target.createTarget", url="about:blank")["targetId"]
         self.session = self.call("Target.attachToTarget", targetId=target, flatten=True)[
             "sessionId"
         ]
         self.call("Page.enable", session=True)
         self.call("Runtime.enable", session=True)
+        self.call("Log.enable", session=True)
 
     def _read(self) -> dict[str, Any]:
         assert self.process.stdout is not None
@@ -82,11 +84,21 @@ class Browser:
         self.process.stdin.flush()
         while True:
             reply = self._read()
+            self._note(reply)
             if reply.get("id") == ident:
                 if "error" in reply:
                     raise AssertionError(f"{method}: {reply['error']}")
                 result: dict[str, Any] = reply["result"]
                 return result
+
+    def _note(self, message: dict[str, Any]) -> None:
+        method, params = message.get("method"), message.get("params", {})
+        if method == "Runtime.exceptionThrown":
+            self.errors.append(str(params["exceptionDetails"]))
+        elif method == "Log.entryAdded" and params["entry"]["level"] == "error":
+            entry = params["entry"]
+            if "401" not in entry.get("text", ""):  # the key prompt's refused fetch
+                self.errors.append(entry["text"])
 
     def open(self, url: str) -> None:
         self.call("Page.navigate", session=True, url=url)
@@ -192,7 +204,13 @@ def test_dashboard_shows_the_system_and_follows_a_forced_open_breaker(tmp_path: 
         page.wait_for(
             "document.querySelector('#events').textContent.includes('gpu: closed -> forced_open')"
         )
+        # A re-verification shows as integrity progress, then its verdict.
+        assert httpx.post(server.url + "/v1/kensho/verify").status_code == 200
+        page.wait_for(
+            "document.querySelector('#progress-text').textContent.startsWith('verified in')"
+        )
         shot = page.screenshot()
+        assert page.errors == []
     assert shot.startswith(b"\x89PNG\r\n\x1a\n")
     target = os.environ.get(SCREENSHOT_ENV)
     if target:
@@ -217,6 +235,7 @@ def test_with_an_api_key_the_page_asks_once_and_sends_it_as_bearer(tmp_path: Pat
         page.open(server.url + "/")  # a reload does not ask again
         page.wait_for("document.body.dataset.live === 'yes'")
         assert page.evaluate("document.querySelector('#key-form').hidden") is True
+        assert page.errors == []
 
 
 def test_the_page_and_assets_are_served_without_the_key_and_the_data_is_not(
@@ -239,7 +258,7 @@ def test_the_page_and_assets_are_served_without_the_key_and_the_data_is_not(
 def test_the_assets_ship_in_the_package_and_load_nothing_from_elsewhere() -> None:
     folder = resources.files("kensho.server") / "dashboard"
     names = sorted(p.name for p in folder.iterdir())
-    assert names == ["app.js", "index.html", "style.css"]
+    assert names == ["app.js", "favicon.svg", "index.html", "style.css"]
     for name in names:
         text = (folder / name).read_text()
         # The SVG namespace is a name, not a download.

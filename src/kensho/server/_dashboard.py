@@ -1,6 +1,6 @@
 """The operator's dashboard at ``/``: one page that follows the status stream.
 
-The page and its two assets ship as package data (``kensho/server/dashboard/``) and
+The page and its assets ship as package data (``kensho/server/dashboard/``) and
 are read once: no CDN, no external font, no build step, so it works on an edge box
 with no network. They hold no data, so they are served without the API key (the page
 asks for the key, then sends it as a Bearer token on ``/v1/kensho/status``, which
@@ -21,6 +21,7 @@ _ASSETS = {
     "/": ("index.html", "text/html; charset=utf-8"),
     "/dashboard/app.js": ("app.js", "text/javascript; charset=utf-8"),
     "/dashboard/style.css": ("style.css", "text/css; charset=utf-8"),
+    "/dashboard/favicon.svg": ("favicon.svg", "image/svg+xml"),
 }
 #: Paths served without the API key: static files, no server data in them.
 DASHBOARD_PATHS = frozenset(_ASSETS)
