@@ -255,3 +255,40 @@ def test_view_moves_a_breaker_on_its_event_and_keeps_the_reason() -> None:
     rows = dict(view.rows())
     assert rows == {"event": rows["event"]}  # no snapshot yet: only the event line
     assert rows["event"].endswith("breaker gpu: closed -> open (boom)")
+
+
+def _toggle_breaker(url: str, stop: threading.Event) -> None:
+    """Force the fallback's breaker open and reset it, again and again: a steady flow."""
+    with httpx.Client(base_url=url, timeout=30) as client:
+        while not stop.is_set():
+            for action in ("force_open", "reset"):
+                client.post("/v1/kensho/breaker", json={"action": action, "engine": "fallback"})
+
+
+def test_snapshots_keep_coming_while_events_flow(tmp_path: Path) -> None:
+    with kensho_up(env=kensho_env(tmp_path, **MOCK_ENV), cwd=tmp_path) as server:
+        stop = threading.Event()
+        toggler = threading.Thread(target=_toggle_breaker, args=(server.url, stop))
+        snapshots: list[StatusSnapshot] = []
+        between: list[float] = []  # event times after the first snapshot
+        try:
+            with httpx.stream("GET", server.url + "/v1/kensho/status", timeout=30) as stream:
+                lines = stream.iter_lines()
+                for line in lines:
+                    if not line.startswith("event: "):
+                        continue
+                    event = decode_event(line[7:], orjson.loads(next(lines)[6:]))
+                    if isinstance(event, StatusSnapshot):
+                        snapshots.append(event)
+                        if len(snapshots) == 1:
+                            toggler.start()
+                        elif len(between) >= 5:
+                            break
+                    elif snapshots and isinstance(event, BreakerStateChanged):
+                        between.append(event.ts)
+        finally:
+            stop.set()
+            if toggler.is_alive():
+                toggler.join(30)
+    assert len(snapshots) >= 2
+    assert len(between) >= 5  # the stream was busy, and still sent the state

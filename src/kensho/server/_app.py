@@ -430,8 +430,8 @@ def _add_health_routes(app: FastAPI, ctx: ServerContext, metrics: ServerMetrics)
 
     @app.get("/v1/kensho/status")
     async def status_stream(request: Request) -> StreamingResponse:
-        """Server-sent events: a snapshot (again every second while idle: queue depth,
-        counters), then integrity, breaker and overload events."""
+        """Server-sent events: a snapshot (and again every second: queue depth,
+        counters), integrity, breaker and overload events as they happen."""
 
         async def events() -> AsyncIterator[bytes]:
             # A synchronous listener feeding a bounded queue: cleanup needs no await,
@@ -449,12 +449,14 @@ def _add_health_routes(app: FastAPI, ctx: ServerContext, metrics: ServerMetrics)
             stopping = asyncio.ensure_future(ctx.stopping.wait())
             getter: asyncio.Future[Event] | None = None
             try:
+                loop = asyncio.get_running_loop()
                 yield b"event: snapshot\n" + _sse(board.snapshot().to_dict())
+                due = loop.time() + SNAPSHOT_INTERVAL
                 while True:
                     getter = asyncio.ensure_future(queue.get())
                     done, _ = await asyncio.wait(
                         {getter, stopping},
-                        timeout=SNAPSHOT_INTERVAL,
+                        timeout=max(0.0, due - loop.time()),
                         return_when=asyncio.FIRST_COMPLETED,
                     )
                     if getter not in done:
@@ -462,11 +464,12 @@ def _add_health_routes(app: FastAPI, ctx: ServerContext, metrics: ServerMetrics)
                     if stopping in done:
                         yield b"event: shutdown\n" + _sse(ServerShutdown().to_dict())
                         return
-                    if not done:  # idle: the state now (and a keep-alive)
+                    if getter in done:
+                        event = getter.result()
+                        yield f"event: {event.kind}\n".encode() + _sse(event.to_dict())
+                    if loop.time() >= due:  # the state now, events flowing or not
                         yield b"event: snapshot\n" + _sse(board.snapshot().to_dict())
-                        continue
-                    event = getter.result()
-                    yield f"event: {event.kind}\n".encode() + _sse(event.to_dict())
+                        due = loop.time() + SNAPSHOT_INTERVAL
             finally:
                 ctx.hub.remove_listener(listener)
                 stopping.cancel()
