@@ -169,9 +169,16 @@ def test_status_once_with_the_api_key_from_the_settings(tmp_path: Path) -> None:
         keyed = run_kensho("status", "--once", env=kensho_env(tmp_path, port=port,
                            KENSHO_API_KEY=key), cwd=tmp_path)  # fmt: skip
         keyless = run_kensho("status", "--once", env=kensho_env(tmp_path, port=port), cwd=tmp_path)
+        as_json = run_kensho("status", "--once", "--json", "--url", server.url, "--api-key", key,
+                             env=kensho_env(tmp_path), cwd=tmp_path)  # fmt: skip
     assert keyed.returncode == 0, keyed.stderr
     assert "breaker gpu" in keyed.stdout
     assert "HTTP Request" not in keyed.stderr + keyed.stdout
+    assert as_json.returncode == 0, as_json.stderr
+    [line] = as_json.stdout.splitlines()  # one JSON line: the snapshot
+    snap = decode_event("snapshot", orjson.loads(line))
+    assert isinstance(snap, StatusSnapshot)
+    assert snap.model == "mock"
     assert keyless.returncode == 1
     assert "refused: HTTP 401" in keyless.stderr
     assert "--api-key or set KENSHO_API_KEY" in keyless.stderr

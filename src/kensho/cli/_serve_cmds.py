@@ -9,6 +9,7 @@ a running server's status stream.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sys
 import time
@@ -429,8 +430,8 @@ async def _status(url: str, headers: dict[str, str], *, once: bool, as_json: boo
                 response=response,
             )
         live = not (once or as_json)
-        with Live(view.render(), console=out_console, auto_refresh=False) if live else _NoLive(
-        ) as screen:  # fmt: skip
+        screen = Live(view.render(), console=out_console, auto_refresh=False) if live else None
+        with screen if screen is not None else contextlib.nullcontext():
             async for kind, data in _stream_events(response):
                 event = decode_event(kind, data)
                 if as_json:
@@ -441,7 +442,8 @@ async def _status(url: str, headers: dict[str, str], *, once: bool, as_json: boo
                     if not as_json:
                         out_console.print(view.render())
                     return
-                screen.update(view.render(), refresh=True)
+                if screen is not None:
+                    screen.update(view.render(), refresh=True)
                 if isinstance(event, ServerShutdown):
                     return
 
@@ -454,17 +456,6 @@ async def _stream_events(response: httpx.Response) -> AsyncIterator[tuple[str, d
             kind = line[7:]
         elif line.startswith("data: "):
             yield kind, orjson.loads(line[6:])
-
-
-class _NoLive:
-    def __enter__(self) -> _NoLive:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-    def update(self, *_: object, **__: object) -> None:
-        return None
 
 
 def _clock(ts: float) -> str:
