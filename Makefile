@@ -7,7 +7,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.kensho-installed
 
-.PHONY: help run test lint typecheck pytest bench clean
+.PHONY: help run test lint typecheck pytest chromium bench clean
 
 help:
 	@echo "make run        serve the embedded demo model: kensho up (set-up included)"
@@ -31,7 +31,14 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy --strict src
 
-pytest: $(STAMP)
+# The dashboard test drives a real headless Chromium (Debian's package): install it
+# when missing and we may (root); elsewhere that test skips and says why.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && \
+		apt-get update -qq && apt-get install -y -qq chromium; } || \
+		echo "chromium not installed: tests/test_dashboard.py will skip its browser tests"
+
+pytest: $(STAMP) chromium
 	$(BIN)/python -m pytest --cov --cov-report=term
 
 test: lint typecheck pytest

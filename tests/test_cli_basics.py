@@ -12,7 +12,14 @@ from typer.testing import CliRunner
 from _server_support import kensho_env, run_kensho
 from kensho import __version__
 from kensho.cli import ExitCode, app
-from kensho.cli._serve_cmds import _StatusView
+from kensho.cli._serve_cmds import StatusView
+from kensho.events import (
+    IntegritySnapshot,
+    QueueSnapshot,
+    StatusSnapshot,
+    StorageFileRepaired,
+    TrafficSnapshot,
+)
 
 runner = CliRunner()
 Completed = subprocess.CompletedProcess[str]
@@ -119,11 +126,22 @@ def test_documented_variables_are_accepted(tmp_path: Path) -> None:
 
 def test_status_view_shows_server_data_literally() -> None:
     """``kensho status`` draws what the server sends: messages hold file names."""
-    view = _StatusView()
-    view.update("snapshot", {"active_engine": "[red]gpu[/red]", "breakers": []})
-    view.update("storage.file.repaired", {"message": "repaired w[/]z.bin"})
+    view = StatusView()
+    view.update(_snapshot(active_engine="[red]gpu[/red]"))
+    view.update(StorageFileRepaired(path="w[/]z.bin", fetched=0, reused=0, sources=()))
     console = Console(record=True, width=200)
     console.print(view.render())
     text = console.export_text()
     assert "[red]gpu[/red]" in text
-    assert "storage.file.repaired: repaired w[/]z.bin" in text
+    assert "repaired w[/]z.bin: fetched 0 B from local data" in text
+
+
+def _snapshot(active_engine: str) -> StatusSnapshot:
+    return StatusSnapshot(
+        model="m", engines=(active_engine,), active_engine=active_engine, degraded=False,
+        overloaded=False, draining=False, breakers=(), tasks={},
+        queue=QueueSnapshot(depth={}, capacity=1, max_queue_size=1, in_flight={}),
+        traffic=TrafficSnapshot(tokens=0, completions=0, latency_seconds=0),
+        integrity=IntegritySnapshot(status="ok", files={}, problems={}, offline=False,
+                                    checked_at=None),
+    )  # fmt: skip

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -600,3 +601,181 @@ class RuntimeRecovered(Event):
         took = _seconds(self.overloaded_for)
         why = f" ({self.reason})" if self.reason else ""
         return f"recovered after {took} overloaded{why}: accepting all tasks again"
+
+
+# --- the status stream: snapshot and decoder ------------------------------------------
+#
+# ``GET /v1/kensho/status`` sends ``event: <kind>`` + ``data: <json>`` pairs: a
+# ``snapshot`` first and then every second (queue depth, counters), the events above
+# as they happen, and ``shutdown`` at the end. Every reader (``kensho status``, the
+# tests; the dashboard reads the same field names) decodes them here, through the
+# same dataclasses the server encodes with, so a renamed field is a decoding error
+# that names the field instead of a view that silently shows ``None``.
+
+__all__ += [
+    "BreakerChange",
+    "BreakerSnapshot",
+    "IntegritySnapshot",
+    "QueueSnapshot",
+    "ServerShutdown",
+    "StatusSnapshot",
+    "TrafficSnapshot",
+    "UnknownEvent",
+    "decode_event",
+    "event_types",
+]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BreakerChange:
+    """A breaker's last transition, kept by the server so a late viewer still sees it."""
+
+    from_state: str
+    to_state: str
+    reason: str
+    ts: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BreakerSnapshot:
+    """One breaker: its state now, how often it moved, and its last transition."""
+
+    name: str
+    state: str
+    transitions: int
+    trips: int
+    failure_rate: float | None
+    last_change: BreakerChange | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class QueueSnapshot:
+    """Waiting tasks per priority (``CRITICAL`` … ``LOW``), capacity, running per engine."""
+
+    depth: dict[str, int]
+    capacity: int
+    max_queue_size: int
+    in_flight: dict[str, int]
+
+    @property
+    def waiting(self) -> int:
+        """Tasks waiting, every priority together."""
+        return sum(self.depth.values())
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class IntegritySnapshot:
+    """The store's last verification (``ok``, ``degraded``, ``failed``, ``unverified``)."""
+
+    status: str
+    files: dict[str, int]
+    problems: dict[str, str]
+    offline: bool
+    checked_at: float | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TrafficSnapshot:
+    """Totals since start: a viewer turns two snapshots into tokens/s and latency."""
+
+    tokens: float
+    completions: int
+    latency_seconds: float
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StatusSnapshot(Event):
+    """The whole state of a server at ``ts``: the first (and periodic) stream event."""
+
+    kind: ClassVar[str] = "snapshot"
+    model: str
+    engines: tuple[str, ...]
+    active_engine: str
+    degraded: bool
+    overloaded: bool
+    draining: bool
+    breakers: tuple[BreakerSnapshot, ...]
+    queue: QueueSnapshot
+    tasks: dict[str, int]
+    traffic: TrafficSnapshot
+    integrity: IntegritySnapshot
+
+    @property
+    def message(self) -> str:
+        states = ", ".join(f"{b.name} {b.state}" for b in self.breakers)
+        return (
+            f"{self.model} on {self.active_engine} ({states}); {self.queue.waiting} waiting "
+            f"of {self.queue.capacity}; integrity {self.integrity.status}"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """Nested parts as plain dicts too (the base class keeps values as they are)."""
+        data = Event.to_dict(self)
+        for name in ("queue", "traffic", "integrity"):
+            data[name] = dataclasses.asdict(getattr(self, name))
+        data["breakers"] = [dataclasses.asdict(b) for b in self.breakers]
+        return data
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ServerShutdown(Event):
+    """The server is shutting down: the stream ends after this event."""
+
+    kind: ClassVar[str] = "shutdown"
+
+    @property
+    def message(self) -> str:
+        return "server shutting down"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class UnknownEvent(Event):
+    """An event of a kind this version does not know (a newer server): shown as text."""
+
+    kind: ClassVar[str] = "unknown"
+    name: str
+    text: str
+
+    @property
+    def message(self) -> str:
+        return self.text
+
+
+def event_types() -> dict[str, type[Event]]:
+    """Every event class of this vocabulary by its ``kind``.
+
+    Read from this module's names rather than ``__subclasses__()``: a slotted
+    dataclass is a copy of the class it decorates, and the original lingers there.
+    """
+    return {
+        obj.kind: obj
+        for obj in globals().values()
+        if isinstance(obj, type) and issubclass(obj, Event) and obj not in {Event, UnknownEvent}
+    }
+
+
+_ADAPTERS: dict[type[Event], Any] = {}
+
+
+def decode_event(kind: str, data: Mapping[str, Any]) -> Event:
+    """The event a status-stream ``event: kind`` / ``data: …`` pair encodes.
+
+    Fields are validated against the event's dataclass (types included); a missing or
+    mistyped field raises :class:`ValueError` naming the kind and the field. A kind
+    this version does not know becomes an :class:`UnknownEvent` with its message.
+    """
+    from pydantic import TypeAdapter, ValidationError  # only readers of the stream need it
+
+    cls = event_types().get(kind)
+    if cls is None:
+        return UnknownEvent(name=kind, text=str(data.get("message", "")))
+    adapter = _ADAPTERS.get(cls)
+    if adapter is None:
+        adapter = _ADAPTERS[cls] = TypeAdapter(cls)
+    try:
+        event: Event = adapter.validate_python(dict(data))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "data"
+        raise ValueError(f"status event {kind!r}: {where}: {first['msg']}") from None
+    return event

@@ -8,10 +8,11 @@ into one readable line on stderr and a documented exit code, never a traceback.
 from __future__ import annotations
 
 import enum
+import io
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import IO, Annotated, cast
 
 import typer
 from rich.console import Console
@@ -110,7 +111,9 @@ app = typer.Typer(
         "with a CPU fallback, and logs everything as structured JSON.\n\n" + EXIT_CODES_HELP
     ),
     no_args_is_help=True,
-    rich_markup_mode="rich",
+    # Plain click help: rich markup would eat bracketed words ("the [trust] keys list")
+    # and typer's rich panels show flags as "--once <bool>".
+    rich_markup_mode=None,
     pretty_exceptions_enable=False,
     add_completion=False,
     context_settings={"help_option_names": ["-h", "--help"]},
@@ -153,6 +156,7 @@ def _global(
     """Global options apply to every command."""
     global _state  # noqa: PLW0603 - one CLI invocation per process
     settings = load_settings(config)
+    asked = log_level is not None or "level" in settings.log.model_fields_set
     overrides = {
         k: v
         for k, v in {"level": log_level, "format": log_format, "file": log_file}.items()
@@ -165,8 +169,42 @@ def _global(
         except ValueError as exc:
             raise ConfigError(f"invalid logging option: {exc}") from None
         settings = settings.model_copy(update={"log": log})
-    configure_logging(log, telemetry=settings.telemetry)
+    configure_logging(
+        _quiet_on_a_terminal(log, asked=asked),
+        stream=cast(IO[str], _LiveStderr()),
+        telemetry=settings.telemetry,
+    )
     _state = State(settings=settings, config_path=config)
+
+
+def _quiet_on_a_terminal(log: LogSettings, *, asked: bool) -> LogSettings:
+    """On a terminal, logs show warnings and above unless a level was asked for.
+
+    There the commands draw every event as one human line (and progress bars); info
+    logs would say each thing a second time. Off a terminal (a service, a pipe) and with
+    a log file, the JSON logs are the record and keep their level.
+    """
+    if asked or log.file is not None or log.format == "json" or not sys.stderr.isatty():
+        return log
+    return log.model_copy(update={"level": "warning"})
+
+
+class _LiveStderr(io.TextIOBase):
+    """``sys.stderr`` as it is at each write, written as text.
+
+    While progress bars are live, rich swaps ``sys.stderr`` for a proxy that prints
+    each line above the bars; a log line written to the raw stream instead would be
+    glued to the end of a bar (``…0:00:002026-12-01T08:16:22Z [warning…``).
+    """
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+    def isatty(self) -> bool:
+        return sys.stderr.isatty()
 
 
 def exit_code_for(error: KenshoError) -> ExitCode:

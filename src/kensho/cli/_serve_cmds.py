@@ -9,9 +9,12 @@ a running server's status stream.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import sys
 import time
-from collections.abc import Coroutine
+from collections import deque
+from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -23,16 +26,31 @@ from rich.live import Live
 from rich.table import Table
 
 from kensho.cli._app import ExitCode, app, err_console, labelled, out_console, plain, state
-from kensho.cli._storage_cmds import _Renderer
+from kensho.cli._storage_cmds import _Renderer, _size
 from kensho.config import Settings
 from kensho.errors import ConfigError
+from kensho.events import (
+    BreakerChange,
+    BreakerStateChanged,
+    Event,
+    ServerShutdown,
+    StatusSnapshot,
+    StorageDownloadProgress,
+    StorageFileRepaired,
+    StorageRepairStarted,
+    StorageVerifyFinished,
+    decode_event,
+)
 from kensho.runtime.engines.base import GenerationRequest
 from kensho.runtime.executor import Priority
+from kensho.telemetry import get_logger
 
 if TYPE_CHECKING:
     from kensho.kernel import Kernel
 
-__all__ = ["generate", "status", "up"]
+__all__ = ["StatusView", "generate", "status", "up"]
+
+_log = get_logger("cli")
 
 _UP_HELP = (
     "Boot Kensho and serve the OpenAI-compatible API.\n\n"
@@ -40,9 +58,13 @@ _UP_HELP = (
     "missing or corrupt from the sources, loads the primary (GPU) and fallback (CPU) "
     "engines behind circuit breakers, then listens. With no arguments it serves the "
     "embedded demo model, fully offline.\n\n"
-    "Example: kensho up --port 8000, then "
-    "curl http://127.0.0.1:8000/v1/chat/completions -d "
+    "\b\nExamples:\n"
+    "  kensho up --port 8000\n"
+    "  curl http://127.0.0.1:8000/v1/chat/completions -d "
     '\'{"model": "kensho-demo", "messages": [{"role": "user", "content": "Say hello."}]}\''
+    '\n  kensho up --engine mock --api-key "$KENSHO_API_KEY" --host 0.0.0.0'
+    "\n\nThe dashboard is at the server's root (http://127.0.0.1:8000/); "
+    "kensho status shows the same in a terminal."
     "\n\nStopping: at the first SIGINT (Ctrl-C) or SIGTERM the port stays open and "
     "answers 503 with Retry-After to new requests; requests not yet streaming get that "
     "503 at once; streams in flight get server.shutdown_timeout seconds to finish, and "
@@ -152,7 +174,7 @@ async def _booted(settings: Settings, *, listen: bool) -> Kernel:
     """
     from kensho.kernel import Kernel  # the server stack loads only for commands that use it
 
-    with _Renderer(as_json=False) as renderer:
+    with _BootRenderer() as renderer:
         kernel = Kernel(settings, on_event=renderer.handle)
         try:
             if listen:
@@ -162,6 +184,60 @@ async def _booted(settings: Settings, *, listen: bool) -> Kernel:
             await kernel.shutdown()
             raise
     return kernel
+
+
+class _BootRenderer(_Renderer):
+    """Boot as a person reads it on a terminal, and as JSON logs only off one.
+
+    On a terminal: progress bars, and one human line per event: a store with every
+    file missing is a first install ("installing 6 files (954.3 KiB) from SOURCE"),
+    not six "missing" files and a repair; a verdict repeated by the second check
+    under the store lock is not printed twice. Off a terminal the components' JSON
+    logs say it all; the few verdicts no component logs are logged here, as JSON.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(as_json=False)
+        self.terminal = err_console.is_terminal
+        self.first_install = False
+        self.install: StorageRepairStarted | None = None
+        self.verdict: tuple[bool, dict[str, int]] | None = None
+
+    def handle(self, event: Event) -> None:
+        line = self._line(event)
+        if not self.terminal:
+            if line is not None:
+                _log.info(line, status=event.kind)
+            return
+        if line is not None:
+            self.progress.console.print(line, highlight=False, markup=False)
+        if isinstance(event, StorageVerifyFinished):
+            return  # said by its line, or deliberately not
+        if isinstance(event, StorageFileRepaired) and self.first_install:
+            return  # the install line and the bars say it
+        super().handle(event)
+
+    def _line(self, event: Event) -> str | None:
+        """The human line this event deserves here, if it is one of the boot verdicts."""
+        if isinstance(event, StorageVerifyFinished):
+            verdict = (event.ok, dict(event.counts))
+            if verdict == self.verdict:
+                return None  # the same check again, under the store lock
+            self.verdict = verdict
+            found = {status for status, n in event.counts.items() if n}
+            self.first_install = not event.ok and found == {"missing"}
+            return None if self.first_install else event.message
+        if isinstance(event, StorageRepairStarted):
+            if not self.first_install:
+                return event.message
+            self.install = event
+        elif isinstance(event, StorageDownloadProgress) and self.install is not None:
+            install, self.install = self.install, None
+            return (
+                f"installing {install.files} files ({_size(install.bytes_needed)}) "
+                f"from {event.source}"
+            )
+        return None
 
 
 async def _up(settings: Settings) -> int:
@@ -207,14 +283,23 @@ async def _up(settings: Settings) -> int:
 
 @app.command(
     help="Run one prompt through the runtime in-process (breaker, fallback, executor) "
-    "and stream the answer to the terminal."
+    "and stream the answer to the terminal.\n\n"
+    "\b\nExamples:\n"
+    '  kensho generate "Say hello."\n'
+    '  kensho generate "Once upon a time" --no-chat --max-tokens 40 --temperature 0.7 --seed 1'
 )
 def generate(  # noqa: PLR0917 - Typer maps each parameter to an option
     prompt: Annotated[str, typer.Argument(help="The prompt (a user message for chat models).")],
-    max_tokens: Annotated[int, typer.Option(min=1, max=32768)] = 64,
+    max_tokens: Annotated[
+        int, typer.Option(min=1, max=32768, help="Stop after this many generated tokens.")
+    ] = 64,
     priority: Annotated[str, typer.Option(help="critical, high, normal or low.")] = "normal",
-    temperature: Annotated[float, typer.Option(min=0.0, max=2.0)] = 0.0,
-    seed: Annotated[int | None, typer.Option()] = None,
+    temperature: Annotated[
+        float, typer.Option(min=0.0, max=2.0, help="Sampling temperature; 0 is greedy.")
+    ] = 0.0,
+    seed: Annotated[
+        int | None, typer.Option(help="Seed for sampling, for a repeatable answer.")
+    ] = None,
     chat: Annotated[bool, typer.Option(help="Send as a chat message (default).")] = True,
     model: ModelOpt = None,
     engine: EngineOpt = None,
@@ -259,28 +344,79 @@ async def _generate(settings: Settings, request: GenerationRequest, priority: Pr
         await kernel.shutdown()
 
 
-@app.command(
-    help="Live view of a running server: breakers, queue, integrity, recent events. "
-    "Exit codes: 0 ok · 1 the server could not be reached."
+_STATUS_HELP = (
+    "Live view of a running server: engines and breakers (state, last transition and "
+    "why), queue depth per priority against capacity, tasks by outcome, integrity, "
+    "recent events. It follows the status stream (GET /v1/kensho/status) and redraws "
+    "as events and the periodic snapshots arrive.\n\n"
+    "The server is the one the settings describe (server.host and server.port, "
+    "KENSHO_SERVER_HOST / KENSHO_SERVER_PORT, kensho.toml), unless --url says "
+    "otherwise; the API key is server.api_key (KENSHO_API_KEY) unless --api-key.\n\n"
+    "\b\nExamples:\n"
+    "  kensho status                      # the server of ./kensho.toml\n"
+    '  kensho status --url http://10.0.0.5:8000 --api-key "$KEY"\n'
+    "  kensho status --once --json | jq .queue\n\n"
+    "Exit codes: 0 ok · 1 the server could not be reached or refused the key."
 )
+
+
+@app.command(help=_STATUS_HELP)
 def status(
-    url: Annotated[str, typer.Option(help="Server base URL.")] = "http://127.0.0.1:8000",
-    api_key: Annotated[
-        str | None, typer.Option(envvar="KENSHO_API_KEY", show_default=False)
+    url: Annotated[
+        str | None,
+        typer.Option(
+            help="Server base URL. Default: http://server.host:server.port from the settings.",
+            show_default=False,
+        ),
     ] = None,
-    once: Annotated[bool, typer.Option("--once", help="Print the snapshot and exit.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print raw events as JSON.")] = False,
+    api_key: Annotated[
+        str | None,
+        typer.Option(
+            help="Bearer token of a server started with an API key. Default: server.api_key "
+            "(KENSHO_API_KEY).",
+            show_default=False,
+        ),
+    ] = None,
+    once: Annotated[
+        bool, typer.Option("--once", help="Print the first snapshot and exit.")
+    ] = False,
+    as_json: Annotated[
+        bool,
+        typer.Option(
+            "--json", help="Print each event as one JSON line (with --once: the snapshot only)."
+        ),
+    ] = False,
 ) -> None:
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    server = state().settings.server
+    base = (url or _server_url(server.host, server.port)).rstrip("/")
+    key = api_key or server.api_key
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # no request line above the table
     try:
-        asyncio.run(_status(url.rstrip("/"), headers, once=once, as_json=as_json))
+        asyncio.run(_status(base, headers, once=once, as_json=as_json))
+    except httpx.HTTPStatusError as exc:
+        hint = " (pass --api-key or set KENSHO_API_KEY)" if exc.response.status_code == 401 else ""
+        err_console.print(labelled("error:", "bold red", f"{base} refused: {exc}{hint}"))
+        raise typer.Exit(ExitCode.FAILED) from None
     except httpx.HTTPError as exc:
-        err_console.print(labelled("error:", "bold red", f"cannot reach {url}: {exc}"))
+        err_console.print(labelled("error:", "bold red", f"cannot reach {base}: {exc}"))
+        raise typer.Exit(ExitCode.FAILED) from None
+    except ValueError as exc:  # an event this version cannot decode (a renamed field)
+        err_console.print(labelled("error:", "bold red", f"{base} sent {exc}"))
         raise typer.Exit(ExitCode.FAILED) from None
 
 
+def _server_url(host: str, port: int) -> str:
+    """Where a local client reaches a server bound to ``host``: a wildcard means here."""
+    if host in {"", "0.0.0.0", "::"}:  # noqa: S104 - a bind address, read not bound
+        host = "127.0.0.1"
+    if ":" in host:
+        host = f"[{host}]"
+    return f"http://{host}:{port}"
+
+
 async def _status(url: str, headers: dict[str, str], *, once: bool, as_json: bool) -> None:
-    view = _StatusView()
+    view = StatusView()
     timeout = httpx.Timeout(10.0, read=None)
     async with (
         httpx.AsyncClient(headers=headers, timeout=timeout) as client,
@@ -293,72 +429,110 @@ async def _status(url: str, headers: dict[str, str], *, once: bool, as_json: boo
                 request=response.request,
                 response=response,
             )
-        with Live(view.render(), console=out_console, auto_refresh=False,
-                  transient=False) if not (once or as_json) else _NoLive() as live:  # fmt: skip
-            kind = "message"
-            async for line in response.aiter_lines():
-                if line.startswith("event: "):
-                    kind = line[7:]
-                elif line.startswith("data: "):
-                    data = orjson.loads(line[6:])
-                    if as_json:
-                        out_console.print_json(orjson.dumps({"kind": kind, **data}).decode())
-                    view.update(kind, data)
-                    if once and kind == "snapshot":
-                        if not as_json:
-                            out_console.print(view.render())
-                        return
-                    live.update(view.render(), refresh=True)
-                    if kind == "shutdown":
-                        return
+        live = not (once or as_json)
+        screen = Live(view.render(), console=out_console, auto_refresh=False) if live else None
+        with screen if screen is not None else contextlib.nullcontext():
+            async for kind, data in _stream_events(response):
+                event = decode_event(kind, data)
+                if as_json:
+                    sys.stdout.buffer.write(orjson.dumps(event.to_dict()) + b"\n")
+                    sys.stdout.buffer.flush()
+                view.update(event)
+                if once and isinstance(event, StatusSnapshot):
+                    if not as_json:
+                        out_console.print(view.render())
+                    return
+                if screen is not None:
+                    screen.update(view.render(), refresh=True)
+                if isinstance(event, ServerShutdown):
+                    return
 
 
-class _NoLive:
-    def __enter__(self) -> _NoLive:
-        return self
+async def _stream_events(response: httpx.Response) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+    """``(kind, data)`` for each server-sent event of the status stream."""
+    kind = "message"
+    async for line in response.aiter_lines():
+        if line.startswith("event: "):
+            kind = line[7:]
+        elif line.startswith("data: "):
+            yield kind, orjson.loads(line[6:])
 
-    def __exit__(self, *exc: object) -> None:
-        return None
 
-    def update(self, *_: object, **__: object) -> None:
-        return None
+def _clock(ts: float) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(ts))
 
 
-class _StatusView:
-    """The latest snapshot plus the last events, as a rich table."""
+class StatusView:
+    """The latest snapshot, breaker states as events move them, and the last events.
 
-    def __init__(self) -> None:
-        self.snapshot: dict[str, Any] = {}
-        self.events: list[str] = []
+    Fed decoded events only (:func:`kensho.events.decode_event`): the fields it reads
+    are the dataclasses' own, checked by the type checker and the decoder.
+    """
 
-    def update(self, kind: str, data: dict[str, Any]) -> None:
-        if kind == "snapshot":
-            self.snapshot = data
+    def __init__(self, *, keep: int = 10) -> None:
+        self.snapshot: StatusSnapshot | None = None
+        self.states: dict[str, str] = {}
+        self.changes: dict[str, BreakerChange] = {}
+        self.events: deque[Event] = deque(maxlen=keep)
+
+    def update(self, event: Event) -> None:
+        """Take in one event of the stream."""
+        if isinstance(event, StatusSnapshot):
+            self.snapshot = event
+            for b in event.breakers:
+                self.states[b.name] = b.state
+                if b.last_change is not None:
+                    self.changes[b.name] = b.last_change
             return
-        self.events = [*self.events[-9:], f"{kind}: {data.get('message', '')}"]
-        if kind == "breaker.state_changed" and "breakers" in self.snapshot:
-            for breaker in self.snapshot["breakers"]:
-                if breaker.get("name") == data.get("breaker"):
-                    breaker["state"] = data.get("to")
+        self.events.append(event)
+        if isinstance(event, BreakerStateChanged):
+            self.states[event.breaker] = event.to_state
+            self.changes[event.breaker] = BreakerChange(
+                from_state=event.from_state,
+                to_state=event.to_state,
+                reason=event.reason,
+                ts=event.ts,
+            )
+
+    def rows(self) -> list[tuple[str, str]]:
+        """``(what, now)`` pairs, in the order drawn; also what tests read."""
+        rows: list[tuple[str, str]] = []
+        snap = self.snapshot
+        if snap is not None:
+            mode = " (degraded: fallback)" if snap.degraded else ""
+            rows.append(("model", f"{snap.model} on {snap.active_engine}{mode}"))
+            for name, state in self.states.items():
+                change = self.changes.get(name)
+                since = (
+                    f" since {_clock(change.ts)} ({change.reason})" if change is not None else ""
+                )
+                rows.append((f"breaker {name}", f"{state}{since}"))
+            rows.append(("queue", _queue_line(snap)))
+            done = " · ".join(f"{k} {v}" for k, v in snap.tasks.items())
+            rows.append(("tasks", done))
+            if snap.overloaded:
+                rows.append(("overloaded", "yes: only critical tasks admitted"))
+            if snap.draining:
+                rows.append(("draining", "yes: shutting down"))
+            integrity = snap.integrity
+            counts = ", ".join(f"{n} {s}" for s, n in sorted(integrity.files.items()))
+            offline = " · offline" if integrity.offline else ""
+            rows.append(("integrity", f"{integrity.status} ({counts or 'no files'}){offline}"))
+        rows += [("event", f"{_clock(e.ts)} {e.message}") for e in self.events]
+        return rows
 
     def render(self) -> Table:
         table = Table("what", "now", title="kensho status", show_lines=False)
-
-        def row(what: str, now: object) -> None:
+        for what, now in self.rows():
             table.add_row(plain(what), plain(now))  # server data, never markup
-
-        snap = self.snapshot
-        if snap:
-            row("active engine", snap.get("active_engine"))
-            row("degraded", snap.get("degraded"))
-            for breaker in snap.get("breakers", []):
-                row(f"breaker {breaker['name']}", breaker["state"])
-            queue = snap.get("queue", {})
-            depth = sum(queue.get("depth", {}).values())
-            row("queue", f"{depth} waiting / capacity {queue.get('capacity')}")
-            row("overloaded", snap.get("overloaded"))
-            integrity = snap.get("integrity", {})
-            row("integrity", f"{integrity.get('status')} {integrity.get('files', {})}")
-        for line in self.events:
-            row("event", line)
         return table
+
+
+def _queue_line(snap: StatusSnapshot) -> str:
+    queue = snap.queue
+    order = [p.name for p in sorted(Priority, reverse=True)]  # critical first
+    depth = sorted(queue.depth.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 9)
+    per = " · ".join(f"{p.lower()} {n}" for p, n in depth)
+    running = ", ".join(f"{e} {n}" for e, n in queue.in_flight.items() if n)
+    text = f"{queue.waiting} waiting of {queue.capacity} ({per})"
+    return text + (f"; running {running}" if running else "")

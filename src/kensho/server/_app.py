@@ -30,14 +30,16 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kensho import __version__
 from kensho.errors import KenshoError, QueueFullError
-from kensho.events import Event
+from kensho.events import Event, ServerShutdown
 from kensho.runtime.engines.base import ChatMessage, GenerationChunk, GenerationRequest
 from kensho.runtime.executor import Priority, TaskHandle
 from kensho.server._context import ServerContext
+from kensho.server._dashboard import DASHBOARD_PATHS, add_dashboard_routes
 from kensho.server._drain import Drain
 from kensho.server._errors import APIError, error_body, error_for_exception, error_response
 from kensho.server._metrics import CONTENT_TYPE, ServerMetrics
 from kensho.server._schemas import BreakerAction, ChatCompletionRequest, CompletionRequest
+from kensho.server._status import SNAPSHOT_INTERVAL, StatusBoard
 from kensho.server._tracing import TracingMiddleware
 from kensho.telemetry import bound_context, get_logger
 
@@ -153,6 +155,7 @@ class _Guard:
                 return {"type": "http.request", "body": bytes(body), "more_body": False}
             return await receive()
 
+        _read_as_json(scope)
         await self.app(scope, replay, send)
 
     def _refusal(self, scope: Scope) -> APIError | None:
@@ -190,8 +193,22 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
+def _read_as_json(scope: Scope) -> None:
+    """Every body this API takes is JSON: read it as JSON whatever its content type.
+
+    ``curl -d`` sends ``application/x-www-form-urlencoded`` and many clients send no
+    type at all; Ollama reads such bodies as JSON, and so does Kensho (a body that is
+    not JSON still gets a 400 that says so). The scope is changed in place: the router
+    records the matched route in it, which the request metrics read afterwards.
+    """
+    headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-type"]
+    scope["headers"] = [*headers, (b"content-type", b"application/json")]
+
+
 def _needs_key(ctx: ServerContext, path: str) -> bool:
     """With an API key, every path needs it but the probes (unless ``protect_metrics``)."""
+    if path in DASHBOARD_PATHS:  # static files; the page asks for the key itself
+        return False
     return ctx.protect_metrics or path not in _PROBE_PATHS
 
 
@@ -349,6 +366,7 @@ def create_app(ctx: ServerContext) -> FastAPI:
     _add_health_routes(app, ctx, metrics)
     _add_admin_routes(app, ctx)
     _add_openai_routes(app, ctx, metrics)
+    add_dashboard_routes(app)
     return app
 
 
@@ -379,6 +397,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 
 
 def _add_health_routes(app: FastAPI, ctx: ServerContext, metrics: ServerMetrics) -> None:
+    board = StatusBoard(ctx, metrics)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
@@ -413,7 +432,8 @@ def _add_health_routes(app: FastAPI, ctx: ServerContext, metrics: ServerMetrics)
 
     @app.get("/v1/kensho/status")
     async def status_stream(request: Request) -> StreamingResponse:
-        """Server-sent events: a snapshot, then integrity, breaker and overload events."""
+        """Server-sent events: a snapshot (and again every second: queue depth,
+        counters), integrity, breaker and overload events as they happen."""
 
         async def events() -> AsyncIterator[bytes]:
             # A synchronous listener feeding a bounded queue: cleanup needs no await,
@@ -431,22 +451,27 @@ def _add_health_routes(app: FastAPI, ctx: ServerContext, metrics: ServerMetrics)
             stopping = asyncio.ensure_future(ctx.stopping.wait())
             getter: asyncio.Future[Event] | None = None
             try:
-                yield b"event: snapshot\n" + _sse(_snapshot(ctx))
+                loop = asyncio.get_running_loop()
+                yield b"event: snapshot\n" + _sse(board.snapshot().to_dict())
+                due = loop.time() + SNAPSHOT_INTERVAL
                 while True:
                     getter = asyncio.ensure_future(queue.get())
                     done, _ = await asyncio.wait(
-                        {getter, stopping}, timeout=15.0, return_when=asyncio.FIRST_COMPLETED
+                        {getter, stopping},
+                        timeout=max(0.0, due - loop.time()),
+                        return_when=asyncio.FIRST_COMPLETED,
                     )
                     if getter not in done:
                         getter.cancel()
                     if stopping in done:
-                        yield b"event: shutdown\n" + _sse({"message": "server shutting down"})
+                        yield b"event: shutdown\n" + _sse(ServerShutdown().to_dict())
                         return
-                    if not done:
-                        yield b": keep-alive\n\n"
-                        continue
-                    event = getter.result()
-                    yield f"event: {event.kind}\n".encode() + _sse(event.to_dict())
+                    if getter in done:
+                        event = getter.result()
+                        yield f"event: {event.kind}\n".encode() + _sse(event.to_dict())
+                    if loop.time() >= due:  # the state now, events flowing or not
+                        yield b"event: snapshot\n" + _sse(board.snapshot().to_dict())
+                        due = loop.time() + SNAPSHOT_INTERVAL
             finally:
                 ctx.hub.remove_listener(listener)
                 stopping.cancel()
@@ -719,19 +744,6 @@ async def _rest(handle: TaskHandle, first: GenerationChunk | None) -> list[Gener
     chunks = [first] if first is not None else []
     chunks += [chunk async for chunk in handle]
     return chunks
-
-
-def _snapshot(ctx: ServerContext) -> dict[str, Any]:
-    runtime = ctx.runtime.metrics()
-    stats = ctx.executor.statistics()
-    return {
-        "active_engine": runtime.active_engine,
-        "degraded": runtime.degraded,
-        "breakers": [b.to_dict() for b in (runtime.primary, runtime.fallback) if b is not None],
-        "queue": {"depth": stats.queued, "capacity": stats.capacity, "in_flight": stats.in_flight},
-        "overloaded": stats.overloaded,
-        "integrity": ctx.integrity.to_dict(),
-    }
 
 
 class _Shaper:
