@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kensho.runtime.executor import TaskExecutor
-from kensho.runtime.hub import EventHub
+from kensho.hub import EventHub
 from kensho.runtime.manager import RuntimeManager
 from kensho.server._drain import Drain
 
