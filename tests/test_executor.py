@@ -722,7 +722,8 @@ async def test_the_chunk_channel_waits_for_space_then_gives_up_on_a_gone_reader(
     clock = VirtualClock()
     channel = ChunkChannel(1, clock=clock, consumer_timeout=2.0)
     chunk = GenerationChunk(text="a", index=0, engine="cpu")
-    assert await channel.send(chunk)
+    assert channel.send_nowait(chunk)
+    assert not channel.send_nowait(chunk)  # full: the fast path never waits
     second = asyncio.create_task(channel.send(chunk))
     await clock.advance(1.0)
     assert not second.done()  # full: waiting for the reader

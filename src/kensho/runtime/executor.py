@@ -29,6 +29,11 @@ and then times out anyway. The executor keeps the system responsive by refusing 
 Submitting is synchronous and dispatching happens inline (no dispatcher task to wake),
 which keeps the cost per task to a few microseconds.
 
+This module owns the queues, the dispatch onto engine slots, deadlines and how each
+task ends. The load decisions (capacity, service time, retry-after, hard open) are
+in :mod:`kensho.runtime.admission`; the handle and its bounded chunk channel in
+:mod:`kensho.runtime.task`.
+
 ::
 
     async with TaskExecutor(runtime) as executor:
@@ -504,11 +509,12 @@ class TaskExecutor:
     async def _relay(self, handle: TaskHandle) -> None:
         """Copy the runtime's chunks into the handle's channel, then settle the task."""
         stream = self.runtime.generate(handle.request)
+        channel = handle.channel
         reader_gone = False
         try:
             first = True
             async for chunk in stream:
-                if not await handle.channel.send(chunk):
+                if not channel.send_nowait(chunk) and not await channel.send(chunk):
                     reader_gone = True
                     break
                 if first:

@@ -87,7 +87,8 @@ class ChunkChannel:
     """A bounded buffer of chunks from one producer (the runner) to one reader.
 
     :meth:`send` waits while the buffer is full; it returns False when the reader left
-    the chunks unread for ``consumer_timeout`` seconds (on ``clock``). :meth:`close`
+    the chunks unread for ``consumer_timeout`` seconds (on ``clock``).
+    :meth:`send_nowait` is the fast path that never waits. :meth:`close`
     wakes both sides for good: the reader drains what is left, then sees the end.
     """
 
@@ -107,6 +108,13 @@ class ChunkChannel:
     def __len__(self) -> int:
         return len(self._buffer)
 
+    def send_nowait(self, chunk: GenerationChunk) -> bool:
+        """Queue ``chunk`` if there is room now (anyio's ``send_nowait``); False: full."""
+        if len(self._buffer) >= self.size and not self._closed:
+            return False
+        self._put(chunk)
+        return True
+
     async def send(self, chunk: GenerationChunk) -> bool:
         """Queue ``chunk`` for the reader, waiting for space; False: the reader is gone."""
         if len(self._buffer) >= self.size and not self._closed:
@@ -118,9 +126,12 @@ class ChunkChannel:
                 return False
             finally:
                 self._space = None
+        self._put(chunk)
+        return True
+
+    def _put(self, chunk: GenerationChunk) -> None:
         self._buffer.append(chunk)
         _resolve(self._readable)
-        return True
 
     def take(self) -> GenerationChunk | None:
         """The oldest unread chunk, or None when none is buffered now."""
