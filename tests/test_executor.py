@@ -12,11 +12,18 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from kensho.errors import EngineError, QueueFullError, TaskTimeoutError
 from kensho.events import Event, QueueCapacityChanged, RuntimeOverloaded, RuntimeRecovered
+from kensho.hub import EventHub
 from kensho.runtime.breaker import BreakerState
 from kensho.runtime.clock import VirtualClock
-from kensho.runtime.engines import GenerationRequest, MockCPUEngine, MockGPUEngine
+from kensho.runtime.engines import (
+    GenerationChunk,
+    GenerationRequest,
+    MockCPUEngine,
+    MockGPUEngine,
+)
 from kensho.runtime.executor import Priority, TaskExecutor, TaskHandle, TaskOutcome, TaskState
 from kensho.runtime.manager import RuntimeManager
+from kensho.runtime.task import ChunkChannel
 from kensho.telemetry.testing import capture_logs
 
 P = Priority
@@ -646,3 +653,83 @@ def test_routing_change_from_outside_the_loop_still_dispatches() -> None:
         loop.run_until_complete(rig.executor.aclose())
     finally:
         loop.close()
+
+
+def test_priority_parse_is_shared_by_the_header_and_the_cli() -> None:
+    assert Priority.parse("critical") is P.CRITICAL
+    assert Priority.parse(" High ") is P.HIGH
+    with pytest.raises(ValueError) as info:
+        Priority.parse("urgent")
+    assert str(info.value) == "'urgent' is not one of critical, high, normal, low"
+
+
+def test_the_executor_uses_its_runtimes_hub() -> None:
+    hub = EventHub()
+    runtime = RuntimeManager(MockGPUEngine(clock=VirtualClock()), hub=hub)
+    assert TaskExecutor(runtime).hub is hub
+    assert TaskExecutor(runtime, hub=hub).hub is hub
+    # A second hub would hide the runtime's breaker transitions from the executor.
+    with pytest.raises(ValueError, match="share its runtime's event hub"):
+        TaskExecutor(runtime, hub=EventHub())
+
+
+async def test_overload_is_published_on_the_hub_and_logged_once_by_it() -> None:
+    async with Rig(max_queue_size=1, rejection_threshold=2, hard_open_duration=5) as rig:
+        rig.runtime.primary_breaker.force_open("GPU lost")
+        rig.cpu.slow_down(100)
+        with capture_logs() as logs:
+            rig.submit()
+            rig.submit()
+            for _ in range(2):
+                with pytest.raises(QueueFullError):
+                    rig.submit()
+            await rig.clock.advance(5)
+        published = [e.kind for e in rig.runtime.hub.history if e.kind.startswith("executor.")]
+        assert published == ["executor.overloaded", "executor.recovered"]
+        lines = [e for e in logs if str(e.get("status", "")).startswith("executor.")]
+        assert [(e["service"], e["level"], e["status"]) for e in lines] == [
+            ("events", "warning", "executor.overloaded"),
+            ("events", "info", "executor.recovered"),
+        ]
+        assert lines[0]["rejections"] == 2
+
+
+async def test_a_handle_cancels_through_its_owners_task_control() -> None:
+    asked: list[tuple[str, str]] = []
+
+    class Owner:
+        def cancel_task(self, handle: TaskHandle, reason: str) -> bool:
+            asked.append((handle.id, reason))
+            return True
+
+    clock = VirtualClock()
+    channel = ChunkChannel(2, clock=clock, consumer_timeout=1.0)
+    handle = TaskHandle(
+        Owner(),
+        "t1",
+        GenerationRequest(prompt="p"),
+        priority=P.LOW,
+        now=0.0,
+        order=0,
+        channel=channel,
+    )
+    assert handle.cancel("test") is True
+    await handle.aclose()  # never started: nothing to wait for, asks once more
+    assert asked == [("t1", "test"), ("t1", "its consumer stopped reading")]
+
+
+async def test_the_chunk_channel_waits_for_space_then_gives_up_on_a_gone_reader() -> None:
+    clock = VirtualClock()
+    channel = ChunkChannel(1, clock=clock, consumer_timeout=2.0)
+    chunk = GenerationChunk(text="a", index=0, engine="cpu")
+    assert channel.send_nowait(chunk)
+    assert not channel.send_nowait(chunk)  # full: the fast path never waits
+    second = asyncio.create_task(channel.send(chunk))
+    await clock.advance(1.0)
+    assert not second.done()  # full: waiting for the reader
+    assert channel.take() is chunk
+    assert await second is True
+    third = asyncio.create_task(channel.send(chunk))
+    await clock.advance(2.0)
+    assert await third is False  # nothing read for consumer_timeout: the reader is gone
+    assert len(channel) == 1

@@ -14,7 +14,9 @@ from kensho.errors import IntegrityError
 from kensho.events import Event, StorageReady
 from kensho.kernel import Kernel
 from kensho.runtime.engines.base import GenerationRequest
+from kensho.server import IntegrityState
 from kensho.storage import build_manifest, dump_manifest
+from kensho.storage.status import IntegrityStatus
 
 
 def settings(root: Path, **model: object) -> Settings:
@@ -122,3 +124,34 @@ async def test_admin_verify_finds_corruption_after_boot(tmp_path: Path) -> None:
         json.dumps(state.to_dict())  # what the admin endpoint returns is JSON-ready
     finally:
         await kernel.shutdown()
+
+
+async def test_one_hub_carries_storage_events_as_they_happen_before_any_runtime(
+    tmp_path: Path,
+) -> None:
+    kernel = Kernel(settings(tmp_path, engine="mock"))
+    arrived: list[tuple[str, bool]] = []  # (kind, a runtime existed when it arrived)
+    kernel.hub.add_listener(lambda e: arrived.append((e.kind, kernel.runtime is not None)))
+    try:
+        ctx = await kernel.boot()
+        assert kernel.runtime is not None
+        assert kernel.executor is not None
+        assert kernel.storage.hub is kernel.hub
+        assert kernel.runtime.hub is kernel.hub
+        assert kernel.executor.hub is kernel.hub
+        assert ctx.hub is kernel.hub
+        storage = [had_runtime for kind, had_runtime in arrived if kind.startswith("storage.")]
+        assert storage, "the storage events went through the kernel's hub"
+        assert not any(storage), "storage events reach the hub at once, not buffered for later"
+        kernel.runtime.primary_breaker.force_open("maintenance")
+        assert ("breaker.state_changed", True) in arrived
+        assert ("runtime.fallback_activated", True) in arrived
+    finally:
+        await kernel.shutdown()
+
+
+def test_integrity_state_holds_one_of_the_storage_verdicts() -> None:
+    assert IntegrityState().status is IntegrityStatus.UNVERIFIED
+    assert IntegrityState(status="failed").status is IntegrityStatus.FAILED  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="'broken' is not a valid IntegrityStatus"):
+        IntegrityState(status="broken")  # type: ignore[arg-type]

@@ -20,6 +20,7 @@ from kensho.events import (
     RuntimeAvailable,
     RuntimeUnavailable,
 )
+from kensho.hub import EventHub
 from kensho.runtime.breaker import FORCED_OPEN_RETRY_AFTER, BreakerState, CircuitBreaker
 from kensho.runtime.clock import VirtualClock
 from kensho.runtime.engines import (
@@ -541,9 +542,10 @@ async def test_status_stream_yields_readable_events() -> None:
         "GPU restored",
     ]
     assert rig.runtime.hub.subscribers == 0
-    manager_logs = [e for e in logs if e["service"] == "runtime.manager"]
-    assert any(e["event"] == "GPU restored" for e in manager_logs)
-    assert any(e.get("status") == "runtime.fallback_activated" for e in manager_logs)
+    # The hub's log listener writes what the manager announces (service "events").
+    event_logs = [e for e in logs if e["service"] == "events"]
+    assert any(e["event"] == "GPU restored" for e in event_logs)
+    assert any(e.get("status") == "runtime.fallback_activated" for e in event_logs)
 
 
 async def test_manual_force_open_routes_to_cpu_and_reset_restores() -> None:
@@ -679,3 +681,33 @@ async def test_close_stops_the_breaker_timers() -> None:
     await rig.clock.advance(3600)  # the open period ends long after shutdown
     assert str(rig.runtime.primary_breaker.state) == "open"
     assert len(rig.status()) == before  # no "testing GPU" after close
+
+
+async def test_breaker_transitions_reach_the_given_hub_as_the_breaker_made_them() -> None:
+    hub = EventHub()
+    rig = Rig(hub=hub)
+    assert rig.runtime.hub is hub
+    from_breaker: list[Event] = []
+    rig.runtime.primary_breaker.add_listener(from_breaker.append)
+    await rig.runtime.start()
+    rig.gpu.force_failure()
+    with capture_logs() as logs:
+        for _ in range(3):
+            await rig.text()
+    changed = [e for e in hub.history if isinstance(e, BreakerStateChanged)]
+    # The very event the breaker made, once: not a copy re-emitted by the manager.
+    assert [id(e) for e in changed] == [id(e) for e in from_breaker]
+    assert [e.to_state for e in changed] == ["open"]
+    # The raw transition first (the executor re-plans on it), then what users are told.
+    kinds = [e.kind for e in hub.history]
+    assert kinds.index("breaker.state_changed") < kinds.index("runtime.fallback_activated")
+    # Each announcement is logged once, by the hub's log listener.
+    switched = [e for e in logs if e.get("status") == "runtime.fallback_activated"]
+    assert [(e["service"], e["level"], e["event"]) for e in switched] == [
+        ("events", "warning", "GPU failing, switched to CPU (degraded performance)")
+    ]
+    assert switched[0]["primary"] == "GPU"
+    assert switched[0]["fallback"] == "CPU"
+    rerouted = [e for e in logs if e.get("status") == "runtime.request_rerouted"]
+    assert len(rerouted) == 3
+    assert all(e["service"] == "events" for e in rerouted)

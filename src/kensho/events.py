@@ -20,9 +20,15 @@ __all__ = ["Event"]
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Event:
-    """Base of every status event; ``ts`` is a wall-clock UNIX timestamp."""
+    """Base of every status event; ``ts`` is a wall-clock UNIX timestamp.
+
+    ``log_level`` is the level the hub's log listener writes the event at
+    (``kensho.hub.log_event``); ``None``: the event is not logged by the hub (its
+    source logs it, or it is progress that would flood the log).
+    """
 
     kind: ClassVar[str] = "event"
+    log_level: ClassVar[str | None] = None
     ts: float = field(default_factory=time.time)
 
     @property
@@ -440,6 +446,7 @@ class FallbackActivated(Event):
     """The primary engine's breaker opened: requests now go to the fallback engine."""
 
     kind: ClassVar[str] = "runtime.fallback_activated"
+    log_level: ClassVar[str | None] = "warning"
     primary: str
     fallback: str
     reason: str
@@ -461,6 +468,7 @@ class PrimaryProbing(Event):
     """The open period ended: the next request(s) test the primary engine."""
 
     kind: ClassVar[str] = "runtime.primary_probing"
+    log_level: ClassVar[str | None] = "info"
     primary: str
 
     @property
@@ -473,6 +481,7 @@ class PrimaryProbeFailed(Event):
     """A test request on the primary failed: stay on the fallback for ``retry_in`` s."""
 
     kind: ClassVar[str] = "runtime.primary_probe_failed"
+    log_level: ClassVar[str | None] = "warning"
     primary: str
     fallback: str
     reason: str
@@ -491,6 +500,7 @@ class PrimaryRestored(Event):
     """The primary engine passed its tests: requests go back to it."""
 
     kind: ClassVar[str] = "runtime.primary_restored"
+    log_level: ClassVar[str | None] = "info"
     primary: str
 
     @property
@@ -503,6 +513,7 @@ class RequestRerouted(Event):
     """One request failed on an engine and was served (or continued) by another."""
 
     kind: ClassVar[str] = "runtime.request_rerouted"
+    log_level: ClassVar[str | None] = "warning"
     request_id: str
     from_engine: str
     to_engine: str
@@ -523,6 +534,7 @@ class RuntimeUnavailable(Event):
     """No engine can serve requests right now; they are refused with a retry-after."""
 
     kind: ClassVar[str] = "runtime.unavailable"
+    log_level: ClassVar[str | None] = "error"
     reason: str
     retry_after: float
 
@@ -536,6 +548,7 @@ class RuntimeAvailable(Event):
     """After a time with no engine, ``engine`` serves again (``degraded``: the fallback)."""
 
     kind: ClassVar[str] = "runtime.available"
+    log_level: ClassVar[str | None] = "info"
     engine: str
     degraded: bool
     unavailable_for: float
@@ -553,6 +566,7 @@ class QueueCapacityChanged(Event):
     """The executor's effective queue capacity changed (dynamic MAX_QUEUE_SIZE)."""
 
     kind: ClassVar[str] = "executor.capacity_changed"
+    log_level: ClassVar[str | None] = "info"
     previous: int
     capacity: int
     reason: str
@@ -571,6 +585,7 @@ class RuntimeOverloaded(Event):
     """
 
     kind: ClassVar[str] = "executor.overloaded"
+    log_level: ClassVar[str | None] = "warning"
     reason: str
     retry_after: float
     rejections: int
@@ -593,6 +608,7 @@ class RuntimeRecovered(Event):
     """The overload ended (``reason``: why): every priority is admitted again."""
 
     kind: ClassVar[str] = "executor.recovered"
+    log_level: ClassVar[str | None] = "info"
     overloaded_for: float
     reason: str = ""
 

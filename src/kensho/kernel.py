@@ -17,9 +17,11 @@ Boot, in order (``../shared/DESIGN.md``):
    finish and otherwise end with a final error event; a second signal cuts the drain
    short (:class:`~kensho.server.Drain`).
 
-Every boot event (integrity progress, breaker transitions) goes to the ``on_event``
-callback (the CLI renders it), to the log, and into the event hub, so the status
-stream of the server replays how the boot went.
+The kernel owns the service's one :class:`~kensho.hub.EventHub` and hands it to the
+storage manager, the runtime manager and the executor, so every event (integrity
+progress, breaker transitions, overload) goes through it as it happens: to the
+``on_event`` callback (the CLI renders it), to the log (the hub's log listener), and
+to the status stream of the server, which replays how the boot went.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from types import FrameType
 
 import uvicorn
@@ -38,6 +40,7 @@ import uvicorn
 from kensho.config import Settings
 from kensho.demo import DEMO_MANIFEST, DEMO_MODEL_DIR
 from kensho.events import Event
+from kensho.hub import EventHub
 from kensho.runtime.engines.base import Engine
 from kensho.runtime.engines.faulty import MockCPUEngine, MockGPUEngine
 from kensho.runtime.engines.torch_engine import TorchEngine
@@ -64,14 +67,13 @@ EventCallback = Callable[[Event], None]
 
 
 def _integrity(report: VerifyReport | None, offline: bool) -> IntegrityState:
-    """The store's state for health and metrics: ok, degraded (optional files bad) or
-    failed (a required file bad), with every file that needs repair."""
+    """The store's state for health and metrics: the report's verdict (decided by the
+    storage side), with every file that needs repair."""
     if report is None:
         return IntegrityState()
     problems = {f.path: f.status.value for f in report.files if f.needs_repair}
-    status = "failed" if not report.ok else "degraded" if problems else "ok"
     return IntegrityState(
-        status=status,
+        status=report.status,
         files={k: v for k, v in report.counts().items() if v},
         problems=problems,
         offline=offline,
@@ -164,16 +166,21 @@ class _Server(uvicorn.Server):
 
 
 class Kernel:
-    """Boots storage, engines and executor from settings, then serves them."""
+    """Boots storage, engines and executor from settings, then serves them.
+
+    ``on_event`` is called for every event of the service (a listener on :attr:`hub`).
+    """
 
     def __init__(self, settings: Settings, *, on_event: EventCallback | None = None) -> None:
         self.settings = settings
         self.on_event = on_event
+        self.hub = EventHub()
+        if on_event is not None:
+            self.hub.add_listener(on_event)
         self.storage = self._make_storage()
         self.runtime: RuntimeManager | None = None
         self.executor: TaskExecutor | None = None
         self.context: ServerContext | None = None
-        self._boot_events: list[Event] = []
         self._socket: socket.socket | None = None
 
     # -- wiring ------------------------------------------------------------------------
@@ -195,7 +202,7 @@ class Kernel:
             root = model.dir or storage.root
             manifest = load_manifest(storage.manifest) if storage.manifest else None
         trust = TrustedKeys.from_hex(self.settings.trust.keys, self.settings.trust.threshold)
-        return StorageManager(root, manifest, sources, trust=trust)
+        return StorageManager(root, manifest, sources, trust=trust, hub=self.hub)
 
     def _make_engines(self) -> tuple[Engine, Engine]:
         model = self.settings.model
@@ -214,14 +221,6 @@ class Kernel:
         fallback = TorchEngine(folder, device=model.fallback_device, dtype=None, name="cpu")
         return primary, fallback
 
-    def _publish(self, event: Event) -> None:
-        if self.runtime is not None:
-            self.runtime.hub.emit(event)
-        else:
-            self._boot_events.append(event)
-        if self.on_event is not None:
-            self.on_event(event)
-
     # -- lifecycle -----------------------------------------------------------------------
 
     @traced("kensho.boot")
@@ -234,24 +233,20 @@ class Kernel:
         started = time.perf_counter()
         log.info("boot started", root=str(self.storage.root), demo=self.uses_demo)
         with span("kensho.verify_and_repair"):
-            async for event in self.storage.initialize_and_verify():
-                self._publish(event)
+            await _drain(self.storage.initialize_and_verify())
         integrity = _integrity(self.storage.report, self.storage.offline)
         primary, fallback = self._make_engines()
-        runtime = RuntimeManager.from_settings(primary, fallback, self.settings.runtime)
+        runtime = RuntimeManager.from_settings(
+            primary, fallback, self.settings.runtime, hub=self.hub
+        )
         self.runtime = runtime
-        for event in self._boot_events:
-            runtime.hub.emit(event)
-        self._boot_events.clear()
-        if self.on_event is not None:
-            runtime.add_listener(self.on_event)
         await runtime.start()
-        self.executor = TaskExecutor.from_settings(runtime, self.settings.runtime)
+        self.executor = TaskExecutor.from_settings(runtime, self.settings.runtime, hub=self.hub)
         server = self.settings.server
         self.context = ServerContext(
             runtime=runtime,
             executor=self.executor,
-            hub=runtime.hub,
+            hub=self.hub,
             model_id=self.settings.model.id,
             integrity=integrity,
             verify=self.verify_now,
@@ -276,8 +271,7 @@ class Kernel:
     @traced("kensho.verify")
     async def verify_now(self) -> IntegrityState:
         """Re-hash the whole store (admin endpoint); events go to the hub."""
-        async for event in self.storage.verify(full=True):
-            self._publish(event)
+        await _drain(self.storage.verify(full=True))
         return _integrity(self.storage.report, self.storage.offline)
 
     def bind(self) -> socket.socket:
@@ -344,6 +338,12 @@ class Kernel:
             self._socket = None
         log.info("shutdown complete")
         log_service().flush()
+
+
+async def _drain(events: AsyncIterator[Event]) -> None:
+    """Run a storage operation to its end: its events reach the hub as they happen."""
+    async for _ in events:
+        pass
 
 
 def _bind(host: str, port: int) -> socket.socket:

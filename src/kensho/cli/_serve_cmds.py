@@ -305,11 +305,9 @@ def generate(  # noqa: PLR0917 - Typer maps each parameter to an option
     engine: EngineOpt = None,
 ) -> None:
     try:
-        level = Priority[priority.upper()]
-    except KeyError:
-        raise typer.BadParameter(
-            f"{priority!r} is not one of critical, high, normal, low", param_hint="--priority"
-        ) from None
+        level = Priority.parse(priority)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--priority") from None
     settings = _settings_for(model=model, engine=engine)
     if chat:
         request = GenerationRequest.chat(

@@ -17,6 +17,8 @@ Every time-dependent piece takes a ``clock``; tests pass a :class:`VirtualClock`
 
 from __future__ import annotations
 
+from kensho.hub import EventHub
+from kensho.runtime.admission import Admission
 from kensho.runtime.breaker import (
     BreakerMetrics,
     BreakerState,
@@ -45,24 +47,25 @@ from kensho.runtime.engines import (
     MockGPUEngine,
     SupportsHealth,
 )
-from kensho.runtime.executor import (
-    Backend,
-    ExecutorStatistics,
+from kensho.runtime.executor import Backend, ExecutorStatistics, TaskExecutor
+from kensho.runtime.manager import RuntimeManager, RuntimeMetrics
+from kensho.runtime.task import (
+    ChunkChannel,
     Priority,
-    TaskExecutor,
+    TaskControl,
     TaskHandle,
     TaskOutcome,
     TaskState,
 )
-from kensho.runtime.hub import EventHub
-from kensho.runtime.manager import RuntimeManager, RuntimeMetrics
 
 __all__ = [
+    "Admission",
     "AsyncioClock",
     "Backend",
     "BreakerMetrics",
     "BreakerState",
     "ChatMessage",
+    "ChunkChannel",
     "CircuitBreaker",
     "Clock",
     "Engine",
@@ -83,6 +86,7 @@ __all__ = [
     "RuntimeManager",
     "RuntimeMetrics",
     "SupportsHealth",
+    "TaskControl",
     "TaskExecutor",
     "TaskHandle",
     "TaskOutcome",

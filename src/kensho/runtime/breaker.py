@@ -38,16 +38,15 @@ and ``permit = breaker.acquire()`` then ``permit.success()`` / ``permit.failure(
 
 from __future__ import annotations
 
-import enum
 import math
-from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
 from fractions import Fraction
 from typing import Literal, ParamSpec, TypeVar
 
 from kensho.errors import CircuitOpenError
 from kensho.events import BreakerStateChanged, Event
+from kensho.runtime._breaker_rules import CountWindow, TimeWindow, check_settings
+from kensho.runtime._breaker_types import BreakerMetrics, BreakerState, FailureInfo
 from kensho.runtime.clock import AsyncioClock, Clock, TimerHandle, timeout
 from kensho.telemetry import get_logger
 
@@ -77,156 +76,11 @@ FORCED_OPEN_RETRY_AFTER = 1.0
 _OPEN_DURATION_CEILING = 86_400.0
 
 
-class BreakerState(enum.StrEnum):
-    """Where a breaker stands; the values are what events, logs and metrics show."""
-
-    CLOSED = "closed"
-    OPEN = "open"
-    HALF_OPEN = "half_open"
-    FORCED_OPEN = "forced_open"
-    DISABLED = "disabled"
-
-
 _CLOSED = BreakerState.CLOSED
 _OPEN = BreakerState.OPEN
 _HALF_OPEN = BreakerState.HALF_OPEN
 _FORCED_OPEN = BreakerState.FORCED_OPEN
 _DISABLED = BreakerState.DISABLED
-
-
-@dataclass(frozen=True, slots=True)
-class FailureInfo:
-    """The last recorded failure: exception type name, message, clock time."""
-
-    type: str
-    message: str
-    at: float
-
-
-@dataclass(frozen=True, slots=True)
-class BreakerMetrics:
-    """An immutable snapshot of a breaker, for monitoring and debugging.
-
-    Counters are totals since creation (or the last :meth:`CircuitBreaker.reset`).
-    ``failure_rate`` is over the sliding window, ``None`` while it holds fewer than
-    ``minimum_calls`` calls (or when no window is configured). Times are in seconds
-    of the breaker's clock; ``open_until`` is ``None`` unless the state is OPEN.
-    """
-
-    name: str
-    state: BreakerState
-    successes: int
-    failures: int
-    slow_calls: int
-    timeouts: int
-    rejections: int
-    ignored: int
-    consecutive_failures: int
-    failure_rate: float | None
-    window_calls: int
-    transitions: int
-    trips: int
-    time_in_state: float
-    open_until: float | None
-    probes_in_flight: int
-    last_failure: FailureInfo | None
-
-    def to_dict(self) -> dict[str, object]:
-        """JSON-ready form (for ``/metrics`` and status endpoints)."""
-        last = self.last_failure
-        return {
-            "name": self.name,
-            "state": str(self.state),
-            "successes": self.successes,
-            "failures": self.failures,
-            "slow_calls": self.slow_calls,
-            "timeouts": self.timeouts,
-            "rejections": self.rejections,
-            "ignored": self.ignored,
-            "consecutive_failures": self.consecutive_failures,
-            "failure_rate": self.failure_rate,
-            "window_calls": self.window_calls,
-            "transitions": self.transitions,
-            "trips": self.trips,
-            "time_in_state": self.time_in_state,
-            "open_until": self.open_until,
-            "probes_in_flight": self.probes_in_flight,
-            "last_failure": None
-            if last is None
-            else {"type": last.type, "message": last.message, "at": last.at},
-        }
-
-
-class _CountWindow:
-    """The outcomes of the last ``size`` calls, as a ring buffer with running totals."""
-
-    __slots__ = ("_buf", "_i", "calls", "failures", "size")
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._buf = bytearray(size)
-        self._i = 0
-        self.calls = 0
-        self.failures = 0
-
-    def add(self, failed: bool, now: float) -> None:
-        i = self._i
-        if self.calls == self.size:
-            self.failures -= self._buf[i]
-        else:
-            self.calls += 1
-        self._buf[i] = failed
-        self.failures += failed
-        self._i = i + 1 if i + 1 < self.size else 0
-
-    def refresh(self, now: float) -> None:
-        """Count windows do not age."""
-
-    def clear(self) -> None:
-        self._buf = bytearray(self.size)
-        self._i = self.calls = self.failures = 0
-
-    def describe(self) -> str:
-        return f"the last {self.calls} calls"
-
-
-class _TimeWindow:
-    """Outcomes of the last ``span`` seconds, in ten buckets (so aging is ±10 %)."""
-
-    __slots__ = ("_buckets", "_width", "calls", "failures", "span")
-
-    def __init__(self, span: float) -> None:
-        self.span = span
-        self._width = span / 10
-        self._buckets: deque[list[float]] = deque()
-        self.calls = 0
-        self.failures = 0
-
-    def refresh(self, now: float) -> None:
-        buckets = self._buckets
-        while buckets and buckets[0][0] + self._width <= now - self.span:
-            _, calls, failures = buckets.popleft()
-            self.calls -= int(calls)
-            self.failures -= int(failures)
-
-    def add(self, failed: bool, now: float) -> None:
-        self.refresh(now)
-        buckets = self._buckets
-        if not buckets or now >= buckets[-1][0] + self._width:
-            buckets.append([now - (now % self._width), 0, 0])
-        bucket = buckets[-1]
-        bucket[1] += 1
-        self.calls += 1
-        if failed:
-            bucket[2] += 1
-            self.failures += 1
-
-    def clear(self) -> None:
-        self._buckets.clear()
-        self.calls = self.failures = 0
-
-    def describe(self) -> str:
-        return f"the last {self.span:g} s ({self.calls} calls)"
 
 
 class Permit:
@@ -316,7 +170,7 @@ class CircuitBreaker:
         exclude_if: Callable[[BaseException], bool] | None = None,
         listeners: Iterable[Listener] = (),
     ) -> None:
-        _check_settings(
+        check_settings(
             failure_threshold=failure_threshold,
             success_threshold=success_threshold,
             half_open_max_calls=half_open_max_calls,
@@ -351,12 +205,12 @@ class CircuitBreaker:
         self._exclude = tuple(exclude)
         self._exclude_if = exclude_if
         self._listeners: list[Listener] = list(listeners)
-        self._window: _CountWindow | _TimeWindow | None = None
+        self._window: CountWindow | TimeWindow | None = None
         if failure_rate_threshold is not None:
             self._window = (
-                _CountWindow(int(window_size))
+                CountWindow(int(window_size))
                 if window_type == "count"
-                else _TimeWindow(float(window_size))
+                else TimeWindow(float(window_size))
             )
         # The success path reads the clock only when something needs durations or times.
         self._timed = slow_call_threshold is not None or window_type == "time"
@@ -772,50 +626,3 @@ class CircuitBreaker:
 
     def __repr__(self) -> str:
         return f"CircuitBreaker({self.name!r}, state={self._state.value})"
-
-
-def _check_settings(
-    *,
-    failure_threshold: int,
-    success_threshold: int,
-    half_open_max_calls: int,
-    open_duration: float,
-    open_duration_multiplier: float,
-    max_open_duration: float | None,
-    failure_rate_threshold: float | None,
-    window_type: str,
-    window_size: float,
-    minimum_calls: int,
-) -> None:
-    """Refuse settings the breaker could not honour, naming the setting."""
-    for name, count in (
-        ("failure_threshold", failure_threshold),
-        ("success_threshold", success_threshold),
-        ("half_open_max_calls", half_open_max_calls),
-        ("minimum_calls", minimum_calls),
-    ):
-        if count < 1:
-            raise ValueError(f"{name} must be >= 1, got {count}")
-    for name, seconds in (
-        ("open_duration", open_duration),
-        ("max_open_duration", max_open_duration),
-    ):
-        if seconds is not None and not (math.isfinite(seconds) and seconds > 0):
-            raise ValueError(f"{name} must be a finite number of seconds > 0, got {seconds}")
-    if not (math.isfinite(open_duration_multiplier) and open_duration_multiplier >= 1):
-        raise ValueError(
-            f"open_duration_multiplier must be a finite number >= 1, got {open_duration_multiplier}"
-        )
-    if failure_rate_threshold is not None and not 0 < failure_rate_threshold <= 1:
-        raise ValueError(
-            f"failure_rate_threshold is a fraction in (0, 1], got {failure_rate_threshold}"
-        )
-    if window_type not in ("count", "time"):
-        raise ValueError(f"window_type must be 'count' or 'time', got {window_type!r}")
-    if not (math.isfinite(window_size) and window_size > 0):
-        raise ValueError(f"window_size must be > 0, got {window_size}")
-    if window_type == "count" and window_size != int(window_size):
-        raise ValueError(
-            f"window_size of a count window is a number of calls (a whole number), "
-            f"got {window_size}"
-        )

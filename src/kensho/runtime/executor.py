@@ -29,6 +29,11 @@ and then times out anyway. The executor keeps the system responsive by refusing 
 Submitting is synchronous and dispatching happens inline (no dispatcher task to wake),
 which keeps the cost per task to a few microseconds.
 
+This module owns the queues, the dispatch onto engine slots, deadlines and how each
+task ends. The load decisions (capacity, service time, retry-after, hard open) are
+in :mod:`kensho.runtime.admission`; the handle and its bounded chunk channel in
+:mod:`kensho.runtime.task`.
+
 ::
 
     async with TaskExecutor(runtime) as executor:
@@ -41,27 +46,28 @@ which keeps the cost per task to a few microseconds.
 from __future__ import annotations
 
 import asyncio
-import enum
 import itertools
 import math
 from collections import deque
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
-from typing import NoReturn, Protocol
+from typing import Protocol
 
 from kensho.config import RuntimeSettings
 from kensho.errors import QueueFullError, TaskTimeoutError
-from kensho.events import (
-    BreakerStateChanged,
-    Event,
-    QueueCapacityChanged,
-    RuntimeOverloaded,
-    RuntimeRecovered,
-)
-from kensho.runtime.clock import AsyncioClock, Clock, TimerHandle, timeout
+from kensho.events import BreakerStateChanged, Event
+from kensho.hub import EventHub
+from kensho.runtime.admission import Admission
+from kensho.runtime.clock import AsyncioClock, Clock
 from kensho.runtime.engines.base import Engine, GenerationChunk, GenerationRequest
-from kensho.runtime.hub import EventHub
+from kensho.runtime.task import (
+    ChunkChannel,
+    Priority,
+    TaskHandle,
+    TaskOutcome,
+    TaskState,
+)
 from kensho.telemetry import get_logger
 
 __all__ = [
@@ -76,38 +82,6 @@ __all__ = [
 
 log = get_logger("runtime.executor")
 
-# The service time assumed for an engine on which no task has completed yet.
-_UNMEASURED_SERVICE = 1.0
-# The shortest retry-after ever suggested: retrying sooner would only be refused again.
-_MIN_RETRY = 0.1
-
-
-class Priority(enum.IntEnum):
-    """Task priority; higher values are served first."""
-
-    LOW = 0
-    NORMAL = 1
-    HIGH = 2
-    CRITICAL = 3
-
-
-class TaskState(enum.StrEnum):
-    """Where a task is in its life."""
-
-    QUEUED = "queued"
-    RUNNING = "running"
-    DONE = "done"
-
-
-class TaskOutcome(enum.StrEnum):
-    """How a task ended (exactly one per accepted task)."""
-
-    COMPLETED = "completed"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-    TIMED_OUT = "timed_out"
-    SHED = "shed"
-
 
 class Backend(Protocol):
     """What the executor runs tasks on: a :class:`~kensho.runtime.manager.RuntimeManager`."""
@@ -119,6 +93,11 @@ class Backend(Protocol):
     @property
     def degraded(self) -> bool:
         """True while running on the fallback engine."""
+
+    @property
+    def hub(self) -> EventHub:
+        """Where the backend announces routing changes (breaker transitions): the
+        executor re-plans on them, and publishes its own events there too."""
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         """Stream the request's chunks."""
@@ -152,153 +131,6 @@ class ExecutorStatistics:
     wait_p99: float | None
 
 
-class _ConsumerGoneError(Exception):
-    """Internal: the consumer stopped reading; the task is cancelled."""
-
-
-class TaskHandle:
-    """The submitter's side of a task: an async iterator of chunks, and its fate.
-
-    Iterating yields the chunks; when the task did not complete, iteration ends by
-    raising why: :class:`QueueFullError` (shed), :class:`TaskTimeoutError`, the engine
-    error, or ``asyncio.CancelledError`` (cancelled, like awaiting a cancelled future).
-    Leaving ``async with handle`` early, or :meth:`aclose`, cancels the task.
-
-    ``submit_order``, ``start_order`` and ``end_order`` stamp the task's submission,
-    start and end on one executor-wide counter, so traces and tests can tell exactly
-    what was waiting when a task started.
-    """
-
-    __slots__ = (
-        "_buffer",
-        "_cancel_reason",
-        "_deadline_timer",
-        "_done",
-        "_executor",
-        "_queue_timer",
-        "_runner",
-        "_space",
-        "_waiter",
-        "end_order",
-        "engine",
-        "error",
-        "finished_at",
-        "id",
-        "outcome",
-        "priority",
-        "request",
-        "start_order",
-        "started_at",
-        "state",
-        "submit_order",
-        "submitted_at",
-    )
-
-    def __init__(
-        self,
-        executor: TaskExecutor,
-        task_id: str,
-        request: GenerationRequest,
-        *,
-        priority: Priority,
-        now: float,
-        order: int,
-    ) -> None:
-        self._executor = executor
-        self.id = task_id
-        self.request = request
-        self.priority = priority
-        self.state = TaskState.QUEUED
-        self.outcome: TaskOutcome | None = None
-        self.error: BaseException | None = None
-        self.engine: str | None = None
-        self.submitted_at = now
-        self.started_at: float | None = None
-        self.finished_at: float | None = None
-        self.submit_order = order
-        self.start_order: int | None = None
-        self.end_order: int | None = None
-        self._buffer: deque[GenerationChunk] = deque()
-        self._waiter: asyncio.Future[None] | None = None
-        self._space: asyncio.Future[None] | None = None
-        self._done: asyncio.Future[TaskOutcome] | None = None
-        self._runner: asyncio.Task[None] | None = None
-        self._queue_timer: TimerHandle | None = None
-        self._deadline_timer: TimerHandle | None = None
-        self._cancel_reason: tuple[TaskOutcome, BaseException] | None = None
-
-    @property
-    def done(self) -> bool:
-        """Whether the task has ended (see :attr:`outcome`)."""
-        return self.outcome is not None
-
-    def cancel(self, reason: str = "cancelled by its submitter") -> bool:
-        """Cancel the task (queued or running); False if it had already ended."""
-        return self._executor._cancel(self, TaskOutcome.CANCELLED, _cancelled(self, reason))
-
-    async def aclose(self) -> None:
-        """Stop reading: cancel the task if it is still going, and wait for it to end."""
-        if not self.done:
-            self.cancel("its consumer stopped reading")
-        runner = self._runner
-        if runner is not None and not runner.done():
-            await asyncio.wait([runner])
-
-    async def __aenter__(self) -> TaskHandle:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
-    def __aiter__(self) -> TaskHandle:
-        return self
-
-    async def __anext__(self) -> GenerationChunk:
-        while True:
-            if self._buffer:
-                chunk = self._buffer.popleft()
-                space = self._space
-                if space is not None and not space.done():
-                    space.set_result(None)
-                return chunk
-            if self.outcome is not None:
-                if self.outcome is TaskOutcome.COMPLETED or self.error is None:
-                    raise StopAsyncIteration
-                raise self.error
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-
-    async def wait(self) -> TaskOutcome:
-        """Wait until the task ends and return how (never raises the task's error)."""
-        if self.outcome is not None:
-            return self.outcome
-        if self._done is None:
-            self._done = asyncio.get_running_loop().create_future()
-        return await asyncio.shield(self._done)
-
-    async def result(self) -> str:
-        """Read the whole stream and return its text (raises like iteration does)."""
-        return "".join([chunk.text async for chunk in self])
-
-    # -- producer side (executor) ---------------------------------------------------------
-
-    def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    def __repr__(self) -> str:
-        return f"TaskHandle({self.id!r}, {self.priority.name}, {self.state.value})"
-
-
 def _cancelled(handle: TaskHandle, reason: str) -> asyncio.CancelledError:
     return asyncio.CancelledError(f"task {handle.id} was cancelled: {reason}")
 
@@ -315,7 +147,11 @@ class TaskExecutor:
     ``rejection_threshold`` rejections within ``rejection_window`` seconds start a
     hard open; it ends when a task finishes with fewer than ``hard_open_low_water``
     x capacity tasks queued (at least: an empty queue), or after
-    ``hard_open_duration`` seconds at most.
+    ``hard_open_duration`` seconds at most (:mod:`kensho.runtime.admission`).
+
+    ``hub`` is the runtime's hub (the kernel passes the service's one hub to both);
+    by default the executor uses ``runtime.hub``. Its events go there, and routing
+    changes are read from there.
     """
 
     def __init__(
@@ -337,40 +173,35 @@ class TaskExecutor:
         consumer_timeout: float | None = 30.0,
         hub: EventHub | None = None,
     ) -> None:
-        if max_queue_size < 1 or min_queue_size < 1 or min_queue_size > max_queue_size:
-            raise ValueError("need 1 <= min_queue_size <= max_queue_size")
         if default_concurrency < 1 or any(v < 1 for v in (concurrency or {}).values()):
             raise ValueError("concurrency limits must be >= 1")
-        if rejection_threshold < 1 or rejection_window <= 0 or hard_open_duration <= 0:
-            raise ValueError("rejection_threshold >= 1, window and duration > 0 required")
-        if not 0 < hard_open_low_water <= 1:
-            raise ValueError(
-                f"hard_open_low_water is a fraction of the queue capacity in (0, 1], "
-                f"got {hard_open_low_water}"
-            )
         if stream_buffer < 1:
             raise ValueError(f"stream_buffer must be >= 1, got {stream_buffer}")
+        if hub is not None and hub is not runtime.hub:
+            raise ValueError(
+                "the executor must share its runtime's event hub (it re-plans on the "
+                "runtime's breaker transitions there); pass the hub to both"
+            )
         self.runtime = runtime
         self.clock: Clock = clock if clock is not None else AsyncioClock()
-        self.max_queue_size = max_queue_size
         self.concurrency = dict(concurrency or {})
         self.default_concurrency = default_concurrency
-        self.max_queue_wait = max_queue_wait
-        self.dynamic_capacity = dynamic_capacity
-        self.min_queue_size = min_queue_size
-        self.rejection_threshold = rejection_threshold
-        self.rejection_window = rejection_window
-        self.hard_open_duration = hard_open_duration
-        self.hard_open_low_water = hard_open_low_water
         self.stream_buffer = stream_buffer
         self.consumer_timeout = consumer_timeout
-        runtime_hub = getattr(runtime, "hub", None)
-        self.hub: EventHub = (
-            hub
-            if hub is not None
-            else runtime_hub
-            if isinstance(runtime_hub, EventHub)
-            else EventHub()
+        self.hub: EventHub = runtime.hub
+        self.admission = Admission(
+            runtime,
+            clock=self.clock,
+            limit=self._limit,
+            publish=self.hub.emit,
+            max_queue_size=max_queue_size,
+            min_queue_size=min_queue_size,
+            max_queue_wait=max_queue_wait,
+            dynamic_capacity=dynamic_capacity,
+            rejection_threshold=rejection_threshold,
+            rejection_window=rejection_window,
+            hard_open_duration=hard_open_duration,
+            hard_open_low_water=hard_open_low_water,
         )
         self.hub.add_listener(self._on_event)
         self._queues: tuple[deque[TaskHandle], ...] = tuple(deque() for _ in Priority)
@@ -382,19 +213,18 @@ class TaskExecutor:
         self._order = itertools.count()
         self._closed = False
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._service: dict[str, float] = {}  # EWMA of seconds per task, by engine
         self._waits: deque[float] = deque(maxlen=2048)
-        self._rejection_times: deque[float] = deque()
-        self._hard_open_until: float | None = None
-        self._hard_open_since = 0.0
-        self._hard_open_timer: TimerHandle | None = None
-        self._capacity_reported = max_queue_size
         self._accepted = self._completed = self._failed = self._cancelled = 0
-        self._timed_out = self._shed = self._rejected = 0
+        self._timed_out = self._shed = 0
 
     @classmethod
     def from_settings(
-        cls, runtime: Backend, settings: RuntimeSettings, *, clock: Clock | None = None
+        cls,
+        runtime: Backend,
+        settings: RuntimeSettings,
+        *,
+        clock: Clock | None = None,
+        hub: EventHub | None = None,
     ) -> TaskExecutor:
         """Build an executor from the ``[runtime]`` settings."""
         return cls(
@@ -407,7 +237,30 @@ class TaskExecutor:
             rejection_window=settings.rejection_window,
             hard_open_duration=settings.hard_open_duration,
             hard_open_low_water=settings.hard_open_low_water,
+            hub=hub,
         )
+
+    # -- settings held by admission ---------------------------------------------------------
+
+    @property
+    def max_queue_size(self) -> int:
+        """The queue's capacity on the primary engine."""
+        return self.admission.max_queue_size
+
+    @property
+    def max_queue_wait(self) -> float | None:
+        """The default queue-wait deadline, and the dynamic capacity's horizon."""
+        return self.admission.max_queue_wait
+
+    @property
+    def hard_open_duration(self) -> float:
+        """The longest a hard open lasts (seconds)."""
+        return self.admission.hard_open_duration
+
+    @property
+    def hard_open_low_water(self) -> float:
+        """The fraction of the capacity the queue must fall below to end a hard open."""
+        return self.admission.hard_open_low_water
 
     # -- public API ---------------------------------------------------------------------
 
@@ -432,61 +285,28 @@ class TaskExecutor:
         priority = Priority(priority)
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
-        now = self.clock.monotonic()
-        if self._hard_open_until is not None and priority < Priority.CRITICAL:
-            self._rejected += 1
-            retry = self._overload_estimate(self._hard_open_until - now)
+        refusal = self.admission.refuse_overloaded(priority, self._queued)
+        if refusal is not None:
             log.debug("task rejected", reason="overloaded", priority=priority.name)
-            raise QueueFullError(
-                f"overloaded: only CRITICAL tasks are accepted until the queue drains "
-                f"({self._queued} tasks waiting) after sustained rejections; retry "
-                f"{priority.name} work in {retry:.1f} s",
-                reason="overloaded",
-                retry_after=retry,
-            )
+            raise refusal
         capacity = self.capacity()
         tid = task_id or f"task-{next(self._ids)}"
         if self._queued >= capacity:
             victim = self._lowest_queued()
             if victim is None or victim.priority >= priority:
-                self._reject(priority, capacity, now)
-            assert victim is not None
+                log.debug(
+                    "task rejected", reason="queue full", priority=priority.name, capacity=capacity
+                )
+                raise self.admission.refuse_full(priority, capacity, self._queued)
             self._shed_task(victim, priority)
-        handle = TaskHandle(self, tid, request, priority=priority, now=now, order=next(self._order))
-        self._accepted += 1
-        self._queues[priority].append(handle)
-        self._queued += 1
-        wait = self.max_queue_wait
-        if queue_timeout is not None:  # may only lower the executor's bound (as Triton)
-            wait = queue_timeout if wait is None else min(wait, queue_timeout)
-        if wait is not None:
-            handle._queue_timer = self.clock.call_later(
-                wait, lambda: self._expire(handle, "queue", wait)
-            )
-        if deadline is not None:
-            handle._deadline_timer = self.clock.call_later(
-                deadline, lambda: self._expire(handle, "total", deadline)
-            )
+        handle = self._enqueue(request, tid, priority)
+        self._arm_deadlines(handle, queue_timeout, deadline)
         self._pump()
         return handle
 
     def capacity(self) -> int:
         """The effective queue capacity now (smaller while on a slower engine)."""
-        capacity = self.max_queue_size
-        if self.dynamic_capacity and self.max_queue_wait is not None and self.runtime.degraded:
-            engine = self.runtime.active_engine
-            service = self._service.get(engine.name)
-            if service is not None and service > 0:
-                drainable = self._limit(engine) * self.max_queue_wait / service
-                capacity = max(self.min_queue_size, min(capacity, math.floor(drainable)))
-        reported = self._capacity_reported
-        # Throughput is an average that moves with every task: announce real changes
-        # (10 % or a return to full capacity), not every wobble.
-        if capacity != reported and (
-            capacity == self.max_queue_size or abs(capacity - reported) >= max(1, reported // 10)
-        ):
-            self._report_capacity(capacity)
-        return capacity
+        return self.admission.capacity()
 
     def statistics(self) -> ExecutorStatistics:
         """A snapshot: depth per priority, in flight, counters, wait-time percentiles."""
@@ -510,8 +330,8 @@ class TaskExecutor:
             cancelled=self._cancelled,
             timed_out=self._timed_out,
             shed=self._shed,
-            rejected=self._rejected,
-            overloaded=self._hard_open_until is not None,
+            rejected=self.admission.rejected,
+            overloaded=self.admission.overloaded,
             wait_p50=pct(0.5),
             wait_p90=pct(0.9),
             wait_p99=pct(0.99),
@@ -520,7 +340,14 @@ class TaskExecutor:
     @property
     def overloaded(self) -> bool:
         """True during a hard open (only CRITICAL tasks admitted)."""
-        return self._hard_open_until is not None
+        return self.admission.overloaded
+
+    def cancel_task(self, handle: TaskHandle, reason: str) -> bool:
+        """Cancel ``handle``'s task (queued or running); False if it had already ended.
+
+        :meth:`TaskHandle.cancel` comes here (the handle's :class:`TaskControl`).
+        """
+        return self._cancel(handle, TaskOutcome.CANCELLED, _cancelled(handle, reason))
 
     async def join(self) -> None:
         """Wait until no task is queued or running."""
@@ -536,16 +363,13 @@ class TaskExecutor:
         self._closed = True
         for queue in self._queues:
             for handle in list(queue):
-                self._cancel(
-                    handle, TaskOutcome.CANCELLED, _cancelled(handle, "executor shut down")
-                )
-        for handle in self._running_handles():
-            self._cancel(handle, TaskOutcome.CANCELLED, _cancelled(handle, "executor shut down"))
+                self.cancel_task(handle, "executor shut down")
+        for handle in list(self._active):
+            self.cancel_task(handle, "executor shut down")
         runners = self._runners()
         if runners:
             await asyncio.wait(runners)
-        if self._hard_open_timer is not None:
-            self._hard_open_timer.cancel()
+        self.admission.close()
         self.hub.remove_listener(self._on_event)
 
     async def __aenter__(self) -> TaskExecutor:
@@ -572,93 +396,8 @@ class TaskExecutor:
                 return queue[-1]
         return None
 
-    def _seconds_per_start(self) -> float:
-        """How often a queued task starts on the active engine: service time / slots."""
-        engine = self.runtime.active_engine
-        service = self._service.get(engine.name)
-        if service is None or service <= 0:
-            service = _UNMEASURED_SERVICE
-        return service / self._limit(engine)
-
-    def _retry_estimate(self) -> float:
-        """When a refused task would get in: once the queue ahead of it has started."""
-        return max(_MIN_RETRY, (self._queued + 1) * self._seconds_per_start())
-
-    def _low_water(self) -> int:
-        """The queue depth the hard open waits for: below it, the pressure has ended."""
-        return max(1, math.ceil(self.capacity() * self.hard_open_low_water))
-
-    def _overload_estimate(self, remaining: float) -> float:
-        """When the hard open should end: the queue drained below the low-water mark
-        (one finished task at least), or ``remaining`` s at most."""
-        starts = max(1, self._queued - self._low_water() + 1)
-        return max(0.0, min(remaining, max(_MIN_RETRY, starts * self._seconds_per_start())))
-
-    def _reject(self, priority: Priority, capacity: int, now: float) -> NoReturn:
-        self._rejected += 1
-        retry = self._retry_estimate()
-        reduced = (
-            f", reduced from {self.max_queue_size} while on {self.runtime.active_engine.name}"
-            if capacity < self.max_queue_size
-            else ""
-        )
-        log.debug("task rejected", reason="queue full", priority=priority.name, capacity=capacity)
-        self._count_rejection(now)
-        raise QueueFullError(
-            f"too many requests: the queue is full ({self._queued} tasks waiting, capacity "
-            f"{capacity}{reduced}) and holds nothing of lower priority than "
-            f"{priority.name}; retry in {retry:.1f} s",
-            reason="rejected",
-            retry_after=retry,
-        )
-
-    def _count_rejection(self, now: float) -> None:
-        times = self._rejection_times
-        times.append(now)
-        while times and times[0] <= now - self.rejection_window:
-            times.popleft()
-        if len(times) >= self.rejection_threshold and self._hard_open_until is None:
-            limit = self.hard_open_duration
-            self._hard_open_since = now
-            self._hard_open_until = now + limit
-            self._hard_open_timer = self.clock.call_later(
-                limit, lambda: self._end_hard_open(f"upper bound of {limit:g} s reached")
-            )
-            event = RuntimeOverloaded(
-                reason=f"{len(times)} rejections within {self.rejection_window:g} s",
-                retry_after=self._overload_estimate(limit),
-                rejections=len(times),
-                max_duration=limit,
-            )
-            log.warning(event.message, status=event.kind)
-            self.hub.emit(event)
-
-    def _check_pressure(self) -> None:
-        """After a task ended: end the hard open once the queue is below its low water."""
-        if self._hard_open_until is None:
-            return
-        low_water = self._low_water()
-        if self._queued < low_water:
-            self._end_hard_open(
-                f"queue down to {self._queued} (low-water mark {low_water}) and tasks finishing"
-            )
-
-    def _end_hard_open(self, reason: str) -> None:
-        if self._hard_open_until is None:
-            return
-        self._hard_open_until = None
-        if self._hard_open_timer is not None:
-            self._hard_open_timer.cancel()
-            self._hard_open_timer = None
-        self._rejection_times.clear()
-        event = RuntimeRecovered(
-            overloaded_for=self.clock.monotonic() - self._hard_open_since, reason=reason
-        )
-        log.info(event.message, status=event.kind)
-        self.hub.emit(event)
-
     def _shed_task(self, victim: TaskHandle, for_priority: Priority) -> None:
-        retry = self._retry_estimate()
+        retry = self.admission.retry_estimate(self._queued)
         error = QueueFullError(
             f"task {victim.id} ({victim.priority.name}) was shed from a full queue to make "
             f"room for a {for_priority.name} task; retry in {retry:.1f} s",
@@ -668,19 +407,36 @@ class TaskExecutor:
         self._remove_queued(victim)
         self._finish(victim, TaskOutcome.SHED, error)
 
-    def _report_capacity(self, capacity: int) -> None:
-        previous = self._capacity_reported
-        self._capacity_reported = capacity
-        engine = self.runtime.active_engine
-        if capacity < self.max_queue_size:
-            reason = (
-                f"{engine.name} can drain about {capacity} tasks within {self.max_queue_wait:g} s"
-            )
-        else:
-            reason = "back to full capacity"
-        event = QueueCapacityChanged(previous=previous, capacity=capacity, reason=reason)
-        log.info(event.message, status=event.kind)
-        self.hub.emit(event)
+    def _enqueue(self, request: GenerationRequest, task_id: str, priority: Priority) -> TaskHandle:
+        channel = ChunkChannel(
+            self.stream_buffer, clock=self.clock, consumer_timeout=self.consumer_timeout
+        )
+        handle = TaskHandle(
+            self,
+            task_id,
+            request,
+            priority=priority,
+            now=self.clock.monotonic(),
+            order=next(self._order),
+            channel=channel,
+        )
+        self._accepted += 1
+        self._queues[priority].append(handle)
+        self._queued += 1
+        return handle
+
+    def _arm_deadlines(
+        self, handle: TaskHandle, queue_timeout: float | None, deadline: float | None
+    ) -> None:
+        wait = self.max_queue_wait
+        if queue_timeout is not None:  # may only lower the executor's bound (as Triton)
+            wait = queue_timeout if wait is None else min(wait, queue_timeout)
+        if wait is not None:
+            timer = self.clock.call_later(wait, lambda: self._expire(handle, "queue", wait))
+            handle.set_timer("queue", timer)
+        if deadline is not None:
+            timer = self.clock.call_later(deadline, lambda: self._expire(handle, "total", deadline))
+            handle.set_timer("total", timer)
 
     def _on_event(self, event: Event) -> None:
         # Routing changed (breaker transitions): concurrency limits and capacity follow.
@@ -715,26 +471,19 @@ class TaskExecutor:
 
     def _start(self, loop: asyncio.AbstractEventLoop, handle: TaskHandle, engine: Engine) -> None:
         self._queued -= 1
-        if handle._queue_timer is not None:
-            handle._queue_timer.cancel()
-            handle._queue_timer = None
         now = self.clock.monotonic()
-        handle.state = TaskState.RUNNING
-        handle.started_at = now
-        handle.start_order = next(self._order)
-        handle.engine = engine.name
+        runner = loop.create_task(self._run(handle))
+        handle.start(engine.name, now=now, order=next(self._order), runner=runner)
         self._waits.append(now - handle.submitted_at)
         self._in_flight[engine.name] = self._in_flight.get(engine.name, 0) + 1
         self._running += 1
         self._active.add(handle)
-        runner = loop.create_task(self._run(handle))
-        handle._runner = runner
         runner.add_done_callback(lambda _: self._runner_done(handle, engine.name))
 
     def _runner_done(self, handle: TaskHandle, engine: str) -> None:
         """Free the slot. Runs even if the runner was cancelled before it started."""
         if handle.outcome is None:
-            reason = handle._cancel_reason
+            reason = handle.cancel_reason
             if reason is not None:
                 self._finish(handle, reason[0], reason[1])
             else:  # pragma: no cover - the loop is shutting down under us
@@ -744,59 +493,46 @@ class TaskExecutor:
         self._active.discard(handle)
         if not self._closed:
             self._pump()
-            self._check_pressure()
+            self.admission.task_finished(self._queued)
 
     async def _run(self, handle: TaskHandle) -> None:
-        engine = handle.engine or ""
         try:
-            stream = self.runtime.generate(handle.request)
-            try:
-                first = True
-                async for chunk in stream:
-                    if len(handle._buffer) >= self.stream_buffer:
-                        await self._wait_for_space(handle)
-                    handle._buffer.append(chunk)
-                    handle._wake()
-                    if first:
-                        # Let the consumer take the first chunk now, even from an engine
-                        # that never pauses: time to first token must not wait for the
-                        # buffer to fill.
-                        first = False
-                        await asyncio.sleep(0)
-            finally:
-                aclose = getattr(stream, "aclose", None)
-                if aclose is not None:
-                    await aclose()
+            await self._relay(handle)
         except asyncio.CancelledError:
-            reason = handle._cancel_reason
+            reason = handle.cancel_reason
             if reason is None:
                 raise  # not ours (loop shutdown): let it propagate
             self._finish(handle, reason[0], reason[1])
-        except _ConsumerGoneError:
-            self._finish(
-                handle,
-                TaskOutcome.CANCELLED,
-                _cancelled(handle, f"no chunk was read for {self.consumer_timeout:g} s"),
-            )
         except Exception as exc:
             self._finish(handle, TaskOutcome.FAILED, exc)
-        else:
-            if self._finish(handle, TaskOutcome.COMPLETED, None) and handle.started_at is not None:
-                elapsed = self.clock.monotonic() - handle.started_at
-                previous = self._service.get(engine)
-                self._service[engine] = (
-                    elapsed if previous is None else 0.8 * previous + 0.2 * elapsed
-                )
 
-    async def _wait_for_space(self, handle: TaskHandle) -> None:
-        handle._space = asyncio.get_running_loop().create_future()
+    async def _relay(self, handle: TaskHandle) -> None:
+        """Copy the runtime's chunks into the handle's channel, then settle the task."""
+        stream = self.runtime.generate(handle.request)
+        channel = handle.channel
+        reader_gone = False
         try:
-            async with timeout(self.clock, self.consumer_timeout):
-                await handle._space
-        except TimeoutError:
-            raise _ConsumerGoneError from None
+            first = True
+            async for chunk in stream:
+                if not channel.send_nowait(chunk) and not await channel.send(chunk):
+                    reader_gone = True
+                    break
+                if first:
+                    # Let the consumer take the first chunk now, even from an engine
+                    # that never pauses: time to first token must not wait for the
+                    # buffer to fill.
+                    first = False
+                    await asyncio.sleep(0)
         finally:
-            handle._space = None
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        if reader_gone:
+            gone = _cancelled(handle, f"no chunk was read for {self.consumer_timeout:g} s")
+            self._finish(handle, TaskOutcome.CANCELLED, gone)
+        elif self._finish(handle, TaskOutcome.COMPLETED, None) and handle.started_at is not None:
+            assert handle.engine is not None
+            self.admission.record_service(handle.engine, self.clock.monotonic() - handle.started_at)
 
     # -- ending tasks -------------------------------------------------------------------------
 
@@ -822,26 +558,15 @@ class TaskExecutor:
             self._finish(handle, outcome, error)
             self._pump()
             return True
-        handle._cancel_reason = (outcome, error)
-        if handle._runner is not None:
-            handle._runner.cancel()
+        handle.request_cancel(outcome, error)
         return True
 
     def _finish(
         self, handle: TaskHandle, outcome: TaskOutcome, error: BaseException | None
     ) -> bool:
         """Record the task's end, exactly once; returns False if it had already ended."""
-        if handle.outcome is not None:
+        if not handle.settle(outcome, error, now=self.clock.monotonic(), order=next(self._order)):
             return False
-        handle.outcome = outcome
-        handle.error = error
-        handle.state = TaskState.DONE
-        handle.finished_at = self.clock.monotonic()
-        handle.end_order = next(self._order)
-        for timer in (handle._queue_timer, handle._deadline_timer):
-            if timer is not None:
-                timer.cancel()
-        handle._queue_timer = handle._deadline_timer = None
         if outcome is TaskOutcome.COMPLETED:
             self._completed += 1
         elif outcome is TaskOutcome.FAILED:
@@ -852,12 +577,6 @@ class TaskExecutor:
             self._timed_out += 1
         else:
             self._shed += 1
-        handle._wake()
-        space = handle._space
-        if space is not None and not space.done():
-            space.set_result(None)
-        if handle._done is not None and not handle._done.done():
-            handle._done.set_result(outcome)
         if outcome is not TaskOutcome.COMPLETED:
             # Per-task lines are debug: under overload they would flood the log; the
             # overloaded/recovered events and statistics() carry the summary.
@@ -870,8 +589,5 @@ class TaskExecutor:
             )
         return True
 
-    def _running_handles(self) -> list[TaskHandle]:
-        return list(self._active)
-
     def _runners(self) -> list[asyncio.Task[None]]:
-        return [h._runner for h in self._active if h._runner is not None and not h._runner.done()]
+        return [h.runner for h in self._active if h.runner is not None and not h.runner.done()]

@@ -17,9 +17,10 @@ Routing of one request:
    :class:`EngineError` (the fallback failed too) says what happened and when to retry.
 
 Users are told what happens, loudly (Ollama switches to CPU silently): every breaker
-transition becomes a status event with a readable message — "GPU failing, switched to
-CPU (degraded performance)", "testing GPU", "GPU restored" — on :meth:`events`, on
-listeners, and in the ``runtime.manager`` log. The message is the state users are in,
+transition reaches the event hub as it is (the breakers publish on it directly), and
+becomes a status event with a readable message — "GPU failing, switched to CPU
+(degraded performance)", "testing GPU", "GPU restored" — on :meth:`events`, on
+listeners, and in the log (the hub's log listener writes it). The message is the state users are in,
 whatever order the breakers moved in: once neither engine admits requests it is "no
 engine available", even when the fallback's breaker opened first, and the end of that
 is announced too ("CPU recovered ... serving on CPU", or "GPU restored").
@@ -45,6 +46,7 @@ from kensho.events import (
     RuntimeAvailable,
     RuntimeUnavailable,
 )
+from kensho.hub import EventHub, Listener
 from kensho.runtime.breaker import (
     FORCED_OPEN_RETRY_AFTER,
     BreakerMetrics,
@@ -54,7 +56,6 @@ from kensho.runtime.breaker import (
 )
 from kensho.runtime.clock import AsyncioClock, Clock, timeout
 from kensho.runtime.engines.base import Engine, GenerationChunk, GenerationRequest
-from kensho.runtime.hub import EventHub, Listener
 from kensho.telemetry import get_logger
 
 __all__ = ["RuntimeManager", "RuntimeMetrics"]
@@ -94,6 +95,9 @@ class RuntimeManager:
     (``None`` disables them); during a half-open probe both are further bounded by the
     breaker's ``half_open_timeout`` — the probe must show signs of life quickly, but a
     healthy long generation is not cut off.
+
+    ``hub`` is where status events go (the kernel passes the service's one hub); by
+    default the manager makes its own.
     """
 
     def __init__(
@@ -106,6 +110,7 @@ class RuntimeManager:
         fallback_breaker: CircuitBreaker | None = None,
         first_token_timeout: float | None = 30.0,
         chunk_timeout: float | None = 30.0,
+        hub: EventHub | None = None,
     ) -> None:
         if fallback is not None and fallback is primary:
             raise ValueError("the fallback engine must be a different engine")
@@ -122,7 +127,7 @@ class RuntimeManager:
             )
         self.first_token_timeout = first_token_timeout
         self.chunk_timeout = chunk_timeout
-        self._hub = EventHub()
+        self._hub = hub if hub is not None else EventHub()
         self._labels = self._make_labels()
         self._primary_ready = False
         self._fallback_ready = False
@@ -131,8 +136,12 @@ class RuntimeManager:
         self._unavailable_since: float | None = None  # when "no engine available" began
         self._requests = self._by_primary = self._by_fallback = 0
         self._rerouted = self._continued = self._failed = self._rejected = 0
+        # The raw transition reaches the hub first (the executor re-plans on it), then
+        # the manager turns it into what users are told.
+        self.primary_breaker.add_listener(self._hub.emit)
         self.primary_breaker.add_listener(self._on_primary_transition)
         if self.fallback_breaker is not None:
+            self.fallback_breaker.add_listener(self._hub.emit)
             self.fallback_breaker.add_listener(self._on_fallback_transition)
 
     @classmethod
@@ -143,6 +152,7 @@ class RuntimeManager:
         settings: RuntimeSettings,
         *,
         clock: Clock | None = None,
+        hub: EventHub | None = None,
     ) -> RuntimeManager:
         """Build a manager and its two breakers from the ``[runtime]`` settings."""
         clock = clock if clock is not None else AsyncioClock()
@@ -171,6 +181,7 @@ class RuntimeManager:
             fallback_breaker=breaker(fallback) if fallback is not None else None,
             first_token_timeout=settings.first_token_timeout,
             chunk_timeout=settings.chunk_timeout,
+            hub=hub,
         )
 
     def _make_labels(self) -> tuple[str, str]:
@@ -282,7 +293,8 @@ class RuntimeManager:
 
     @property
     def hub(self) -> EventHub:
-        """The hub status events go through (the executor publishes on it too)."""
+        """The hub status events go through: breaker transitions and what they mean
+        (the executor subscribes to it and publishes on it too)."""
         return self._hub
 
     def metrics(self) -> RuntimeMetrics:
@@ -317,13 +329,11 @@ class RuntimeManager:
 
     def _on_primary_transition(self, event: Event) -> None:
         assert isinstance(event, BreakerStateChanged)
-        self._hub.emit(event)
-        self._announce(self._primary_status(event), event.reason)
+        self._announce(self._primary_status(event))
 
     def _on_fallback_transition(self, event: Event) -> None:
         assert isinstance(event, BreakerStateChanged)
-        self._hub.emit(event)
-        self._announce(self._fallback_status(event), event.reason)
+        self._announce(self._fallback_status(event))
 
     def _fallback_down(self) -> bool:
         """True when no fallback would take a request (none, or its breaker refuses)."""
@@ -379,16 +389,10 @@ class RuntimeManager:
             self._unavailable_since = self.clock.monotonic()
         return RuntimeUnavailable(reason=reason, retry_after=self.retry_after())
 
-    def _announce(self, status: Event | None, reason: str) -> None:
-        if status is None:
-            return
-        if isinstance(status, RuntimeUnavailable):
-            log.error(status.message, status=status.kind, reason=reason)
-        elif isinstance(status, PrimaryProbing | PrimaryRestored | RuntimeAvailable):
-            log.info(status.message, status=status.kind, reason=reason)
-        else:
-            log.warning(status.message, status=status.kind, reason=reason)
-        self._hub.emit(status)
+    def _announce(self, status: Event | None) -> None:
+        """Publish what users are told (the hub's log listener writes it down)."""
+        if status is not None:
+            self._hub.emit(status)
 
     # -- serving ------------------------------------------------------------------------
 
@@ -412,7 +416,7 @@ class RuntimeManager:
             started = self.clock.monotonic()
             first_token: float | None = None
             try:
-                async with aclosing(self._stream(self.primary, request, permit)) as chunks:
+                async with aclosing(self._engine_stream(self.primary, request, permit)) as chunks:
                     async for chunk in chunks:
                         if first_token is None:
                             first_token = self.clock.monotonic() - started
@@ -496,12 +500,11 @@ class RuntimeManager:
                 reason=str(primary_error) or type(primary_error).__name__,
                 tokens_done=produced,
             )
-            log.warning(note.message, status=note.kind, request_id=request.request_id)
             self._hub.emit(note)
         try:
             started = self.clock.monotonic()
             first_token: float | None = None
-            async with aclosing(self._stream(fallback, request, permit)) as chunks:
+            async with aclosing(self._engine_stream(fallback, request, permit)) as chunks:
                 async for chunk in chunks:
                     if first_token is None:
                         first_token = self.clock.monotonic() - started
@@ -533,7 +536,7 @@ class RuntimeManager:
             )
         return f"retry in {retry:.1f} s"
 
-    async def _stream(
+    async def _engine_stream(
         self, engine: Engine, request: GenerationRequest, permit: Permit
     ) -> AsyncGenerator[GenerationChunk, None]:
         """One engine's stream with hang detection (and forced failures on the primary)."""

@@ -41,6 +41,7 @@ from kensho.server._metrics import CONTENT_TYPE, ServerMetrics
 from kensho.server._schemas import BreakerAction, ChatCompletionRequest, CompletionRequest
 from kensho.server._status import SNAPSHOT_INTERVAL, StatusBoard
 from kensho.server._tracing import TracingMiddleware
+from kensho.storage.status import IntegrityStatus
 from kensho.telemetry import bound_context, get_logger
 
 __all__ = ["create_app"]
@@ -259,13 +260,9 @@ def _priority(request: Request) -> Priority:
     if raw is None:
         return Priority.NORMAL
     try:
-        return Priority[raw.strip().upper()]
-    except KeyError:
-        raise APIError(
-            400,
-            f"{PRIORITY_HEADER}: {raw!r} is not one of critical, high, normal, low",
-            param=PRIORITY_HEADER,
-        ) from None
+        return Priority.parse(raw)
+    except ValueError as exc:
+        raise APIError(400, f"{PRIORITY_HEADER}: {exc}", param=PRIORITY_HEADER) from None
 
 
 def _timeout(request: Request, default: float | None) -> float | None:
@@ -413,10 +410,10 @@ def _add_health_routes(app: FastAPI, ctx: ServerContext, metrics: ServerMetrics)
         """
         runtime = ctx.runtime.metrics()
         engine_ready = ctx.runtime.retry_after() == 0
-        ready = engine_ready and not ctx.draining and ctx.integrity.status != "failed"
+        ready = engine_ready and not ctx.draining and ctx.integrity.status != IntegrityStatus.FAILED
         body = {
             "ready": ready,
-            "degraded": runtime.degraded or ctx.integrity.status == "degraded",
+            "degraded": runtime.degraded or ctx.integrity.status == IntegrityStatus.DEGRADED,
             "draining": ctx.draining,
             "active_engine": runtime.active_engine,
             "integrity": ctx.integrity.to_dict(),

@@ -12,10 +12,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from kensho.hub import EventHub
 from kensho.runtime.executor import TaskExecutor
-from kensho.runtime.hub import EventHub
 from kensho.runtime.manager import RuntimeManager
 from kensho.server._drain import Drain
+from kensho.storage.status import IntegrityStatus
 
 __all__ = ["IntegrityState", "ServerContext"]
 
@@ -24,16 +25,22 @@ __all__ = ["IntegrityState", "ServerContext"]
 class IntegrityState:
     """The store's last verification, as health, readiness and metrics report it.
 
-    ``status`` is ``ok`` (every file good), ``degraded`` (an optional file is missing
-    or corrupt) or ``unverified`` (no store behind this server, e.g. a test engine).
-    ``files`` counts files by verification status; ``problems`` maps paths to reasons.
+    ``status`` is the storage side's verdict (:class:`IntegrityStatus`): ``ok``
+    (every file good), ``degraded`` (an optional file is missing or corrupt),
+    ``failed`` (a required file is: ``/readyz`` answers 503) or ``unverified`` (no
+    store behind this server, e.g. a test engine); a plain string is accepted and
+    checked. ``files`` counts files by verification status; ``problems`` maps paths
+    to reasons.
     """
 
-    status: str = "unverified"
+    status: IntegrityStatus = IntegrityStatus.UNVERIFIED
     files: dict[str, int] = field(default_factory=dict)
     problems: dict[str, str] = field(default_factory=dict)
     offline: bool = False
     checked_at: float | None = None
+
+    def __post_init__(self) -> None:
+        self.status = IntegrityStatus(self.status)  # "degraded" -> DEGRADED; typos refused
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -17,6 +17,7 @@ from prometheus_client.registry import Collector
 
 from kensho.runtime.breaker import BreakerMetrics, BreakerState
 from kensho.server._context import ServerContext
+from kensho.storage.status import IntegrityStatus
 
 __all__ = ["CONTENT_TYPE", "ServerMetrics"]
 
@@ -103,7 +104,8 @@ class _StateCollector(Collector):
         ok = GaugeMetricFamily(
             "kensho_integrity_ok", "1 when every required file verified at the last check"
         )
-        ok.add_metric([], 1.0 if ctx.integrity.status in {"ok", "degraded"} else 0.0)
+        usable = (IntegrityStatus.OK, IntegrityStatus.DEGRADED)
+        ok.add_metric([], 1.0 if ctx.integrity.status in usable else 0.0)
         yield ok
 
         if ctx.log_counts is not None:

@@ -33,6 +33,7 @@ from kensho.events import (
     StorageRepairStarted,
     StorageUpdateFinished,
 )
+from kensho.hub import EventHub
 from kensho.storage._lock import StoreLock
 from kensho.storage._plan import UpdatePlan, plan_update
 from kensho.storage._repair import FileRepairer, RepairOutcome, part_path
@@ -80,13 +81,18 @@ def _free_bytes(path: Path) -> int:
     return shutil.disk_usage(path).free
 
 
-async def _stream(work: Callable[[Emit], Awaitable[object]]) -> AsyncIterator[Event]:
-    """Run ``work`` as a task and yield what it emits; re-raise what it raises."""
+async def _stream(work: Callable[[Emit], Awaitable[object]], hub: EventHub) -> AsyncIterator[Event]:
+    """Run ``work`` as a task and yield what it emits (published on ``hub`` as it
+    happens); re-raise what it raises."""
     queue: asyncio.Queue[object] = asyncio.Queue()
+
+    def emit(event: Event) -> None:
+        hub.emit(event)
+        queue.put_nowait(event)
 
     async def runner() -> None:
         try:
-            await work(queue.put_nowait)
+            await work(emit)
         finally:
             queue.put_nowait(_DONE)
 
@@ -110,7 +116,9 @@ class StorageManager:
     used (offline boot). ``sources`` are tried in order and closed by :meth:`aclose`.
     ``trust`` are the configured keys; the keys pinned in the store at its first
     signed sync apply as well (docs/signing.md, "Pinned keys"). ``disk_free`` (bytes
-    free for a path) is injectable for tests.
+    free for a path) is injectable for tests. Every event is also published on
+    ``hub`` as it happens (the kernel passes the service's one hub; by default the
+    manager makes its own).
     """
 
     def __init__(
@@ -126,8 +134,10 @@ class StorageManager:
         repair_concurrency: int = 2,
         trust: TrustedKeys | None = None,
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
+        hub: EventHub | None = None,
     ) -> None:
         self.root = Path(root)
+        self.hub = hub if hub is not None else EventHub()
         self.trust = trust or TrustedKeys({})
         self.now = now
         self._trust_checked = False
@@ -261,11 +271,11 @@ class StorageManager:
 
     def verify(self, *, full: bool = False) -> AsyncIterator[Event]:
         """Check every file; ``full`` re-hashes even files whose stat record is fresh."""
-        return _stream(lambda emit: self._verify(emit, full=full))
+        return _stream(lambda emit: self._verify(emit, full=full), self.hub)
 
     def repair(self, *, wait: bool = True) -> AsyncIterator[Event]:
         """Take the store lock, re-check, and fix every missing or corrupt file."""
-        return _stream(lambda emit: self._repair(emit, wait=wait))
+        return _stream(lambda emit: self._repair(emit, wait=wait), self.hub)
 
     def initialize_and_verify(
         self, *, wait: bool = True, full: bool = False
@@ -274,7 +284,7 @@ class StorageManager:
 
         Raises ``IntegrityError`` at the end if a required file is still not good.
         """
-        return _stream(lambda emit: self._initialize(emit, wait=wait, full=full))
+        return _stream(lambda emit: self._initialize(emit, wait=wait, full=full), self.hub)
 
     def update(
         self, new_manifest: Manifest, *, dry_run: bool = False, wait: bool = True
@@ -295,7 +305,9 @@ class StorageManager:
         process brought to this very release meanwhile is verified like a sync; one
         it moved past this release refuses it (``SignatureError``, rollback).
         """
-        return _stream(lambda emit: self._update(emit, new_manifest, dry_run=dry_run, wait=wait))
+        return _stream(
+            lambda emit: self._update(emit, new_manifest, dry_run=dry_run, wait=wait), self.hub
+        )
 
     async def trusted_manifest(self) -> Manifest | None:
         """The manifest last trusted for this store, or ``None`` before the first sync."""
@@ -631,9 +643,7 @@ class StorageManager:
             )
         degraded = tuple(f.path for f in report.files if not f.required and f.needs_repair)
         await self._commit_release(emit, wait=wait)
-        ready = StorageReady(
-            state="degraded" if degraded else "ok", offline=self.offline, degraded=degraded
-        )
+        ready = StorageReady(state=report.status.value, offline=self.offline, degraded=degraded)
         _log.info("store ready", state=ready.state, offline=ready.offline, degraded=degraded)
         emit(ready)
 

@@ -1,4 +1,9 @@
-"""Verdicts of a verification: per file, and for the whole store."""
+"""Verdicts of a verification: per file, and for the whole store.
+
+The store's integrity status (ok / degraded / failed) is decided here, once, by
+:attr:`VerifyReport.status`; the storage manager, the kernel, the server's health
+and readiness endpoints and the metrics all read it from there.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,16 @@ from dataclasses import dataclass
 
 from kensho.events import StorageFileChecked
 
-__all__ = ["FileReport", "FileStatus", "VerifyReport"]
+__all__ = ["FileReport", "FileStatus", "IntegrityStatus", "VerifyReport"]
+
+
+class IntegrityStatus(enum.StrEnum):
+    """What a verification says about the whole store."""
+
+    OK = "ok"  # every file good
+    DEGRADED = "degraded"  # every required file good, an optional one missing or bad
+    FAILED = "failed"  # a required file missing or bad: the store must not be served
+    UNVERIFIED = "unverified"  # no verification yet (or no store at all)
 
 
 class FileStatus(enum.StrEnum):
@@ -64,6 +78,14 @@ class VerifyReport:
     def ok(self) -> bool:
         """True when every required file is good."""
         return not any(f.required and f.needs_repair for f in self.files)
+
+    @property
+    def status(self) -> IntegrityStatus:
+        """The store's verdict: failed (a required file bad), degraded (an optional
+        one bad) or ok."""
+        if not self.ok:
+            return IntegrityStatus.FAILED
+        return IntegrityStatus.DEGRADED if self.to_repair else IntegrityStatus.OK
 
     @property
     def to_repair(self) -> tuple[FileReport, ...]:
