@@ -15,7 +15,7 @@ from pathlib import Path
 
 from _storage_support import ENTRY, http_server, kensho, manifest_for, signed_for, write_tree
 from kensho.storage import StorageManager, dump_manifest, parse_manifest
-from kensho.storage._repair import part_path
+from kensho.storage._assemble import part_path
 
 CHUNK = 64 * 1024
 FILES = {"models/w.bin": os.urandom(64 * CHUNK), "tok.json": b'{"vocab": 3}'}

@@ -33,13 +33,15 @@ from kensho.events import (
     StorageRepairStarted,
     StorageUpdateFinished,
 )
+from kensho.storage._assemble import BuildOutcome, FileAssembler, part_path
 from kensho.storage._lock import StoreLock
 from kensho.storage._plan import UpdatePlan, plan_update
-from kensho.storage._repair import FileRepairer, RepairOutcome, part_path
+from kensho.storage._repair import FileRepairer
 from kensho.storage._update import DeltaUpdater, disk_space_error, plan_events, space_needed
 from kensho.storage._verify import Emit, verify_store
-from kensho.storage.hashing import Hasher
+from kensho.storage.hashing import IOPool, run_bounded
 from kensho.storage.manifest import Manifest, dump_manifest, parse_manifest
+from kensho.storage.report import FileReport, FileStatus, VerifyReport
 from kensho.storage.signing import (
     TrustedKeys,
     check_expiry,
@@ -49,7 +51,6 @@ from kensho.storage.signing import (
 )
 from kensho.storage.sources import Source
 from kensho.storage.state import StateStore, StatRecord
-from kensho.storage.status import FileReport, FileStatus, VerifyReport
 from kensho.telemetry import get_logger
 
 __all__ = ["DEFAULT_SPACE_MARGIN", "StorageManager"]
@@ -119,7 +120,7 @@ class StorageManager:
         manifest: Manifest | None = None,
         sources: Sequence[Source] = (),
         *,
-        hasher: Hasher | None = None,
+        hasher: IOPool | None = None,
         disk_free: Callable[[Path], int] = _free_bytes,
         space_margin: int = DEFAULT_SPACE_MARGIN,
         mismatch_retries: int = 3,
@@ -148,7 +149,7 @@ class StorageManager:
         self._manifest_given = manifest is not None
         self._trusted_data: bytes | None = None  # bytes of the trusted manifest in use
         self._own_hasher = hasher is None
-        self._hasher = hasher or Hasher()
+        self._hasher = hasher or IOPool()
         self._lock = StoreLock(self.state.dir / "lock")
 
     async def __aenter__(self) -> StorageManager:
@@ -442,15 +443,7 @@ class StorageManager:
         if plan.files and needed + self.space_margin > free:
             raise disk_space_error(self.root, plan, needed, self.space_margin, free)
         updater = DeltaUpdater(
-            root=self.root,
-            tmp_dir=self.state.tmp_dir,
-            sources=self.sources,
-            hasher=self._hasher,
-            emit=emit,
-            mismatch_retries=self.mismatch_retries,
-            free_space=self.disk_free,
-            state=self.state,
-            concurrency=self.repair_concurrency,
+            self._assembler(emit), state=self.state, concurrency=self.repair_concurrency
         )
         built = await updater.assemble_all(plan)
         problems = {b.plan.entry.path: b.outcome.reason for b in built if not b.outcome.ok}
@@ -680,38 +673,34 @@ class StorageManager:
             )
         return needed
 
+    def _assembler(self, emit: Emit) -> FileAssembler:
+        """The build layer for one repair or update run (shares its distrust list)."""
+        return FileAssembler(
+            root=self.root,
+            tmp_dir=self.state.tmp_dir,
+            sources=self.sources,
+            io=self._hasher,
+            emit=emit,
+            mismatch_retries=self.mismatch_retries,
+            free_space=self.disk_free,
+        )
+
     async def _repair_files(self, emit: Emit, report: VerifyReport) -> VerifyReport:
         manifest = await self.manifest()
         bad = report.to_repair
         needed = await self._precheck_space(manifest, bad)
         free = await asyncio.to_thread(self.disk_free, self.state.tmp_dir)
         emit(StorageRepairStarted(files=len(bad), bytes_needed=needed, bytes_free=free))
-        repairer = FileRepairer(
-            root=self.root,
-            tmp_dir=self.state.tmp_dir,
-            sources=self.sources,
-            hasher=self._hasher,
-            emit=emit,
-            mismatch_retries=self.mismatch_retries,
-            free_space=self.disk_free,
-        )
-        gate = asyncio.Semaphore(self.repair_concurrency)
-        outcomes: dict[str, RepairOutcome] = {}
+        repairer = FileRepairer(self._assembler(emit))
 
-        async def one(file_report: FileReport) -> None:
+        async def one(file_report: FileReport) -> BuildOutcome:
             entry = manifest.file(file_report.path)
             assert entry is not None
-            async with gate:
-                outcomes[entry.path] = await repairer.repair(entry, file_report)
+            return await repairer.repair(entry, file_report)
 
-        try:
-            async with asyncio.TaskGroup() as group:
-                for file_report in bad:
-                    group.create_task(one(file_report))
-        except ExceptionGroup as errors:
-            # One failure (ENOSPC) cancels the other files; report it, not the group.
-            first = errors.exceptions[0]
-            raise first from first.__cause__
+        # One failure (ENOSPC) cancels the other files and is raised alone.
+        results = await run_bounded(bad, one, self.repair_concurrency)
+        outcomes = {f.path: o for f, o in zip(bad, results, strict=True)}
         good: list[tuple[str, str, StatRecord]] = []
         self._failures = {}
         for path, outcome in outcomes.items():

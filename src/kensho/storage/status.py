@@ -1,0 +1,8 @@
+"""The former name of :mod:`kensho.storage.report` (a verify report, not the database
+of :mod:`kensho.storage.state`), kept so existing imports keep working."""
+
+from __future__ import annotations
+
+from kensho.storage.report import FileReport, FileStatus, VerifyReport
+
+__all__ = ["FileReport", "FileStatus", "VerifyReport"]
