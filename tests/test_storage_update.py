@@ -302,7 +302,7 @@ async def test_disk_filling_up_mid_update_keeps_the_old_release(
     The new file is made only of chunks a local file holds, so the failing write is
     the local copy's (no source is given): patching the shared layer reaches it.
     """
-    from kensho.storage import _assemble
+    from kensho.storage import _chunk_io
 
     old = {"a.bin": os.urandom(4 * CHUNK)}
     new = {"a.bin": old["a.bin"], "b.bin": old["a.bin"][CHUNK:]}
@@ -315,8 +315,8 @@ async def test_disk_filling_up_mid_update_keeps_the_old_release(
     def full_disk(fd: int, data: object, offset: int) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(_assemble, "_pwrite_all", full_disk)
-    monkeypatch.setattr(_assemble, "_pwritev_all", full_disk)
+    monkeypatch.setattr(_chunk_io, "_pwrite_all", full_disk)
+    monkeypatch.setattr(_chunk_io, "_pwritev_all", full_disk)
     with pytest.raises(DiskSpaceError, match=r"disk filled up while writing b\.bin") as info:
         await update(root, m2, [])
     assert isinstance(info.value.__cause__, OSError)

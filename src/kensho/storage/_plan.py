@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kensho.storage._assemble import Donor, consecutive_runs
+from kensho.storage._chunk_io import Donor, consecutive_runs
 from kensho.storage._fs import PathGuard, UnsafePathError
 from kensho.storage._placement import Placement, check_placement
 from kensho.storage.manifest import FileEntry, Manifest

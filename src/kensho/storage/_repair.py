@@ -11,13 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kensho.events import StorageFileRepaired
-from kensho.storage._assemble import (
-    BuildOutcome,
-    FileAssembler,
-    LocalCopy,
-    part_path,
-    same_offset_copy,
-)
+from kensho.storage._assemble import BuildOutcome, FileAssembler, part_path
+from kensho.storage._chunk_io import LocalCopy, same_offset_copy
 from kensho.storage.manifest import FileEntry
 from kensho.storage.report import FileReport, FileStatus
 from kensho.telemetry import get_logger

@@ -38,7 +38,8 @@ from kensho.events import (
     StorageUpdateFilePlanned,
     StorageUpdatePlanned,
 )
-from kensho.storage._assemble import BuildOutcome, FileAssembler, donor_copy, part_path
+from kensho.storage._assemble import BuildOutcome, FileAssembler, part_path
+from kensho.storage._chunk_io import donor_copy
 from kensho.storage._fs import PathGuard
 from kensho.storage._placement import Placement, clear_obstacles, placement_error
 from kensho.storage._plan import FilePlan, UpdatePlan
