@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -20,7 +19,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from filelock import FileLock
 
-from _storage_support import ENTRY, http_server, kensho, signed_for, write_tree
+from _server_support import kensho_popen
+from _storage_support import http_server, kensho, signed_for, write_tree
 from kensho.errors import IntegrityError, SignatureError
 from kensho.storage import MemorySource, Source, StorageManager, dump_manifest, parse_manifest
 from kensho.storage import release as release_module
@@ -266,9 +266,8 @@ def store_holds(root: Path, files: dict[str, bytes]) -> bool:
 @contextmanager
 def sync_process(*args: str | Path, cwd: Path) -> Iterator[subprocess.Popen[str]]:
     """``kensho sync ... --json`` in the background, its events on stdout."""
-    command = [sys.executable, "-c", ENTRY, "sync", *map(str, args), "--json"]
-    with subprocess.Popen(
-        command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    with kensho_popen(
+        "sync", *args, "--json", cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     ) as process:
         try:
             yield process

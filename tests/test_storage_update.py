@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import tempfile
 from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import UTC, datetime
@@ -22,7 +21,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import save as save_safetensors
 
-from _storage_support import ENTRY, http_server, kensho, signed_for, write_tree
+from _server_support import kensho_popen
+from _storage_support import http_server, kensho, signed_for, write_tree
 from kensho.errors import DiskSpaceError, IntegrityError, ManifestError, SignatureError
 from kensho.events import (
     Event,
@@ -419,10 +419,12 @@ def test_sigkill_mid_update_then_resume(tmp_path: Path) -> None:
     asyncio.run(install(root, files_old, m1))
     manifest = tmp_path / "v2.json"
     manifest.write_bytes(dump_manifest(m2))
-    args = [sys.executable, "-c", ENTRY, "sync", "-m", str(manifest), "-r", str(root), "--json"]
+    args = ["sync", "-m", str(manifest), "-r", str(root), "--json"]
     with http_server(files_new, pause_after=20 * CHUNK) as (url, state):
-        with subprocess.Popen(
-            [*args, "-s", url],
+        with kensho_popen(
+            *args,
+            "-s",
+            url,
             cwd=tmp_path,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
@@ -444,7 +446,7 @@ def test_sigkill_mid_update_then_resume(tmp_path: Path) -> None:
         assert trusted_serial(root) == 1
         state.resume.set()
         first = len(state.requests)
-        again = kensho(*args[3:], "-s", url, cwd=tmp_path)
+        again = kensho(*args, "-s", url, cwd=tmp_path)
         assert again.returncode == 0, again.stderr
         resumed = [r for r in state.requests[first:] if r[0] == "models/w.bin"]
     assert (root / "models/w.bin").read_bytes() == new
