@@ -10,7 +10,7 @@ its record) is hashed and kept, not fetched again. For each other file of an
 2. a local file holds the same bytes (same SHA-256, any file, any offset): the bytes
    are read, re-hashed and copied only if they still match;
 3. it is fetched by byte range, adjacent chunks merged into one request, with the
-   repairer's source failover, retries and per-chunk hash checks.
+   build layer's source failover, retries and per-chunk hash checks (:mod:`._assemble`).
 
 Then the assembled file is hashed whole against the manifest's ``sha256`` and fsynced.
 Only when every *required* file has been assembled this way are the files swapped in
