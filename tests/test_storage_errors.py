@@ -39,3 +39,15 @@ def test_old_import_paths_are_the_same_classes() -> None:
     assert SourceUnreachableError is SourcesUnreachable is errors.SourceUnreachableError
     assert TransferTooSlowError is errors.TransferTooSlowError
     assert issubclass(errors.SourceUnreachableError, errors.SourceError)
+
+
+def test_renamed_storage_names_keep_their_old_import_paths() -> None:
+    from kensho.storage import Hasher, IOPool
+    from kensho.storage._assemble import BuildOutcome
+    from kensho.storage._repair import RepairOutcome
+    from kensho.storage.report import VerifyReport
+    from kensho.storage.status import VerifyReport as OldVerifyReport
+
+    assert Hasher is IOPool
+    assert RepairOutcome is BuildOutcome
+    assert OldVerifyReport is VerifyReport
