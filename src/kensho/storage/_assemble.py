@@ -29,7 +29,7 @@ import errno
 import hashlib
 import os
 import shutil
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,7 +56,14 @@ from kensho.storage.sources import Source
 from kensho.storage.state import StatRecord
 from kensho.telemetry import get_logger
 
-__all__ = ["BuildOutcome", "Built", "FileAssembler", "part_path"]
+__all__ = [
+    "BuildOutcome",
+    "Built",
+    "FileAssembler",
+    "bytes_to_write",
+    "check_free_space",
+    "part_path",
+]
 
 _log = get_logger("storage")
 _DISTRUSTED = "skipped, it sent wrong bytes earlier in this run"
@@ -66,6 +73,38 @@ def part_path(tmp_dir: Path, entry: FileEntry) -> Path:
     """The temp file for ``entry``: named by its path, so a resume finds it again."""
     digest = hashlib.sha256(entry.path.encode()).hexdigest()[:32]
     return tmp_dir / f"{digest}.part"
+
+
+def bytes_to_write(tmp_dir: Path, entries: Iterable[FileEntry]) -> int:
+    """Bytes still to write in ``tmp_dir`` to build ``entries``: each whole, minus what
+    its partial file already holds (its allocated blocks, at most its size). Blocking.
+
+    The one count of partial bytes, for the repair and the update space checks.
+    """
+    needed = 0
+    for entry in entries:
+        try:
+            have = min(entry.size, part_path(tmp_dir, entry).stat().st_blocks * 512)
+        except OSError:
+            have = 0
+        needed += entry.size - have
+    return needed
+
+
+def check_free_space(*, what: str, where: str, needed: int, margin: int, free: int) -> None:
+    """Refuse a build that does not fit, before any byte of it is written.
+
+    ``what`` names the work (``"repairing 2 file(s) in /store"``), ``where`` the
+    place the bytes go, for the message. Repair and update both check here.
+    """
+    if needed + margin <= free:
+        return
+    raise DiskSpaceError(
+        f"{what} needs {needed} bytes {where}plus a {margin}-byte margin, but only {free} "
+        "bytes are free; free some space (or move the store) and run the sync again",
+        needed=needed + margin,
+        free=free,
+    )
 
 
 @dataclass(slots=True)

@@ -31,14 +31,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kensho.errors import DiskSpaceError
 from kensho.events import (
     Event,
     StorageFileUpdated,
     StorageUpdateFilePlanned,
     StorageUpdatePlanned,
 )
-from kensho.storage._assemble import BuildOutcome, FileAssembler, part_path
+from kensho.storage._assemble import (
+    BuildOutcome,
+    FileAssembler,
+    bytes_to_write,
+    check_free_space,
+)
 from kensho.storage._chunk_io import donor_copy
 from kensho.storage._fs import PathGuard
 from kensho.storage._placement import Placement, clear_obstacles, placement_error
@@ -48,7 +52,7 @@ from kensho.storage.manifest import dump_manifest
 from kensho.storage.state import StateStore, StatRecord
 from kensho.telemetry import get_logger
 
-__all__ = ["Assembled", "DeltaUpdater", "disk_space_error", "plan_events", "space_needed"]
+__all__ = ["Assembled", "DeltaUpdater", "check_update_space", "plan_events"]
 
 _log = get_logger("storage")
 
@@ -117,23 +121,6 @@ def plan_events(plan: UpdatePlan, *, dry_run: bool) -> list[Event]:
         )
     )
     return events
-
-
-def space_needed(plan: UpdatePlan, tmp_dir: Path) -> int:
-    """Bytes still to write in ``tmp_dir``: each planned file whole, minus its partial file.
-
-    Blocking. Unchanged files cost nothing; a reused chunk costs its bytes (it is
-    copied into the new file) but no download.
-    """
-    needed = 0
-    for fp in plan.files:
-        try:
-            st = part_path(tmp_dir, fp.entry).stat()
-            have = min(fp.entry.size, st.st_blocks * 512)
-        except OSError:
-            have = 0
-        needed += fp.entry.size - have
-    return needed
 
 
 @dataclass
@@ -251,15 +238,19 @@ class DeltaUpdater:
         return records
 
 
-def disk_space_error(
-    root: Path, plan: UpdatePlan, needed: int, margin: int, free: int
-) -> DiskSpaceError:
-    """The error for an update that does not fit, raised before any byte is written."""
-    return DiskSpaceError(
-        f"updating {len(plan.files)} file(s) in {root} to serial {plan.target.serial} needs "
-        f"{needed} bytes in {root}/.kensho/tmp (the new files are assembled there before "
-        f"they replace the old ones) plus a {margin}-byte margin, but only {free} bytes "
-        "are free; free some space and run the sync again",
-        needed=needed + margin,
+async def check_update_space(
+    root: Path, plan: UpdatePlan, tmp_dir: Path, *, margin: int, free: int
+) -> None:
+    """Refuse an update whose new files do not fit in ``tmp_dir``, before any byte is
+    written. Unchanged files cost nothing; a reused chunk costs its bytes (it is
+    copied into the new file) but no download."""
+    if not plan.files:
+        return
+    needed = await asyncio.to_thread(bytes_to_write, tmp_dir, [fp.entry for fp in plan.files])
+    check_free_space(
+        what=f"updating {len(plan.files)} file(s) in {root} to serial {plan.target.serial}",
+        where=f"in {tmp_dir} (the new files are assembled there before they replace the old ones) ",
+        needed=needed,
+        margin=margin,
         free=free,
     )

@@ -25,7 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from kensho.config import Settings
-from kensho.errors import DiskSpaceError, IntegrityError, ManifestError
+from kensho.errors import IntegrityError, ManifestError
 from kensho.events import (
     Event,
     StorageLockWaiting,
@@ -34,11 +34,17 @@ from kensho.events import (
     StorageRepairStarted,
     StorageUpdateFinished,
 )
-from kensho.storage._assemble import BuildOutcome, FileAssembler, part_path
+from kensho.storage._assemble import (
+    BuildOutcome,
+    FileAssembler,
+    bytes_to_write,
+    check_free_space,
+    part_path,
+)
 from kensho.storage._lock import StoreLock
 from kensho.storage._plan import UpdatePlan, plan_update
 from kensho.storage._repair import FileRepairer
-from kensho.storage._update import DeltaUpdater, disk_space_error, plan_events, space_needed
+from kensho.storage._update import DeltaUpdater, check_update_space, plan_events
 from kensho.storage._verify import Emit, verify_store
 from kensho.storage.hashing import IOPool, run_bounded
 from kensho.storage.manifest import Manifest, dump_manifest, load_manifest, parse_manifest
@@ -347,10 +353,10 @@ class StorageManager:
             await self._initialize(emit, wait=True, full=False)
 
     async def _apply_update(self, emit: Emit, plan: UpdatePlan, started: float) -> None:
-        needed = await asyncio.to_thread(space_needed, plan, self.state.tmp_dir)
         free = await asyncio.to_thread(self.disk_free, self.state.tmp_dir)
-        if plan.files and needed + self.space_margin > free:
-            raise disk_space_error(self.root, plan, needed, self.space_margin, free)
+        await check_update_space(
+            self.root, plan, self.state.tmp_dir, margin=self.space_margin, free=free
+        )
         updater = DeltaUpdater(
             self._assembler(emit), state=self.state, concurrency=self.repair_concurrency
         )
@@ -524,29 +530,20 @@ class StorageManager:
     async def _precheck_space(self, manifest: Manifest, bad: Sequence[FileReport]) -> int:
         """Bytes still to write; raise ``DiskSpaceError`` before writing any of them."""
 
-        def partial(path: str) -> int:
-            entry = manifest.file(path)
-            assert entry is not None
-            try:
-                st = part_path(self.state.tmp_dir, entry).stat()
-            except OSError:
-                return 0
-            return min(entry.size, st.st_blocks * 512)
-
-        needed = 0
-        for f in bad:
-            entry = manifest.file(f.path)
-            if entry is not None and f.status != FileStatus.UNSAFE:
-                needed += entry.size - await asyncio.to_thread(partial, f.path)
+        entries = [
+            entry
+            for f in bad
+            if f.status != FileStatus.UNSAFE and (entry := manifest.file(f.path)) is not None
+        ]
+        needed = await asyncio.to_thread(bytes_to_write, self.state.tmp_dir, entries)
         free = await asyncio.to_thread(self.disk_free, self.state.tmp_dir)
-        if needed + self.space_margin > free:
-            raise DiskSpaceError(
-                f"repairing {len(bad)} file(s) in {self.root} needs {needed} bytes plus a "
-                f"{self.space_margin}-byte margin, but only {free} bytes are free there; "
-                "free some space (or move the store) and run the sync again",
-                needed=needed + self.space_margin,
-                free=free,
-            )
+        check_free_space(
+            what=f"repairing {len(bad)} file(s) in {self.root}",
+            where="",
+            needed=needed,
+            margin=self.space_margin,
+            free=free,
+        )
         return needed
 
     def _assembler(self, emit: Emit) -> FileAssembler:
