@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 BOOT_TIMEOUT = 60.0
 
@@ -46,17 +47,43 @@ class Server:
             return self.process.wait(timeout=10)
 
 
-def kensho_env(data_home: Path, *, port: str | None = "0", **extra: str) -> dict[str, str]:
-    """The environment of a ``kensho`` subprocess: no outside KENSHO_* leaks in, the
-    store lives under ``data_home``, logs are JSON, and ``up`` picks a free port."""
+def clean_env(**extra: str) -> dict[str, str]:
+    """This process's environment without its KENSHO_* variables, plus ``extra``.
+
+    Why: an unknown KENSHO_* variable stops every command, and a known one would
+    change what the test runs; a test sets the ones it means.
+    """
     env = {k: v for k, v in os.environ.items() if not k.startswith("KENSHO_")}
-    env.update(
-        {"XDG_DATA_HOME": str(data_home), "KENSHO_LOG_FORMAT": "json", "PYTHONUNBUFFERED": "1"}
-    )
+    env.update(extra)
+    return env
+
+
+def kensho_env(data_home: Path, *, port: str | None = "0", **extra: str) -> dict[str, str]:
+    """The environment of a served ``kensho``: :func:`clean_env`, the store under
+    ``data_home``, JSON logs, and ``up`` picking a free port."""
+    env = clean_env(XDG_DATA_HOME=str(data_home), KENSHO_LOG_FORMAT="json", PYTHONUNBUFFERED="1")
     if port is not None:
         env["KENSHO_SERVER_PORT"] = port
     env.update(extra)
     return env
+
+
+def kensho_argv(*args: str | Path) -> list[str]:
+    """The command line of ``kensho ARGS`` in this interpreter (so ``PYTHONPATH`` holds)."""
+    return [sys.executable, "-m", "kensho", *map(str, args)]
+
+
+def kensho_popen(
+    *args: str | Path, cwd: Path, env: dict[str, str] | None = None, **popen: Any
+) -> subprocess.Popen[str]:
+    """Start ``kensho ARGS`` (the one way tests start it); ``env`` defaults to
+    :func:`clean_env`. ``popen``: the pipes and the rest, as for ``subprocess.Popen``."""
+    return subprocess.Popen(
+        kensho_argv(*args),
+        cwd=cwd,
+        env=clean_env() if env is None else env,
+        **popen,
+    )
 
 
 def _pump(stream: object, sink: list[str], lines: queue.Queue[str | None]) -> None:
@@ -67,12 +94,13 @@ def _pump(stream: object, sink: list[str], lines: queue.Queue[str | None]) -> No
 
 
 def run_kensho(
-    *args: str, env: dict[str, str], cwd: Path, timeout: float = 120
+    *args: str | Path, cwd: Path, env: dict[str, str] | None = None, timeout: float = 120
 ) -> subprocess.CompletedProcess[str]:
+    """Run ``kensho ARGS`` to the end, output captured (see :func:`kensho_popen`)."""
     return subprocess.run(
-        [sys.executable, "-m", "kensho", *args],
-        env=env,
+        kensho_argv(*args),
         cwd=cwd,
+        env=clean_env() if env is None else env,
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -83,13 +111,8 @@ def run_kensho(
 @contextmanager
 def kensho_up(*args: str, env: dict[str, str], cwd: Path) -> Iterator[Server]:
     """Run ``kensho up``; yield once it prints where it listens; always stop it."""
-    process = subprocess.Popen(
-        [sys.executable, "-m", "kensho", "up", *args],
-        env=env,
-        cwd=cwd,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    process = kensho_popen(
+        "up", *args, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     out_lines: queue.Queue[str | None] = queue.Queue()
     server = Server(process, url="")

@@ -9,10 +9,8 @@ the end of the ``with`` block, releasing any handler that is blocked.
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -22,6 +20,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
+from _server_support import clean_env, run_kensho
 from kensho.storage import Manifest, parse_manifest
 
 
@@ -204,17 +203,7 @@ def http_server(files: Mapping[str, bytes], **behaviour: Any) -> Iterator[tuple[
         thread.join(10)
 
 
-ENTRY = "from kensho.cli import main; main()"
-
-
 def kensho(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
-    """Run the ``kensho`` command in a subprocess, wide enough for tables."""
-    return subprocess.run(
-        [sys.executable, "-c", ENTRY, *map(str, args)],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=50,
-        check=False,
-        env={**os.environ, "COLUMNS": "400"},
-    )
+    """Run the ``kensho`` command in a subprocess, wide enough for tables (the one
+    runner of :mod:`_server_support`, so outside KENSHO_* variables stay out)."""
+    return run_kensho(*args, cwd=cwd, env=clean_env(COLUMNS="400"), timeout=50)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from kensho.storage import Hasher
+from kensho.storage import IOPool
 from kensho.storage.hashing import (
     BATCH_BYTES,
     BATCH_CHUNKS,
@@ -50,7 +50,7 @@ async def test_hash_ranges_in_parallel(tmp_path: Path) -> None:
     data = os.urandom(1_000_000)
     (tmp_path / "f").write_bytes(data)
     ranges = [(off, 100_000) for off in range(0, 1_000_000, 100_000)] + [(999_999, 5)]
-    async with Hasher(workers=2) as hasher:
+    async with IOPool(workers=2) as hasher:
         got = await hasher.hash_ranges(tmp_path / "f", ranges)
     want = [hashlib.sha256(data[o : o + n]).hexdigest() for o, n in ranges[:-1]]
     assert got == [*want, None]
@@ -59,7 +59,7 @@ async def test_hash_ranges_in_parallel(tmp_path: Path) -> None:
 async def test_digest_file_whole_and_chunks(tmp_path: Path) -> None:
     data = os.urandom(2_500_000)
     (tmp_path / "f").write_bytes(data)
-    async with Hasher() as hasher:
+    async with IOPool() as hasher:
         digest = await hasher.digest_file(tmp_path / "f", 1_000_000)
     assert digest.size == len(data)
     assert digest.sha256 == hashlib.sha256(data).hexdigest()
@@ -83,7 +83,7 @@ async def test_event_loop_keeps_running_while_hashing(tmp_path: Path) -> None:
             ticks += 1
             await asyncio.sleep(0)
 
-    async with Hasher(workers=1) as hasher:
+    async with IOPool(workers=1) as hasher:
         task = asyncio.create_task(ticker())
         await hasher.hash_ranges(tmp_path / "f", [(0, 32 * BUFFER_SIZE)])
         done.set()
@@ -122,7 +122,7 @@ async def test_mismatched_names_exactly_the_bad_and_missing_chunks(tmp_path: Pat
         broken[chunks[i].offset + chunks[i].size - 1] ^= 1
     (tmp_path / "f").write_bytes(bytes(broken[:-10]))  # the last chunk is cut short
     seen: list[int] = []
-    async with Hasher(workers=2) as hasher:
+    async with IOPool(workers=2) as hasher:
         bad = await hasher.mismatched(tmp_path / "f", chunks, range(len(chunks)), seen.append)
     assert bad == [*wrong, len(sizes) - 1]
     assert sum(seen) == len(data)  # progress per batch adds up to the bytes asked for

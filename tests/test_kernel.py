@@ -16,7 +16,7 @@ from kensho.kernel import Kernel
 from kensho.runtime.engines.base import GenerationRequest
 from kensho.server import IntegrityState
 from kensho.storage import build_manifest, dump_manifest
-from kensho.storage.status import IntegrityStatus
+from kensho.storage.report import IntegrityStatus
 
 
 def settings(root: Path, **model: object) -> Settings:

@@ -6,11 +6,13 @@ import json
 import os
 import pty
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
-from _storage_support import ENTRY, http_server, kensho, signed_for, write_tree
+import pytest
+
+from _server_support import clean_env, kensho_popen
+from _storage_support import http_server, kensho, signed_for, write_tree
 
 FILES = {"models/w.bin": os.urandom(300_000), "tok.json": b'{"vocab": 3}'}
 
@@ -54,6 +56,18 @@ def test_build_then_sync_then_verify(tmp_path: Path) -> None:
     events = json_lines(checked.stdout)
     assert events[0]["kind"] == "storage.verify.started"
     assert events[-1]["kind"] == "storage.verify.finished" and events[-1]["ok"] is True
+
+
+def test_the_runner_keeps_outside_kensho_variables_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An unknown KENSHO_* variable stops every command; the one test runner drops
+    the ones of the process running the tests, so they cannot decide a test."""
+    _, manifest = build(tmp_path)
+    monkeypatch.setenv("KENSHO_NOT_A_SETTING", "1")
+    checked = kensho("verify", "-m", manifest, "-r", tmp_path / "store", "--json", cwd=tmp_path)
+    assert checked.returncode == 1, checked.stderr  # a verify verdict, not a config error
+    assert json_lines(checked.stdout)[-1]["kind"] == "storage.verify.finished"
 
 
 def test_verify_exits_1_on_a_corrupt_file(tmp_path: Path) -> None:
@@ -101,19 +115,21 @@ def test_two_syncs_at_once(tmp_path: Path) -> None:
     """One sync holds the lock; --no-wait exits 7; a waiting one says so, then succeeds."""
     _, manifest = build(tmp_path)
     root = tmp_path / "store"
-    args = [sys.executable, "-c", ENTRY, "sync", "-m", str(manifest), "-r", str(root), "--json"]
+    args = ["sync", "-m", str(manifest), "-r", str(root), "--json"]
     with (
         http_server(FILES, pause_after=100_000) as (url, state),
-        subprocess.Popen(
-            [*args, "-s", url], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        kensho_popen(
+            *args, "-s", url, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         ) as first,
     ):
         assert state.paused.wait(30), "the first sync never started downloading"
         busy = kensho("sync", "-m", manifest, "-r", root, "-s", url, "--no-wait", cwd=tmp_path)
         assert busy.returncode == 7, busy.stderr
         assert "another Kensho process" in busy.stderr
-        with subprocess.Popen(
-            [*args, "-s", url],
+        with kensho_popen(
+            *args,
+            "-s",
+            url,
             cwd=tmp_path,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
@@ -187,10 +203,10 @@ def test_progress_bars_in_a_terminal_show_file_names_literally(tmp_path: Path) -
     write_tree(src, MARKUP_FILES)
     manifest = write_manifest(tmp_path / "m.json", MARKUP_FILES)
     controller, terminal = pty.openpty()
-    env = {**os.environ, "COLUMNS": "200", "TERM": "xterm"}
-    args = [sys.executable, "-c", ENTRY, "sync", "-m", str(manifest), "-r", str(tmp_path / "s")]
-    with subprocess.Popen(
-        [*args, "-s", str(src)], cwd=tmp_path, stdout=subprocess.PIPE, stderr=terminal, env=env
+    env = clean_env(COLUMNS="200", TERM="xterm")
+    args = ["sync", "-m", str(manifest), "-r", str(tmp_path / "s"), "-s", str(src)]
+    with kensho_popen(
+        *args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=terminal, env=env
     ) as process:
         os.close(terminal)
         screen = read_until_closed(controller)

@@ -8,14 +8,14 @@ import os
 import signal
 import sqlite3
 import subprocess
-import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from _storage_support import ENTRY, http_server, kensho, manifest_for, signed_for, write_tree
+from _server_support import kensho_popen
+from _storage_support import http_server, kensho, manifest_for, signed_for, write_tree
 from kensho.storage import StorageManager, dump_manifest, parse_manifest
-from kensho.storage._repair import part_path
+from kensho.storage._assemble import part_path
 
 CHUNK = 64 * 1024
 FILES = {"models/w.bin": os.urandom(64 * CHUNK), "tok.json": b'{"vocab": 3}'}
@@ -26,10 +26,12 @@ def test_sigkill_mid_download_then_resume(tmp_path: Path) -> None:
     manifest.write_bytes(dump_manifest(manifest_for(FILES, CHUNK)))
     root = tmp_path / "store"
     size = len(FILES["models/w.bin"])
-    args = [sys.executable, "-c", ENTRY, "sync", "-m", str(manifest), "-r", str(root), "--json"]
+    args = ["sync", "-m", str(manifest), "-r", str(root), "--json"]
     with http_server(FILES, pause_after=size // 2) as (url, state):
-        with subprocess.Popen(
-            [*args, "-s", url],
+        with kensho_popen(
+            *args,
+            "-s",
+            url,
             cwd=tmp_path,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
@@ -56,7 +58,7 @@ def test_sigkill_mid_download_then_resume(tmp_path: Path) -> None:
         assert part_path(root / ".kensho" / "tmp", entry).is_file()
         state.resume.set()
         first_requests = len(state.requests)
-        again = kensho(*args[3:], "-s", url, cwd=tmp_path)
+        again = kensho(*args, "-s", url, cwd=tmp_path)
         assert again.returncode == 0, again.stderr
         resumed = [r for r in state.requests[first_requests:] if r[0] == "models/w.bin"]
     assert final.read_bytes() == FILES["models/w.bin"]
@@ -90,8 +92,8 @@ def kill_after_swap(args: Sequence[str], root: Path, path: str, cwd: Path) -> No
     """Run ``kensho`` (``args``, with ``--json``); SIGKILL it once ``path`` is swapped in."""
     with (
         records_blocked(root),
-        subprocess.Popen(
-            [sys.executable, "-c", ENTRY, *args],
+        kensho_popen(
+            *args,
             cwd=cwd,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,

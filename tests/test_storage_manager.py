@@ -29,7 +29,7 @@ from kensho.storage import (
     Source,
     StorageManager,
     StoreBusyError,
-    _repair,
+    _chunk_io,
     dump_manifest,
 )
 from kensho.storage._lock import StoreLock
@@ -276,8 +276,8 @@ async def test_enospc_during_write_keeps_old_file(
     def full_disk_v(fd: int, pieces: list[bytes], offset: int) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(_repair, "_pwrite_all", full_disk)
-    monkeypatch.setattr(_repair, "_pwritev_all", full_disk_v)
+    monkeypatch.setattr(_chunk_io, "_pwrite_all", full_disk)
+    monkeypatch.setattr(_chunk_io, "_pwritev_all", full_disk_v)
     with pytest.raises(DiskSpaceError, match=r"disk filled up while writing models/w\.bin"):
         await sync(tmp_path, manifest_for(FILES, CHUNK), [MemorySource(FILES)])
     assert w.read_bytes() == bytes(old)
@@ -458,7 +458,7 @@ async def test_cancelled_repair_never_closes_a_file_a_thread_still_writes(
     another file (the state database) and receive model bytes."""
     import threading
 
-    from kensho.storage import _repair
+    from kensho.storage import _chunk_io
 
     data = os.urandom(8 * 4096)
     files = {"w.bin": data}
@@ -468,7 +468,7 @@ async def test_cancelled_repair_never_closes_a_file_a_thread_still_writes(
     (tmp_path / "w.bin").write_bytes(bytes(broken))
     entered, release = threading.Event(), threading.Event()
     fd_alive: list[bool] = []
-    original = _repair._copy_chunks
+    original = _chunk_io.copy_same_offset
 
     def slow_copy(src: Path, fd: int, chunks: object, batch: range) -> list[int]:
         entered.set()
@@ -480,7 +480,7 @@ async def test_cancelled_repair_never_closes_a_file_a_thread_still_writes(
             fd_alive.append(False)
         return original(src, fd, chunks, batch)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(_repair, "_copy_chunks", slow_copy)
+    monkeypatch.setattr(_chunk_io, "copy_same_offset", slow_copy)
     manager = StorageManager(tmp_path, manifest_for(files, 4096), [MemorySource(files)])
 
     async def run() -> None:

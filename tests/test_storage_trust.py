@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -20,10 +19,11 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from filelock import FileLock
 
-from _storage_support import ENTRY, http_server, kensho, signed_for, write_tree
+from _server_support import kensho_popen
+from _storage_support import http_server, kensho, signed_for, write_tree
 from kensho.errors import IntegrityError, SignatureError
 from kensho.storage import MemorySource, Source, StorageManager, dump_manifest, parse_manifest
-from kensho.storage import manager as manager_module
+from kensho.storage import release as release_module
 from kensho.storage.manifest import Manifest
 from kensho.storage.signing import (
     TrustedKeys,
@@ -168,7 +168,7 @@ async def test_expired_manifest_still_boots_a_verified_store_offline(tmp_path: P
 async def test_unsigned_manifests_work_without_keys_with_one_warning(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(manager_module, "_warned_unsigned", False)
+    monkeypatch.setattr(release_module, "_warned_unsigned", False)
     no_keys = TrustedKeys({})
     with capture_logs() as events:
         await boot(tmp_path / "a", manifest(), [MemorySource(FILES)], trust=no_keys)
@@ -266,9 +266,8 @@ def store_holds(root: Path, files: dict[str, bytes]) -> bool:
 @contextmanager
 def sync_process(*args: str | Path, cwd: Path) -> Iterator[subprocess.Popen[str]]:
     """``kensho sync ... --json`` in the background, its events on stdout."""
-    command = [sys.executable, "-c", ENTRY, "sync", *map(str, args), "--json"]
-    with subprocess.Popen(
-        command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    with kensho_popen(
+        "sync", *args, "--json", cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     ) as process:
         try:
             yield process
@@ -411,3 +410,36 @@ def test_a_key_rotation_needs_a_manifest_signed_by_the_pinned_keys_too(
     done = kensho("sync", "-m", fresh, "-r", root, "-s", tmp_path / "v1", cwd=bare)
     assert done.returncode == 0, done.stderr
     assert store_holds(root, V1) and trusted_serial(root) == 3
+
+
+async def test_from_settings_wires_root_manifest_sources_and_keys(tmp_path: Path) -> None:
+    """One wiring for the kernel and the CLI: each setting reaches the manager."""
+    from kensho.config import Settings, StorageSettings, TrustSettings
+
+    mirror, root = tmp_path / "mirror", tmp_path / "store"
+    write_tree(mirror, FILES)
+    path = tmp_path / "manifest.json"
+    path.write_bytes(dump_manifest(sign_manifest(manifest(), KEY)))
+    settings = Settings(
+        storage=StorageSettings(root=root, manifest=path, sources=[str(mirror)]),
+        trust=TrustSettings(keys=[public_key_hex(KEY.public_key())]),
+    )
+    async with StorageManager.from_settings(settings) as store:
+        assert store.given_manifest is not None and store.given_manifest.serial == 1
+        async for _ in store.initialize_and_verify():
+            pass
+    assert (root / "model.bin").read_bytes() == FILES["model.bin"]
+    assert (root / ".kensho" / "trusted-keys.json").exists()  # the [trust] keys were pinned
+
+    other = tmp_path / "other"
+    async with StorageManager.from_settings(settings, root=other, sources=[]) as store:
+        with pytest.raises(IntegrityError, match="no source to repair it from"):
+            async for _ in store.initialize_and_verify():
+                pass
+    assert not (other / "model.bin").exists()
+
+    path.write_bytes(dump_manifest(manifest()))  # unsigned: the configured keys refuse it
+    async with StorageManager.from_settings(settings, root=tmp_path / "third") as store:
+        with pytest.raises(SignatureError):
+            async for _ in store.initialize_and_verify():
+                pass

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import signal
 import subprocess
-import sys
 import tempfile
 from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import UTC, datetime
@@ -21,7 +21,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.numpy import save as save_safetensors
 
-from _storage_support import ENTRY, http_server, kensho, signed_for, write_tree
+from _server_support import kensho_popen
+from _storage_support import http_server, kensho, signed_for, write_tree
 from kensho.errors import DiskSpaceError, IntegrityError, ManifestError, SignatureError
 from kensho.events import (
     Event,
@@ -292,6 +293,40 @@ async def test_disk_precheck_counts_only_the_files_to_assemble(tmp_path: Path) -
     assert (root / "small.bin").read_bytes() == new["small.bin"]
 
 
+async def test_disk_filling_up_mid_update_keeps_the_old_release(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The one write path of the build layer fails with ENOSPC: the update stops with a
+    DiskSpaceError naming the file, every old file stays, no partial file is left.
+
+    The new file is made only of chunks a local file holds, so the failing write is
+    the local copy's (no source is given): patching the shared layer reaches it.
+    """
+    from kensho.storage import _chunk_io
+
+    old = {"a.bin": os.urandom(4 * CHUNK)}
+    new = {"a.bin": old["a.bin"], "b.bin": old["a.bin"][CHUNK:]}
+    m1 = await publish(tmp_path / "v1", old, serial=1)
+    m2 = await publish(tmp_path / "v2", new, serial=2)
+    root = tmp_path / "store"
+    await install(root, old, m1)
+    trusted = (root / ".kensho" / "trusted-manifest.json").read_bytes()
+
+    def full_disk(fd: int, data: object, offset: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(_chunk_io, "_pwrite_all", full_disk)
+    monkeypatch.setattr(_chunk_io, "_pwritev_all", full_disk)
+    with pytest.raises(DiskSpaceError, match=r"disk filled up while writing b\.bin") as info:
+        await update(root, m2, [])
+    assert isinstance(info.value.__cause__, OSError)
+    assert info.value.__cause__.errno == errno.ENOSPC
+    assert (root / "a.bin").read_bytes() == old["a.bin"]
+    assert not (root / "b.bin").exists()
+    assert (root / ".kensho" / "trusted-manifest.json").read_bytes() == trusted
+    assert list((root / ".kensho" / "tmp").glob("*.part")) == []
+
+
 async def test_wrong_bytes_are_rejected_then_the_next_source_used(tmp_path: Path) -> None:
     weights = tensors(5, count=3)
     old = st_bytes(weights)
@@ -384,10 +419,12 @@ def test_sigkill_mid_update_then_resume(tmp_path: Path) -> None:
     asyncio.run(install(root, files_old, m1))
     manifest = tmp_path / "v2.json"
     manifest.write_bytes(dump_manifest(m2))
-    args = [sys.executable, "-c", ENTRY, "sync", "-m", str(manifest), "-r", str(root), "--json"]
+    args = ["sync", "-m", str(manifest), "-r", str(root), "--json"]
     with http_server(files_new, pause_after=20 * CHUNK) as (url, state):
-        with subprocess.Popen(
-            [*args, "-s", url],
+        with kensho_popen(
+            *args,
+            "-s",
+            url,
             cwd=tmp_path,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
@@ -409,7 +446,7 @@ def test_sigkill_mid_update_then_resume(tmp_path: Path) -> None:
         assert trusted_serial(root) == 1
         state.resume.set()
         first = len(state.requests)
-        again = kensho(*args[3:], "-s", url, cwd=tmp_path)
+        again = kensho(*args, "-s", url, cwd=tmp_path)
         assert again.returncode == 0, again.stderr
         resumed = [r for r in state.requests[first:] if r[0] == "models/w.bin"]
     assert (root / "models/w.bin").read_bytes() == new
@@ -585,7 +622,7 @@ class _Killed(BaseException):
 async def test_update_killed_among_its_swaps_is_finished_at_the_next_offline_boot(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from kensho.storage import _update
+    from kensho.storage import _assemble
 
     old = {"a.bin": os.urandom(3 * CHUNK), "b.bin": os.urandom(3 * CHUNK)}
     new = {"a.bin": os.urandom(3 * CHUNK), "b.bin": os.urandom(3 * CHUNK)}
@@ -593,7 +630,7 @@ async def test_update_killed_among_its_swaps_is_finished_at_the_next_offline_boo
     m2 = await publish(tmp_path / "v2", new, serial=2)
     root = tmp_path / "store"
     await install(root, old, m1)
-    real_swap = _update._swap
+    real_swap = _assemble._swap_in
     swaps: list[Path] = []
 
     def swap_then_die(part: Path, dest: Path) -> object:
@@ -602,10 +639,10 @@ async def test_update_killed_among_its_swaps_is_finished_at_the_next_offline_boo
         swaps.append(dest)
         return real_swap(part, dest)
 
-    monkeypatch.setattr(_update, "_swap", swap_then_die)
+    monkeypatch.setattr(_assemble, "_swap_in", swap_then_die)
     with pytest.raises(_Killed):
         await update(root, m2, [MemorySource(new)])
-    monkeypatch.setattr(_update, "_swap", real_swap)
+    monkeypatch.setattr(_assemble, "_swap_in", real_swap)
     mixed = {rel: (root / rel).read_bytes() == new[rel] for rel in new}
     assert sorted(mixed.values()) == [False, True]  # one file swapped, one not
 

@@ -16,8 +16,12 @@ Messages say what happened, to which file or task, and what the user can do.
     ├── IntegrityError         required files could not be made good (lists them)
     ├── DiskSpaceError         not enough free space for a repair or update
     ├── StoreBusyError         another process holds the store lock (``--no-wait``)
+    ├── UnsafePathError        a store path leads through a symbolic link (outside the root)
     ├── SourceError            a source could not deliver (folder, HTTP server)
+    │   ├── SourceUnreachableError   the source cannot be reached at all (offline)
     │   └── DownloadError      a download failed or delivered the wrong bytes
+    ├── TransferTooSlowError   a transfer stayed below the minimum rate (internal to
+    │                          the sources: turned into a DownloadError naming the source)
     ├── InvalidRequestError    a request an engine cannot serve as given (also a ValueError)
     ├── EngineError            an inference engine failed
     │   ├── EngineUnavailableError   the engine cannot run here (no CUDA, not loaded)
@@ -46,8 +50,11 @@ __all__ = [
     "QueueFullError",
     "SignatureError",
     "SourceError",
+    "SourceUnreachableError",
     "StoreBusyError",
     "TaskTimeoutError",
+    "TransferTooSlowError",
+    "UnsafePathError",
 ]
 
 
@@ -109,6 +116,33 @@ class StoreBusyError(KenshoError):
 
 class SourceError(KenshoError):
     """A source (mirror folder, HTTP server) could not deliver what was asked."""
+
+
+class SourceUnreachableError(SourceError):
+    """The source cannot be reached at all (no network, server down, folder absent).
+
+    Why its own class: when every source fails this way the store is offline, not
+    broken, and the manager boots on what it has instead of failing.
+    """
+
+
+class UnsafePathError(KenshoError):
+    """A path would lead outside the store root through a symbolic link."""
+
+
+class TransferTooSlowError(KenshoError):
+    """A transfer delivered less than the minimum rate over a whole window.
+
+    Internal to the sources: it is turned into a :class:`DownloadError` naming the
+    source before it leaves them.
+    """
+
+    def __init__(self, received: int, seconds: float, min_rate: float) -> None:
+        super().__init__(
+            f"sent {received} bytes in {seconds:.1f} s, below the minimum of {min_rate:g} bytes/s"
+        )
+        self.received = received
+        self.seconds = seconds
 
 
 class DownloadError(SourceError):

@@ -48,15 +48,10 @@ from kensho.runtime.executor import TaskExecutor
 from kensho.runtime.manager import RuntimeManager
 from kensho.server import Drain, IntegrityState, ServerContext, create_app
 from kensho.storage import (
-    Manifest,
     MirrorSource,
-    Source,
     StorageManager,
     VerifyReport,
-    load_manifest,
-    source_from_string,
 )
-from kensho.storage.signing import TrustedKeys
 from kensho.telemetry import get_logger, log_service, span, traced
 
 __all__ = ["Kernel"]
@@ -191,18 +186,17 @@ class Kernel:
         return self.settings.model.dir is None and self.settings.storage.manifest is None
 
     def _make_storage(self) -> StorageManager:
-        storage, model = self.settings.storage, self.settings.model
-        sources: list[Source] = [source_from_string(s, settings=storage) for s in storage.sources]
-        manifest: Manifest | None
         if self.uses_demo:
-            root = storage.root / "demo"
-            manifest = load_manifest(DEMO_MANIFEST)
-            sources.insert(0, MirrorSource(DEMO_MODEL_DIR))
-        else:
-            root = model.dir or storage.root
-            manifest = load_manifest(storage.manifest) if storage.manifest else None
-        trust = TrustedKeys.from_hex(self.settings.trust.keys, self.settings.trust.threshold)
-        return StorageManager(root, manifest, sources, trust=trust, hub=self.hub)
+            return StorageManager.from_settings(
+                self.settings,
+                root=self.settings.storage.root / "demo",
+                manifest=DEMO_MANIFEST,
+                first_sources=[MirrorSource(DEMO_MODEL_DIR)],
+                hub=self.hub,
+            )
+        return StorageManager.from_settings(
+            self.settings, root=self.settings.model.dir, hub=self.hub
+        )
 
     def _make_engines(self) -> tuple[Engine, Engine]:
         model = self.settings.model

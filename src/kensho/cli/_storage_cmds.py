@@ -44,17 +44,13 @@ from kensho.storage import (
     DEFAULT_CHUNKING,
     CdcParams,
     Chunking,
-    Manifest,
     StorageManager,
     StoreBusyError,
     VerifyReport,
     build_manifest,
     dump_manifest,
-    load_manifest,
-    source_from_string,
 )
 from kensho.storage._fs import atomic_write_bytes
-from kensho.storage.signing import TrustedKeys
 
 __all__ = ["manifest_app"]
 
@@ -234,18 +230,6 @@ async def _run(events: AsyncIterator[Event], renderer: _Renderer) -> None:
             renderer.handle(event)
 
 
-def _trust() -> TrustedKeys:
-    """The trusted signing keys from the ``[trust]`` settings (none: unsigned accepted)."""
-    trust = state().settings.trust
-    return TrustedKeys.from_hex(trust.keys, trust.threshold)
-
-
-def _resolve(manifest: Path | None, root: Path | None) -> tuple[Manifest | None, Path]:
-    settings = state().settings.storage
-    path = manifest or settings.manifest
-    return (load_manifest(path) if path else None), (root or settings.root)
-
-
 @app.command(help="Check every file of the store against the manifest.\n\n" + _VERIFY_EXIT)
 def verify(
     manifest: ManifestOpt = None,
@@ -255,10 +239,11 @@ def verify(
     ] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    loaded, store = _resolve(manifest, root)
-
     async def go() -> VerifyReport:
-        async with StorageManager(store, loaded, trust=_trust()) as manager:
+        settings = state().settings
+        async with StorageManager.from_settings(
+            settings, root=root, manifest=manifest, sources=[]
+        ) as manager:
             await _run(manager.verify(full=full), _Renderer(as_json))
             assert manager.report is not None
             return manager.report
@@ -294,13 +279,14 @@ def sync(  # noqa: PLR0917 - Typer maps each parameter to an option
         ),
     ] = False,
 ) -> None:
-    loaded, store = _resolve(manifest, root)
-    specs = source if source else state().settings.storage.sources
-    sources = [source_from_string(s, settings=state().settings.storage) for s in specs]
     renderer = _Renderer(as_json)
 
     async def go() -> VerifyReport | None:
-        async with StorageManager(store, loaded, sources, trust=_trust()) as manager:
+        settings = state().settings
+        async with StorageManager.from_settings(
+            settings, root=root, manifest=manifest, sources=source or None
+        ) as manager:
+            loaded = manager.given_manifest
             trusted = await manager.trusted_manifest() if loaded is not None else None
             if loaded is not None and trusted is not None and loaded.serial > trusted.serial:
                 await _run(manager.update(loaded, dry_run=dry_run, wait=not no_wait), renderer)

@@ -41,7 +41,7 @@ from kensho.server._metrics import CONTENT_TYPE, ServerMetrics
 from kensho.server._schemas import BreakerAction, ChatCompletionRequest, CompletionRequest
 from kensho.server._status import SNAPSHOT_INTERVAL, StatusBoard
 from kensho.server._tracing import TracingMiddleware
-from kensho.storage.status import IntegrityStatus
+from kensho.storage.report import IntegrityStatus
 from kensho.telemetry import bound_context, get_logger
 
 __all__ = ["create_app"]

@@ -16,7 +16,7 @@ from kensho.hub import EventHub
 from kensho.runtime.executor import TaskExecutor
 from kensho.runtime.manager import RuntimeManager
 from kensho.server._drain import Drain
-from kensho.storage.status import IntegrityStatus
+from kensho.storage.report import IntegrityStatus
 
 __all__ = ["IntegrityState", "ServerContext"]
 

@@ -17,7 +17,7 @@ from prometheus_client.registry import Collector
 
 from kensho.runtime.breaker import BreakerMetrics, BreakerState
 from kensho.server._context import ServerContext
-from kensho.storage.status import IntegrityStatus
+from kensho.storage.report import IntegrityStatus
 
 __all__ = ["CONTENT_TYPE", "ServerMetrics"]
 

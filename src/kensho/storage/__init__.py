@@ -18,7 +18,7 @@ from kensho.storage._fs import UnsafePathError
 from kensho.storage._lock import StoreBusyError
 from kensho.storage._plan import FilePlan, UpdatePlan
 from kensho.storage.builder import DEFAULT_CHUNKING, Chunking, build_manifest, list_files
-from kensho.storage.hashing import FileDigest, Hasher
+from kensho.storage.hashing import FileDigest, Hasher, IOPool
 from kensho.storage.manager import StorageManager
 from kensho.storage.manifest import (
     DEFAULT_CHUNK_SIZE,
@@ -32,6 +32,7 @@ from kensho.storage.manifest import (
     load_manifest,
     parse_manifest,
 )
+from kensho.storage.report import FileReport, FileStatus, VerifyReport
 from kensho.storage.sources import (
     HttpSource,
     MemorySource,
@@ -42,7 +43,6 @@ from kensho.storage.sources import (
     source_from_string,
 )
 from kensho.storage.state import StateStore, StatRecord
-from kensho.storage.status import FileReport, FileStatus, VerifyReport
 
 __all__ = [
     "DEFAULT_CDC_AVG",
@@ -59,6 +59,7 @@ __all__ = [
     "FileStatus",
     "Hasher",
     "HttpSource",
+    "IOPool",
     "Manifest",
     "MemorySource",
     "MirrorSource",

@@ -18,7 +18,7 @@ import stat
 import tempfile
 from pathlib import Path
 
-from kensho.errors import KenshoError
+from kensho.errors import UnsafePathError
 
 __all__ = [
     "PathGuard",
@@ -28,10 +28,6 @@ __all__ = [
     "resolve_inside",
     "symlink_problem",
 ]
-
-
-class UnsafePathError(KenshoError):
-    """A path would lead outside the store root through a symbolic link."""
 
 
 class PathGuard:

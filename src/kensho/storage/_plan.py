@@ -20,9 +20,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kensho.storage._chunk_io import Donor, consecutive_runs
 from kensho.storage._fs import PathGuard, UnsafePathError
 from kensho.storage._placement import Placement, check_placement
-from kensho.storage._repair import _runs
 from kensho.storage.manifest import FileEntry, Manifest
 from kensho.storage.state import StatRecord
 
@@ -30,14 +30,6 @@ __all__ = ["Donor", "FilePlan", "UpdatePlan", "plan_update"]
 
 #: Local places remembered per chunk hash, and tried per chunk (best first).
 _DONORS = 4
-
-
-@dataclass(frozen=True, slots=True)
-class Donor:
-    """A place in the store that should hold a chunk's bytes: a manifest path, an offset."""
-
-    path: str
-    offset: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,7 +65,7 @@ class FilePlan:
     @property
     def requests(self) -> int:
         """Byte-range requests needed: adjacent chunks to fetch are merged into one."""
-        return len(_runs(self.fetch))
+        return len(consecutive_runs(self.fetch))
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,7 @@ its record) is hashed and kept, not fetched again. For each other file of an
 2. a local file holds the same bytes (same SHA-256, any file, any offset): the bytes
    are read, re-hashed and copied only if they still match;
 3. it is fetched by byte range, adjacent chunks merged into one request, with the
-   repairer's source failover, retries and per-chunk hash checks.
+   build layer's source failover, retries and per-chunk hash checks (:mod:`._assemble`).
 
 Then the assembled file is hashed whole against the manifest's ``sha256`` and fsynced.
 Only when every *required* file has been assembled this way are the files swapped in
@@ -26,34 +26,33 @@ whose two disagree is refused instead of placed.
 from __future__ import annotations
 
 import asyncio
-import errno
-import hashlib
-import os
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from kensho.errors import DiskSpaceError
 from kensho.events import (
     Event,
     StorageFileUpdated,
     StorageUpdateFilePlanned,
     StorageUpdatePlanned,
 )
-from kensho.storage._fs import PathGuard, UnsafePathError, fsync_dir, resolve_inside
+from kensho.storage._assemble import (
+    BuildOutcome,
+    FileAssembler,
+    bytes_to_write,
+    check_free_space,
+)
+from kensho.storage._chunk_io import donor_copy
+from kensho.storage._fs import PathGuard
 from kensho.storage._placement import Placement, clear_obstacles, placement_error
-from kensho.storage._plan import Donor, FilePlan, UpdatePlan
-from kensho.storage._repair import FileRepairer, RepairOutcome, _open_part, _pwrite_all, part_path
-from kensho.storage._verify import Emit
-from kensho.storage.hashing import Hasher, run_to_completion, sha256_range
-from kensho.storage.manifest import Chunk, dump_manifest
-from kensho.storage.sources import Source
+from kensho.storage._plan import FilePlan, UpdatePlan
+from kensho.storage.hashing import run_bounded, sha256_range
+from kensho.storage.manifest import dump_manifest
 from kensho.storage.state import StateStore, StatRecord
-from kensho.storage.status import FileReport, FileStatus
 from kensho.telemetry import get_logger
 
-__all__ = ["Assembled", "DeltaUpdater", "disk_space_error", "plan_events", "space_needed"]
+__all__ = ["Assembled", "DeltaUpdater", "check_update_space", "plan_events"]
 
 _log = get_logger("storage")
 
@@ -69,7 +68,7 @@ class Assembled:
     plan: FilePlan
     part: Path
     dest: Path | None
-    outcome: RepairOutcome
+    outcome: BuildOutcome
     reused: int = 0
     in_place: bool = False
 
@@ -124,109 +123,15 @@ def plan_events(plan: UpdatePlan, *, dry_run: bool) -> list[Event]:
     return events
 
 
-def space_needed(plan: UpdatePlan, tmp_dir: Path) -> int:
-    """Bytes still to write in ``tmp_dir``: each planned file whole, minus its partial file.
-
-    Blocking. Unchanged files cost nothing; a reused chunk costs its bytes (it is
-    copied into the new file) but no download.
-    """
-    needed = 0
-    for fp in plan.files:
-        try:
-            st = part_path(tmp_dir, fp.entry).stat()
-            have = min(fp.entry.size, st.st_blocks * 512)
-        except OSError:
-            have = 0
-        needed += fp.entry.size - have
-    return needed
-
-
-def _copy_from(  # noqa: PLR0917 - one thread job's private helper
-    guard: PathGuard,
-    root: Path,
-    donors: Sequence[Donor],
-    fd: int,
-    chunk: Chunk,
-    opened: dict[str, int | None],
-) -> bool:
-    """Copy ``chunk``'s bytes from the first donor that still holds them (re-hashed).
-
-    Donor files are opened once and kept in ``opened`` (path -> fd, or ``None`` when
-    it cannot be opened) for the caller to close.
-    """
-    for donor in donors:
-        if donor.path not in opened:
-            try:
-                guard.check(donor.path)
-                opened[donor.path] = os.open(root / donor.path, os.O_RDONLY | os.O_NOFOLLOW)
-            except (OSError, UnsafePathError):
-                opened[donor.path] = None
-        src = opened[donor.path]
-        if src is None:
-            continue
-        try:
-            data = os.pread(src, chunk.size, donor.offset)
-        except OSError:
-            continue
-        if len(data) == chunk.size and hashlib.sha256(data).hexdigest() == chunk.sha256:
-            _pwrite_all(fd, data, chunk.offset)
-            return True
-    return False
-
-
-def _close_all(opened: dict[str, int | None]) -> None:
-    for src in opened.values():
-        if src is not None:
-            os.close(src)
-
-
-def _copy_batch(guard: PathGuard, root: Path, fp: FilePlan, fd: int, batch: range) -> list[int]:
-    """Copy each chunk of ``batch`` from its donors; the indices none could give.
-
-    Donor files stay open for the batch: one ``open`` per donor file, not per chunk.
-    """
-    chunks, donors = fp.entry.chunks, fp.donors
-    opened: dict[str, int | None] = {}
-    try:
-        return [i for i in batch if not _copy_from(guard, root, donors[i], fd, chunks[i], opened)]
-    finally:
-        _close_all(opened)
-
-
-def _swap(part: Path, dest: Path) -> StatRecord:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part.replace(dest)
-    fsync_dir(dest.parent)
-    return StatRecord.of(dest.lstat())
-
-
 @dataclass
 class DeltaUpdater:
     """Carries out an :class:`UpdatePlan` for one store (under the store lock)."""
 
-    root: Path
-    tmp_dir: Path
-    sources: Sequence[Source]
-    hasher: Hasher
-    emit: Emit
-    mismatch_retries: int
-    free_space: Callable[[Path], int]
+    assembler: FileAssembler
     state: StateStore
     concurrency: int = 2
-
-    def __post_init__(self) -> None:
-        self._placement = Placement()  # set by assemble_all, carried out by swap_all
-        # One repairer for the whole run: a source it distrusts (wrong bytes) stays
-        # distrusted for every later file. Its methods hold no per-file state.
-        self.repairer = FileRepairer(
-            root=self.root,
-            tmp_dir=self.tmp_dir,
-            sources=self.sources,
-            hasher=self.hasher,
-            emit=self.emit,
-            mismatch_retries=self.mismatch_retries,
-            free_space=self.free_space,
-        )
+    #: Set by :meth:`assemble_all`, carried out by :meth:`swap_all`.
+    _placement: Placement = field(default_factory=Placement, init=False)
 
     async def assemble_all(self, plan: UpdatePlan) -> list[Assembled]:
         """Build every planned file in ``.kensho/tmp``; nothing is swapped yet.
@@ -238,22 +143,12 @@ class DeltaUpdater:
         """
         if plan.placement.problems:
             await asyncio.to_thread(self._drop_journal_of, plan)
-            raise placement_error(self.root, plan.target, plan.current, plan.placement.problems)
+            raise placement_error(
+                self.assembler.root, plan.target, plan.current, plan.placement.problems
+            )
         self._placement = plan.placement
-        gate = asyncio.Semaphore(self.concurrency)
-        guard = PathGuard(self.root)
-
-        async def one(fp: FilePlan) -> Assembled:
-            async with gate:
-                return await self.assemble(fp, guard)
-
-        try:
-            async with asyncio.TaskGroup() as group:
-                tasks = [group.create_task(one(fp)) for fp in plan.files]
-        except ExceptionGroup as errors:
-            first = errors.exceptions[0]
-            raise first from first.__cause__
-        return [t.result() for t in tasks]
+        guard = PathGuard(self.assembler.root)
+        return await run_bounded(plan.files, lambda fp: self.assemble(fp, guard), self.concurrency)
 
     def _drop_journal_of(self, plan: UpdatePlan) -> None:
         if self.state.load_pending_manifest() == dump_manifest(plan.target):
@@ -267,35 +162,15 @@ class DeltaUpdater:
     async def assemble(self, fp: FilePlan, guard: PathGuard) -> Assembled:
         """Build one new file in its partial file; see the module docstring."""
         entry = fp.entry
-        repairer = self.repairer
-        part = part_path(self.tmp_dir, entry)
-        try:
-            dest = await asyncio.to_thread(resolve_inside, self.root, entry.path)
-            if fp.maybe_placed and await self._holds_new_file(dest, fp):
-                await asyncio.to_thread(part.unlink, missing_ok=True)
-                return Assembled(fp, part, dest, RepairOutcome(True), entry.size, in_place=True)
-            fd, before = await run_to_completion(None, _open_part, part, entry.size)
-        except UnsafePathError as exc:
-            return Assembled(fp, part, None, RepairOutcome(False, str(exc)))
-        except OSError as exc:
-            reason = f"cannot create {part}: {exc.strerror or exc}"
-            return Assembled(fp, part, None, RepairOutcome(False, reason))
-        try:
-            blank = FileReport(entry.path, FileStatus.MISSING, entry.required, None, entry.size)
-            todo = await repairer._reuse(entry, blank, fd, part=part, before=before, dest=dest)
-            todo = await self._copy_local(fp, fd, todo, guard)
-            reused = entry.size - sum(entry.chunks[i].size for i in todo)
-            outcome = await repairer._fetch(entry, fd, todo)
-            if outcome.ok:
-                outcome = await repairer.check_whole(entry, fd, part, outcome)
-        except OSError as exc:
-            if exc.errno == errno.ENOSPC:
-                raise repairer._disk_full(entry, part, dest) from exc
-            reason = f"cannot write {part}: {exc.strerror or exc}"
-            return Assembled(fp, part, dest, RepairOutcome(False, reason))
-        finally:
-            os.close(fd)
-        return Assembled(fp, part, dest, outcome, reused)
+        built = await self.assembler.build(
+            entry,
+            local=donor_copy(guard, self.assembler.root, entry.chunks, fp.donors),
+            place=False,
+            already_there=(lambda dest: self._holds_new_file(dest, fp))
+            if fp.maybe_placed
+            else None,
+        )
+        return Assembled(fp, built.part, built.dest, built.outcome, built.reused, built.in_place)
 
     async def _holds_new_file(self, dest: Path, fp: FilePlan) -> bool:
         """Whether ``dest`` already is the new file: hashed whole, unchanged meanwhile.
@@ -305,30 +180,11 @@ class DeltaUpdater:
         """
         try:
             before = await asyncio.to_thread(dest.lstat)
-            whole = await self.hasher.run(sha256_range, dest, 0, fp.entry.size)
+            whole = await self.assembler.io.run(sha256_range, dest, 0, fp.entry.size)
             after = await asyncio.to_thread(dest.lstat)
         except OSError:
             return False
         return whole == fp.entry.sha256 and StatRecord.of(before) == StatRecord.of(after)
-
-    async def _copy_local(
-        self, fp: FilePlan, fd: int, todo: list[int], guard: PathGuard
-    ) -> list[int]:
-        """Copy the chunks local files hold; return the indices still to fetch."""
-        entry = fp.entry
-        candidates = [i for i in todo if i in fp.donors]
-
-        async def copy(batch: range) -> list[int]:  # one thread job per batch, not per chunk
-            return await self.hasher.run(_copy_batch, guard, self.root, fp, fd, batch)
-
-        missed = await self.hasher.in_batches(entry.chunks, candidates, copy)
-        if missed:
-            _log.warning(
-                "local chunks changed since the manifest; fetching them instead",
-                path=entry.path,
-                chunks=len(missed),
-            )
-        return sorted([i for i in todo if i not in fp.donors] + missed)
 
     async def swap_all(self, built: Sequence[Assembled]) -> list[tuple[str, str, StatRecord]]:
         """Move every good assembled file to its final path; return their new records.
@@ -339,7 +195,7 @@ class DeltaUpdater:
         already swapped up to date when it resumes (and one killed between a swap
         and its record finds the new file by hashing it, see :meth:`assemble`).
         """
-        await asyncio.to_thread(clear_obstacles, self.root, self._placement)
+        await asyncio.to_thread(clear_obstacles, self.assembler.root, self._placement)
         records: list[tuple[str, str, StatRecord]] = []
         for item in built:
             if not item.outcome.ok or item.dest is None:
@@ -350,15 +206,15 @@ class DeltaUpdater:
                 if item.in_place:
                     record = StatRecord.of(await asyncio.to_thread(item.dest.lstat))
                 else:
-                    record = await asyncio.to_thread(_swap, item.part, item.dest)
+                    record = await self.assembler.place(item.part, item.dest)
             except OSError as exc:
-                item.outcome = RepairOutcome(
+                item.outcome = BuildOutcome(
                     False, f"cannot move {item.part} to {item.dest}: {exc.strerror or exc}"
                 )
                 continue
             records.append((entry.path, entry.sha256, record))
             used = tuple(dict.fromkeys(item.outcome.sources))
-            self.emit(
+            self.assembler.emit(
                 StorageFileUpdated(
                     path=entry.path,
                     version=entry.version,
@@ -382,15 +238,19 @@ class DeltaUpdater:
         return records
 
 
-def disk_space_error(
-    root: Path, plan: UpdatePlan, needed: int, margin: int, free: int
-) -> DiskSpaceError:
-    """The error for an update that does not fit, raised before any byte is written."""
-    return DiskSpaceError(
-        f"updating {len(plan.files)} file(s) in {root} to serial {plan.target.serial} needs "
-        f"{needed} bytes in {root}/.kensho/tmp (the new files are assembled there before "
-        f"they replace the old ones) plus a {margin}-byte margin, but only {free} bytes "
-        "are free; free some space and run the sync again",
-        needed=needed + margin,
+async def check_update_space(
+    root: Path, plan: UpdatePlan, tmp_dir: Path, *, margin: int, free: int
+) -> None:
+    """Refuse an update whose new files do not fit in ``tmp_dir``, before any byte is
+    written. Unchanged files cost nothing; a reused chunk costs its bytes (it is
+    copied into the new file) but no download."""
+    if not plan.files:
+        return
+    needed = await asyncio.to_thread(bytes_to_write, tmp_dir, [fp.entry for fp in plan.files])
+    check_free_space(
+        what=f"updating {len(plan.files)} file(s) in {root} to serial {plan.target.serial}",
+        where=f"in {tmp_dir} (the new files are assembled there before they replace the old ones) ",
+        needed=needed,
+        margin=margin,
         free=free,
     )

@@ -24,10 +24,10 @@ from kensho.events import (
     StorageVerifyStarted,
 )
 from kensho.storage._fs import PathGuard, UnsafePathError
-from kensho.storage.hashing import Hasher, chunks_within, run_bounded
+from kensho.storage.hashing import IOPool, chunks_within, run_bounded
 from kensho.storage.manifest import RESERVED_DIR, FileEntry, Manifest
+from kensho.storage.report import FileReport, FileStatus, VerifyReport
 from kensho.storage.state import StateStore, StatRecord
-from kensho.storage.status import FileReport, FileStatus, VerifyReport
 
 __all__ = ["Emit", "verify_store"]
 
@@ -130,7 +130,7 @@ def _unexpected(root: Path, manifest: Manifest) -> list[str]:
     return sorted(found)
 
 
-async def _hash_one(scan: _Scan, hasher: Hasher, emit: Emit) -> tuple[FileReport, int]:
+async def _hash_one(scan: _Scan, hasher: IOPool, emit: Emit) -> tuple[FileReport, int]:
     """Hash the chunks of one file that fit in its current size, in batches."""
     entry, st = scan.entry, scan.stat
     assert st is not None
@@ -170,7 +170,7 @@ async def verify_store(
     root: Path,
     manifest: Manifest,
     state: StateStore,
-    hasher: Hasher,
+    hasher: IOPool,
     emit: Emit,
     *,
     full: bool = False,

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from kensho.errors import ManifestError
 from kensho.storage._cdc import CdcParams, cdc_ranges
-from kensho.storage.hashing import FileDigest, Hasher, ProgressCallback
+from kensho.storage.hashing import FileDigest, IOPool, ProgressCallback
 from kensho.storage.manifest import (
     DEFAULT_CHUNK_SIZE,
     MAX_FILE_SIZE,
@@ -76,7 +76,7 @@ async def build_manifest(
     changelog: str = "",
     created: datetime | None = None,
     expires: datetime | None = None,
-    hasher: Hasher | None = None,
+    hasher: IOPool | None = None,
     progress: ProgressCallback | None = None,
     chunking: Chunking | None = None,
     cdc: CdcParams | None = None,
@@ -101,7 +101,7 @@ async def build_manifest(
     params.validate()
     paths = await asyncio.to_thread(list_files, folder)
     own = hasher is None
-    pool = hasher or Hasher()
+    pool = hasher or IOPool()
 
     async def digest_one(path: Path) -> FileDigest:
         if chunking == "fixed":

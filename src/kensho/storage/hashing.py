@@ -39,9 +39,11 @@ __all__ = [
     "BUFFER_SIZE",
     "FileDigest",
     "Hasher",
+    "IOPool",
     "ProgressCallback",
     "chunk_batches",
     "chunks_within",
+    "gather_to_completion",
     "mismatched_chunks",
     "mismatches_in",
     "read_into",
@@ -199,7 +201,7 @@ def _sha256_whole(path: Path, progress: ProgressCallback | None) -> tuple[int, s
 
 @dataclass(frozen=True, slots=True)
 class FileDigest:
-    """What :meth:`Hasher.digest_file` learned about one file."""
+    """What :meth:`IOPool.digest_file` learned about one file."""
 
     size: int
     sha256: str
@@ -228,7 +230,7 @@ async def run_to_completion(pool: Executor | None, func: Callable[..., _T], *arg
         raise
 
 
-async def run_all(jobs: Iterable[Awaitable[_T]]) -> list[_T]:
+async def gather_to_completion(jobs: Iterable[Awaitable[_T]]) -> list[_T]:
     """Await every job, results in order; on cancellation, wait for all of them.
 
     ``asyncio.gather`` propagates a cancellation as soon as its first child is
@@ -239,7 +241,10 @@ async def run_all(jobs: Iterable[Awaitable[_T]]) -> list[_T]:
         async with asyncio.TaskGroup() as group:
             tasks = [group.create_task(_awaited(job)) for job in jobs]
     except BaseExceptionGroup as failed:
-        raise failed.exceptions[0] from None  # callers handle one error, as with gather
+        # Callers handle one error, as with gather; its own cause is kept (an
+        # ``ENOSPC`` behind a ``DiskSpaceError``), not the group's.
+        first = failed.exceptions[0]
+        raise first from first.__cause__
     return [task.result() for task in tasks]
 
 
@@ -255,9 +260,10 @@ async def run_bounded(
 ) -> list[_T]:
     """``await job(item)`` for every item, at most ``limit`` at a time; results in order.
 
-    Why not :func:`run_all` over every item: a task per item is what made a million
-    tiny chunks cost gigabytes. Here ``limit`` workers pull items from one iterator.
-    Errors and cancellation behave as in :func:`run_all` (every running job ends first).
+    Why not :func:`gather_to_completion` over every item: a task per item is what
+    made a million tiny chunks cost gigabytes. Here ``limit`` workers pull items from
+    one iterator. Errors and cancellation behave as in :func:`gather_to_completion`
+    (every running job ends first).
     """
     slots: dict[int, _T] = {}
     feed: Iterator[tuple[int, _I]] = iter(enumerate(items))
@@ -266,12 +272,15 @@ async def run_bounded(
         for k, item in feed:
             slots[k] = await job(item)
 
-    await run_all(worker() for _ in range(min(limit, len(items))))
+    await gather_to_completion(worker() for _ in range(min(limit, len(items))))
     return [slots[k] for k in range(len(items))]
 
 
-class Hasher:
-    """A thread pool sized to the machine, shared by every hash job of a store.
+class IOPool:
+    """A thread pool sized to the machine for a store's blocking file work.
+
+    Not only hashing: chunk copies, fsyncs and whole-file checks run here too, so
+    they share one bound on the threads touching the disk.
 
     Use as an async context manager, or call :meth:`close`.
     """
@@ -280,7 +289,7 @@ class Hasher:
         self.workers = workers or min(32, os.cpu_count() or 1)
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="kensho-hash")
 
-    async def __aenter__(self) -> Hasher:
+    async def __aenter__(self) -> IOPool:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -373,3 +382,7 @@ class Hasher:
             Chunk(off, n, h) for (off, n), h in zip(ranges, hashes, strict=True) if h is not None
         )
         return FileDigest(size, whole, chunks)
+
+
+#: The former name of :class:`IOPool`, kept for existing callers.
+Hasher = IOPool

@@ -24,7 +24,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
-from kensho.errors import DiskSpaceError, IntegrityError, ManifestError, SignatureError
+from kensho.config import Settings
+from kensho.errors import IntegrityError, ManifestError
 from kensho.events import (
     Event,
     StorageLockWaiting,
@@ -34,23 +35,25 @@ from kensho.events import (
     StorageUpdateFinished,
 )
 from kensho.hub import EventHub
+from kensho.storage._assemble import (
+    BuildOutcome,
+    FileAssembler,
+    bytes_to_write,
+    check_free_space,
+    part_path,
+)
 from kensho.storage._lock import StoreLock
 from kensho.storage._plan import UpdatePlan, plan_update
-from kensho.storage._repair import FileRepairer, RepairOutcome, part_path
-from kensho.storage._update import DeltaUpdater, disk_space_error, plan_events, space_needed
+from kensho.storage._repair import FileRepairer
+from kensho.storage._update import DeltaUpdater, check_update_space, plan_events
 from kensho.storage._verify import Emit, verify_store
-from kensho.storage.hashing import Hasher
-from kensho.storage.manifest import Manifest, dump_manifest, parse_manifest
-from kensho.storage.signing import (
-    TrustedKeys,
-    check_expiry,
-    check_rollback,
-    manifest_digest,
-    verify_signatures,
-)
-from kensho.storage.sources import Source
+from kensho.storage.hashing import IOPool, run_bounded
+from kensho.storage.manifest import Manifest, dump_manifest, load_manifest, parse_manifest
+from kensho.storage.release import Release, ReleaseTrust
+from kensho.storage.report import FileReport, FileStatus, VerifyReport
+from kensho.storage.signing import TrustedKeys
+from kensho.storage.sources import Source, source_from_string
 from kensho.storage.state import StateStore, StatRecord
-from kensho.storage.status import FileReport, FileStatus, VerifyReport
 from kensho.telemetry import get_logger
 
 __all__ = ["DEFAULT_SPACE_MARGIN", "StorageManager"]
@@ -59,20 +62,6 @@ __all__ = ["DEFAULT_SPACE_MARGIN", "StorageManager"]
 DEFAULT_SPACE_MARGIN = 16 * 1024 * 1024
 _log = get_logger("storage")
 _DONE = object()
-
-
-_warned_unsigned = False
-
-
-def _warn_unsigned_once() -> None:
-    """Unsigned manifests are accepted when no key is configured: say so once per boot."""
-    global _warned_unsigned  # noqa: PLW0603 - once per process, by design
-    if not _warned_unsigned:
-        _warned_unsigned = True
-        _log.warning(
-            "manifest signatures are not checked: no trusted keys are configured "
-            "(add [trust] keys to require signed manifests)"
-        )
 
 
 def _free_bytes(path: Path) -> int:
@@ -127,7 +116,7 @@ class StorageManager:
         manifest: Manifest | None = None,
         sources: Sequence[Source] = (),
         *,
-        hasher: Hasher | None = None,
+        hasher: IOPool | None = None,
         disk_free: Callable[[Path], int] = _free_bytes,
         space_margin: int = DEFAULT_SPACE_MARGIN,
         mismatch_retries: int = 3,
@@ -138,14 +127,12 @@ class StorageManager:
     ) -> None:
         self.root = Path(root)
         self.hub = hub if hub is not None else EventHub()
-        self.trust = trust or TrustedKeys({})
-        self.now = now
-        self._trust_checked = False
-        self._expired: SignatureError | None = None
         self._updating = False  # an update in progress ends with a plain _initialize
         self._finishing = False  # finishing an update journaled before a crash
         self.sources = list(sources)
         self.state = StateStore(self.root)
+        self._trust = ReleaseTrust(self.state, trust or TrustedKeys({}), now)
+        self._release = Release.of(manifest)  # the manifest in use, and its trust
         self.disk_free = disk_free
         self.space_margin = space_margin
         self.mismatch_retries = mismatch_retries
@@ -154,12 +141,43 @@ class StorageManager:
         self.plan: UpdatePlan | None = None
         self.offline = False
         self._failures: dict[str, str] = {}
-        self._manifest = manifest
-        self._manifest_given = manifest is not None
-        self._trusted_data: bytes | None = None  # bytes of the trusted manifest in use
         self._own_hasher = hasher is None
-        self._hasher = hasher or Hasher()
+        self._hasher = hasher or IOPool()
         self._lock = StoreLock(self.state.dir / "lock")
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: Settings,
+        *,
+        root: Path | None = None,
+        manifest: Path | None = None,
+        sources: Sequence[str] | None = None,
+        first_sources: Sequence[Source] = (),
+        hub: EventHub | None = None,
+    ) -> StorageManager:
+        """A manager wired from ``settings``: ``[storage]`` root, manifest and sources
+        (parsed with its HTTP options), ``[trust]`` keys.
+
+        Why here: the kernel and the CLI build the same manager; each argument given
+        replaces one setting (a ``--root`` or ``--manifest`` flag, ``--source`` specs,
+        the demo's own folder ahead of the configured sources).
+        """
+        storage = settings.storage
+        path = manifest or storage.manifest
+        specs = storage.sources if sources is None else sources
+        return cls(
+            root or storage.root,
+            load_manifest(path) if path else None,
+            [*first_sources, *(source_from_string(s, settings=storage) for s in specs)],
+            trust=TrustedKeys.from_hex(settings.trust.keys, settings.trust.threshold),
+            hub=hub,
+        )
+
+    @property
+    def given_manifest(self) -> Manifest | None:
+        """The manifest this manager was given (to sync or update to), if any."""
+        return self._release.manifest if self._release.given else None
 
     async def __aenter__(self) -> StorageManager:
         return self
@@ -183,89 +201,9 @@ class StorageManager:
         trusted serial, and expiry, which forbids fetching but not verifying
         (offline boot goes on).
         """
-        if self._manifest is None:
-            data = await asyncio.to_thread(self.state.load_trusted_manifest)
-            if data is None:
-                raise ManifestError(
-                    f"no manifest given and none trusted yet under {self.state.dir}; "
-                    "pass --manifest (or set storage.manifest) for the first sync"
-                )
-            self._use_trusted(data)
-        assert self._manifest is not None
-        if not self._trust_checked:
-            await self._check_trust(self._manifest)
-            self._trust_checked = True
-        return self._manifest
-
-    def _use_trusted(self, data: bytes) -> Manifest:
-        """Run on the trusted manifest ``data``; its trust is checked at the next use."""
-        self._manifest, self._trusted_data = parse_manifest(data), data
-        self._manifest_given, self._trust_checked, self._expired = False, False, None
-        return self._manifest
-
-    async def _pinned_keys(self) -> TrustedKeys | None:
-        """The keys pinned in the store at its first signed sync, or ``None``."""
-        data = await asyncio.to_thread(self.state.load_pinned_keys)
-        return None if data is None else TrustedKeys.load(data, self.state.keys_path)
-
-    async def _check_signatures(self, manifest: Manifest) -> None:
-        """The pinned keys always apply; settings naming other keys apply as well.
-
-        Why both: the pin keeps a store signed when a run lacks the settings, and
-        settings with new keys (a rotation, see docs/signing.md) take effect only
-        through a manifest that the pinned keys signed too.
-        """
-        pinned = await self._pinned_keys()
-        configured = self.trust
-        if pinned is None and not configured.enabled:
-            _warn_unsigned_once()
-            return
-        signers: tuple[str, ...] = ()
-        rotating = configured.enabled and not configured.same_as(pinned)
-        if pinned is not None:
-            try:
-                signers = verify_signatures(manifest, pinned)
-            except SignatureError as exc:
-                if not rotating:
-                    raise
-                raise SignatureError(
-                    f"{exc}. The [trust] settings name other keys than the pinned ones: "
-                    "a key change is accepted only from a manifest signed by the pinned "
-                    "keys as well (docs/signing.md, 'Pinned keys')"
-                ) from None
-        if rotating:
-            signers = verify_signatures(manifest, configured)
-        _log.info("manifest signature verified", serial=manifest.serial, signers=len(signers))
-
-    async def _check_not_older(self, manifest: Manifest) -> None:
-        """The rollback rule against the trusted manifest on disk *now* (re-read)."""
-        data = await asyncio.to_thread(self.state.load_trusted_manifest)
-        if data is None:
-            return
-        try:
-            trusted = parse_manifest(data)
-        except ManifestError:  # a damaged record must not block a good manifest
-            return
-        check_rollback(manifest, trusted.serial, manifest_digest(trusted))
-
-    async def _check_trust(self, manifest: Manifest) -> None:
-        await self._check_signatures(manifest)
-        if self._manifest_given:
-            await self._check_not_older(manifest)
-        try:
-            check_expiry(manifest, self.now())
-        except SignatureError as exc:
-            self._expired = exc
-            _log.warning(
-                "manifest expired: files verified under it keep working offline, but it "
-                "is not used to fetch anything",
-                serial=manifest.serial,
-                expires=manifest.expires,
-            )
-
-    def _refuse_if_expired(self) -> None:
-        if self._expired is not None:
-            raise self._expired
+        self._release = await self._trust.select(self._release)
+        assert self._release.manifest is not None
+        return self._release.manifest
 
     # --- public operations ----------------------------------------------------------
 
@@ -311,8 +249,7 @@ class StorageManager:
 
     async def trusted_manifest(self) -> Manifest | None:
         """The manifest last trusted for this store, or ``None`` before the first sync."""
-        data = await asyncio.to_thread(self.state.load_trusted_manifest)
-        return None if data is None else parse_manifest(data)
+        return await self._trust.trusted_manifest()
 
     # --- steps ----------------------------------------------------------------------
 
@@ -324,39 +261,24 @@ class StorageManager:
             emit(StorageLockWaiting(root=str(self.root), lock_path=str(self._lock.path)))
             await self._lock.acquire()
 
-    def _accept_update(self, current: Manifest | None, new: Manifest) -> Manifest:
-        """The trusted manifest to update from; refuse an update that is not one."""
-        if current is None:
-            raise ManifestError(
-                f"{self.root} has no trusted manifest yet, so there is nothing to update; "
-                "run `kensho sync --manifest ...` once to fill the store"
-            )
-        if new.serial <= current.serial:
-            raise ManifestError(
-                f"manifest serial {new.serial} is not newer than the trusted serial "
-                f"{current.serial} of {self.root}; an update needs a higher serial",
-                field="signed.serial",
-            )
-        return current
-
     async def _adopt_pending(self) -> None:
         """At boot with no manifest given: finish an update killed among its swaps.
 
         Its files are assembled and verified in ``.kensho/tmp`` and its manifest
         passed the trust checks; finishing needs no network.
         """
-        if self._manifest_given or self._updating:
+        if self._release.given or self._updating:
             return
         pending = await asyncio.to_thread(self.state.load_pending_manifest)
         if pending is None:
             return
-        self._manifest = parse_manifest(pending)
-        self._manifest_given, self._trust_checked, self._finishing = True, False, True
-        _log.warning("finishing an interrupted update", serial=self._manifest.serial)
+        manifest = parse_manifest(pending)
+        self._release, self._finishing = Release.of(manifest), True
+        _log.warning("finishing an interrupted update", serial=manifest.serial)
 
     async def _newer_release_given(self) -> bool:
         """Whether boot was given a manifest with a higher serial than the trusted one."""
-        if not self._manifest_given or self._updating:
+        if not self._release.given or self._updating:
             return False
         if not self.sources and not self._finishing:
             return False
@@ -364,31 +286,27 @@ class StorageManager:
             current = await self.trusted_manifest()
         except ManifestError:
             return False
-        return (
-            current is not None
-            and self._manifest is not None
-            and self._manifest.serial > current.serial
-        )
+        given = self._release.manifest
+        return current is not None and given is not None and given.serial > current.serial
 
     async def _update(self, emit: Emit, new: Manifest, *, dry_run: bool, wait: bool) -> None:
         self._updating = True
-        saved = (self._manifest, self._manifest_given, self._trust_checked, self._expired)
+        saved = self._release
         try:
             await self._update_locked(emit, new, dry_run=dry_run, wait=wait)
         except BaseException:
-            # A refused or failed update leaves the manager on the release it had.
-            self._manifest, self._manifest_given, self._trust_checked, self._expired = saved
+            self._release = saved  # a refused or failed update keeps the release it had
             raise
         else:
             if dry_run:  # a plan only: nothing changed, so neither does the manager
-                self._manifest, self._manifest_given, self._trust_checked, self._expired = saved
+                self._release = saved
         finally:
             self._updating = False
 
     async def _update_locked(self, emit: Emit, new: Manifest, *, dry_run: bool, wait: bool) -> None:
         started = time.perf_counter()
         # Refuse what is not an update of the release the store holds at the call...
-        self._accept_update(await self.trusted_manifest(), new)
+        ReleaseTrust.accept_update(self.root, await self.trusted_manifest(), new)
         if not dry_run:
             await self._take_lock(emit, wait=wait)
         try:
@@ -397,13 +315,13 @@ class StorageManager:
             # goes through the same trust checks as any given one (signatures, rollback
             # against the trusted serial now, expiry); an expired one updates nothing.
             current = await self.trusted_manifest()
-            self._manifest, self._manifest_given, self._trust_checked = new, True, False
+            self._release = Release.of(new)
             await self.manifest()
             if current is not None and current.serial == new.serial:
                 await self._already_applied(emit, new, dry_run=dry_run)
                 return
-            current = self._accept_update(current, new)
-            self._refuse_if_expired()
+            current = ReleaseTrust.accept_update(self.root, current, new)
+            self._release.refuse_if_expired()
             records = await asyncio.to_thread(self.state.records)
             plan = await asyncio.to_thread(plan_update, self.root, current, new, records)
             self.plan = plan
@@ -449,20 +367,12 @@ class StorageManager:
             await self._initialize(emit, wait=True, full=False)
 
     async def _apply_update(self, emit: Emit, plan: UpdatePlan, started: float) -> None:
-        needed = await asyncio.to_thread(space_needed, plan, self.state.tmp_dir)
         free = await asyncio.to_thread(self.disk_free, self.state.tmp_dir)
-        if plan.files and needed + self.space_margin > free:
-            raise disk_space_error(self.root, plan, needed, self.space_margin, free)
+        await check_update_space(
+            self.root, plan, self.state.tmp_dir, margin=self.space_margin, free=free
+        )
         updater = DeltaUpdater(
-            root=self.root,
-            tmp_dir=self.state.tmp_dir,
-            sources=self.sources,
-            hasher=self._hasher,
-            emit=emit,
-            mismatch_retries=self.mismatch_retries,
-            free_space=self.disk_free,
-            state=self.state,
-            concurrency=self.repair_concurrency,
+            self._assembler(emit), state=self.state, concurrency=self.repair_concurrency
         )
         built = await updater.assemble_all(plan)
         problems = {b.plan.entry.path: b.outcome.reason for b in built if not b.outcome.ok}
@@ -500,11 +410,11 @@ class StorageManager:
 
     async def _repair(self, emit: Emit, *, wait: bool) -> VerifyReport:
         await self.manifest()
-        self._refuse_if_expired()
+        self._release.refuse_if_expired()
         await self._take_lock(emit, wait=wait)
         try:
             await self._recheck_release()
-            self._refuse_if_expired()
+            self._release.refuse_if_expired()
             # Orphaned partial files first: on a nearly full disk they could be what
             # makes the space check below fail, every run.
             await asyncio.to_thread(self._drop_stale_parts, await self.manifest())
@@ -525,20 +435,7 @@ class StorageManager:
         manifest switches to the one trusted now, so it repairs against the current
         release and never reverts another process's update.
         """
-        if self._manifest_given:
-            await self._check_not_older(await self.manifest())
-            return
-        data = await asyncio.to_thread(self.state.load_trusted_manifest)
-        if data is None or data == self._trusted_data:
-            return
-        before = self._manifest.serial if self._manifest is not None else None
-        self._use_trusted(data)
-        now = await self.manifest()
-        _log.info(
-            "the trusted release changed while waiting for the lock",
-            from_serial=before,
-            to_serial=now.serial,
-        )
+        self._release = await self._trust.recheck(self._release)
 
     async def _commit_release(self, emit: Emit, *, wait: bool) -> None:
         """Record the manifest in use as trusted and pin the keys, under the lock.
@@ -547,20 +444,20 @@ class StorageManager:
         an older release while another process updated the store never records it.
         The usual boot has nothing to write and takes no lock.
         """
-        if self._expired is not None:
+        if self._release.expired is not None:
             return
         manifest = await self.manifest()
-        data = dump_manifest(manifest) if self._manifest_given else None
+        data = dump_manifest(manifest) if self._release.given else None
         if not await self._commit_needed(data):
             return
         await self._take_lock(emit, wait=wait)
         try:
             if data is not None:
-                await self._check_not_older(manifest)
+                await self._trust.check_not_older(manifest)
                 if await asyncio.to_thread(self.state.load_trusted_manifest) != data:
                     await asyncio.to_thread(self.state.save_trusted_manifest, data)
                 await asyncio.to_thread(self.state.clear_pending_manifest)
-            await self._pin_keys()  # after the manifest: a crash between keeps both valid
+            await self._trust.pin_keys()  # after the manifest: a crash between keeps both valid
         finally:
             self._lock.release()
 
@@ -570,26 +467,7 @@ class StorageManager:
             or await asyncio.to_thread(self.state.has_pending_manifest)
         ):
             return True
-        return self.trust.enabled and not self.trust.same_as(await self._pinned_keys())
-
-    async def _pin_keys(self) -> None:
-        """Pin the configured keys: at the first signed sync, or as a rotation.
-
-        Called once the manifest in use passed them (and any pinned keys, see
-        :meth:`_check_signatures`) and is trusted.
-        """
-        if not self.trust.enabled:
-            return
-        pinned = await self._pinned_keys()
-        if self.trust.same_as(pinned):
-            return
-        await asyncio.to_thread(self.state.save_pinned_keys, self.trust.dump())
-        _log.warning(
-            "trusted keys pinned in the store" if pinned is None else "trusted keys rotated",
-            path=str(self.state.keys_path),
-            keys=len(self.trust.keys),
-            threshold=self.trust.threshold,
-        )
+        return await self._trust.keys_to_pin()
 
     def _drop_stale_parts(self, manifest: Manifest) -> None:
         """Delete partial files no entry of ``manifest`` can resume (under the lock).
@@ -611,8 +489,8 @@ class StorageManager:
         if await self._newer_release_given():
             # A newer release at boot: update by plan (chunk reuse from anywhere in the
             # store, merged ranges) instead of repairing every changed file as corrupt.
-            assert self._manifest is not None
-            new = self._manifest
+            new = self._release.manifest
+            assert new is not None
             try:
                 await self._update(emit, new, dry_run=False, wait=wait)
                 return
@@ -624,12 +502,11 @@ class StorageManager:
                     pending_serial=new.serial,
                     reason=str(exc),
                 )
-                self._manifest, self._manifest_given = None, False  # reloaded on next use
-                self._trust_checked, self._expired = False, None
+                self._release = Release.of(None)  # the trusted one, reloaded on next use
         report = await self._verify(emit, full=full)
         # An expired manifest never fetches: the store is then offline by policy, and
         # the required/optional rules below decide between degraded mode and refusal.
-        can_fetch = bool(self.sources) and self._expired is None
+        can_fetch = bool(self.sources) and self._release.expired is None
         self.offline = not can_fetch
         if report.to_repair and can_fetch:
             report = await self._repair(emit, wait=wait)
@@ -651,8 +528,8 @@ class StorageManager:
         reason = self._failures.get(report.path)
         if reason:
             return f"{report.status.value}: {reason}"
-        if self._expired is not None and report.status != FileStatus.UNSAFE:
-            manifest = self._manifest
+        if self._release.expired is not None and report.status != FileStatus.UNSAFE:
+            manifest = self._release.manifest
             expires = manifest.expires if manifest is not None else "?"
             return (
                 f"{report.status.value}; the manifest expired at {expires}, so nothing is "
@@ -665,30 +542,33 @@ class StorageManager:
     async def _precheck_space(self, manifest: Manifest, bad: Sequence[FileReport]) -> int:
         """Bytes still to write; raise ``DiskSpaceError`` before writing any of them."""
 
-        def partial(path: str) -> int:
-            entry = manifest.file(path)
-            assert entry is not None
-            try:
-                st = part_path(self.state.tmp_dir, entry).stat()
-            except OSError:
-                return 0
-            return min(entry.size, st.st_blocks * 512)
-
-        needed = 0
-        for f in bad:
-            entry = manifest.file(f.path)
-            if entry is not None and f.status != FileStatus.UNSAFE:
-                needed += entry.size - await asyncio.to_thread(partial, f.path)
+        entries = [
+            entry
+            for f in bad
+            if f.status != FileStatus.UNSAFE and (entry := manifest.file(f.path)) is not None
+        ]
+        needed = await asyncio.to_thread(bytes_to_write, self.state.tmp_dir, entries)
         free = await asyncio.to_thread(self.disk_free, self.state.tmp_dir)
-        if needed + self.space_margin > free:
-            raise DiskSpaceError(
-                f"repairing {len(bad)} file(s) in {self.root} needs {needed} bytes plus a "
-                f"{self.space_margin}-byte margin, but only {free} bytes are free there; "
-                "free some space (or move the store) and run the sync again",
-                needed=needed + self.space_margin,
-                free=free,
-            )
+        check_free_space(
+            what=f"repairing {len(bad)} file(s) in {self.root}",
+            where="",
+            needed=needed,
+            margin=self.space_margin,
+            free=free,
+        )
         return needed
+
+    def _assembler(self, emit: Emit) -> FileAssembler:
+        """The build layer for one repair or update run (shares its distrust list)."""
+        return FileAssembler(
+            root=self.root,
+            tmp_dir=self.state.tmp_dir,
+            sources=self.sources,
+            io=self._hasher,
+            emit=emit,
+            mismatch_retries=self.mismatch_retries,
+            free_space=self.disk_free,
+        )
 
     async def _repair_files(self, emit: Emit, report: VerifyReport) -> VerifyReport:
         manifest = await self.manifest()
@@ -696,32 +576,16 @@ class StorageManager:
         needed = await self._precheck_space(manifest, bad)
         free = await asyncio.to_thread(self.disk_free, self.state.tmp_dir)
         emit(StorageRepairStarted(files=len(bad), bytes_needed=needed, bytes_free=free))
-        repairer = FileRepairer(
-            root=self.root,
-            tmp_dir=self.state.tmp_dir,
-            sources=self.sources,
-            hasher=self._hasher,
-            emit=emit,
-            mismatch_retries=self.mismatch_retries,
-            free_space=self.disk_free,
-        )
-        gate = asyncio.Semaphore(self.repair_concurrency)
-        outcomes: dict[str, RepairOutcome] = {}
+        repairer = FileRepairer(self._assembler(emit))
 
-        async def one(file_report: FileReport) -> None:
+        async def one(file_report: FileReport) -> BuildOutcome:
             entry = manifest.file(file_report.path)
             assert entry is not None
-            async with gate:
-                outcomes[entry.path] = await repairer.repair(entry, file_report)
+            return await repairer.repair(entry, file_report)
 
-        try:
-            async with asyncio.TaskGroup() as group:
-                for file_report in bad:
-                    group.create_task(one(file_report))
-        except ExceptionGroup as errors:
-            # One failure (ENOSPC) cancels the other files; report it, not the group.
-            first = errors.exceptions[0]
-            raise first from first.__cause__
+        # One failure (ENOSPC) cancels the other files and is raised alone.
+        results = await run_bounded(bad, one, self.repair_concurrency)
+        outcomes = {f.path: o for f, o in zip(bad, results, strict=True)}
         good: list[tuple[str, str, StatRecord]] = []
         self._failures = {}
         for path, outcome in outcomes.items():

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Protocol, runtime_checkable
 
-from kensho.errors import DownloadError, SourceError
+from kensho.errors import DownloadError, SourceUnreachableError
 
 __all__ = ["PIECE", "Sink", "Source", "SourceUnreachableError", "size_mismatch"]
 
@@ -14,10 +14,6 @@ Sink = Callable[[bytes], Awaitable[None]]
 
 #: The most bytes a source hands to the sink at once (bounds memory per transfer).
 PIECE = 1 << 20
-
-
-class SourceUnreachableError(SourceError):
-    """The source cannot be reached at all (no network, server down, folder absent)."""
 
 
 @runtime_checkable

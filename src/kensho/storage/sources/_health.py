@@ -34,7 +34,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from kensho.errors import SourceError
+from kensho.errors import SourceError, TransferTooSlowError
 from kensho.telemetry import get_logger
 
 __all__ = [
@@ -70,21 +70,6 @@ class _SystemClock:
 
 #: The real clock (``time.monotonic``).
 SYSTEM_CLOCK: MonotonicClock = _SystemClock()
-
-
-class TransferTooSlowError(Exception):
-    """A transfer delivered less than the minimum rate over a whole window.
-
-    Internal to the sources: it is turned into a :class:`~kensho.errors.DownloadError`
-    naming the source before it leaves them.
-    """
-
-    def __init__(self, received: int, seconds: float, min_rate: float) -> None:
-        super().__init__(
-            f"sent {received} bytes in {seconds:.1f} s, below the minimum of {min_rate:g} bytes/s"
-        )
-        self.received = received
-        self.seconds = seconds
 
 
 class RateGuard:

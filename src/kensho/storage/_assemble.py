@@ -1,0 +1,398 @@
+"""Building one file from chunks in ``.kensho/tmp``: the layer repair and update share.
+
+For each chunk of the target, in order of preference:
+
+1. it is already good in the partial file left by an interrupted run (resume);
+2. a local file holds it: the caller picks which (repair: the current file at the
+   same offset; update: any file with the same bytes), re-hashed before it is used;
+3. it is fetched from the first source that delivers it with the right hash
+   (failover, and a source that keeps sending wrong bytes is distrusted for the run).
+
+Every byte that reaches the partial file is hashed on its way in; then the whole
+file's SHA-256 is checked and the file fsynced. Placing it (``os.replace`` over the
+final path, fsync of the folder) is the caller's choice: repair places each file at
+once, update only once every required file is built. The partial file never grows
+past the declared size, and until the swap the final path keeps its old content,
+whatever happens (crash, ``ENOSPC``).
+
+Why one layer: repair and update differ only in where local chunks come from and
+when files are placed; everything else (the write path of :mod:`._chunk_io`, the
+disk-full error, the source failover) is one code path, so a fix or a test of it
+covers both.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import hashlib
+import os
+import shutil
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kensho.errors import (
+    DiskSpaceError,
+    DownloadError,
+    SourceError,
+    SourceUnreachableError,
+    UnsafePathError,
+)
+from kensho.events import StorageChunkRejected, StorageDownloadProgress, StorageSourceFailed
+from kensho.storage._chunk_io import ChunkMismatch, ChunkWriter, LocalCopy, consecutive_runs
+from kensho.storage._fs import fsync_dir, resolve_inside
+from kensho.storage._verify import Emit
+from kensho.storage.hashing import (
+    IOPool,
+    chunks_within,
+    run_to_completion,
+    sha256_range,
+)
+from kensho.storage.manifest import FileEntry
+from kensho.storage.sources import Source
+from kensho.storage.state import StatRecord
+from kensho.telemetry import get_logger
+
+__all__ = [
+    "BuildOutcome",
+    "Built",
+    "FileAssembler",
+    "bytes_to_write",
+    "check_free_space",
+    "part_path",
+]
+
+_log = get_logger("storage")
+_DISTRUSTED = "skipped, it sent wrong bytes earlier in this run"
+
+
+def part_path(tmp_dir: Path, entry: FileEntry) -> Path:
+    """The temp file for ``entry``: named by its path, so a resume finds it again."""
+    digest = hashlib.sha256(entry.path.encode()).hexdigest()[:32]
+    return tmp_dir / f"{digest}.part"
+
+
+def bytes_to_write(tmp_dir: Path, entries: Iterable[FileEntry]) -> int:
+    """Bytes still to write in ``tmp_dir`` to build ``entries``: each whole, minus what
+    its partial file already holds (its allocated blocks, at most its size). Blocking.
+
+    The one count of partial bytes, for the repair and the update space checks.
+    """
+    needed = 0
+    for entry in entries:
+        try:
+            have = min(entry.size, part_path(tmp_dir, entry).stat().st_blocks * 512)
+        except OSError:
+            have = 0
+        needed += entry.size - have
+    return needed
+
+
+def check_free_space(*, what: str, where: str, needed: int, margin: int, free: int) -> None:
+    """Refuse a build that does not fit, before any byte of it is written.
+
+    ``what`` names the work (``"repairing 2 file(s) in /store"``), ``where`` the
+    place the bytes go, for the message. Repair and update both check here.
+    """
+    if needed + margin <= free:
+        return
+    raise DiskSpaceError(
+        f"{what} needs {needed} bytes {where}plus a {margin}-byte margin, but only {free} "
+        "bytes are free; free some space (or move the store) and run the sync again",
+        needed=needed + margin,
+        free=free,
+    )
+
+
+@dataclass(slots=True)
+class BuildOutcome:
+    """How building one file went (repair or update).
+
+    ``unreachable`` means no source could be reached.
+    """
+
+    ok: bool
+    reason: str = ""
+    unreachable: bool = False
+    fetched: int = 0
+    record: StatRecord | None = None
+    sources: list[str] = field(default_factory=list)
+
+
+def _open_part(part: Path, size: int) -> tuple[int, int]:
+    """Open (or create) the partial file; return its fd and its size before truncation."""
+    part.parent.mkdir(parents=True, exist_ok=True)
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(part, flags, 0o644)
+    before = os.fstat(fd).st_size
+    os.ftruncate(fd, size)
+    return fd, before
+
+
+def _swap_in(part: Path, dest: Path) -> StatRecord:
+    """Move a built (fsynced) partial file over ``dest``; fsync the folder."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part.replace(dest)
+    fsync_dir(dest.parent)
+    return StatRecord.of(dest.lstat())
+
+
+@dataclass(slots=True)
+class Built:
+    """One file built in ``.kensho/tmp`` (placed already when ``outcome.record`` is set).
+
+    ``reused``: bytes that did not have to be fetched. ``in_place``: the final path
+    already held the new file, so there is nothing to build or swap.
+    """
+
+    part: Path
+    dest: Path | None
+    outcome: BuildOutcome
+    reused: int = 0
+    in_place: bool = False
+
+
+@dataclass
+class FileAssembler:
+    """Builds files of one store from local chunks and an ordered list of sources.
+
+    One per run: a source it distrusts (wrong bytes) stays distrusted for every
+    later file of the run. Its methods hold no per-file state, so files can be
+    built concurrently.
+    """
+
+    root: Path
+    tmp_dir: Path
+    sources: Sequence[Source]
+    io: IOPool
+    emit: Emit
+    mismatch_retries: int = 3
+    free_space: Callable[[Path], int] = field(
+        default=lambda p: shutil.disk_usage(p).free, repr=False
+    )
+    #: Sources that sent bytes contradicting the manifest ``mismatch_retries`` times:
+    #: skipped for every later file of this run (a lying mirror is not asked again).
+    distrusted: set[str] = field(default_factory=set)
+    #: Chunks rejected per source during this run.
+    rejected: dict[str, int] = field(default_factory=dict)
+
+    async def build(
+        self,
+        entry: FileEntry,
+        *,
+        local: LocalCopy | None = None,
+        place: bool,
+        already_there: Callable[[Path], Awaitable[bool]] | None = None,
+    ) -> Built:
+        """Build ``entry`` in its partial file; place it too when ``place``.
+
+        ``local`` says where local chunks may be found (:class:`LocalCopy`);
+        ``already_there(dest)`` says whether the final path already
+        holds the new file (then nothing is built). ``DiskSpaceError`` propagates
+        (the partial file is deleted, the final path untouched); any other failure
+        is the outcome's reason.
+        """
+        part = part_path(self.tmp_dir, entry)
+        try:
+            dest = await asyncio.to_thread(resolve_inside, self.root, entry.path)
+            if already_there is not None and await already_there(dest):
+                await asyncio.to_thread(part.unlink, missing_ok=True)
+                return Built(part, dest, BuildOutcome(True), entry.size, in_place=True)
+            fd, before = await run_to_completion(None, _open_part, part, entry.size)
+        except UnsafePathError as exc:
+            return Built(part, None, BuildOutcome(False, str(exc)))
+        except OSError as exc:
+            return Built(
+                part, None, BuildOutcome(False, f"cannot create {part}: {exc.strerror or exc}")
+            )
+        try:
+            todo = await self._resumed(entry, part, before)
+            if local is not None:
+                todo = await self._copy_local(entry, fd, dest, todo, local)
+            reused = entry.size - sum(entry.chunks[i].size for i in todo)
+            outcome = await self._fetch(entry, fd, todo)
+            if outcome.ok:
+                outcome = await self._check_whole(entry, fd, part, outcome)
+            if outcome.ok and place:
+                outcome.record = await self.place(part, dest)
+        except OSError as exc:
+            if exc.errno == errno.ENOSPC:
+                raise self._disk_full(entry, part, dest) from exc
+            moving = f" or move it to {dest}" if place else ""
+            reason = f"cannot write {part}{moving}: {exc.strerror or exc}"
+            return Built(part, dest, BuildOutcome(False, reason))
+        finally:
+            os.close(fd)
+        return Built(part, dest, outcome, reused)
+
+    async def place(self, part: Path, dest: Path) -> StatRecord:
+        """Swap a built partial file in at ``dest``; its new record."""
+        return await run_to_completion(None, _swap_in, part, dest)
+
+    async def _check_whole(
+        self, entry: FileEntry, fd: int, part: Path, outcome: BuildOutcome
+    ) -> BuildOutcome:
+        """``outcome``, or a failure if the built file's whole SHA-256 is not ``entry``'s.
+
+        Why on top of the chunk hashes: matching chunks prove the file against the
+        chunk list, but a manifest whose chunk list and ``sha256`` disagree cannot be
+        told at parse time without the data (and a new release may come from another
+        chunker). Such a manifest is refused instead of placed, and the partial file,
+        proven wrong, is deleted. Also fsyncs the partial file.
+        """
+        await self.io.run(os.fsync, fd)
+        whole = await self.io.run(sha256_range, part, 0, entry.size)
+        if whole == entry.sha256:
+            return outcome
+        await asyncio.to_thread(part.unlink, missing_ok=True)
+        return BuildOutcome(
+            False,
+            "every chunk matched but the whole file's SHA-256 does not match the "
+            "manifest's: the manifest is inconsistent; ask its publisher for a rebuilt one",
+            fetched=outcome.fetched,
+            sources=outcome.sources,
+        )
+
+    def _disk_full(self, entry: FileEntry, part: Path, dest: Path) -> DiskSpaceError:
+        with contextlib.suppress(OSError):
+            part.unlink()
+        free = self.free_space(self.tmp_dir)
+        return DiskSpaceError(
+            f"the disk filled up while writing {entry.path}; {dest} was left as it was. "
+            f"Free at least {entry.size} bytes on the file system of {self.root} "
+            "and run the sync again",
+            needed=entry.size,
+            free=free,
+        )
+
+    async def _resumed(self, entry: FileEntry, part: Path, before: int) -> list[int]:
+        """The indices of chunks not already good in the partial file (sorted).
+
+        Only what hashes right is trusted; hashed in batches of adjacent chunks
+        (:mod:`.hashing`), so the cost follows the bytes, not the number of chunks.
+        """
+        chunks = entry.chunks
+        if not before:
+            return list(range(len(chunks)))
+        fits = chunks_within(chunks, before)
+        todo = await self.io.mismatched(part, chunks, range(fits))
+        todo.extend(range(fits, len(chunks)))
+        return todo
+
+    async def _copy_local(
+        self, entry: FileEntry, fd: int, dest: Path, todo: list[int], local: LocalCopy
+    ) -> list[int]:
+        """Copy the chunks of ``todo`` that ``local`` may hold; the indices still to fetch."""
+        held = local.held
+        candidates = [i for i in todo if i in held]
+
+        async def job(batch: range) -> list[int]:  # one thread job per batch, not per chunk
+            return await self.io.run(local.copy, dest, fd, batch)
+
+        missed = await self.io.in_batches(entry.chunks, candidates, job)
+        if missed and local.note:
+            _log.warning(local.note, path=entry.path, chunks=len(missed))
+        return sorted([i for i in todo if i not in held] + missed)
+
+    async def _fetch(self, entry: FileEntry, fd: int, todo: list[int]) -> BuildOutcome:
+        if not todo:
+            return BuildOutcome(True)
+        if not self.sources:
+            return BuildOutcome(False, "no source is configured (pass --source)", True)
+        chunks = entry.chunks
+        total = sum(chunks[i].size for i in todo)
+        done = bytearray(len(chunks))  # 1: written and verified (a byte, not an object, per chunk)
+        fetched = [0]
+        used: list[str] = []
+        errors: list[str] = []
+        unreachable = True
+        # One writer thread for the whole file: its runs are fetched one after the other.
+        with ThreadPoolExecutor(1, thread_name_prefix="kensho-write") as pool:
+            for n, source in enumerate(self.sources):
+                nxt = self.sources[n + 1].name if n + 1 < len(self.sources) else None
+                if source.name in self.distrusted:
+                    errors.append(f"{source.name}: {_DISTRUSTED}")
+                    continue
+
+                def on_chunks(run: range, src: Source = source) -> None:  # once per write job
+                    done[run.start : run.stop] = b"\x01" * len(run)
+                    fetched[0] += chunks[run[-1]].end - chunks[run.start].offset
+                    self.emit(
+                        StorageDownloadProgress(
+                            path=entry.path, source=src.name, done=fetched[0], total=total
+                        )
+                    )
+
+                error = await self._from_source(
+                    entry, fd, source, todo, done=done, on_chunks=on_chunks, pool=pool
+                )
+                finished = all(done[i] for i in todo)
+                if finished or error is None:
+                    used.append(source.name)
+                if error is not None:
+                    unreachable = unreachable and isinstance(error, SourceUnreachableError)
+                    errors.append(f"{source.name}: {error}")
+                    self.emit(
+                        StorageSourceFailed(
+                            path=entry.path, source=source.name, error=str(error), next_source=nxt
+                        )
+                    )
+                    _log.warning(
+                        "source failed", path=entry.path, source=source.name, error=str(error)
+                    )
+                if finished:
+                    return BuildOutcome(True, fetched=fetched[0], sources=used)
+        reason = "; ".join(errors) or "no source could deliver it"
+        return BuildOutcome(False, reason, unreachable, fetched[0], sources=used)
+
+    async def _from_source(
+        self,
+        entry: FileEntry,
+        fd: int,
+        source: Source,
+        todo: list[int],
+        *,
+        done: bytearray,
+        on_chunks: Callable[[range], None],
+        pool: Executor,
+    ) -> SourceError | None:
+        """Fetch what is left of ``todo`` from one source; the error that stopped it."""
+        mismatches = 0
+        chunks = entry.chunks
+        while remaining := [i for i in todo if not done[i]]:
+            try:
+                for run in consecutive_runs(remaining):
+                    start = chunks[run.start].offset
+                    length = chunks[run[-1]].end - start
+                    writer = ChunkWriter(fd, chunks, run, on_chunks, pool)
+                    try:
+                        await source.fetch(entry.path, start, length, entry.size, writer)
+                    finally:
+                        await writer.drain()
+                    if done.find(0, run.start, run.stop) != -1:
+                        raise DownloadError("the source delivered fewer bytes than asked for")
+            except ChunkMismatch as exc:
+                mismatches += 1
+                self.rejected[source.name] = self.rejected.get(source.name, 0) + 1
+                self.emit(
+                    StorageChunkRejected(
+                        path=entry.path, source=source.name, chunk=exc.index, attempt=mismatches
+                    )
+                )
+                _log.warning("chunk rejected", path=entry.path, source=source.name, chunk=exc.index)
+                if mismatches >= self.mismatch_retries:
+                    self.distrusted.add(source.name)
+                    _log.warning(
+                        "source distrusted for the rest of the run",
+                        source=source.name,
+                        rejected_chunks=self.rejected[source.name],
+                    )
+                    return DownloadError(
+                        f"sent wrong bytes for chunk {exc.index} {mismatches} times"
+                    )
+            except SourceError as exc:
+                return exc
+        return None

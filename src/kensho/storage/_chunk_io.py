@@ -1,0 +1,382 @@
+"""Writing chunks into a partial file: the one write path of :mod:`._assemble`.
+
+Fetched bytes go through :class:`ChunkWriter` (written and hashed chunk by chunk on
+a writer thread); local chunks are copied by :func:`copy_same_offset` (repair: the
+current file, same offsets) or :func:`copy_from_donors` (update: any local file
+holding the same bytes), each re-hashed before it is written. Every write ends in
+:func:`_pwrite_all` or :func:`_pwritev_all`, so a test that makes them fail (a full
+disk) reaches every way a byte can enter a partial file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+from collections import deque
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from pathlib import Path
+
+from kensho.errors import DownloadError, UnsafePathError
+from kensho.storage._fs import PathGuard
+from kensho.storage.hashing import BATCH_BYTES, BUFFER_SIZE, mismatches_in, read_into, thread_buffer
+from kensho.storage.manifest import Chunk
+
+__all__ = [
+    "ChunkMismatch",
+    "ChunkWriter",
+    "Donor",
+    "LocalCopy",
+    "consecutive_runs",
+    "copy_from_donors",
+    "copy_same_offset",
+    "donor_copy",
+    "same_offset_copy",
+]
+
+_FLUSH = 1 << 20
+_IN_FLIGHT = 8  # queued write jobs per transfer, at most _FLUSH bytes each (or a chunk)
+
+
+class ChunkMismatch(Exception):
+    def __init__(self, index: int) -> None:
+        super().__init__(f"chunk {index} does not match its hash")
+        self.index = index
+
+
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
+
+
+class _RunHasher:
+    """Checks the bytes of one run of consecutive chunks, chunk by chunk, as they come.
+
+    Lives on the writer thread: its jobs run one after the other, in order, so the
+    running digest needs no lock, and the event loop never touches a chunk boundary.
+    """
+
+    def __init__(self, chunks: Sequence[Chunk], run: range) -> None:
+        self.chunks = chunks
+        self.index = run.start
+        self.pos = chunks[run.start].offset
+        self.digest = hashlib.sha256()
+        self.failed = False
+
+    def feed(self, pieces: list[bytes]) -> tuple[range, int | None]:
+        """Hash ``pieces``; the chunks they completed that matched, and the one that did not.
+
+        After a mismatch, later bytes are ignored: the chunks after it are fetched again.
+        """
+        first = self.index
+        if self.failed:
+            return range(first, first), None
+        chunks = self.chunks
+        for piece in pieces:
+            view = memoryview(piece)
+            while view:
+                chunk = chunks[self.index]
+                take = min(len(view), chunk.end - self.pos)
+                self.digest.update(view[:take])
+                self.pos += take
+                view = view[take:]
+                if self.pos == chunk.end:
+                    if self.digest.hexdigest() != chunk.sha256:
+                        self.failed = True
+                        return range(first, self.index), self.index
+                    self.index += 1
+                    self.digest = hashlib.sha256()
+        return range(first, self.index), None
+
+
+@dataclass(slots=True)
+class _WriteJob:
+    """A queued write-and-check job; ``reported`` once its verified chunks are counted."""
+
+    future: asyncio.Future[tuple[range, int | None]]
+    reported: bool = False
+
+
+class ChunkWriter:
+    """The sink for one run of consecutive chunks: writes, hashes, checks each chunk.
+
+    Why a pipeline: writing and hashing run on one dedicated thread (in order, so one
+    running digest is enough) while the event loop keeps receiving. The loop only
+    buffers what arrives and hands it over per ``_FLUSH`` bytes (or at the end of the
+    run): one job per MiB, whatever the chunk size, so a run of a million one-byte
+    chunks is not a million jobs. At most ``_IN_FLIGHT`` jobs are queued, which
+    bounds memory. Call :meth:`drain` after the transfer (also after a failure) to
+    hand over the rest, wait for the thread and learn the last verdicts.
+    """
+
+    def __init__(
+        self,
+        fd: int,
+        chunks: Sequence[Chunk],
+        run: range,
+        on_chunks: Callable[[range], None],
+        pool: Executor,
+    ) -> None:
+        self.fd = fd
+        self.on_chunks = on_chunks
+        self.end = chunks[run[-1]].end
+        self.pos = chunks[run.start].offset
+        self.flushed = self.pos
+        self.pieces: list[bytes] = []
+        self._hashing = _RunHasher(chunks, run)
+        self._pool = pool
+        self._pending: deque[_WriteJob] = deque()
+
+    async def __call__(self, data: bytes) -> None:
+        if len(data) > self.end - self.pos:
+            raise DownloadError("the source sent more bytes than asked for")
+        # The received object is kept as it is: no copy until the vectored write.
+        self.pieces.append(data)
+        self.pos += len(data)
+        if self.pos == self.end or self.pos - self.flushed >= _FLUSH:
+            await self._submit()
+
+    async def _submit(self) -> None:
+        """Queue the buffered bytes for writing and checking."""
+        pieces, self.pieces = self.pieces, []
+        loop = asyncio.get_running_loop()
+        job = loop.run_in_executor(
+            self._pool, _write_and_check, self.fd, pieces, self.flushed, self._hashing
+        )
+        item = _WriteJob(job)
+        job.add_done_callback(lambda _: self._report(item))
+        self.flushed = self.pos
+        self._pending.append(item)
+        while len(self._pending) > _IN_FLIGHT:
+            await self._settle()
+
+    def _report(self, item: _WriteJob) -> None:
+        """Count the chunks a job verified as soon as it ends (jobs end in order).
+
+        Not only when the job is next awaited: that waits for more data, and a
+        transfer that stalls would hide the progress already made. Called again by
+        :meth:`_settle`, since an awaited future that is already done does not wait
+        for its callbacks; the flag makes the second call a no-op.
+        """
+        job = item.future
+        if item.reported or job.cancelled() or job.exception() is not None:
+            return
+        item.reported = True
+        verified, _ = job.result()
+        if verified:
+            self.on_chunks(verified)
+
+    async def _settle(self) -> None:
+        item = self._pending.popleft()
+        _, bad = await item.future
+        self._report(item)
+        if bad is not None:
+            raise ChunkMismatch(bad)
+
+    async def drain(self) -> None:
+        """Hand over what is buffered, wait for queued writes; raise the first mismatch
+        or write error among them."""
+        try:
+            if self.pieces:  # a transfer that broke off: keep the chunks it completed
+                await self._submit()
+            while self._pending:
+                await self._settle()
+        finally:
+            for item in self._pending:
+                with contextlib.suppress(BaseException):
+                    await item.future
+            self._pending.clear()
+
+
+def _write_and_check(
+    fd: int, pieces: list[bytes], offset: int, hashing: _RunHasher
+) -> tuple[range, int | None]:
+    """Write ``pieces`` at ``offset`` (vectored: no join on the event loop), check them."""
+    _pwritev_all(fd, pieces, offset)
+    return hashing.feed(pieces)
+
+
+def _pwritev_all(fd: int, pieces: list[bytes], offset: int) -> None:
+    if not hasattr(os, "pwritev"):  # pragma: no cover - not Linux or BSD
+        _pwrite_all(fd, b"".join(pieces), offset)
+        return
+    for start in range(0, len(pieces), 512):  # stay below IOV_MAX
+        batch = pieces[start : start + 512]
+        want = sum(map(len, batch))
+        written = os.pwritev(fd, batch, offset)
+        if written < want:  # short write: finish the rest piece by piece
+            _pwrite_all(fd, b"".join(batch)[written:], offset + written)
+        offset += want
+
+
+def consecutive_runs(indices: Iterable[int]) -> list[range]:
+    """Split sorted chunk indices into runs of consecutive ones (one request each)."""
+    runs: list[range] = []
+    lo = hi = -1
+    for i in indices:
+        if i == hi:
+            hi += 1
+            continue
+        if hi > lo:
+            runs.append(range(lo, hi))
+        lo, hi = i, i + 1
+    if hi > lo:
+        runs.append(range(lo, hi))
+    return runs
+
+
+def copy_same_offset(src: Path, fd: int, chunks: Sequence[Chunk], batch: range) -> list[int]:
+    """Copy the chunks of ``batch`` that still match in the old file ``src`` into the
+    temp file, at the same offsets; return the indices that did not (to be fetched).
+
+    One open and one read per batch. The bytes written are the bytes hashed (one
+    buffer), so a file changing meanwhile costs a fetch, never a wrong byte. A read
+    error only means "fetch these"; a write error (``ENOSPC``) propagates.
+    """
+    try:
+        src_fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return list(batch)
+    try:
+        start = chunks[batch.start].offset
+        span = chunks[batch[-1]].end - start
+        if span > BATCH_BYTES:  # one large chunk: copied streaming, hashed on the way
+            return [] if _copy_large(src_fd, fd, chunks[batch.start]) else [batch.start]
+        view = thread_buffer()[:span]
+        try:
+            got = read_into(src_fd, view, start)
+        except OSError:
+            return list(batch)
+    finally:
+        os.close(src_fd)
+    bad = mismatches_in(view[:got], start, chunks, batch)
+    lo = batch.start
+    for stop in [*bad, batch.stop]:  # write each stretch of good chunks at once
+        if stop > lo:
+            first, end = chunks[lo].offset, chunks[stop - 1].end
+            _pwrite_all(fd, view[first - start : end - start], first)
+        lo = stop + 1
+    return bad
+
+
+def _copy_large(src_fd: int, fd: int, chunk: Chunk) -> bool:
+    """Copy one chunk larger than the buffer piece by piece; whether it matched.
+
+    A mismatch leaves unchecked bytes in the temp file where that chunk goes; they are
+    overwritten when the chunk is fetched, and never trusted (resume re-hashes).
+    """
+    digest = hashlib.sha256()
+    buf = thread_buffer()
+    pos = chunk.offset
+    while pos < chunk.end:
+        want = min(BUFFER_SIZE, chunk.end - pos)
+        try:
+            got = read_into(src_fd, buf[:want], pos)
+        except OSError:
+            return False
+        if got < want:
+            return False
+        digest.update(buf[:got])
+        _pwrite_all(fd, buf[:got], pos)
+        pos += got
+    return digest.hexdigest() == chunk.sha256
+
+
+@dataclass(frozen=True, slots=True)
+class Donor:
+    """A place in the store that should hold a chunk's bytes: a manifest path, an offset."""
+
+    path: str
+    offset: int
+
+
+def _copy_from(  # noqa: PLR0917 - one thread job's private helper
+    guard: PathGuard,
+    root: Path,
+    donors: Sequence[Donor],
+    fd: int,
+    chunk: Chunk,
+    opened: dict[str, int | None],
+) -> bool:
+    """Copy ``chunk``'s bytes from the first donor that still holds them (re-hashed).
+
+    Donor files are opened once and kept in ``opened`` (path -> fd, or ``None`` when
+    it cannot be opened) for the caller to close.
+    """
+    for donor in donors:
+        if donor.path not in opened:
+            try:
+                guard.check(donor.path)
+                opened[donor.path] = os.open(root / donor.path, os.O_RDONLY | os.O_NOFOLLOW)
+            except (OSError, UnsafePathError):
+                opened[donor.path] = None
+        src = opened[donor.path]
+        if src is None:
+            continue
+        try:
+            data = os.pread(src, chunk.size, donor.offset)
+        except OSError:
+            continue
+        if len(data) == chunk.size and hashlib.sha256(data).hexdigest() == chunk.sha256:
+            _pwrite_all(fd, data, chunk.offset)
+            return True
+    return False
+
+
+def copy_from_donors(  # noqa: PLR0917 - one thread job
+    guard: PathGuard,
+    root: Path,
+    donors: Mapping[int, tuple[Donor, ...]],
+    fd: int,
+    chunks: Sequence[Chunk],
+    batch: range,
+) -> list[int]:
+    """Copy each chunk of ``batch`` from its donors; the indices none could give.
+
+    Donor files stay open for the batch: one ``open`` per donor file, not per chunk.
+    """
+    opened: dict[str, int | None] = {}
+    try:
+        return [i for i in batch if not _copy_from(guard, root, donors[i], fd, chunks[i], opened)]
+    finally:
+        for src in opened.values():
+            if src is not None:
+                os.close(src)
+
+
+@dataclass(frozen=True, slots=True)
+class LocalCopy:
+    """Where a build may find chunks locally, and the thread job that copies them.
+
+    ``held``: the chunk indices local files may hold. ``copy(dest, fd, batch)``
+    copies the chunks of ``batch`` into the partial file ``fd`` (re-hashed first)
+    and returns the indices it could not. ``note``: logged when some could not.
+    """
+
+    held: Collection[int]
+    copy: Callable[[Path, int, range], list[int]]
+    note: str = ""
+
+
+def same_offset_copy(chunks: Sequence[Chunk], bad: Iterable[int]) -> LocalCopy:
+    """Repair's local step: the current file's chunks at the same offsets, but ``bad``."""
+    skip = set(bad)
+    held = [i for i in range(len(chunks)) if i not in skip]
+    return LocalCopy(held, lambda dest, fd, batch: copy_same_offset(dest, fd, chunks, batch))
+
+
+def donor_copy(
+    guard: PathGuard, root: Path, chunks: Sequence[Chunk], donors: Mapping[int, tuple[Donor, ...]]
+) -> LocalCopy:
+    """Update's local step: any local file holding the same bytes (its donors)."""
+    return LocalCopy(
+        donors.keys(),
+        lambda _dest, fd, batch: copy_from_donors(guard, root, donors, fd, chunks, batch),
+        "local chunks changed since the manifest; fetching them instead",
+    )
