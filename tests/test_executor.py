@@ -10,15 +10,15 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from _runtime_support import ExecutorRig
 from kensho.errors import EngineError, QueueFullError, TaskTimeoutError
-from kensho.events import Event, QueueCapacityChanged, RuntimeOverloaded, RuntimeRecovered
+from kensho.events import QueueCapacityChanged, RuntimeOverloaded, RuntimeRecovered
 from kensho.hub import EventHub
 from kensho.runtime.breaker import BreakerState
 from kensho.runtime.clock import VirtualClock
 from kensho.runtime.engines import (
     GenerationChunk,
     GenerationRequest,
-    MockCPUEngine,
     MockGPUEngine,
 )
 from kensho.runtime.executor import Priority, TaskExecutor, TaskHandle, TaskOutcome, TaskState
@@ -30,41 +30,8 @@ P = Priority
 Out = TaskOutcome
 
 
-class Rig:
-    def __init__(self, **executor_kwargs: Any) -> None:
-        self.clock = VirtualClock()
-        self.gpu = MockGPUEngine(clock=self.clock)
-        self.cpu = MockCPUEngine(clock=self.clock)
-        self.runtime = RuntimeManager(self.gpu, self.cpu, clock=self.clock)
-        kwargs: dict[str, Any] = {"concurrency": {"gpu": 1, "cpu": 1}, "max_queue_size": 10}
-        kwargs.update(executor_kwargs)
-        self.executor = TaskExecutor(self.runtime, clock=self.clock, **kwargs)
-        self.events: list[Event] = []
-        self.runtime.add_listener(self.events.append)
-
-    async def __aenter__(self) -> Rig:
-        await self.runtime.start()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.executor.aclose()
-        await self.runtime.close()
-
-    def submit(self, priority: Priority = P.NORMAL, tokens: int = 5, **kw: Any) -> TaskHandle:
-        return self.executor.submit(
-            GenerationRequest(prompt="p", max_tokens=tokens), priority=priority, **kw
-        )
-
-    async def finish_all(self, limit: float = 600) -> None:
-        waited = 0.0
-        while self.executor.statistics().queued_total or self.executor.statistics().in_flight_total:
-            assert waited < limit
-            await self.clock.advance(0.5)
-            waited += 0.5
-
-
 async def test_runs_a_task_and_streams_its_chunks() -> None:
-    async with Rig() as rig:
+    async with ExecutorRig() as rig:
         handle = rig.submit(tokens=4)
         reader = asyncio.create_task(handle.result())
         await rig.clock.advance(1)
@@ -77,7 +44,7 @@ async def test_runs_a_task_and_streams_its_chunks() -> None:
 
 
 async def test_priority_order_and_fifo_within_a_level() -> None:
-    async with Rig() as rig:
+    async with ExecutorRig() as rig:
         blocker = rig.submit(P.LOW)
         handles = {
             "low": rig.submit(P.LOW),
@@ -100,7 +67,7 @@ async def test_priority_order_and_fifo_within_a_level() -> None:
 
 
 async def test_full_queue_sheds_the_newest_lowest_task_for_a_higher_one() -> None:
-    async with Rig(max_queue_size=3) as rig:
+    async with ExecutorRig(max_queue_size=3) as rig:
         rig.submit(P.NORMAL)  # running
         low1 = rig.submit(P.LOW)
         low2 = rig.submit(P.LOW)
@@ -121,7 +88,7 @@ async def test_full_queue_sheds_the_newest_lowest_task_for_a_higher_one() -> Non
 
 
 async def test_full_queue_rejects_a_task_that_does_not_outrank_anything() -> None:
-    async with Rig(max_queue_size=2) as rig:
+    async with ExecutorRig(max_queue_size=2) as rig:
         rig.submit(P.NORMAL)
         queued = [rig.submit(P.NORMAL), rig.submit(P.NORMAL)]
         for priority in (P.NORMAL, P.LOW):
@@ -136,7 +103,7 @@ async def test_full_queue_rejects_a_task_that_does_not_outrank_anything() -> Non
 
 
 async def test_queue_wait_deadline_times_out_a_task_that_never_started() -> None:
-    async with Rig() as rig:
+    async with ExecutorRig() as rig:
         rig.gpu.slow_down(1000)
         rig.submit()
         waiting = rig.submit(queue_timeout=5)
@@ -152,7 +119,7 @@ async def test_queue_wait_deadline_times_out_a_task_that_never_started() -> None
 
 
 async def test_total_deadline_cancels_a_running_task_and_frees_its_slot() -> None:
-    async with Rig() as rig:
+    async with ExecutorRig() as rig:
         rig.gpu.slow_down(1000)
         slow = rig.submit(deadline=2)
         nxt = rig.submit()
@@ -166,7 +133,7 @@ async def test_total_deadline_cancels_a_running_task_and_frees_its_slot() -> Non
 
 
 async def test_cancel_queued_and_running_tasks() -> None:
-    async with Rig() as rig:
+    async with ExecutorRig() as rig:
         rig.gpu.slow_down(1000)
         running = rig.submit()
         queued = rig.submit()
@@ -186,7 +153,7 @@ async def test_cancel_queued_and_running_tasks() -> None:
 
 
 async def test_a_consumer_leaving_early_cancels_its_task_and_frees_the_slot() -> None:
-    async with Rig() as rig:
+    async with ExecutorRig() as rig:
         first = rig.submit(tokens=50)
         second = rig.submit(tokens=2)
 
@@ -208,7 +175,7 @@ async def test_a_consumer_leaving_early_cancels_its_task_and_frees_the_slot() ->
 
 
 async def test_a_consumer_that_stops_reading_is_timed_out() -> None:
-    async with Rig(stream_buffer=2, consumer_timeout=5) as rig:
+    async with ExecutorRig(stream_buffer=2, consumer_timeout=5) as rig:
         rig.gpu.slow_down(0.001)
         stalled = rig.submit(tokens=20)
         other = rig.submit(tokens=1)
@@ -222,7 +189,7 @@ async def test_a_consumer_that_stops_reading_is_timed_out() -> None:
 
 
 async def test_engine_failures_reach_the_submitter() -> None:
-    async with Rig() as rig:
+    async with ExecutorRig() as rig:
         rig.gpu.force_failure()
         rig.cpu.force_failure()
         handle = rig.submit()
@@ -234,7 +201,7 @@ async def test_engine_failures_reach_the_submitter() -> None:
 
 
 async def test_gpu_failures_are_absorbed_by_failover() -> None:
-    async with Rig() as rig:
+    async with ExecutorRig() as rig:
         rig.runtime.force_primary_failure(times=3)
         handles = [rig.submit() for _ in range(6)]
         await rig.finish_all()
@@ -243,7 +210,7 @@ async def test_gpu_failures_are_absorbed_by_failover() -> None:
 
 
 async def test_concurrency_limit_per_engine() -> None:
-    async with Rig(concurrency={"gpu": 3, "cpu": 1}) as rig:
+    async with ExecutorRig(concurrency={"gpu": 3, "cpu": 1}) as rig:
         for _ in range(8):
             rig.submit()
         await rig.clock.settle()
@@ -260,7 +227,9 @@ async def test_concurrency_limit_per_engine() -> None:
 
 
 async def test_capacity_shrinks_on_the_slow_engine_and_grows_back() -> None:
-    async with Rig(max_queue_size=100, max_queue_wait=10, concurrency={"gpu": 4, "cpu": 1}) as rig:
+    async with ExecutorRig(
+        max_queue_size=100, max_queue_wait=10, concurrency={"gpu": 4, "cpu": 1}
+    ) as rig:
         rig.runtime.primary_breaker.force_open("GPU lost")
         assert rig.executor.capacity() == 100  # nothing measured on the CPU yet
         for _ in range(3):
@@ -285,7 +254,7 @@ async def test_capacity_shrinks_on_the_slow_engine_and_grows_back() -> None:
 
 
 async def test_sustained_rejection_hard_opens_for_critical_only_then_recovers() -> None:
-    async with Rig(
+    async with ExecutorRig(
         max_queue_size=1, rejection_threshold=3, rejection_window=10, hard_open_duration=30
     ) as rig:
         rig.runtime.primary_breaker.force_open("GPU lost")  # degraded, on the CPU
@@ -327,7 +296,7 @@ async def test_sustained_rejection_hard_opens_for_critical_only_then_recovers() 
 
 
 async def test_hard_open_ends_as_soon_as_the_queue_drains_with_honest_retry_after() -> None:
-    async with Rig(
+    async with ExecutorRig(
         max_queue_size=2, rejection_threshold=3, rejection_window=10, hard_open_duration=600
     ) as rig:
         warm = rig.submit()  # measures the GPU: 0.05 s + 4 * 0.01 s per 5-token task
@@ -368,7 +337,7 @@ async def test_hard_open_ends_as_soon_as_the_queue_drains_with_honest_retry_afte
 
 
 async def test_hard_open_holds_while_the_engine_does_not_keep_up() -> None:
-    async with Rig(
+    async with ExecutorRig(
         max_queue_size=2, rejection_threshold=3, rejection_window=10, hard_open_duration=600
     ) as rig:
         rig.gpu.slow_down(100)  # a 5-token task now takes 9 s
@@ -389,7 +358,7 @@ async def test_hard_open_holds_while_the_engine_does_not_keep_up() -> None:
 
 
 async def test_statistics_snapshot_and_wait_percentiles() -> None:
-    async with Rig() as rig:
+    async with ExecutorRig() as rig:
         handles = [rig.submit(tokens=1) for _ in range(4)]
         await rig.finish_all()
         stats = rig.executor.statistics()
@@ -402,7 +371,7 @@ async def test_statistics_snapshot_and_wait_percentiles() -> None:
 
 
 async def test_aclose_cancels_everything_and_refuses_new_work() -> None:
-    rig = Rig()
+    rig = ExecutorRig()
     await rig.runtime.start()
     handles = [rig.submit() for _ in range(3)]
     await rig.executor.aclose()
@@ -412,7 +381,7 @@ async def test_aclose_cancels_everything_and_refuses_new_work() -> None:
 
 
 async def test_join_waits_for_all_tasks() -> None:
-    async with Rig() as rig:
+    async with ExecutorRig() as rig:
         handles = [rig.submit(tokens=2) for _ in range(3)]
         joiner = asyncio.create_task(rig.executor.join())
         await rig.clock.advance(1)
@@ -421,7 +390,7 @@ async def test_join_waits_for_all_tasks() -> None:
 
 
 async def test_rejections_and_sheds_are_logged_by_the_executor() -> None:
-    async with Rig(max_queue_size=1) as rig:
+    async with ExecutorRig(max_queue_size=1) as rig:
         with capture_logs() as logs:
             rig.submit(P.LOW)
             rig.submit(P.LOW)
@@ -454,19 +423,18 @@ class ExecutorMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.loop = asyncio.new_event_loop()
-        self.clock = VirtualClock()
-        self.gpu = MockGPUEngine(clock=self.clock)
-        self.cpu = MockCPUEngine(clock=self.clock)
-        self.runtime = RuntimeManager(self.gpu, self.cpu, clock=self.clock)
-        self.executor = TaskExecutor(
-            self.runtime,
-            clock=self.clock,
+        rig = ExecutorRig(
             max_queue_size=4,
-            concurrency={"gpu": 1, "cpu": 1},
             max_queue_wait=3.0,
             rejection_threshold=4,
             rejection_window=2,
             hard_open_duration=3,
+        )
+        self.clock, self.gpu, self.runtime, self.executor = (
+            rig.clock,
+            rig.gpu,
+            rig.runtime,
+            rig.executor,
         )
         self.loop.run_until_complete(self.runtime.start())
         self.accepted: list[TaskHandle] = []
@@ -600,7 +568,7 @@ async def test_built_from_settings() -> None:
 
 
 async def test_half_open_probe_through_the_executor_is_bounded_and_served() -> None:
-    async with Rig(concurrency={"gpu": 1, "cpu": 1}) as rig:
+    async with ExecutorRig(concurrency={"gpu": 1, "cpu": 1}) as rig:
         rig.runtime.force_primary_failure(times=3)
         for _ in range(3):
             rig.submit()
@@ -620,7 +588,7 @@ async def test_half_open_probe_through_the_executor_is_bounded_and_served() -> N
 
 
 async def test_a_queue_timeout_may_only_lower_the_executor_bound() -> None:
-    async with Rig(max_queue_wait=5) as rig:
+    async with ExecutorRig(max_queue_wait=5) as rig:
         rig.gpu.slow_down(1000)
         rig.submit()
         patient = rig.submit(queue_timeout=100)
@@ -635,7 +603,7 @@ async def test_a_queue_timeout_may_only_lower_the_executor_bound() -> None:
 def test_routing_change_from_outside_the_loop_still_dispatches() -> None:
     loop = asyncio.new_event_loop()
     try:
-        rig = Rig()
+        rig = ExecutorRig()
         loop.run_until_complete(rig.runtime.start())
         rig.runtime.primary_breaker.force_open()
 
@@ -674,7 +642,7 @@ def test_the_executor_uses_its_runtimes_hub() -> None:
 
 
 async def test_overload_is_published_on_the_hub_and_logged_once_by_it() -> None:
-    async with Rig(max_queue_size=1, rejection_threshold=2, hard_open_duration=5) as rig:
+    async with ExecutorRig(max_queue_size=1, rejection_threshold=2, hard_open_duration=5) as rig:
         rig.runtime.primary_breaker.force_open("GPU lost")
         rig.cpu.slow_down(100)
         with capture_logs() as logs:

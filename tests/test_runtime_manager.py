@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
-from typing import TypeVar
 
 import pytest
 
+from _runtime_support import RuntimeRig
 from kensho.errors import CircuitOpenError, EngineError, EngineUnavailableError
 from kensho.events import (
     BreakerStateChanged,
@@ -33,48 +32,7 @@ from kensho.runtime.engines import (
 from kensho.runtime.manager import RuntimeManager
 from kensho.telemetry.testing import capture_logs
 
-T = TypeVar("T")
 S = BreakerState
-
-
-class Rig:
-    """A manager on virtual time with a GPU and a CPU mock, recording status events."""
-
-    def __init__(self, *, cpu_continues: bool = True, **manager_kwargs: object) -> None:
-        self.clock = VirtualClock()
-        self.gpu = MockGPUEngine(clock=self.clock)
-        self.cpu = MockCPUEngine(clock=self.clock, supports_continuation=cpu_continues)
-        self.runtime = RuntimeManager(
-            self.gpu,
-            self.cpu,
-            clock=self.clock,
-            **manager_kwargs,  # type: ignore[arg-type]
-        )
-        self.events: list[Event] = []
-        self.runtime.add_listener(self.events.append)
-
-    async def run(self, awaitable: Awaitable[T], step: float = 0.05, limit: float = 120) -> T:
-        """Await ``awaitable`` while moving virtual time forward in small steps."""
-        task = asyncio.ensure_future(awaitable)
-        waited = 0.0
-        while not task.done():
-            assert waited < limit, "did not finish in virtual time"
-            await self.clock.advance(step)
-            waited += step
-        return task.result()
-
-    async def collect(self, request: GenerationRequest) -> list[GenerationChunk]:
-        async def go() -> list[GenerationChunk]:
-            return [c async for c in self.runtime.generate(request)]
-
-        return await self.run(go())
-
-    async def text(self, prompt: str = "hello", max_tokens: int = 5) -> tuple[str, set[str]]:
-        chunks = await self.collect(GenerationRequest(prompt=prompt, max_tokens=max_tokens))
-        return "".join(c.text for c in chunks), {c.engine for c in chunks}
-
-    def status(self) -> list[str]:
-        return [e.message for e in self.events if not isinstance(e, BreakerStateChanged)]
 
 
 async def reference_text(prompt: str, max_tokens: int, seed: int | None = None) -> str:
@@ -85,7 +43,7 @@ async def reference_text(prompt: str, max_tokens: int, seed: int | None = None) 
 
 
 async def test_healthy_requests_go_to_the_gpu() -> None:
-    rig = Rig()
+    rig = RuntimeRig()
     async with rig.runtime:
         text, engines = await rig.text(max_tokens=5)
     assert engines == {"gpu"}
@@ -97,7 +55,7 @@ async def test_healthy_requests_go_to_the_gpu() -> None:
 
 
 async def test_failover_before_first_token_is_invisible_then_switches_to_cpu() -> None:
-    rig = Rig()
+    rig = RuntimeRig()
     await rig.runtime.start()
     rig.gpu.force_failure()
     expected = await reference_text("hello", 5)
@@ -122,7 +80,7 @@ async def test_failover_before_first_token_is_invisible_then_switches_to_cpu() -
 
 
 async def test_gpu_is_tested_and_restored_by_itself() -> None:
-    rig = Rig()
+    rig = RuntimeRig()
     await rig.runtime.start()
     rig.runtime.force_primary_failure(times=3)
     for _ in range(3):
@@ -151,7 +109,7 @@ async def test_gpu_is_tested_and_restored_by_itself() -> None:
 
 
 async def test_failed_probe_stays_on_cpu_and_is_served_by_cpu() -> None:
-    rig = Rig()
+    rig = RuntimeRig()
     await rig.runtime.start()
     rig.gpu.force_failure()
     for _ in range(3):
@@ -167,7 +125,7 @@ async def test_failed_probe_stays_on_cpu_and_is_served_by_cpu() -> None:
 
 
 async def test_mid_stream_failure_continues_on_cpu_with_the_same_text() -> None:
-    rig = Rig()
+    rig = RuntimeRig()
     await rig.runtime.start()
     rig.gpu.force_failure(times=1, after_tokens=3)
     request = GenerationRequest(prompt="story", max_tokens=8, seed=3)
@@ -184,7 +142,7 @@ async def test_mid_stream_failure_continues_on_cpu_with_the_same_text() -> None:
 
 
 async def test_mid_stream_failure_without_continuation_ends_with_clear_error() -> None:
-    rig = Rig(cpu_continues=False)
+    rig = RuntimeRig(cpu_continues=False)
     await rig.runtime.start()
     rig.gpu.force_failure(times=1, after_tokens=2)
     got: list[GenerationChunk] = []
@@ -200,7 +158,7 @@ async def test_mid_stream_failure_without_continuation_ends_with_clear_error() -
 
 
 async def test_fallback_failures_never_count_against_the_primary() -> None:
-    rig = Rig()
+    rig = RuntimeRig()
     await rig.runtime.start()
     rig.runtime.force_primary_failure(times=3)
     for _ in range(3):
@@ -219,7 +177,7 @@ async def test_fallback_failures_never_count_against_the_primary() -> None:
 
 
 async def test_both_failing_reports_both_with_retry_after() -> None:
-    rig = Rig()
+    rig = RuntimeRig()
     await rig.runtime.start()
     rig.gpu.force_failure()
     rig.cpu.force_failure()
@@ -244,7 +202,7 @@ async def test_both_failing_reports_both_with_retry_after() -> None:
 
 
 async def test_cpu_opening_first_then_gpu_says_no_engine_then_announces_the_cpu_back() -> None:
-    rig = Rig()
+    rig = RuntimeRig()
     await rig.runtime.start()
     assert rig.runtime.fallback_breaker is not None
     rig.runtime.fallback_breaker.trip("CPU crashed")  # the GPU serves: nothing to announce
@@ -275,7 +233,7 @@ async def test_cpu_opening_first_then_gpu_says_no_engine_then_announces_the_cpu_
 
 
 async def test_both_down_then_the_gpu_back_is_announced_as_restored_once() -> None:
-    rig = Rig(fallback_breaker=None)
+    rig = RuntimeRig(fallback_breaker=None)
     await rig.runtime.start()
     assert rig.runtime.fallback_breaker is not None
     rig.runtime.primary_breaker.trip("GPU crashed")
@@ -297,12 +255,9 @@ async def test_both_down_then_the_gpu_back_is_announced_as_restored_once() -> No
 
 
 async def test_a_forced_open_gpu_does_not_shorten_the_cpus_retry_after() -> None:
-    rig = Rig()
-    rig.runtime = RuntimeManager(
-        rig.gpu,
-        rig.cpu,
-        clock=rig.clock,
-        fallback_breaker=CircuitBreaker("cpu", clock=rig.clock, open_duration=120),
+    clock = VirtualClock()
+    rig = RuntimeRig(
+        clock=clock, fallback_breaker=CircuitBreaker("cpu", clock=clock, open_duration=120)
     )
     await rig.runtime.start()
     rig.runtime.primary_breaker.force_open("maintenance")  # no probe is ever due
@@ -321,13 +276,11 @@ async def test_a_forced_open_gpu_does_not_shorten_the_cpus_retry_after() -> None
 
 async def test_gpu_dead_for_a_long_outage_is_still_served_by_the_cpu() -> None:
     clock = VirtualClock()
-    gpu, cpu = MockGPUEngine(clock=clock), MockCPUEngine(clock=clock)
     breaker = CircuitBreaker(
         "gpu", clock=clock, open_duration=1, open_duration_multiplier=2, max_open_duration=600
     )
-    rig = Rig()
-    rig.clock, rig.gpu, rig.cpu = clock, gpu, cpu
-    rig.runtime = RuntimeManager(gpu, cpu, clock=clock, primary_breaker=breaker)
+    rig = RuntimeRig(clock=clock, primary_breaker=breaker)
+    gpu = rig.gpu
     await rig.runtime.start()
     for _ in range(1100):  # a week of failed probes, as trips
         breaker.trip("GPU lost")
@@ -342,7 +295,7 @@ async def test_gpu_dead_for_a_long_outage_is_still_served_by_the_cpu() -> None:
 
 
 async def test_hung_gpu_is_detected_by_first_token_timeout() -> None:
-    rig = Rig(first_token_timeout=2.0)
+    rig = RuntimeRig(first_token_timeout=2.0)
     await rig.runtime.start()
     rig.gpu.hang(times=1)
     request = GenerationRequest(prompt="hello", max_tokens=3)
@@ -357,7 +310,7 @@ async def test_hung_gpu_is_detected_by_first_token_timeout() -> None:
 
 
 async def test_hung_gpu_mid_stream_is_detected_by_chunk_timeout() -> None:
-    rig = Rig(chunk_timeout=1.0)
+    rig = RuntimeRig(chunk_timeout=1.0)
     await rig.runtime.start()
     rig.gpu.hang(times=1, after_tokens=2)
     chunks = await rig.collect(GenerationRequest(prompt="hello", max_tokens=4))
@@ -366,7 +319,7 @@ async def test_hung_gpu_mid_stream_is_detected_by_chunk_timeout() -> None:
 
 
 async def test_half_open_probe_is_bounded_by_half_open_timeout() -> None:
-    rig = Rig(first_token_timeout=30.0)
+    rig = RuntimeRig(first_token_timeout=30.0)
     await rig.runtime.start()
     rig.runtime.force_primary_failure(times=3)
     for _ in range(3):
@@ -383,7 +336,7 @@ async def test_half_open_probe_is_bounded_by_half_open_timeout() -> None:
 
 
 async def test_half_open_lets_only_one_probe_through_others_use_cpu() -> None:
-    rig = Rig()
+    rig = RuntimeRig()
     await rig.runtime.start()
     rig.runtime.force_primary_failure(times=3)
     for _ in range(3):
@@ -400,7 +353,7 @@ async def test_half_open_lets_only_one_probe_through_others_use_cpu() -> None:
 
 
 async def test_start_without_gpu_starts_degraded_and_loads_gpu_when_testing() -> None:
-    rig = Rig()
+    rig = RuntimeRig()
     rig.gpu.fail_load()
     await rig.runtime.start()
     assert rig.runtime.degraded
@@ -416,7 +369,7 @@ async def test_start_without_gpu_starts_degraded_and_loads_gpu_when_testing() ->
 
 
 async def test_gpu_missing_on_this_machine_is_said_once_and_never_probed() -> None:
-    rig = Rig()
+    rig = RuntimeRig()
     rig.gpu.fail_load(permanent=True)
     await rig.runtime.start()
     assert rig.status() == [
@@ -432,7 +385,7 @@ async def test_gpu_missing_on_this_machine_is_said_once_and_never_probed() -> No
 
 
 async def test_no_engine_loads_is_a_clear_error() -> None:
-    rig = Rig()
+    rig = RuntimeRig()
     rig.gpu.fail_load()
     rig.cpu.fail_load()
     with pytest.raises(EngineUnavailableError, match="no inference engine could start"):
@@ -440,7 +393,7 @@ async def test_no_engine_loads_is_a_clear_error() -> None:
 
 
 async def test_consumer_stopping_early_releases_the_permit_and_the_engine() -> None:
-    rig = Rig()
+    rig = RuntimeRig()
     await rig.runtime.start()
 
     async def first_two() -> int:
@@ -461,7 +414,7 @@ async def test_consumer_stopping_early_releases_the_permit_and_the_engine() -> N
 
 
 async def test_force_primary_failure_on_and_off() -> None:
-    rig = Rig()
+    rig = RuntimeRig()
     await rig.runtime.start()
     rig.runtime.force_primary_failure()
     _, engines = await rig.text()
@@ -480,9 +433,8 @@ async def test_bad_request_is_not_rerouted_nor_counted() -> None:
             yield  # pragma: no cover
 
     clock = VirtualClock()
-    gpu = Picky(clock=clock)
-    cpu = MockCPUEngine(clock=clock)
-    runtime = RuntimeManager(gpu, cpu, clock=clock)
+    rig = RuntimeRig(clock=clock, gpu=Picky(clock=clock))
+    runtime, cpu = rig.runtime, rig.cpu
     await runtime.start()
     with pytest.raises(ValueError, match="too long"):
         _ = [c async for c in runtime.generate(GenerationRequest(prompt="x"))]
@@ -492,12 +444,12 @@ async def test_bad_request_is_not_rerouted_nor_counted() -> None:
 
 async def test_without_fallback_an_open_primary_refuses_with_retry_after() -> None:
     clock = VirtualClock()
-    gpu = MockGPUEngine(clock=clock)
-    runtime = RuntimeManager(
-        gpu, clock=clock, primary_breaker=CircuitBreaker("gpu", clock=clock, failure_threshold=1)
+    rig = RuntimeRig(
+        clock=clock,
+        fallback=False,
+        primary_breaker=CircuitBreaker("gpu", clock=clock, failure_threshold=1),
     )
-    seen: list[Event] = []
-    runtime.add_listener(seen.append)
+    runtime, gpu, seen = rig.runtime, rig.gpu, rig.events
     await runtime.start()
     gpu.force_failure()
     with pytest.raises(EngineError):
@@ -515,7 +467,7 @@ async def test_without_fallback_an_open_primary_refuses_with_retry_after() -> No
 
 
 async def test_status_stream_yields_readable_events() -> None:
-    rig = Rig()
+    rig = RuntimeRig()
     await rig.runtime.start()
     messages: list[str] = []
 
@@ -549,7 +501,7 @@ async def test_status_stream_yields_readable_events() -> None:
 
 
 async def test_manual_force_open_routes_to_cpu_and_reset_restores() -> None:
-    rig = Rig()
+    rig = RuntimeRig()
     await rig.runtime.start()
     rig.runtime.primary_breaker.force_open("maintenance")
     _, engines = await rig.text()
@@ -596,7 +548,7 @@ async def _drain(runtime: RuntimeManager, request: GenerationRequest) -> list[Ge
 
 
 async def test_event_stream_drops_oldest_for_a_slow_subscriber_and_can_replay() -> None:
-    rig = Rig()
+    rig = RuntimeRig()
     await rig.runtime.start()
     stream = rig.runtime.events(buffer=2)
     first = asyncio.ensure_future(anext(stream))
@@ -619,7 +571,7 @@ async def test_event_stream_drops_oldest_for_a_slow_subscriber_and_can_replay() 
 
 
 async def test_a_failing_status_listener_is_logged_not_raised() -> None:
-    rig = Rig()
+    rig = RuntimeRig()
 
     def broken(event: Event) -> None:
         raise RuntimeError("renderer bug")
@@ -633,7 +585,7 @@ async def test_a_failing_status_listener_is_logged_not_raised() -> None:
 
 
 async def test_stopping_early_on_the_fallback_releases_its_permit_at_once() -> None:
-    rig = Rig()
+    rig = RuntimeRig()
     await rig.runtime.start()
     rig.runtime.primary_breaker.force_open()
     stream = rig.runtime.generate(GenerationRequest(prompt="x", max_tokens=50))
@@ -650,9 +602,9 @@ async def test_stopping_early_on_the_fallback_releases_its_permit_at_once() -> N
 
 async def test_slow_calls_are_judged_on_time_to_first_token_not_stream_length() -> None:
     clock = VirtualClock()
-    gpu, cpu = MockGPUEngine(clock=clock), MockCPUEngine(clock=clock)
     breaker = CircuitBreaker("gpu", clock=clock, failure_threshold=1, slow_call_threshold=1.0)
-    runtime = RuntimeManager(gpu, cpu, clock=clock, primary_breaker=breaker)
+    rig = RuntimeRig(clock=clock, primary_breaker=breaker)
+    runtime, gpu = rig.runtime, rig.gpu
     await runtime.start()
     # 400 tokens at 10 ms: a 4 s answer, but the first token came after 50 ms.
     long = asyncio.ensure_future(_drain(runtime, GenerationRequest(prompt="x", max_tokens=400)))
@@ -670,7 +622,7 @@ async def test_slow_calls_are_judged_on_time_to_first_token_not_stream_length() 
 
 
 async def test_close_stops_the_breaker_timers() -> None:
-    rig = Rig()
+    rig = RuntimeRig()
     await rig.runtime.start()
     rig.gpu.force_failure()
     for _ in range(3):
@@ -685,7 +637,7 @@ async def test_close_stops_the_breaker_timers() -> None:
 
 async def test_breaker_transitions_reach_the_given_hub_as_the_breaker_made_them() -> None:
     hub = EventHub()
-    rig = Rig(hub=hub)
+    rig = RuntimeRig(hub=hub)
     assert rig.runtime.hub is hub
     from_breaker: list[Event] = []
     rig.runtime.primary_breaker.add_listener(from_breaker.append)
