@@ -333,3 +333,47 @@ def test_configure_logging_without_arguments_exports_when_otel_variables_say_so(
             configure_logging(LogSettings())  # settings given, no telemetry: export off
         assert log_service().export is None
     assert collector.logs[0].resource["team"] == "edge ops"
+
+
+def test_a_completion_is_traced_through_queue_engine_and_failover(tmp_path: Path) -> None:
+    """The request span's children: the queue wait, each engine attempt, the failover."""
+    import httpx
+
+    from _server_support import kensho_up
+
+    trace_id, parent_id = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
+    with running_collector() as collector:
+        env = kensho_env(
+            tmp_path,
+            KENSHO_MODEL_ENGINE="mock",
+            OTEL_EXPORTER_OTLP_ENDPOINT=collector.endpoint,
+            KENSHO_TELEMETRY_SPOOL_DIR=str(tmp_path / "spool"),
+        )
+        with kensho_up(env=env, cwd=tmp_path) as server:
+            failing = httpx.post(
+                f"{server.url}/v1/kensho/breaker", json={"action": "fail_primary", "times": 1}
+            )
+            assert failing.status_code == 200, failing.text
+            answer = httpx.post(
+                f"{server.url}/v1/completions",
+                json={"model": "kensho-demo", "prompt": "x", "max_tokens": 3},
+                headers={"traceparent": f"00-{trace_id}-{parent_id}-01"},
+            )
+            assert answer.status_code == 200, answer.text
+            assert server.stop() == 0
+        collector.wait_for(
+            lambda c: any(s.name == "kensho.engine cpu" and s.trace_id == trace_id for s in c.spans)
+        )
+
+    spans = [s for s in collector.spans if s.trace_id == trace_id]
+    (request,) = [s for s in spans if s.name == "POST /v1/completions"]
+    assert request.parent_span_id == parent_id
+    by_name = {s.name: s for s in spans}
+    for child in ("kensho.queue_wait", "kensho.engine gpu", "kensho.failover", "kensho.engine cpu"):
+        assert by_name[child].parent_span_id == request.span_id, child
+    assert by_name["kensho.queue_wait"].attributes["kensho.engine"] == "gpu"
+    assert by_name["kensho.engine gpu"].attributes["kensho.role"] == "primary"
+    assert by_name["kensho.engine cpu"].attributes["kensho.role"] == "fallback"
+    assert by_name["kensho.engine cpu"].attributes["kensho.tokens"] == 3
+    assert by_name["kensho.failover"].attributes["kensho.failover.from"] == "gpu"
+    assert by_name["kensho.failover"].attributes["kensho.failover.to"] == "cpu"

@@ -472,7 +472,7 @@ class TaskExecutor:
     def _start(self, loop: asyncio.AbstractEventLoop, handle: TaskHandle, engine: Engine) -> None:
         self._queued -= 1
         now = self.clock.monotonic()
-        runner = loop.create_task(self._run(handle))
+        runner = loop.create_task(self._run(handle), context=handle.context)
         handle.start(engine.name, now=now, order=next(self._order), runner=runner)
         self._waits.append(now - handle.submitted_at)
         self._in_flight[engine.name] = self._in_flight.get(engine.name, 0) + 1

@@ -56,7 +56,7 @@ from kensho.runtime.breaker import (
 )
 from kensho.runtime.clock import AsyncioClock, Clock, timeout
 from kensho.runtime.engines.base import Engine, GenerationChunk, GenerationRequest
-from kensho.telemetry import get_logger
+from kensho.telemetry import get_logger, start_span
 
 __all__ = ["RuntimeManager", "RuntimeMetrics"]
 
@@ -501,6 +501,16 @@ class RuntimeManager:
                 tokens_done=produced,
             )
             self._hub.emit(note)
+            start_span(
+                "kensho.failover",
+                **{
+                    "kensho.request_id": request.request_id,
+                    "kensho.failover.from": self.primary.name,
+                    "kensho.failover.to": fallback.name,
+                    "kensho.failover.reason": note.reason,
+                    "kensho.failover.tokens_done": produced,
+                },
+            ).end()
         try:
             started = self.clock.monotonic()
             first_token: float | None = None
@@ -539,8 +549,34 @@ class RuntimeManager:
     async def _engine_stream(
         self, engine: Engine, request: GenerationRequest, permit: Permit
     ) -> AsyncGenerator[GenerationChunk, None]:
-        """One engine's stream with hang detection (and forced failures on the primary)."""
+        """One engine's stream with hang detection (and forced failures on the primary),
+        traced as one ``kensho.engine`` span per attempt."""
         is_primary = engine is self.primary
+        attempt = start_span(
+            f"kensho.engine {engine.name}",
+            **{
+                "kensho.engine": engine.name,
+                "kensho.role": "primary" if is_primary else "fallback",
+                "kensho.request_id": request.request_id,
+                "kensho.continuation_chars": len(request.continuation),
+            },
+        )
+        tokens = 0
+        try:
+            attempt_chunks = self._attempt(engine, request, permit, is_primary=is_primary)
+            async with aclosing(attempt_chunks) as chunks:  # stopped early: the engine now
+                async for chunk in chunks:
+                    tokens += 1
+                    yield chunk
+        except Exception as exc:
+            attempt.end(exc, **{"kensho.tokens": tokens})
+            raise
+        finally:  # also when the consumer stops early: not an error of the engine
+            attempt.end(**{"kensho.tokens": tokens})
+
+    async def _attempt(
+        self, engine: Engine, request: GenerationRequest, permit: Permit, *, is_primary: bool
+    ) -> AsyncGenerator[GenerationChunk, None]:
         if is_primary:
             forced = self._forced_failures
             if forced is None or forced > 0:

@@ -18,6 +18,7 @@ seconds is considered gone, so a stalled client cannot hold an engine slot forev
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import enum
 from collections import deque
 from types import TracebackType
@@ -25,6 +26,7 @@ from typing import Protocol
 
 from kensho.runtime.clock import Clock, TimerHandle, timeout
 from kensho.runtime.engines.base import GenerationChunk, GenerationRequest
+from kensho.telemetry import OpenSpan, start_span
 
 __all__ = [
     "ChunkChannel",
@@ -183,6 +185,7 @@ class TaskHandle:
         "_runner",
         "_timers",
         "channel",
+        "context",
         "end_order",
         "engine",
         "error",
@@ -190,6 +193,7 @@ class TaskHandle:
         "id",
         "outcome",
         "priority",
+        "queue_span",
         "request",
         "start_order",
         "started_at",
@@ -228,6 +232,13 @@ class TaskHandle:
         self._runner: asyncio.Task[None] | None = None
         self._timers: dict[str, TimerHandle] = {}  # "queue" and "total" deadlines
         self._cancel_reason: tuple[TaskOutcome, BaseException] | None = None
+        # The submitter's context (request id, trace span): the runner task runs in
+        # it, so its logs and spans belong to this request, not to whichever task
+        # happened to free the slot.
+        self.context = contextvars.copy_context()
+        self.queue_span: OpenSpan = start_span(
+            "kensho.queue_wait", **{"kensho.task_id": task_id, "kensho.priority": priority.name}
+        )
 
     # -- submitter side ------------------------------------------------------------------
 
@@ -311,6 +322,7 @@ class TaskHandle:
         self.start_order = order
         self.engine = engine
         self._runner = runner
+        self.queue_span.end(**{"kensho.engine": engine})
 
     def request_cancel(self, outcome: TaskOutcome, error: BaseException) -> None:
         """Stop the running task; its runner settles it with ``outcome`` and ``error``."""
@@ -334,6 +346,7 @@ class TaskHandle:
             timer.cancel()
         self._timers.clear()
         self.channel.close()
+        self.queue_span.end(**{"kensho.outcome": outcome.value})  # never started
         if self._done is not None and not self._done.done():
             self._done.set_result(outcome)
         return True

@@ -28,13 +28,14 @@ from structlog.typing import FilteringBoundLogger
 
 from kensho.config import LogSettings, TelemetrySettings, load_settings
 from kensho.telemetry._processors import REDACTED, error_to_dict, is_secret_key
-from kensho.telemetry._service import LEVELS, LoggerService
+from kensho.telemetry._service import LEVELS, LoggerService, OpenSpan
 
 __all__ = [
     "LEVELS",
     "REDACTED",
     "FilteringBoundLogger",
     "LoggerService",
+    "OpenSpan",
     "bind_context",
     "bound_context",
     "clear_context",
@@ -44,6 +45,7 @@ __all__ = [
     "is_secret_key",
     "log_service",
     "span",
+    "start_span",
     "traced",
     "unbind_context",
 ]
@@ -106,6 +108,16 @@ def span(name: str, **attributes: Any) -> AbstractContextManager[None]:
     leaving the block is recorded on the span and re-raised.
     """
     return _service.span(name, **attributes)
+
+
+def start_span(name: str, **attributes: Any) -> OpenSpan:
+    """Start a span now, child of the current one, that its owner ends with
+    :meth:`OpenSpan.end` (a queue wait, an engine attempt); a no-op without export.
+
+    Unlike :func:`span` it does not become the current span, so it can start in one
+    task and end in another.
+    """
+    return _service.start_span(name, **attributes)
 
 
 def get_logger(service: str) -> FilteringBoundLogger:

@@ -157,6 +157,38 @@ def _wants_colour(stream: object) -> bool:
     return bool(isatty is not None and isatty()) and "NO_COLOR" not in os.environ
 
 
+class OpenSpan:
+    """A span held open across awaits and tasks, ended explicitly.
+
+    Why not a ``with`` block: a queue wait starts in the request's task and ends in
+    the executor's, and an engine attempt lives inside an async generator; neither
+    may make itself the *current* span (that would leak into whatever the task
+    runs next). Ending twice is harmless; without export it is a shared no-op.
+    """
+
+    __slots__ = ("_span",)
+
+    def __init__(self, span: Any = None) -> None:
+        self._span = span
+
+    def end(self, error: BaseException | None = None, /, **attributes: Any) -> None:
+        """End the span now, with ``attributes`` and, if given, ``error`` recorded."""
+        span, self._span = self._span, None
+        if span is None:
+            return
+        from opentelemetry.trace import Status, StatusCode
+
+        if attributes:
+            span.set_attributes(attributes)
+        if error is not None:
+            span.record_exception(error)
+            span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
+        span.end()
+
+
+_NO_SPAN = OpenSpan()
+
+
 class LoggerService:
     """Centralised structured logging (the roadmap's LoggerService).
 
@@ -265,6 +297,13 @@ class LoggerService:
             return
         with self._export.tracer.start_as_current_span(name, attributes=attributes):
             yield
+
+    def start_span(self, name: str, **attributes: Any) -> OpenSpan:
+        """A span that starts now, as a child of the current one, and ends when its
+        owner says so (see :func:`kensho.telemetry.start_span`)."""
+        if self._export is None:
+            return _NO_SPAN
+        return OpenSpan(self._export.tracer.start_span(name, attributes=attributes))
 
     @property
     def export(self) -> Any:
