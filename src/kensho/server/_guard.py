@@ -35,7 +35,7 @@ _CLOSE = (b"connection", b"close")
 
 
 class AccessGuard:
-    """Drain, authentication and body-size limit, before any routing or parsing.
+    """Origin, API key, drain and body-size limit, before any routing or parsing.
 
     Bodies are read here (up to the limit) and replayed to the app, so an oversize
     body is refused with 413 without ever being parsed; later ``receive`` calls go to

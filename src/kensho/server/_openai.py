@@ -112,6 +112,7 @@ def _cancelled_by_server() -> bool:
 
 
 def add_openai_routes(app: FastAPI, ctx: ServerContext, metrics: ServerMetrics) -> None:
+    """The OpenAI routes; each completion turns its body into a ``GenerationRequest``."""
     runner = CompletionRunner(ctx, metrics)
 
     @app.get("/v1/models")
