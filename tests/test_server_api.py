@@ -474,7 +474,7 @@ class StatusClient:
             "query_string": b"", "root_path": "", "headers": [(b"host", b"localhost")],
             "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 8000),
         }  # fmt: skip
-        self.task = asyncio.create_task(app(scope, self._receive, self.sent.put))
+        self.task = asyncio.ensure_future(app(scope, self._receive, self.sent.put))
 
     async def _receive(self) -> Message:
         if not self._asked:
