@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
+from _http_support import metric, status_events_until
 from _server_support import kensho_env, kensho_up
 
 pytestmark = pytest.mark.slow
@@ -26,28 +26,6 @@ OVERLOAD_ENV = {
     "KENSHO_RUNTIME_HARD_OPEN_DURATION": "600",
 }
 BODY = {"model": "mock", "prompt": "x", "max_tokens": 5}
-
-
-def status_events_until(url: str, kind: str) -> list[dict[str, object]]:
-    """Read the status stream (it replays recent events) until an event of ``kind``."""
-    seen: list[dict[str, object]] = []
-    with httpx.stream("GET", url + "/v1/kensho/status", timeout=30) as response:
-        current = ""
-        for line in response.iter_lines():
-            if line.startswith("event: "):
-                current = line.removeprefix("event: ")
-            elif line.startswith("data: ") and current != "snapshot":
-                seen.append(json.loads(line.removeprefix("data: ")))
-                if current == kind:
-                    return seen
-    raise AssertionError(f"the status stream ended before {kind}: {seen}")
-
-
-def metric(text: str, name: str) -> float:
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"no sample {name}")
 
 
 def test_after_a_burst_drains_new_requests_are_admitted_at_once(tmp_path: Path) -> None:

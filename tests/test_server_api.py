@@ -12,7 +12,9 @@ from dataclasses import dataclass
 
 import httpx
 import pytest
+from starlette.types import ASGIApp, Message
 
+from _http_support import assert_shutting_down, sse_data
 from kensho.runtime.clock import VirtualClock
 from kensho.runtime.engines.faulty import MockCPUEngine, MockGPUEngine
 from kensho.runtime.executor import TaskExecutor
@@ -30,6 +32,7 @@ class Stack:
     gpu: MockGPUEngine
     cpu: MockCPUEngine
     clock: VirtualClock
+    app: ASGIApp
 
 
 async def make_stack(**ctx_options: object) -> tuple[Stack, RuntimeManager, TaskExecutor]:
@@ -49,10 +52,11 @@ async def make_stack(**ctx_options: object) -> tuple[Stack, RuntimeManager, Task
         drain=Drain(clock=clock),
         **ctx_options,  # type: ignore[arg-type]
     )
+    app = create_app(ctx)
     client = httpx.AsyncClient(
-        transport=httpx.ASGITransport(app=create_app(ctx)), base_url="http://localhost:8000"
+        transport=httpx.ASGITransport(app=app), base_url="http://localhost:8000"
     )
-    return Stack(client, ctx, gpu, cpu, clock), runtime, executor
+    return Stack(client, ctx, gpu, cpu, clock, app), runtime, executor
 
 
 @pytest.fixture
@@ -71,10 +75,6 @@ async def keyed() -> AsyncIterator[Stack]:
     await s.client.aclose()
     await executor.aclose()
     await runtime.close()
-
-
-def sse_data(text: str) -> list[str]:
-    return [line[6:] for line in text.splitlines() if line.startswith("data: ")]
 
 
 async def test_chat_completion(stack: Stack) -> None:
@@ -333,17 +333,6 @@ async def test_draining_server_refuses_new_completions(stack: Stack) -> None:
     assert (await stack.client.get("/readyz")).status_code == 503
 
 
-def assert_shutting_down(r: httpx.Response, code: str) -> None:
-    """A 503 a client can act on: OpenAI error body, Retry-After, connection closed."""
-    assert r.status_code == 503
-    error = r.json()["error"]
-    assert error["type"] == "server_error"
-    assert error["code"] == code
-    assert "shutting down" in error["message"]
-    assert int(r.headers["Retry-After"]) >= 1
-    assert r.headers["connection"] == "close"
-
-
 async def test_drain_refuses_waiting_work_at_once_and_lets_the_stream_finish(
     stack: Stack,
 ) -> None:
@@ -468,3 +457,72 @@ async def test_wrong_method_is_405_with_allow(stack: Stack) -> None:
     assert r.status_code == 405
     assert r.json()["error"]["code"] == "method_not_allowed"
     assert r.headers["allow"] == "POST"
+
+
+class StatusClient:
+    """A status-stream client on the app itself (ASGI): httpx over ASGI would wait for
+    the end of a stream that never ends, and this one can hang up when it likes."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.sent: asyncio.Queue[Message] = asyncio.Queue()
+        self.gone = asyncio.Event()
+        self._asked = False
+        path = "/v1/kensho/status"
+        scope = {
+            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+            "method": "GET", "scheme": "http", "path": path, "raw_path": path.encode(),
+            "query_string": b"", "root_path": "", "headers": [(b"host", b"localhost")],
+            "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 8000),
+        }  # fmt: skip
+        self.task = asyncio.ensure_future(app(scope, self._receive, self.sent.put))
+
+    async def _receive(self) -> Message:
+        if not self._asked:
+            self._asked = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        await self.gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def next_event(self, kind: str) -> dict[str, object]:
+        """The data of the next event of ``kind`` (earlier ones are skipped)."""
+        while True:
+            message = await self.sent.get()
+            body = message.get("body", b"").decode()
+            if body.startswith(f"event: {kind}\n"):
+                return json.loads(sse_data(body)[0])  # type: ignore[no-any-return]
+
+    async def hang_up(self) -> None:
+        self.gone.set()
+        await self.task
+
+
+async def test_status_stream_replays_follows_and_unsubscribes_when_the_client_leaves(
+    stack: Stack,
+) -> None:
+    forced = await stack.client.post("/v1/kensho/breaker", json={"action": "force_open"})
+    assert forced.status_code == 200
+    before = stack.ctx.hub.subscribers
+    client = StatusClient(stack.app)
+    assert (await client.next_event("snapshot"))["model"] == MODEL
+    replayed = await client.next_event("breaker.state_changed")  # emitted before it came
+    assert replayed["to_state"] == "forced_open"
+    assert stack.ctx.hub.subscribers == before + 1
+    await stack.client.post("/v1/kensho/breaker", json={"action": "reset"})
+    live = await client.next_event("breaker.state_changed")
+    assert live["from_state"] == "forced_open"
+    await client.hang_up()
+    await stack.clock.settle()
+    assert stack.ctx.hub.subscribers == before  # the hub subscription ended with it
+
+
+async def test_status_stream_ends_with_a_shutdown_event_when_the_server_stops(
+    stack: Stack,
+) -> None:
+    before = stack.ctx.hub.subscribers
+    client = StatusClient(stack.app)
+    await client.next_event("snapshot")
+    stack.ctx.drain.begin()
+    assert (await client.next_event("shutdown"))["kind"] == "shutdown"
+    await client.hang_up()
+    await stack.clock.settle()
+    assert stack.ctx.hub.subscribers == before

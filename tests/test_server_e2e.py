@@ -6,13 +6,19 @@ import asyncio
 import json
 import os
 import signal
-import time
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
+from _http_support import (
+    assert_shutting_down,
+    metric,
+    sse_events,
+    wait_for_metric,
+    wait_for_queue_depth,
+)
 from _server_support import Server, kensho_env, kensho_up, run_kensho
 
 pytestmark = pytest.mark.slow
@@ -24,14 +30,6 @@ MOCK_ENV = {
     "KENSHO_MODEL_MOCK_TIME_TO_FIRST_TOKEN": "0.01",
     "KENSHO_MODEL_MOCK_TIME_PER_TOKEN": "0.005",
 }
-
-
-def metric(text: str, name: str) -> float:
-    """The value of one sample line of the Prometheus text."""
-    for line in text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.rsplit(" ", 1)[1])
-    return 0.0
 
 
 def test_demo_model_with_the_openai_client(tmp_path: Path) -> None:
@@ -173,9 +171,8 @@ def test_failover_during_a_burst_loses_no_request(tmp_path: Path) -> None:
         assert metric(text, 'kensho_runtime_requests_total{route="rerouted"}') >= 3
         with httpx.stream("GET", server.url + "/v1/kensho/status", timeout=30) as stream:
             kinds: list[str] = []
-            for line in stream.iter_lines():
-                if line.startswith("event: "):
-                    kinds.append(line[7:])
+            for kind, _ in sse_events(stream.iter_lines()):
+                kinds.append(kind)
                 if "runtime.fallback_activated" in kinds:
                     break
         assert kinds[0] == "snapshot"
@@ -233,20 +230,6 @@ async def streams_started(
     return raw, sdk
 
 
-async def queue_depth(client: httpx.AsyncClient, depth: int) -> None:
-    """Read /metrics until ``depth`` tasks wait in the queue (real round trips)."""
-    name = 'kensho_queue_depth{priority="normal"}'
-    while metric((await client.get("/metrics")).text, name) < depth:
-        pass
-
-
-def assert_shutting_down(r: httpx.Response, code: str = "draining") -> None:
-    assert r.status_code == 503, r.text
-    assert r.json()["error"]["code"] == code
-    assert r.json()["error"]["type"] == "server_error"
-    assert int(r.headers["Retry-After"]) >= 1
-
-
 def shutdown_log(server: Server) -> list[dict[str, object]]:
     return [json.loads(line) for line in server.stderr if line.startswith("{")]
 
@@ -278,7 +261,7 @@ def test_sigterm_refuses_queued_work_at_once_and_lets_streams_finish(tmp_path: P
                         base_url=server.url + "/v1", api_key="unused", max_retries=0
                     ).completions.create(model="mock", prompt="x", max_tokens=5)
                 )
-                await queue_depth(client, 3)
+                await wait_for_queue_depth(client, 3)
                 os.kill(server.process.pid, signal.SIGTERM)
                 for refused in await asyncio.gather(*waiting):
                     assert_shutting_down(refused)
@@ -420,17 +403,6 @@ def test_status_once_prints_the_snapshot(tmp_path: Path) -> None:
     assert "closed" in result.stdout
 
 
-def _wait_for_metric(url: str, name: str, value: float, *, seconds: float = 20.0) -> float:
-    """Read /metrics until ``name`` reaches ``value`` (each read is a real round trip)."""
-    deadline = time.monotonic() + seconds
-    seen = 0.0
-    while time.monotonic() < deadline:
-        seen = metric(httpx.get(url + "/metrics").text, name)
-        if seen >= value:
-            break
-    return seen
-
-
 def test_client_that_disconnects_cancels_its_task(tmp_path: Path) -> None:
     env = kensho_env(tmp_path, **{**MOCK_ENV, "KENSHO_MODEL_MOCK_TIME_PER_TOKEN": "0.05"})
     cancelled = 'kensho_tasks_total{outcome="cancelled"}'
@@ -440,11 +412,11 @@ def test_client_that_disconnects_cancels_its_task(tmp_path: Path) -> None:
             for line in r.iter_lines():
                 if line.startswith("data: "):
                     break  # one chunk received: hang up mid-stream
-        assert _wait_for_metric(server.url, cancelled, 1) == 1
+        assert wait_for_metric(server.url, cancelled, 1) == 1
         whole = {"model": "mock", "prompt": "x", "max_tokens": 200}
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(server.url + "/v1/completions", json=whole, timeout=0.5)
-        assert _wait_for_metric(server.url, cancelled, 2) == 2
+        assert wait_for_metric(server.url, cancelled, 2) == 2
         text = httpx.get(server.url + "/metrics").text
         assert metric(text, 'kensho_tasks_total{outcome="completed"}') == 0
         assert metric(text, 'kensho_tasks_in_flight{engine="gpu"}') == 0

@@ -26,6 +26,7 @@ import orjson
 import pytest
 from rich.console import Console
 
+from _http_support import server_metric, sse_events
 from _server_support import kensho_env, kensho_up, run_kensho
 from kensho.cli._serve_cmds import StatusView, _server_url
 from kensho.events import (
@@ -115,13 +116,6 @@ def _fill_queue(url: str, requests: int, full: threading.Event, done: threading.
     asyncio.run(run())
 
 
-def _metric(url: str, name: str) -> float:
-    for line in httpx.get(url + "/metrics").text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"no sample {name}")
-
-
 def test_status_on_a_terminal_follows_a_forced_open_breaker_and_a_full_queue(
     tmp_path: Path,
 ) -> None:
@@ -147,7 +141,7 @@ def test_status_on_a_terminal_follows_a_forced_open_breaker_and_a_full_queue(
             load.start()
             try:
                 assert full.wait(30), "the queue never filled"
-                capacity = int(_metric(server.url, "kensho_queue_capacity"))
+                capacity = int(server_metric(server.url, "kensho_queue_capacity"))
                 term.read_until(
                     rf"queue\s*│\s*{capacity} waiting of {capacity} \(critical 0 · high 0 · "
                     rf"normal {capacity} · low 0\); running cpu 1"
@@ -280,11 +274,8 @@ def test_snapshots_keep_coming_while_events_flow(tmp_path: Path) -> None:
         between: list[float] = []  # event times after the first snapshot
         try:
             with httpx.stream("GET", server.url + "/v1/kensho/status", timeout=30) as stream:
-                lines = stream.iter_lines()
-                for line in lines:
-                    if not line.startswith("event: "):
-                        continue
-                    event = decode_event(line[7:], orjson.loads(next(lines)[6:]))
+                for kind, data in sse_events(stream.iter_lines()):
+                    event = decode_event(kind, orjson.loads(data))
                     if isinstance(event, StatusSnapshot):
                         snapshots.append(event)
                         if len(snapshots) == 1:

@@ -29,11 +29,26 @@ from contextlib import contextmanager
 
 from kensho.runtime.clock import AsyncioClock, Clock, timeout
 from kensho.runtime.executor import TaskHandle
+from kensho.server._errors import APIError
 from kensho.telemetry import get_logger
 
-__all__ = ["Drain"]
+__all__ = ["DRAIN_RETRY_AFTER", "Drain", "shutting_down"]
 
 log = get_logger("server")
+
+#: Refusals while shutting down say when to come back.
+DRAIN_RETRY_AFTER = 5.0
+
+
+def shutting_down(why: str, *, code: str = "draining") -> APIError:
+    """The 503 of a shutdown, with ``Retry-After``: the guard and the completions share it."""
+    return APIError(
+        503,
+        f"the server is shutting down: {why}; retry on another instance or after it restarts",
+        type="server_error",
+        code=code,
+        retry_after=DRAIN_RETRY_AFTER,
+    )
 
 
 class Drain:
