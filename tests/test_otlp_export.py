@@ -377,3 +377,36 @@ def test_a_completion_is_traced_through_queue_engine_and_failover(tmp_path: Path
     assert by_name["kensho.engine cpu"].attributes["kensho.tokens"] == 3
     assert by_name["kensho.failover"].attributes["kensho.failover.from"] == "gpu"
     assert by_name["kensho.failover"].attributes["kensho.failover.to"] == "cpu"
+
+
+def test_cli_sync_and_verify_are_traced_with_their_logs(tmp_path: Path) -> None:
+    """`kensho sync` and `kensho verify` each export one span; their records carry its ids."""
+    from _storage_support import signed_for, write_tree
+
+    files = {"models/a.bin": os.urandom(10_000), "cfg.json": b"{}"}
+    write_tree(tmp_path / "mirror", files)
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps({"signed": signed_for(files, 4096), "signatures": []}))
+    store = tmp_path / "store"
+    with running_collector() as collector:
+        env = kensho_env(
+            tmp_path,
+            OTEL_EXPORTER_OTLP_ENDPOINT=collector.endpoint,
+            KENSHO_TELEMETRY_SPOOL_DIR=str(tmp_path / "spool"),
+        )
+        for args in (
+            ("sync", "-m", str(manifest), "-r", str(store), "-s", str(tmp_path / "mirror")),
+            ("verify", "-m", str(manifest), "-r", str(store)),
+        ):
+            done = run_kensho(*args, env=env, cwd=tmp_path)
+            assert done.returncode == 0, done.stderr
+        collector.wait_for(lambda c: {"kensho.sync", "kensho.verify"} <= {s.name for s in c.spans})
+
+    inside: dict[str, set[str]] = {}
+    for name in ("kensho.sync", "kensho.verify"):
+        (traced,) = [s for s in collector.spans if s.name == name]
+        records = [r for r in collector.logs if r.span_id == traced.span_id]
+        assert all(r.trace_id == traced.trace_id for r in records)
+        inside[name] = {r.body for r in records}
+    assert "store ready" in inside["kensho.sync"]
+    assert inside["kensho.verify"], "verify logged nothing inside its span"

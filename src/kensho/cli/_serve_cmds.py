@@ -26,7 +26,7 @@ from rich.live import Live
 from rich.table import Table
 
 from kensho.cli._app import ExitCode, app, err_console, labelled, out_console, plain, state
-from kensho.cli._storage_cmds import _Renderer, _size
+from kensho.cli._storage_cmds import _size, _StorageProgress
 from kensho.config import Settings
 from kensho.errors import ConfigError
 from kensho.events import (
@@ -174,7 +174,7 @@ async def _booted(settings: Settings, *, listen: bool) -> Kernel:
     """
     from kensho.kernel import Kernel  # the server stack loads only for commands that use it
 
-    with _BootRenderer() as renderer:
+    with _BootProgress() as renderer:
         kernel = Kernel(settings, on_event=renderer.handle)
         try:
             if listen:
@@ -186,7 +186,7 @@ async def _booted(settings: Settings, *, listen: bool) -> Kernel:
     return kernel
 
 
-class _BootRenderer(_Renderer):
+class _BootProgress(_StorageProgress):
     """Boot as a person reads it on a terminal, and as JSON logs only off one.
 
     On a terminal: progress bars, and one human line per event: a store with every

@@ -51,6 +51,7 @@ from kensho.storage import (
     dump_manifest,
 )
 from kensho.storage._fs import atomic_write_bytes
+from kensho.telemetry import span
 
 __all__ = ["manifest_app"]
 
@@ -89,7 +90,7 @@ RootOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print events as JSON lines.")]
 
 
-class _Renderer:
+class _StorageProgress:
     """Turns events into progress bars and lines (terminal) or JSON lines."""
 
     def __init__(self, as_json: bool) -> None:
@@ -109,7 +110,7 @@ class _Renderer:
         self.planned: list[StorageUpdateFilePlanned] = []
         self.plan_total: StorageUpdatePlanned | None = None
 
-    def __enter__(self) -> _Renderer:
+    def __enter__(self) -> _StorageProgress:
         self.progress.__enter__()
         return self
 
@@ -224,8 +225,10 @@ def _plan_table(files: list[StorageUpdateFilePlanned], total: StorageUpdatePlann
     return table
 
 
-async def _run(events: AsyncIterator[Event], renderer: _Renderer) -> None:
-    with renderer:
+async def _run(events: AsyncIterator[Event], renderer: _StorageProgress, operation: str) -> None:
+    """Render ``events`` as they come, inside one trace span named for ``operation``
+    (exported with the logs when OTLP export is configured)."""
+    with span(f"kensho.{operation}"), renderer:
         async for event in events:
             renderer.handle(event)
 
@@ -244,7 +247,7 @@ def verify(
         async with StorageManager.from_settings(
             settings, root=root, manifest=manifest, sources=[]
         ) as manager:
-            await _run(manager.verify(full=full), _Renderer(as_json))
+            await _run(manager.verify(full=full), _StorageProgress(as_json), "verify")
             assert manager.report is not None
             return manager.report
 
@@ -279,7 +282,7 @@ def sync(  # noqa: PLR0917 - Typer maps each parameter to an option
         ),
     ] = False,
 ) -> None:
-    renderer = _Renderer(as_json)
+    renderer = _StorageProgress(as_json)
 
     async def go() -> VerifyReport | None:
         settings = state().settings
@@ -289,12 +292,14 @@ def sync(  # noqa: PLR0917 - Typer maps each parameter to an option
             loaded = manager.given_manifest
             trusted = await manager.trusted_manifest() if loaded is not None else None
             if loaded is not None and trusted is not None and loaded.serial > trusted.serial:
-                await _run(manager.update(loaded, dry_run=dry_run, wait=not no_wait), renderer)
+                await _run(
+                    manager.update(loaded, dry_run=dry_run, wait=not no_wait), renderer, "update"
+                )
             elif dry_run:
                 # Nothing to update: report what a sync would find, write nothing.
-                await _run(manager.verify(), renderer)
+                await _run(manager.verify(), renderer, "verify")
             else:
-                await _run(manager.initialize_and_verify(wait=not no_wait), renderer)
+                await _run(manager.initialize_and_verify(wait=not no_wait), renderer, "sync")
             return manager.report
 
     try:

@@ -70,7 +70,9 @@ def _free_bytes(path: Path) -> int:
     return shutil.disk_usage(path).free
 
 
-async def _stream(work: Callable[[Emit], Awaitable[object]], hub: EventHub) -> AsyncIterator[Event]:
+async def _emitted_events(
+    work: Callable[[Emit], Awaitable[object]], hub: EventHub
+) -> AsyncIterator[Event]:
     """Run ``work`` as a task and yield what it emits (published on ``hub`` as it
     happens); re-raise what it raises."""
     queue: asyncio.Queue[object] = asyncio.Queue()
@@ -209,11 +211,11 @@ class StorageManager:
 
     def verify(self, *, full: bool = False) -> AsyncIterator[Event]:
         """Check every file; ``full`` re-hashes even files whose stat record is fresh."""
-        return _stream(lambda emit: self._verify(emit, full=full), self.hub)
+        return _emitted_events(lambda emit: self._verify(emit, full=full), self.hub)
 
     def repair(self, *, wait: bool = True) -> AsyncIterator[Event]:
         """Take the store lock, re-check, and fix every missing or corrupt file."""
-        return _stream(lambda emit: self._repair(emit, wait=wait), self.hub)
+        return _emitted_events(lambda emit: self._repair(emit, wait=wait), self.hub)
 
     def initialize_and_verify(
         self, *, wait: bool = True, full: bool = False
@@ -222,7 +224,7 @@ class StorageManager:
 
         Raises ``IntegrityError`` at the end if a required file is still not good.
         """
-        return _stream(lambda emit: self._initialize(emit, wait=wait, full=full), self.hub)
+        return _emitted_events(lambda emit: self._initialize(emit, wait=wait, full=full), self.hub)
 
     def update(
         self, new_manifest: Manifest, *, dry_run: bool = False, wait: bool = True
@@ -243,7 +245,7 @@ class StorageManager:
         process brought to this very release meanwhile is verified like a sync; one
         it moved past this release refuses it (``SignatureError``, rollback).
         """
-        return _stream(
+        return _emitted_events(
             lambda emit: self._update(emit, new_manifest, dry_run=dry_run, wait=wait), self.hub
         )
 
