@@ -48,8 +48,12 @@ TIMEOUT_HEADER = "x-kensho-timeout"
 _T = TypeVar("_T")
 
 
-class ClientDisconnectedError(Exception):
-    """The client went away before its answer was ready."""
+class _ClientGoneError(Exception):
+    """The client went away before its answer was ready.
+
+    A private signal inside this module (answered with the 499 access-log status),
+    never raised to a caller: that is why it is not part of :mod:`kensho.errors`.
+    """
 
 
 def _priority(request: Request) -> Priority:
@@ -96,7 +100,7 @@ async def _unless_disconnected(request: Request, work: Coroutine[Any, Any, _T]) 
             task.cancel()
         watcher.cancel()
     if not task.done():
-        raise ClientDisconnectedError
+        raise _ClientGoneError
     return task.result()  # a task the server cancelled raises CancelledError here
 
 
@@ -198,7 +202,7 @@ class CompletionRunner:
             ctx.drain.admit(handle)
             try:
                 first = await self._first_token(handle, request)
-            except ClientDisconnectedError:
+            except _ClientGoneError:
                 return Response(status_code=499)
             self.metrics.ttft.labels(endpoint).observe(time.perf_counter() - started)
             shape = OpenAIShaper(kind, body.model)
@@ -212,7 +216,7 @@ class CompletionRunner:
                 )
             try:
                 chunks = await self._whole_answer(handle, first, request)
-            except ClientDisconnectedError:
+            except _ClientGoneError:
                 return Response(status_code=499)
             finally:
                 ctx.drain.release(handle)
