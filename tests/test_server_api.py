@@ -526,3 +526,24 @@ async def test_status_stream_ends_with_a_shutdown_event_when_the_server_stops(
     await client.hang_up()
     await stack.clock.settle()
     assert stack.ctx.hub.subscribers == before
+
+
+async def test_cut_off_responses_get_the_grace_to_write_their_end() -> None:
+    """After the cut-off, ``finish`` waits up to ``grace`` for the cut responses to end
+    (their final SSE event), whether the drain timed out or a second signal cut it."""
+    for second_signal in (False, True):
+        clock = VirtualClock()
+        drain = Drain(clock=clock)
+        request = drain.request()
+        request.__enter__()  # one response still writing
+        finishing = asyncio.ensure_future(drain.finish(10, grace=2))
+        await clock.advance(0)
+        if second_signal:
+            drain.cut_off("second signal")
+        else:
+            await clock.advance(10)  # shutdown_timeout passed
+        await clock.advance(1)
+        assert not finishing.done(), "finish() stopped waiting for the cut-off response"
+        request.__exit__(None, None, None)  # it wrote its error event and [DONE]
+        await clock.advance(0)
+        assert finishing.done() and finishing.result() is False

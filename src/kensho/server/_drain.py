@@ -135,14 +135,15 @@ class Drain:
             log.info("drain finished: every response completed")
             return True
         self.cut_off(f"drain not finished after {seconds:g} s (server.shutdown_timeout)")
-        await self._wait(grace)
+        await self._wait(grace, after_cut=True)  # the cut-off responses write their end
         return False
 
-    async def _wait(self, seconds: float) -> bool:
-        """Wait until no request is in progress or the drain is cut; True when idle."""
+    async def _wait(self, seconds: float, *, after_cut: bool = False) -> bool:
+        """Wait until no request is in progress or (unless ``after_cut``) the drain is
+        cut; True when idle."""
         try:
             async with timeout(self.clock, seconds):
-                while self._requests and not self.cut:
+                while self._requests and (after_cut or not self.cut):
                     waiter = asyncio.get_running_loop().create_future()
                     self._waiters.append(waiter)
                     await waiter
