@@ -827,3 +827,21 @@ def test_cli_chunks_right_whole_hash_wrong_is_refused_by_sync_and_update_alike(
     assert (root / "w.bin").read_bytes() == old and trusted_serial(root) == 1
     for store in (fresh, root):
         assert list((store / ".kensho/tmp").glob("*.part")) == []
+
+
+def test_a_file_found_under_another_spelling_is_not_taken_for_the_new_one(
+    tmp_path: Path,
+) -> None:
+    """On a case-folding file system ``Model.bin`` answers ``lstat("model.bin")``: the
+    planner must see that the name on disk is spelled otherwise (it is the old entry,
+    which the placement check deletes) and build the new file instead of keeping it."""
+    from kensho.storage._plan import spelled_as_on_disk
+
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "Model.bin").write_bytes(b"x")
+    assert spelled_as_on_disk(tmp_path, "models/Model.bin")
+    assert not spelled_as_on_disk(tmp_path, "models/model.bin")
+    assert not spelled_as_on_disk(tmp_path, "models/Mode\u0301l.bin")  # NFD of an accent
+    assert not spelled_as_on_disk(tmp_path, "absent/x.bin")
+    (tmp_path / "top.bin").write_bytes(b"y")
+    assert spelled_as_on_disk(tmp_path, "top.bin")

@@ -104,6 +104,29 @@ def _present(root: Path, guard: PathGuard, entry: FileEntry) -> os.stat_result |
     return st if stat.S_ISREG(st.st_mode) and st.st_size == entry.size else None
 
 
+def spelled_as_on_disk(
+    root: Path, path: str, listings: dict[Path, frozenset[str]] | None = None
+) -> bool:
+    """Whether the folder holding ``path`` lists its name exactly as written.
+
+    Why: on a case- or normalisation-folding file system (APFS, NTFS) ``Model.bin``
+    answers for ``model.bin``; a file found that way is the *old* entry under its
+    old spelling (the placement check deletes it as a dropped file), so it must not
+    be taken for the new file already in place. ``listings`` caches each folder's
+    names for one plan (one listing per folder, however many files it holds).
+    """
+    parent, _, name = path.rpartition("/")
+    folder = root / parent if parent else root
+    if listings is None:
+        listings = {}
+    if folder not in listings:
+        try:
+            listings[folder] = frozenset(p.name for p in folder.iterdir())
+        except OSError:
+            listings[folder] = frozenset()
+    return name in listings[folder]
+
+
 def plan_update(
     root: Path,
     current: Manifest,
@@ -146,6 +169,7 @@ def plan_update(
             continue  # already replaced by its new version: offered below instead
         offer(entry)
     changed: list[tuple[FileEntry, bool]] = []
+    listings: dict[Path, frozenset[str]] = {}
     unchanged: list[str] = []
     for entry in target.files:
         old = current.file(entry.path)
@@ -159,7 +183,10 @@ def plan_update(
             done.append(entry.path)
             offer(entry)
             continue
-        changed.append((entry, st is not None and not fresh))
+        maybe_placed = (
+            st is not None and not fresh and spelled_as_on_disk(root, entry.path, listings)
+        )
+        changed.append((entry, maybe_placed))
     plans = [
         _plan_file(entry, current.file(entry.path), index, offered.get(entry.path), maybe_placed)
         for entry, maybe_placed in changed
