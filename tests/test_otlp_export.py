@@ -259,6 +259,17 @@ def test_cli_spools_while_collector_is_down_and_the_next_run_sends_it_once(
     assert not list((tmp_path / "spool").glob("*.logs.*"))
 
 
+def exporting_env(tmp_path: Path, collector: Collector, **extra: str) -> dict[str, str]:
+    """A ``kensho`` subprocess environment that exports to ``collector``, spooling
+    under ``tmp_path``."""
+    return kensho_env(
+        tmp_path,
+        OTEL_EXPORTER_OTLP_ENDPOINT=collector.endpoint,
+        KENSHO_TELEMETRY_SPOOL_DIR=str(tmp_path / "spool"),
+        **extra,
+    )
+
+
 def test_kensho_up_traces_requests_under_the_callers_traceparent(tmp_path: Path) -> None:
     """A real server: request span child of the incoming traceparent, logs carry its ids."""
     import httpx
@@ -267,12 +278,7 @@ def test_kensho_up_traces_requests_under_the_callers_traceparent(tmp_path: Path)
 
     trace_id, parent_id = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
     with running_collector() as collector:
-        env = kensho_env(
-            tmp_path,
-            KENSHO_MODEL_ENGINE="mock",
-            OTEL_EXPORTER_OTLP_ENDPOINT=collector.endpoint,
-            KENSHO_TELEMETRY_SPOOL_DIR=str(tmp_path / "spool"),
-        )
+        env = exporting_env(tmp_path, collector, KENSHO_MODEL_ENGINE="mock")
         with kensho_up(env=env, cwd=tmp_path) as server:
             answer = httpx.post(
                 f"{server.url}/v1/kensho/breaker",
@@ -343,12 +349,7 @@ def test_a_completion_is_traced_through_queue_engine_and_failover(tmp_path: Path
 
     trace_id, parent_id = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
     with running_collector() as collector:
-        env = kensho_env(
-            tmp_path,
-            KENSHO_MODEL_ENGINE="mock",
-            OTEL_EXPORTER_OTLP_ENDPOINT=collector.endpoint,
-            KENSHO_TELEMETRY_SPOOL_DIR=str(tmp_path / "spool"),
-        )
+        env = exporting_env(tmp_path, collector, KENSHO_MODEL_ENGINE="mock")
         with kensho_up(env=env, cwd=tmp_path) as server:
             failing = httpx.post(
                 f"{server.url}/v1/kensho/breaker", json={"action": "fail_primary", "times": 1}
@@ -389,11 +390,7 @@ def test_cli_sync_and_verify_are_traced_with_their_logs(tmp_path: Path) -> None:
     manifest.write_text(json.dumps({"signed": signed_for(files, 4096), "signatures": []}))
     store = tmp_path / "store"
     with running_collector() as collector:
-        env = kensho_env(
-            tmp_path,
-            OTEL_EXPORTER_OTLP_ENDPOINT=collector.endpoint,
-            KENSHO_TELEMETRY_SPOOL_DIR=str(tmp_path / "spool"),
-        )
+        env = exporting_env(tmp_path, collector)
         for args in (
             ("sync", "-m", str(manifest), "-r", str(store), "-s", str(tmp_path / "mirror")),
             ("verify", "-m", str(manifest), "-r", str(store)),
