@@ -18,7 +18,7 @@ help:
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,bench,ml,otel]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,bench,ml,otel,llama,s3]'
 	@touch $@
 
 run: $(STAMP)
