@@ -18,7 +18,10 @@ help:
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,bench,ml,otel,llama,s3]'
+	# llama-cpp-python has no wheel for this platform on PyPI: pip builds llama.cpp from its
+	# source release (gcc + cmake, a few minutes on 2 cores; pip caches the wheel after).
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/python -m pip install --quiet -c constraints.txt \
+		-e '.[dev,bench,ml,otel,llama,s3]'
 	@touch $@
 
 run: $(STAMP)
