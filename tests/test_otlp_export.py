@@ -104,6 +104,40 @@ def test_records_inside_a_span_carry_its_ids_in_json_and_otlp(
     assert "trace_id" not in collector.logs[0].attributes
 
 
+def test_trace_ids_follow_the_current_span_into_and_out_of_nested_spans(
+    service: LoggerService, tmp_path: Path
+) -> None:
+    stream = io.StringIO()
+    with running_collector() as collector:
+        service.configure(
+            LogSettings(format="json"),
+            stream=stream,
+            capture_stdlib=False,
+            telemetry=TelemetrySettings(spool_dir=tmp_path, endpoint=collector.endpoint),
+        )
+        log = service.get_logger("x")
+        with service.span("outer"):
+            log.info("outer, before")
+            with service.span("inner"):
+                log.info("inner")
+            log.info("outer, after")
+        log.info("outside")
+        service.flush_export()
+        collector.wait_for(lambda c: len(c.spans) == 2 and len(c.logs) == 4)
+    spans = {s.name: s for s in collector.spans}
+    outer = (spans["outer"].trace_id, spans["outer"].span_id)
+    inner = (spans["inner"].trace_id, spans["inner"].span_id)
+    assert inner[0] == outer[0] and spans["inner"].parent_span_id == outer[1]
+    lines = [json.loads(x) for x in stream.getvalue().splitlines()]
+    assert [(x.get("trace_id"), x.get("span_id")) for x in lines] == [
+        outer,
+        inner,
+        outer,
+        (None, None),
+    ]
+    assert [(r.trace_id, r.span_id) for r in collector.logs] == [outer, inner, outer, ("", "")]
+
+
 @pytest.mark.parametrize("status", [503, 0])
 def test_unreachable_or_5xx_collector_spools_then_sends_once(
     service: LoggerService, tmp_path: Path, status: int
