@@ -6,7 +6,7 @@ the encoder builds each protobuf message through keyword constructors; about 45 
 of CPU per record on the 2-core development machine, all of it holding the GIL that
 the code logging needs. Filling one request in place with opentelemetry-proto's
 generated classes (``add()`` on repeated fields, plain field assignment, which the
-upb backend does in C) produces the same message for about 6 µs per record.
+upb backend does in C) produces the same message for 5-9 µs per record.
 
 The schema is the one docs/logging.md documents and the SDK path produced: severity
 text and number, body = the event sentence, attributes = the context fields

@@ -7,7 +7,7 @@ The path of one log event, and who pays for each step:
    blocks). That is all the caller's thread ever does for export;
 2. the batch thread wakes every second (or at 512 queued) and encodes the queued
    events straight into one OTLP ``ExportLogsServiceRequest`` with
-   opentelemetry-proto (:mod:`._encoding`: about 6 µs a record, against about 45 µs
+   opentelemetry-proto (:mod:`._encoding`: 5-9 µs a record, against about 45 µs
    through the SDK's ``LogRecord`` objects and encoder, time during which the
    thread holds the GIL the callers need). The deque is the one bounded queue:
    the SDK's ``BatchLogRecordProcessor`` would be a second one, dropping records
