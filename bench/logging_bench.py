@@ -4,15 +4,21 @@ Each logger writes an INFO event with two context fields as one JSON line to its
 file (flushed per event, so nothing is lost on a crash), and is also called at DEBUG
 while its minimum level is INFO (the filtered-out cost). Medians over rounds.
 
-Two more Kensho rows add OTLP export (``[telemetry]``): to a collector on 127.0.0.1
-that answers 200, and to a port where nothing listens (every batch goes to the disk
-spool), each measured two ways: bursts of 400 calls with the export threads idle
-(the caller's path: queueing the finished event; a batch thread wakes at 512 queued
-or after 1 s) and back-to-back calls, where the
-converter and export threads compete for the GIL (about 50 µs of Python per record
-to build, encode and send it, off the caller's thread but not off the interpreter).
+The OTLP export table (``--export-only`` prints it alone) compares three Kensho
+services that log the same way, created side by side and measured in turn within
+each round, so that a busy moment of a shared machine hits all three alike: export
+off, export to a collector on 127.0.0.1 that answers 200, and export to a port where
+nothing listens (every batch goes to the disk spool). Four measures each:
 
-    .venv/bin/python bench/logging_bench.py [--calls 20000] [--rounds 7]
+- caller's path: bursts of 400 calls, the export thread drained before each (what a
+  log call pays when it does not meet a batch being encoded), wall clock and the
+  calling thread's own CPU time (``time.thread_time``, which a machine busy with
+  other processes does not inflate);
+- back to back: calls as fast as possible, the batch thread encoding and sending
+  every 512 records meanwhile (it takes the GIL from the caller), wall clock and
+  the CPU of all threads per event, flush included (what export costs in total).
+
+    .venv/bin/python bench/logging_bench.py [--calls 20000] [--rounds 7] [--export-only]
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ import statistics
 import sys
 import tempfile
 import threading
+import time
+import timeit
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -35,8 +43,8 @@ from pythonjsonlogger.json import JsonFormatter
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _table import machine_line, markdown_table, median_per_call
-from kensho.config import TelemetrySettings
-from kensho.telemetry import configure_logging, get_logger, log_service
+from kensho.config import LogSettings, TelemetrySettings
+from kensho.telemetry import LoggerService, configure_logging, get_logger, log_service
 
 # Each setup returns the logger object; the statements below call it.
 INFO = 'log.info("request handled", user="alice", status=200)'
@@ -70,27 +78,25 @@ def _start_collector() -> ThreadingHTTPServer:
     return server
 
 
-def _closed_port() -> int:
+def _closed_url() -> str:
+    """A URL on 127.0.0.1 where nothing listens (the port was free a moment ago)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"
 
 
-def _kensho_export(directory: Path, endpoint: str, name: str) -> Setup:
-    telemetry = TelemetrySettings(endpoint=endpoint, spool_dir=directory / f"spool-{name}")
-    configure_logging(
-        stderr=False, telemetry=telemetry, file=directory / f"{name}.log", file_max_bytes=1 << 40
+def _export_service(directory: Path, name: str, endpoint: str | None) -> LoggerService:
+    telemetry = None
+    if endpoint is not None:
+        telemetry = TelemetrySettings(endpoint=endpoint, spool_dir=directory / f"spool-{name}")
+    service = LoggerService()
+    service.configure(
+        LogSettings(file=directory / f"{name}.log", file_max_bytes=1 << 40),
+        stderr=False,
+        capture_stdlib=False,
+        telemetry=telemetry,
     )
-    return get_logger("bench"), INFO, DEBUG
-
-
-def kensho_collector_up_setup(directory: Path) -> Setup:
-    server = _start_collector()
-    return _kensho_export(directory, f"http://127.0.0.1:{server.server_address[1]}", "up")
-
-
-def kensho_collector_down_setup(directory: Path) -> Setup:
-    return _kensho_export(directory, f"http://127.0.0.1:{_closed_port()}", "down")
+    return service
 
 
 def stdlib_json_setup(directory: Path) -> Setup:
@@ -139,8 +145,6 @@ def loguru_setup(directory: Path) -> Setup:
 
 PEERS: list[tuple[str, Callable[[Path], Setup]]] = [
     ("kensho (structlog + orjson)", kensho_setup),
-    ("kensho + OTLP export, collector up", kensho_collector_up_setup),
-    ("kensho + OTLP export, collector down (spool)", kensho_collector_down_setup),
     ("stdlib logging + python-json-logger", stdlib_json_setup),
     ("structlog → stdlib (ProcessorFormatter)", structlog_stdlib_setup),
     ("loguru serialize=True", loguru_setup),
@@ -151,76 +155,117 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--calls", type=int, default=20_000)
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--export-only", action="store_true", help="only the OTLP table")
     args = parser.parse_args()
-    results: list[tuple[str, float, float]] = []
-    notes: list[str] = []
-    bursts: list[tuple[str, float, float]] = []
+    print(f"logging_bench: {args.calls} calls x {args.rounds} rounds, medians; {machine_line()}")
     with tempfile.TemporaryDirectory() as tmp:
-        directory = Path(tmp)
-        for name, setup in PEERS:
-            log, info, debug = setup(directory)
-            namespace = {"log": log}
-            median_per_call(info, namespace, calls=2_000, rounds=1)  # warm-up
-            t_info = median_per_call(info, namespace, calls=args.calls, rounds=args.rounds)
-            t_debug = median_per_call(debug, namespace, calls=args.calls * 5, rounds=args.rounds)
-            export = log_service().export
-            if name.startswith("kensho"):  # the same bursts for kensho alone: the baseline
-                bursts.append((name, _burst(info, namespace, export, args.rounds), t_info))
-            if export is not None:
-                export.flush()
-                notes.append(f"{name}: {export.stats()}")
-                log_service().close()
-                continue
-            results.append((name, t_info, t_debug))
-        log_service().close()
-        loguru_logger.remove()
+        if not args.export_only:
+            print()
+            print(_peer_table(Path(tmp), args.calls, args.rounds))
+        print()
+        print(_export_table(Path(tmp), args.calls, args.rounds))
+
+
+def _peer_table(directory: Path, calls: int, rounds: int) -> str:
+    results: list[tuple[str, float, float]] = []
+    for name, setup in PEERS:
+        log, info, debug = setup(directory)
+        namespace = {"log": log}
+        median_per_call(info, namespace, calls=2_000, rounds=1)  # warm-up
+        t_info = median_per_call(info, namespace, calls=calls, rounds=rounds)
+        t_debug = median_per_call(debug, namespace, calls=calls * 5, rounds=rounds)
+        results.append((name, t_info, t_debug))
+    loguru_logger.remove()
+    log_service().close()
     best_peer_info = min(r[1] for r in results if not r[0].startswith("kensho"))
     rows = [
-        (
-            name,
-            f"{t_info * 1e6:.2f}",
-            f"{t_info / best_peer_info:.2f}x",
-            f"{t_debug * 1e6:.3f}",
-        )
+        (name, f"{t_info * 1e6:.2f}", f"{t_info / best_peer_info:.2f}x", f"{t_debug * 1e6:.3f}")
         for name, t_info, t_debug in results
     ]
-    print(f"logging_bench: {args.calls} calls x {args.rounds} rounds, medians; {machine_line()}")
-    print()
-    print(
-        markdown_table(
-            ["logger", "INFO to file (µs/call)", "vs fastest peer", "filtered DEBUG (µs/call)"],
-            rows,
-        )
-    )
-    base = bursts[0][1]
-    print()
-    print(
-        markdown_table(
-            [
-                f"OTLP export (kensho alone: {base * 1e6:.2f} µs/call in the same bursts)",
-                "caller's path (µs/call)",
-                "added",
-                "back to back (µs/call)",
-            ],
-            [
-                (name, f"{b * 1e6:.2f}", f"{(b - base) * 1e6:+.2f}", f"{t * 1e6:.2f}")
-                for name, b, t in bursts[1:]
-            ],
-        )
-    )
-    print()
-    for note in notes:
-        print(note)
+    headers = ["logger", "INFO to file (µs/call)", "vs fastest peer", "filtered DEBUG (µs/call)"]
+    return markdown_table(headers, rows)
 
 
-def _burst(stmt: str, namespace: dict[str, Any], export: Any, rounds: int) -> float:
-    """Median per-call time of 400-call bursts, the export threads drained before each."""
-    samples = []
-    for _ in range(rounds * 5):
-        if export is not None:
-            export.flush()
-        samples.append(median_per_call(stmt, namespace, calls=400, rounds=1))
-    return statistics.median(samples)
+_MEASURES = ("burst wall", "burst thread CPU", "back-to-back wall", "back-to-back CPU")
+
+
+def _export_table(directory: Path, calls: int, rounds: int) -> str:
+    """Export off / collector up / collector down, interleaved within every round."""
+    collector = _start_collector()
+    services = [
+        ("kensho, export off", _export_service(directory, "off", None)),
+        (
+            "collector up",
+            _export_service(directory, "up", f"http://127.0.0.1:{collector.server_address[1]}"),
+        ),
+        ("collector down (spool)", _export_service(directory, "down", _closed_url())),
+    ]
+    samples: dict[str, dict[str, list[float]]] = {
+        name: {m: [] for m in _MEASURES} for name, _ in services
+    }
+    namespaces = {name: {"log": svc.get_logger("bench")} for name, svc in services}
+    for name, _ in services:
+        median_per_call(INFO, namespaces[name], calls=2_000, rounds=1)  # warm-up
+    for _ in range(rounds):
+        _one_round(samples, namespaces, services, calls)
+    notes = []
+    for name, service in services:
+        if service.export is not None:
+            stats = service.export.stats()
+            notes.append(f"{name}: {stats.get('logs', stats)}")
+        service.close()
+    collector.shutdown()
+    base_name = services[0][0]
+    rows = []
+    for name, _ in services:
+        cells = [name]
+        for measure in _MEASURES:
+            values, base = samples[name][measure], samples[base_name][measure]
+            added = "" if name == base_name else f" ({_added(values, base) * 1e6:+.2f})"
+            cells.append(f"{statistics.median(values) * 1e6:.2f}{added} [{_spread(values)}]")
+        rows.append(cells)
+    headers = ["OTLP export, µs per INFO call: median (paired added) [p25-p75]", *_MEASURES]
+    return markdown_table(headers, rows) + "\n\n" + "\n".join(notes)
+
+
+def _one_round(
+    samples: dict[str, dict[str, list[float]]],
+    namespaces: dict[str, dict[str, Any]],
+    services: list[tuple[str, LoggerService]],
+    calls: int,
+) -> None:
+    """One sample of each measure for each service; bursts alternate service by service."""
+    timers = (("burst wall", time.perf_counter), ("burst thread CPU", time.thread_time))
+    for _ in range(5):
+        for measure, timer in timers:
+            for name, service in services:
+                service.flush_export()
+                samples[name][measure].append(_per_call(namespaces[name], 400, timer))
+    for name, service in services:
+        service.flush_export()
+        samples[name]["back-to-back wall"].append(
+            _per_call(namespaces[name], calls, time.perf_counter)
+        )
+        service.flush_export()
+        started = time.process_time()  # every thread: the caller, the batch and spool threads
+        _per_call(namespaces[name], calls, time.perf_counter)
+        service.flush_export()  # what the calls left queued is part of their cost
+        samples[name]["back-to-back CPU"].append((time.process_time() - started) / calls)
+
+
+def _per_call(namespace: dict[str, Any], calls: int, timer: Callable[[], float]) -> float:
+    return timeit.Timer(INFO, globals=namespace, timer=timer).timeit(calls) / calls
+
+
+def _added(values: list[float], base: list[float]) -> float:
+    """Median of the paired differences: sample i of a service minus sample i without
+    export, taken moments apart, so a load change between rounds cancels out."""
+    return statistics.median(v - b for v, b in zip(values, base, strict=True))
+
+
+def _spread(values: list[float]) -> str:
+    low, _, high = statistics.quantiles(values, n=4) if len(values) > 1 else (values[0],) * 3
+    return f"{low * 1e6:.2f}-{high * 1e6:.2f}"
 
 
 if __name__ == "__main__":

@@ -78,7 +78,7 @@ def test_records_arrive_with_kensho_schema_and_resource(
     assert 'raise ValueError("bad chunk")' in second.attributes["exception.stacktrace"]
     assert "error" not in second.attributes
     assert collector.headers[0]["Authorization"] == "Bearer s3cret-token"
-    assert service.export.stats()["sent"] == 2
+    assert service.export.stats()["logs"]["exported"] == 2
 
 
 def test_records_inside_a_span_carry_its_ids_in_json_and_otlp(
@@ -104,6 +104,40 @@ def test_records_inside_a_span_carry_its_ids_in_json_and_otlp(
     assert "trace_id" not in collector.logs[0].attributes
 
 
+def test_trace_ids_follow_the_current_span_into_and_out_of_nested_spans(
+    service: LoggerService, tmp_path: Path
+) -> None:
+    stream = io.StringIO()
+    with running_collector() as collector:
+        service.configure(
+            LogSettings(format="json"),
+            stream=stream,
+            capture_stdlib=False,
+            telemetry=TelemetrySettings(spool_dir=tmp_path, endpoint=collector.endpoint),
+        )
+        log = service.get_logger("x")
+        with service.span("outer"):
+            log.info("outer, before")
+            with service.span("inner"):
+                log.info("inner")
+            log.info("outer, after")
+        log.info("outside")
+        service.flush_export()
+        collector.wait_for(lambda c: len(c.spans) == 2 and len(c.logs) == 4)
+    spans = {s.name: s for s in collector.spans}
+    outer = (spans["outer"].trace_id, spans["outer"].span_id)
+    inner = (spans["inner"].trace_id, spans["inner"].span_id)
+    assert inner[0] == outer[0] and spans["inner"].parent_span_id == outer[1]
+    lines = [json.loads(x) for x in stream.getvalue().splitlines()]
+    assert [(x.get("trace_id"), x.get("span_id")) for x in lines] == [
+        outer,
+        inner,
+        outer,
+        (None, None),
+    ]
+    assert [(r.trace_id, r.span_id) for r in collector.logs] == [outer, inner, outer, ("", "")]
+
+
 @pytest.mark.parametrize("status", [503, 0])
 def test_unreachable_or_5xx_collector_spools_then_sends_once(
     service: LoggerService, tmp_path: Path, status: int
@@ -118,7 +152,7 @@ def test_unreachable_or_5xx_collector_spools_then_sends_once(
     for i in range(5):
         log.info("offline", n=i)
     service.flush_export()
-    assert service.export.stats()["spooled"] == 5
+    assert service.export.stats()["logs"]["spooled"] == 5
     assert list(tmp_path.glob("*.logs.*"))
     collector.status = 200
     if status == 0:
@@ -133,6 +167,45 @@ def test_unreachable_or_5xx_collector_spools_then_sends_once(
     assert not list(tmp_path.glob("*.logs.*"))
 
 
+def test_counters_per_signal_while_the_collector_comes_and_goes(
+    service: LoggerService, tmp_path: Path
+) -> None:
+    """Records and spans counted apart: exported, spooled, failed requests, queue drops."""
+    collector = Collector()
+    collector.start()
+    export_to(service, tmp_path, endpoint=collector.endpoint, retry_interval=60, queue_size=3)
+    log = service.get_logger("x")
+    try:
+        with service.span("kensho.test"):
+            log.info("a")
+            log.info("b")
+        service.flush_export()
+        collector.wait_for(lambda c: len(c.logs) == 2 and len(c.spans) == 1)
+        collector.stop()  # from here on nothing listens
+        with service.export._batching:  # the batch thread waits: the queue fills up
+            for n in range(5):  # the queue holds 3: two are dropped, counted
+                log.info("offline", n=n)
+        service.flush_export()
+    finally:
+        collector.stop()
+    stats = service.export.stats()
+    assert stats["traces"] == {
+        "exported": 1,
+        "spooled": 0,
+        "queue_dropped": 0,
+        "spool_evicted": 0,
+        "spool_failed": 0,
+        "rejected": 0,
+        "unencodable": 0,
+        "export_errors": 0,
+        "queued": 0,
+    }
+    logs = stats["logs"]
+    assert (logs["exported"], logs["spooled"], logs["queue_dropped"]) == (2, 3, 2)
+    assert logs["export_errors"] == 1  # one attempt, then the spool until retry_interval
+    assert logs["queued"] == 0
+
+
 def test_collector_4xx_drops_the_batch_with_a_counter(
     service: LoggerService, tmp_path: Path
 ) -> None:
@@ -140,7 +213,7 @@ def test_collector_4xx_drops_the_batch_with_a_counter(
         export_to(service, tmp_path, endpoint=collector.endpoint)
         service.get_logger("x").info("refused")
         service.flush_export()
-        assert service.export.stats()["rejected"] == 1
+        assert service.export.stats()["logs"]["rejected"] == 1
     assert not list(tmp_path.glob("*.logs.*"))  # retrying would never succeed
 
 
@@ -149,7 +222,7 @@ def test_slow_collector_times_out_into_the_spool(service: LoggerService, tmp_pat
         export_to(service, tmp_path, endpoint=collector.endpoint, timeout=0.2)
         service.get_logger("x").info("slow")
         service.flush_export()
-        assert service.export.stats()["spooled"] == 1
+        assert service.export.stats()["logs"]["spooled"] == 1
         collector.delay = 0.0
         collector.wait_for(lambda c: len(c.logs) == 1)
 
@@ -165,7 +238,7 @@ def test_unwritable_spool_drops_with_a_counter_never_raises(
     export_to(service, blocker / "spool", endpoint=collector.endpoint)
     service.get_logger("x").info("lost")
     service.flush_export()
-    assert service.export.stats()["spool_failed"] == 1
+    assert service.export.stats()["logs"]["spool_failed"] == 1
 
 
 def test_spool_is_bounded_and_drops_the_oldest(tmp_path: Path) -> None:
@@ -287,6 +360,7 @@ def test_kensho_up_traces_requests_under_the_callers_traceparent(tmp_path: Path)
             )
             assert answer.status_code == 200, answer.text
             line = server.wait_for_stderr("primary failure injection changed by admin")
+            metrics = httpx.get(f"{server.url}/metrics").text
             assert server.stop() == 0
         collector.wait_for(lambda c: any(s.name == "POST /v1/kensho/breaker" for s in c.spans))
         collector.wait_for(lambda c: any(r.trace_id == trace_id for r in c.logs))
@@ -301,6 +375,8 @@ def test_kensho_up_traces_requests_under_the_callers_traceparent(tmp_path: Path)
     assert all(r.span_id == request.span_id for r in in_request)
     logged = json.loads(line)
     assert (logged["trace_id"], logged["span_id"]) == (trace_id, request.span_id)
+    assert 'kensho_otlp_exported_total{signal="logs"}' in metrics
+    assert 'kensho_otlp_dropped_total{reason="queue_full",signal="traces"} 0.0' in metrics
     boot = next(s for s in collector.spans if s.name == "kensho.boot")
     integrity = next(s for s in collector.spans if s.name == "kensho.verify_and_repair")
     assert integrity.parent_span_id == boot.span_id and integrity.trace_id == boot.trace_id

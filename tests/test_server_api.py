@@ -6,20 +6,25 @@ End-to-end tests against a real ``kensho up`` subprocess are in test_server_e2e.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import pytest
 from starlette.types import ASGIApp, Message
 
 from _http_support import assert_shutting_down, sse_data
+from _otlp_support import Collector
+from kensho.config import LogSettings, TelemetrySettings
 from kensho.runtime.clock import VirtualClock
 from kensho.runtime.engines.faulty import MockCPUEngine, MockGPUEngine
 from kensho.runtime.executor import TaskExecutor
 from kensho.runtime.manager import RuntimeManager
 from kensho.server import Drain, IntegrityState, ServerContext, create_app
+from kensho.telemetry import LoggerService
 
 MODEL = "mock-model"
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 5}
@@ -256,6 +261,53 @@ async def test_metrics_expose_state_and_counters(stack: Stack) -> None:
     assert "kensho_time_to_first_token_seconds_bucket" in text
     assert "kensho_request_latency_seconds_count" in text
     assert 'kensho_tasks_total{outcome="completed"} 1.0' in text
+
+
+async def test_metrics_count_otlp_export_per_signal(tmp_path: Path) -> None:
+    """A real collector: what reached it, then what was spooled once it went away."""
+    service = LoggerService()
+    collector = Collector()
+    collector.start()
+    service.configure(
+        LogSettings(),
+        stream=io.StringIO(),
+        capture_stdlib=False,
+        telemetry=TelemetrySettings(
+            endpoint=collector.endpoint, spool_dir=tmp_path, retry_interval=60
+        ),
+    )
+    s, runtime, executor = await make_stack(export_stats=service.export_stats)
+    try:
+        with service.span("kensho.test"):
+            service.get_logger("x").info("sent")
+        service.flush_export()
+        collector.stop()
+        service.get_logger("x").info("spooled")
+        service.flush_export()
+        text = (await s.client.get("/metrics")).text
+    finally:
+        collector.stop()
+        service.close()
+        await s.client.aclose()
+        await executor.aclose()
+        await runtime.close()
+    assert 'kensho_otlp_exported_total{signal="logs"} 1.0' in text
+    assert 'kensho_otlp_exported_total{signal="traces"} 1.0' in text
+    assert 'kensho_otlp_spooled_total{signal="logs"} 1.0' in text
+    assert 'kensho_otlp_export_errors_total{signal="logs"} 1.0' in text
+    assert 'kensho_otlp_dropped_total{reason="queue_full",signal="logs"} 0.0' in text
+    assert 'kensho_otlp_queue_depth{signal="logs"} 0.0' in text
+
+
+async def test_metrics_leave_out_otlp_series_while_export_is_off() -> None:
+    s, runtime, executor = await make_stack(export_stats=LoggerService().export_stats)
+    try:
+        text = (await s.client.get("/metrics")).text
+    finally:
+        await s.client.aclose()
+        await executor.aclose()
+        await runtime.close()
+    assert "kensho_otlp_" not in text
 
 
 async def test_admin_breaker_force_open_and_reset(stack: Stack) -> None:

@@ -251,6 +251,7 @@ class Kernel:
             default_max_tokens=self.settings.model.max_tokens,
             request_timeout=server.request_timeout,
             log_counts=log_service().counts,
+            export_stats=log_service().export_stats,
         )
         log.info(
             "boot finished",

@@ -8,7 +8,7 @@ routing, admission and integrity live in the layers below.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,6 +73,7 @@ class ServerContext:
     default_max_tokens: int = 256
     request_timeout: float | None = None
     log_counts: Callable[[], dict[str, int]] | None = None
+    export_stats: Callable[[], Mapping[str, Mapping[str, int]] | None] | None = None
     drain: Drain = field(default_factory=Drain)
 
     @property

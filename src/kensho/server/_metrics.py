@@ -2,14 +2,15 @@
 
 Request-path metrics (latency, time to first token, tokens, rejections) are updated
 as requests happen. State metrics (breaker state and transitions, queue depth per
-priority, executor outcomes, integrity results, log events by level) are read from
-the components' own snapshots at scrape time by a custom collector, so they can never
-drift from what the components report through ``metrics()`` and ``statistics()``.
+priority, executor outcomes, integrity results, log events by level, OTLP export
+counters) are read from the components' own snapshots at scrape time by a custom
+collector, so they can never drift from what the components report through
+``metrics()``, ``statistics()`` and ``stats()``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -115,6 +116,55 @@ class _StateCollector(Collector):
             for level, value in ctx.log_counts().items():
                 logs.add_metric([level], float(value))
             yield logs
+        if ctx.export_stats is not None:
+            yield from _export_families(ctx.export_stats())
+
+
+_DROP_REASONS = ("queue_full", "spool_evicted", "spool_failed", "rejected", "unencodable")
+
+
+def _export_families(stats: Mapping[str, Mapping[str, int]] | None) -> Iterator[Metric]:
+    """OTLP export counters per signal (``logs`` in records, ``traces`` in spans).
+
+    Absent while export is off, so a dashboard can tell "off" from "nothing sent".
+    """
+    if stats is None:
+        return
+    exported = CounterMetricFamily(
+        "kensho_otlp_exported",
+        "Log records and spans the collector accepted, directly or from the spool",
+        labels=["signal"],
+    )
+    spooled = CounterMetricFamily(
+        "kensho_otlp_spooled",
+        "Log records and spans written to the disk spool while the collector was away",
+        labels=["signal"],
+    )
+    dropped = CounterMetricFamily(
+        "kensho_otlp_dropped",
+        "Log records and spans lost, by reason (queue full, spool bound or write, "
+        "collector refusal, unencodable)",
+        labels=["signal", "reason"],
+    )
+    errors = CounterMetricFamily(
+        "kensho_otlp_export_errors",
+        "Export requests that failed: unreachable, timed out, or a non-2xx answer",
+        labels=["signal"],
+    )
+    queued = GaugeMetricFamily(
+        "kensho_otlp_queue_depth",
+        "Log records and spans waiting in memory for the export thread",
+        labels=["signal"],
+    )
+    for signal, counts in stats.items():
+        exported.add_metric([signal], float(counts["exported"]))
+        spooled.add_metric([signal], float(counts["spooled"]))
+        for reason in _DROP_REASONS:
+            key = "queue_dropped" if reason == "queue_full" else reason
+            dropped.add_metric([signal, reason], float(counts[key]))
+        errors.add_metric([signal], float(counts["export_errors"]))
+        queued.add_metric([signal], float(counts["queued"]))
+    yield from (exported, spooled, dropped, errors, queued)
 
 
 def _breaker_families(breakers: list[BreakerMetrics]) -> Iterator[Metric]:

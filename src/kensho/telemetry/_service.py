@@ -307,7 +307,7 @@ class LoggerService:
 
     @property
     def export(self) -> Any:
-        """The running OTLP export (``stats()``, ``flush()``, ``tracer_provider``), or ``None``."""
+        """The running OTLP export (``stats()``, ``flush()``, ``tracer``), or ``None``."""
         return self._export
 
     def _ensure_configured(self) -> None:
@@ -363,10 +363,22 @@ class LoggerService:
             result = processor(None, method, result)
         self._router.emit(result)
 
-    def flush_export(self, timeout: float | None = None) -> None:
-        """Push every queued record out to the collector (or the spool), now."""
+    def flush_export(self) -> None:
+        """Push every queued record and span out to the collector (or the spool), now.
+
+        Each request is bounded by ``telemetry.timeout``; a collector that is away
+        costs one attempt, then the batches go to the spool.
+        """
         if self._export is not None:
-            self._export.flush(timeout)
+            self._export.flush()
+
+    def export_stats(self) -> dict[str, dict[str, int]] | None:
+        """The export's counters per signal (see ``OtlpExport.stats``); ``None`` when off.
+
+        Read at scrape time by ``/metrics``, whichever export is running then.
+        """
+        export = self._export
+        return export.stats() if export is not None else None
 
     @property
     def dropped(self) -> int:

@@ -23,7 +23,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from enum import Enum
 from pathlib import Path
 
@@ -53,6 +53,11 @@ class SpoolStats:
     evicted: int = 0  # oldest records dropped to stay under max_bytes
     failed: int = 0  # records that could not be written (full disk, no folder)
     rejected: int = 0  # spooled records the collector refused (4xx): dropped
+
+    def __add__(self, other: SpoolStats) -> SpoolStats:
+        return SpoolStats(
+            *(getattr(self, f.name) + getattr(other, f.name) for f in fields(SpoolStats))
+        )
 
 
 @dataclass(frozen=True)
@@ -86,13 +91,22 @@ class Spool:
     def __init__(self, directory: Path, max_bytes: int) -> None:
         self.directory = directory
         self.max_bytes = max_bytes
-        self.stats = SpoolStats()
+        self.by_signal: dict[str, SpoolStats] = {}  # "logs", "traces": counted apart
         self._lock = threading.Lock()  # writes and evictions of this process
         self._seq = itertools.count()
         with contextlib.suppress(OSError):  # a missing folder is counted at put()
             directory.mkdir(parents=True, exist_ok=True)
         self._drain_lock = filelock.FileLock(str(directory / _LOCK_NAME), timeout=0)
         self._remove_stale_temporaries()
+
+    @property
+    def stats(self) -> SpoolStats:
+        """The counters of every signal added up."""
+        return sum(self.by_signal.values(), SpoolStats())
+
+    def stats_for(self, signal: str) -> SpoolStats:
+        """The counters of one signal (created at zero on first use)."""
+        return self.by_signal.setdefault(signal, SpoolStats())
 
     def _remove_stale_temporaries(self) -> None:
         # A .tmp file a minute old is a write that a crash interrupted: never renamed,
@@ -124,8 +138,9 @@ class Spool:
 
     def put(self, signal: str, payload: bytes, records: int) -> bool:
         """Store one batch; ``False`` (and counted) when it cannot be kept."""
+        stats = self.stats_for(signal)
         if len(payload) > self.max_bytes:
-            self.stats.failed += records
+            stats.failed += records
             return False
         name = f"{time.time_ns():020d}-{os.getpid()}-{next(self._seq):08d}.{signal}.{records}"
         tmp = self.directory / f"{os.getpid()}-{name}{_TMP_SUFFIX}"
@@ -141,9 +156,9 @@ class Spool:
             except OSError:
                 with contextlib.suppress(OSError):
                     tmp.unlink(missing_ok=True)
-                self.stats.failed += records
+                stats.failed += records
                 return False
-        self.stats.spooled += records
+        stats.spooled += records
         return True
 
     def _make_room(self, incoming: int) -> None:
@@ -154,7 +169,7 @@ class Spool:
                 break
             with contextlib.suppress(FileNotFoundError):  # another process sent it
                 entry.path.unlink()
-                self.stats.evicted += entry.records
+                self.stats_for(entry.signal).evicted += entry.records
             used -= entry.size
 
     def drain(self, send: Callable[[str, bytes], Outcome], deadline: float | None = None) -> bool:
@@ -189,8 +204,9 @@ class Spool:
             return False
         with self._lock, contextlib.suppress(FileNotFoundError):
             entry.path.unlink()
+        stats = self.stats_for(entry.signal)
         if outcome is Outcome.SENT:
-            self.stats.sent += entry.records
+            stats.sent += entry.records
         else:
-            self.stats.rejected += entry.records
+            stats.rejected += entry.records
         return True
