@@ -116,6 +116,12 @@ def test_completion_logprobs(client: openai.OpenAI) -> None:
     for token, top in zip(tokens, choice.logprobs.top_logprobs or [], strict=True):
         assert token in top
         assert len(top) == 2  # greedy: the sampled token is one of the two likeliest
+    stream = client.completions.create(
+        model=DEMO, prompt="The GPU", max_tokens=5, temperature=0, logprobs=2, stream=True
+    )
+    columns = [c.choices[0].logprobs for c in stream if c.choices and c.choices[0].logprobs]
+    assert [t for c in columns for t in c.tokens or []] == tokens
+    assert [o for c in columns for o in c.text_offset or []] == offsets  # carried on
 
 
 def test_penalties_and_logit_bias_change_what_is_sampled(
