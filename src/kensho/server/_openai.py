@@ -235,27 +235,22 @@ class CompletionRunner:
         gen: GenerationRequest,
         request: Request,
     ) -> Response:
-        started = time.perf_counter()
-        endpoint = "chat" if kind == "chat" else "completions"
+        timing = _Timing("chat" if kind == "chat" else "completions", time.perf_counter())
         with bound_context(request_id=gen.request_id):
             try:
-                handle, first = await self._start(
-                    _Timing(endpoint, started), body.model, gen, request
-                )
+                handle, first = await self._start(timing, body.model, gen, request)
             except _ClientGoneError:
                 return Response(status_code=499)
             echo = gen.prompt if isinstance(body, CompletionRequest) and body.echo else None
             shape = OpenAIShaper(kind, body.model, logprobs=gen.logprobs, echo=echo)
             if body.stream:
                 usage = bool(body.stream_options and body.stream_options.include_usage)
-                stream = self._stream_answer(
-                    handle, first, shape, _Timing(endpoint, started), usage
-                )
+                stream = self._stream_answer(handle, first, shape, timing, usage)
                 return StreamingResponse(
                     stream, media_type="text/event-stream", headers=SSE_HEADERS
                 )
             try:
-                chunks = await self._finish(_Timing(endpoint, started), handle, first, request)
+                chunks = await self._finish(timing, handle, first, request)
             except _ClientGoneError:
                 return Response(status_code=499)
             return JSONResponse(shape.whole(chunks))
