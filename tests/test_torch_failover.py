@@ -56,3 +56,49 @@ async def test_failure_before_first_token_is_invisible_to_the_user(
     assert {c.engine for c in chunks} == {"cpu"}
     healthy = await collect(manager)  # the next request is back on the primary
     assert {c.engine for c in healthy} == {"gpu"}
+
+
+async def reference_chunks(request: GenerationRequest) -> list[GenerationChunk]:
+    alone = TorchEngine(DEMO_MODEL_DIR, name="reference")
+    await alone.load()
+    try:
+        return [c async for c in alone.generate(request)]
+    finally:
+        await alone.close()
+
+
+async def test_penalties_and_logprobs_carry_across_a_mid_stream_failover(
+    runtime: tuple[RuntimeManager, FaultInjector, str],
+) -> None:
+    manager, primary, _ = runtime
+    # The penalties count the tokens the primary produced before it died, so the CPU
+    # continues the stream it would have produced alone.
+    request = GenerationRequest(
+        prompt="1 2 3",
+        max_tokens=30,
+        temperature=0,
+        frequency_penalty=2.0,
+        presence_penalty=1.5,
+        logprobs=True,
+        top_logprobs=2,
+    )
+    expected = await reference_chunks(request)
+    primary.force_failure(after_tokens=12, times=1)
+    chunks = [c async for c in manager.generate(request)]
+    assert {c.engine for c in chunks[12:]} == {"cpu"}
+    assert "".join(c.text for c in chunks) == "".join(c.text for c in expected)
+    got = [(e.token, round(e.logprob, 4)) for c in chunks for e in c.logprobs]
+    assert got == [(e.token, round(e.logprob, 4)) for c in expected for e in c.logprobs]
+
+
+async def test_embeddings_fail_over_without_losing_or_repeating_an_input(
+    runtime: tuple[RuntimeManager, FaultInjector, str],
+) -> None:
+    manager, primary, _ = runtime
+    request = GenerationRequest.embedding(["one", "two", "three", "four"])
+    expected = await reference_chunks(request)
+    primary.force_failure(after_tokens=2, times=1)
+    chunks = [c async for c in manager.generate(request)]
+    assert [c.index for c in chunks] == [0, 1, 2, 3]
+    assert [c.engine for c in chunks] == ["gpu", "gpu", "cpu", "cpu"]
+    assert [c.embedding for c in chunks] == [c.embedding for c in expected]

@@ -1,4 +1,8 @@
-"""The OpenAI routes: ``/v1/models``, ``/v1/chat/completions``, ``/v1/completions``.
+"""The OpenAI routes: ``/v1/models``, ``/v1/chat/completions``, ``/v1/completions``
+(and ``/v1/embeddings``, from ``_embeddings.py``).
+
+Each body first passes the field audit (``_fields.py``): a field the engines cannot
+honour is a 400 naming it, never silently dropped.
 
 Every completion goes through the :class:`~kensho.runtime.executor.TaskExecutor`
 (priority from ``X-Kensho-Priority``, deadline from ``X-Kensho-Timeout``), so overload
@@ -23,11 +27,19 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from kensho.errors import KenshoError, QueueFullError
-from kensho.runtime.engines.base import ChatMessage, GenerationChunk, GenerationRequest
+from kensho.runtime.engines.base import (
+    ChatMessage,
+    Feature,
+    GenerationChunk,
+    GenerationRequest,
+    common_features,
+)
 from kensho.runtime.executor import Priority, TaskHandle
 from kensho.server._context import ServerContext
 from kensho.server._drain import shutting_down
 from kensho.server._errors import APIError, error_body, error_for_exception
+from kensho.server._fields import audit_chat, audit_completion
+from kensho.server._logprobs import TextOffsets, chat_logprobs, text_logprobs
 from kensho.server._metrics import ServerMetrics
 from kensho.server._schemas import ChatCompletionRequest, CompletionRequest
 from kensho.server._sse import SSE_DONE, SSE_HEADERS, sse_event
@@ -39,6 +51,9 @@ __all__ = [
     "CompletionRunner",
     "OpenAIShaper",
     "add_openai_routes",
+    "check_model",
+    "served_features",
+    "usage",
 ]
 
 log = get_logger("server")
@@ -115,19 +130,48 @@ def _cancelled_by_server() -> bool:
     return task is not None and task.cancelling() == 0
 
 
+def served_features(ctx: ServerContext) -> frozenset[Feature]:
+    """What every engine that may serve a request honours (it may fail over)."""
+    return common_features((ctx.runtime.primary, ctx.runtime.fallback))
+
+
+def check_model(ctx: ServerContext, model: str) -> None:
+    """404 (OpenAI's body and code) for a model id this server does not serve: checked
+    before the field audit, since no field means anything for a model not here."""
+    if model != ctx.model_id:
+        raise APIError(
+            404,
+            f"model {model!r} does not exist here; this server serves "
+            f"{ctx.model_id!r} (see GET /v1/models)",
+            code="model_not_found",
+            param="model",
+        )
+
+
 def add_openai_routes(app: FastAPI, ctx: ServerContext, metrics: ServerMetrics) -> None:
     """The OpenAI routes; each completion turns its body into a ``GenerationRequest``."""
+    from kensho.server._embeddings import add_embedding_route  # it builds on this module
+
     runner = CompletionRunner(ctx, metrics)
+
+    def model_card() -> dict[str, Any]:
+        return {"id": ctx.model_id, "object": "model", "created": 0, "owned_by": "kensho"}
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
-        return {
-            "object": "list",
-            "data": [{"id": ctx.model_id, "object": "model", "created": 0, "owned_by": "kensho"}],
-        }
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str) -> dict[str, Any]:
+        check_model(ctx, model_id)
+        return model_card()
+
+    add_embedding_route(app, ctx, runner)
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(body: ChatCompletionRequest, request: Request) -> Response:
+        check_model(ctx, body.model)
+        audit_chat(body, served_features(ctx))
         try:
             messages = tuple(ChatMessage(m.role, m.text()) for m in body.messages)
         except ValueError as exc:
@@ -139,11 +183,18 @@ def add_openai_routes(app: FastAPI, ctx: ServerContext, metrics: ServerMetrics) 
             top_p=body.top_p,
             stop=body.stops(),
             seed=body.seed,
+            logprobs=bool(body.logprobs),
+            top_logprobs=body.top_logprobs or 0,
+            frequency_penalty=body.frequency_penalty or 0.0,
+            presence_penalty=body.presence_penalty or 0.0,
+            logit_bias=body.logit_bias_pairs(),
         )
         return await runner.complete("chat", body, gen, request)
 
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> Response:
+        check_model(ctx, body.model)
+        audit_completion(body, served_features(ctx))
         try:
             prompt = body.prompt_text()
         except ValueError as exc:
@@ -155,6 +206,11 @@ def add_openai_routes(app: FastAPI, ctx: ServerContext, metrics: ServerMetrics) 
             top_p=body.top_p,
             stop=body.stops(),
             seed=body.seed,
+            logprobs=body.logprobs is not None,
+            top_logprobs=body.logprobs or 0,
+            frequency_penalty=body.frequency_penalty or 0.0,
+            presence_penalty=body.presence_penalty or 0.0,
+            logit_bias=body.logit_bias_pairs(),
         )
         return await runner.complete("text", body, gen, request)
 
@@ -179,52 +235,76 @@ class CompletionRunner:
         gen: GenerationRequest,
         request: Request,
     ) -> Response:
-        ctx = self.ctx
-        if body.model != ctx.model_id:
-            raise APIError(
-                404,
-                f"model {body.model!r} does not exist here; this server serves "
-                f"{ctx.model_id!r} (see GET /v1/models)",
-                code="model_not_found",
-                param="model",
-            )
-        if ctx.draining:
-            raise shutting_down("new requests are refused")
-        started = time.perf_counter()
-        endpoint = "chat" if kind == "chat" else "completions"
-        priority = _priority(request)
-        deadline = _timeout(request, ctx.request_timeout)
+        timing = _Timing("chat" if kind == "chat" else "completions", time.perf_counter())
         with bound_context(request_id=gen.request_id):
             try:
-                handle = ctx.executor.submit(gen, priority=priority, deadline=deadline)
-            except QueueFullError as exc:
-                raise self._refuse(exc) from None
-            ctx.drain.admit(handle)
-            try:
-                first = await self._first_token(handle, request)
+                handle, first = await self._start(timing, body.model, gen, request)
             except _ClientGoneError:
                 return Response(status_code=499)
-            self.metrics.ttft.labels(endpoint).observe(time.perf_counter() - started)
-            shape = OpenAIShaper(kind, body.model)
+            echo = gen.prompt if isinstance(body, CompletionRequest) and body.echo else None
+            shape = OpenAIShaper(kind, body.model, logprobs=gen.logprobs, echo=echo)
             if body.stream:
                 usage = bool(body.stream_options and body.stream_options.include_usage)
-                stream = self._stream_answer(
-                    handle, first, shape, _Timing(endpoint, started), usage
-                )
+                stream = self._stream_answer(handle, first, shape, timing, usage)
                 return StreamingResponse(
                     stream, media_type="text/event-stream", headers=SSE_HEADERS
                 )
             try:
-                chunks = await self._whole_answer(handle, first, request)
+                chunks = await self._finish(timing, handle, first, request)
             except _ClientGoneError:
                 return Response(status_code=499)
-            finally:
-                ctx.drain.release(handle)
-                await handle.aclose()
-            for chunk in chunks:
-                self.metrics.tokens.labels(chunk.engine).inc()
-            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)
             return JSONResponse(shape.whole(chunks))
+
+    async def run_whole(
+        self, endpoint: str, model: str, gen: GenerationRequest, request: Request
+    ) -> list[GenerationChunk] | None:
+        """Every chunk of ``gen`` run through the executor like a completion (priority,
+        deadline, drain, breakers); ``None`` when the client went away first."""
+        timing = _Timing(endpoint, time.perf_counter())
+        with bound_context(request_id=gen.request_id):
+            try:
+                handle, first = await self._start(timing, model, gen, request)
+                return await self._finish(timing, handle, first, request)
+            except _ClientGoneError:
+                return None
+
+    async def _start(
+        self, timing: _Timing, model: str, gen: GenerationRequest, request: Request
+    ) -> tuple[TaskHandle, GenerationChunk | None]:
+        """Admit ``gen`` and wait for its first chunk (raises ``_ClientGoneError``)."""
+        ctx = self.ctx
+        check_model(ctx, model)
+        if ctx.draining:
+            raise shutting_down("new requests are refused")
+        priority = _priority(request)
+        deadline = _timeout(request, ctx.request_timeout)
+        try:
+            handle = ctx.executor.submit(gen, priority=priority, deadline=deadline)
+        except QueueFullError as exc:
+            raise self._refuse(exc) from None
+        ctx.drain.admit(handle)
+        first = await self._first_token(handle, request)
+        self.metrics.ttft.labels(timing.endpoint).observe(time.perf_counter() - timing.started)
+        return handle, first
+
+    async def _finish(
+        self,
+        timing: _Timing,
+        handle: TaskHandle,
+        first: GenerationChunk | None,
+        request: Request,
+    ) -> list[GenerationChunk]:
+        """The rest of a whole answer; the task is released whatever happens."""
+        try:
+            chunks = await self._whole_answer(handle, first, request)
+        finally:
+            self.ctx.drain.release(handle)
+            await handle.aclose()
+        for chunk in chunks:
+            if chunk.embedding is None:
+                self.metrics.tokens.labels(chunk.engine).inc()
+        self.metrics.latency.labels(timing.endpoint).observe(time.perf_counter() - timing.started)
+        return chunks
 
     async def _first_token(self, handle: TaskHandle, request: Request) -> GenerationChunk | None:
         """The first chunk, before the response starts: failures keep their status."""
@@ -274,15 +354,18 @@ class CompletionRunner:
     ) -> AsyncIterator[bytes]:
         count = 0
         try:
-            yield sse_event(shape.opening())
+            opening = shape.opening()
+            yield sse_event({**opening, "usage": None} if include_usage else opening)
             chunk = first
             while chunk is not None:
                 count += 1
                 self.metrics.tokens.labels(chunk.engine).inc()
-                yield sse_event(shape.delta(chunk))
+                shape.count(chunk)
+                event = shape.delta(chunk)
+                yield sse_event({**event, "usage": None} if include_usage else event)
                 chunk = await anext(handle, None)
             if include_usage:
-                yield sse_event(shape.usage_chunk(count))
+                yield sse_event(shape.usage_chunk(count, shape.prompt_tokens))
             yield SSE_DONE
         except (KenshoError, ValueError) as exc:
             log.warning("stream ended by an error", error=str(exc), tokens=count)
@@ -332,12 +415,37 @@ async def _all_chunks(handle: TaskHandle, first: GenerationChunk | None) -> list
 class OpenAIShaper:
     """Builds OpenAI response objects for one request (chat or text completion)."""
 
-    def __init__(self, kind: Literal["chat", "text"], model: str) -> None:
+    def __init__(
+        self,
+        kind: Literal["chat", "text"],
+        model: str,
+        *,
+        logprobs: bool = False,
+        echo: str | None = None,
+    ) -> None:
         self.kind = kind
         self.model = model
         prefix = "chatcmpl" if kind == "chat" else "cmpl"
         self.id = f"{prefix}-{uuid.uuid4().hex[:24]}"
         self.created = int(time.time())
+        self.logprobs = logprobs
+        self.echo = echo  # a completion's prompt, returned before its text
+        self.prompt_tokens = 0
+        self._offsets = TextOffsets(len(echo) if echo else 0)
+
+    def count(self, chunk: GenerationChunk) -> None:
+        """Note the prompt's size: the first engine to report it is the one that read
+        the whole prompt (a fallback continuing a stream reports a longer one)."""
+        if chunk.prompt_tokens is not None and not self.prompt_tokens:
+            self.prompt_tokens = chunk.prompt_tokens
+
+    def _logprobs(self, chunks: list[GenerationChunk]) -> dict[str, Any] | None:
+        if not self.logprobs:
+            return None
+        entries = [e for c in chunks for e in c.logprobs]
+        if self.kind == "chat":
+            return chat_logprobs(entries)
+        return text_logprobs(entries, self._offsets)
 
     def _base(self, obj: str) -> dict[str, Any]:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
@@ -350,7 +458,7 @@ class OpenAIShaper:
                 "finish_reason": None,
             }
             return {**self._base("chat.completion.chunk"), "choices": [choice]}
-        choice = {"index": 0, "text": "", "logprobs": None, "finish_reason": None}
+        choice = {"index": 0, "text": self.echo or "", "logprobs": None, "finish_reason": None}
         return {**self._base("text_completion"), "choices": [choice]}
 
     def delta(self, chunk: GenerationChunk) -> dict[str, Any]:
@@ -360,20 +468,23 @@ class OpenAIShaper:
                 "delta": {"content": chunk.text},
                 "finish_reason": chunk.finish_reason,
             }
+            choice["logprobs"] = self._logprobs([chunk]) if chunk.logprobs else None
             return {**self._base("chat.completion.chunk"), "choices": [choice]}
         choice = {
             "index": 0,
             "text": chunk.text,
-            "logprobs": None,
+            "logprobs": self._logprobs([chunk]) if chunk.logprobs else None,
             "finish_reason": chunk.finish_reason,
         }
         return {**self._base("text_completion"), "choices": [choice]}
 
-    def usage_chunk(self, tokens: int) -> dict[str, Any]:
+    def usage_chunk(self, tokens: int, prompt_tokens: int = 0) -> dict[str, Any]:
         obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
-        return {**self._base(obj), "choices": [], "usage": _usage(tokens)}
+        return {**self._base(obj), "choices": [], "usage": usage(prompt_tokens, tokens)}
 
     def whole(self, chunks: list[GenerationChunk]) -> dict[str, Any]:
+        for chunk in chunks:
+            self.count(chunk)
         text = "".join(c.text for c in chunks)
         finish = chunks[-1].finish_reason if chunks else "stop"
         if self.kind == "chat":
@@ -382,17 +493,23 @@ class OpenAIShaper:
                 "message": {"role": "assistant", "content": text},
                 "finish_reason": finish or "stop",
             }
+            choice["logprobs"] = self._logprobs(chunks)
             base = self._base("chat.completion")
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish or "stop"}
+            choice = {
+                "index": 0,
+                "text": (self.echo or "") + text,
+                "logprobs": self._logprobs(chunks),
+                "finish_reason": finish or "stop",
+            }
             base = self._base("text_completion")
-        return {**base, "choices": [choice], "usage": _usage(len(chunks))}
+        return {**base, "choices": [choice], "usage": usage(self.prompt_tokens, len(chunks))}
 
 
-def _usage(completion_tokens: int) -> dict[str, int]:
-    # Engines report generated tokens only; prompt tokens are not counted (0).
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    """OpenAI's ``usage``: the prompt in the model's tokens, as its engine counted it."""
     return {
-        "prompt_tokens": 0,
+        "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
-        "total_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
     }

@@ -1,17 +1,20 @@
 """OpenAI-compatible request bodies, validated with pydantic.
 
-Unknown fields are accepted and ignored, as OpenAI-compatible servers do: clients
-send options (``logprobs``, ``user``, ``stream_options`` ...) that a local model may
-not support, and refusing them would break the official client for nothing. Fields we
-do read are strictly typed and bounded; values we cannot honour (``n > 1``) are
-refused with a clear 400 rather than silently ignored.
+Every field of OpenAI's chat and completions schemas is declared here, strictly typed
+and bounded, and nothing is silently ignored: what the server cannot honour is refused
+with a 400 naming the field (the audit in ``_fields.py``, which also knows which
+fields need an engine feature), and a field OpenAI does not know either is refused as
+OpenAI refuses it ("Unrecognized request argument supplied"). That is why the request
+models keep their extra fields (``extra="allow"``): to name them, never to use them.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from kensho.runtime.engines.base import MAX_TOP_LOGPROBS
 
 __all__ = [
     "BreakerAction",
@@ -19,10 +22,16 @@ __all__ = [
     "ChatMessageIn",
     "CompletionRequest",
     "ContentPart",
+    "EmbeddingRequest",
     "StreamOptions",
 ]
 
 MAX_TOKENS_LIMIT = 32_768
+MAX_LOGIT_BIAS = 300  # OpenAI's limit on logit_bias entries
+MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit on /v1/completions ``logprobs``
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit on one /v1/embeddings call
+Penalty = Annotated[float, Field(ge=-2, le=2)]
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
 
 
 class _Loose(BaseModel):
@@ -53,9 +62,12 @@ class ChatMessageIn(_Loose):
 
 class StreamOptions(_Loose):
     include_usage: bool = False
+    include_obfuscation: bool | None = None
 
 
-class _Sampling(_Loose):
+class _Sampling(BaseModel):
+    model_config = ConfigDict(extra="allow")  # kept to be refused by name (module doc)
+
     model: str = Field(min_length=1, max_length=256)
     max_tokens: Annotated[int, Field(ge=1, le=MAX_TOKENS_LIMIT)] | None = None
     temperature: Annotated[float, Field(ge=0, le=2)] = 1.0
@@ -69,6 +81,26 @@ class _Sampling(_Loose):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: Annotated[int, Field(ge=1, le=1)] = 1
+    frequency_penalty: Penalty | None = None
+    presence_penalty: Penalty | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
+    user: Annotated[str, Field(max_length=512)] | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value is None:
+            return value
+        if len(value) > MAX_LOGIT_BIAS:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS} entries")
+        bad = [k for k in value if not k.isascii() or not k.isdigit()]
+        if bad:
+            raise ValueError(f"keys must be token ids (integers as strings), got {bad[0]!r}")
+        return value
+
+    def logit_bias_pairs(self) -> tuple[tuple[int, float], ...]:
+        """``logit_bias`` as (token id, bias) pairs, in token order."""
+        return tuple(sorted((int(k), v) for k, v in (self.logit_bias or {}).items()))
 
     @field_validator("stop")
     @classmethod
@@ -88,20 +120,78 @@ class ChatCompletionRequest(_Sampling):
 
     messages: list[ChatMessageIn] = Field(min_length=1, max_length=1024)
     max_completion_tokens: Annotated[int, Field(ge=1, le=MAX_TOKENS_LIMIT)] | None = None
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+    # Declared to be refused with a reason when set (``_fields.py``): a local text model
+    # has no audio, no web search, no stored completions, no reasoning budget.
+    audio: dict[str, Any] | None = None
+    modalities: list[str] | None = None
+    prediction: dict[str, Any] | None = None
+    web_search_options: dict[str, Any] | None = None
+    reasoning_effort: str | None = None
+    verbosity: str | None = None
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
+    safety_identifier: Annotated[str, Field(max_length=512)] | None = None
+    prompt_cache_key: Annotated[str, Field(max_length=512)] | None = None
 
 
 class CompletionRequest(_Sampling):
     """``POST /v1/completions`` (a single prompt)."""
 
-    prompt: str | list[str]
+    prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool = False
+    logprobs: Annotated[int, Field(ge=0, le=MAX_COMPLETION_LOGPROBS)] | None = None
+    best_of: Annotated[int, Field(ge=1, le=1)] | None = None
+    suffix: str | None = None
 
     def prompt_text(self) -> str:
         if isinstance(self.prompt, str):
             return self.prompt
+        if not all(isinstance(p, str) for p in self.prompt):
+            raise ValueError("prompts as token ids are not supported here: send the text")
         if len(self.prompt) != 1:
             raise ValueError("exactly one prompt per request is supported")
-        return self.prompt[0]
+        return str(self.prompt[0])
+
+
+class EmbeddingRequest(BaseModel):
+    """``POST /v1/embeddings``: text, texts, token ids or lists of token ids."""
+
+    model_config = ConfigDict(extra="allow")  # kept to be refused by name (module doc)
+
+    model: str = Field(min_length=1, max_length=256)
+    input: (
+        Annotated[str, Field(min_length=1)]
+        | Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=1)]
+        | TokenIds
+        | Annotated[list[TokenIds], Field(min_length=1)]
+    )
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: Annotated[int, Field(ge=1)] | None = None
+    user: Annotated[str, Field(max_length=512)] | None = None
+
+    @field_validator("input")
+    @classmethod
+    def _input(cls, value: Any) -> Any:
+        if isinstance(value, list) and len(value) > MAX_EMBEDDING_INPUTS:
+            raise ValueError(f"at most {MAX_EMBEDDING_INPUTS} inputs per request")
+        return value
+
+    def inputs(self) -> list[str | tuple[int, ...]]:
+        """One entry per vector to return, in order."""
+        value = self.input
+        if isinstance(value, str):
+            return [value]
+        out: list[str | tuple[int, ...]] = []
+        ids: list[int] = []
+        for item in value:
+            if isinstance(item, int):
+                ids.append(item)  # one input given as token ids
+            else:
+                out.append(item if isinstance(item, str) else tuple(item))
+        return [tuple(ids)] if ids else out
 
 
 class BreakerAction(BaseModel):

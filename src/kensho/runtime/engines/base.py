@@ -12,28 +12,49 @@ text as ``continuation`` and ``max_tokens`` reduced accordingly. An engine that 
 ``supports_continuation`` must generate *after* that text (for a language model:
 append it to the prompt and keep sampling); one that cannot, says so, and the stream
 then ends with a clear :class:`~kensho.errors.EngineError` instead.
+
+What an engine can honour beyond plain sampling is declared in its ``features`` set
+(:data:`FEATURES`): logprobs, penalties, logit bias, embeddings. The server refuses a
+request field that the engines behind it cannot honour (400 naming the field) rather
+than ignoring it; an engine without a ``features`` attribute honours none of them
+(:func:`features_of`). An embedding request travels the same road as a completion
+(executor, breakers, failover): :meth:`GenerationRequest.embedding` makes one whose
+``max_tokens`` is the number of inputs, and the engine answers one chunk per input
+carrying its vector, so a continued request embeds only the inputs still to do.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 __all__ = [
+    "FEATURES",
+    "MAX_TOP_LOGPROBS",
     "ChatMessage",
+    "EmbeddingInput",
     "Engine",
     "EngineKind",
+    "Feature",
     "FinishReason",
     "GenerationChunk",
     "GenerationRequest",
     "SupportsHealth",
+    "TokenLogprob",
+    "common_features",
+    "features_of",
 ]
 
 EngineKind = Literal["gpu", "cpu", "remote", "other"]
 FinishReason = Literal["stop", "length"]
+Feature = Literal["logprobs", "penalties", "logit_bias", "embeddings"]
+FEATURES: frozenset[Feature] = frozenset({"logprobs", "penalties", "logit_bias", "embeddings"})
+MAX_TOP_LOGPROBS = 20
+EmbeddingInput = str | tuple[int, ...]
+"""One input to embed: text, or token ids of the served model's tokenizer."""
 
 _request_ids = itertools.count(1)
 
@@ -52,7 +73,10 @@ class ChatMessage:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class GenerationRequest:
-    """What to generate. Exactly one of ``prompt`` and ``messages`` is set.
+    """What to generate. Exactly one of ``prompt``, ``messages`` and ``embed`` is set.
+
+    ``logprobs``/``top_logprobs``, the OpenAI penalties and ``logit_bias`` (token id,
+    bias) pairs need the engine features of the same names (:attr:`needs`).
 
     ``seed`` makes sampling reproducible (and lets a fallback engine continue a
     stream the way the primary would have). ``continuation`` is text already produced
@@ -68,16 +92,52 @@ class GenerationRequest:
     seed: int | None = None
     continuation: str = ""
     request_id: str = field(default_factory=_next_request_id)
+    logprobs: bool = False
+    top_logprobs: int = 0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    embed: tuple[EmbeddingInput, ...] = ()
 
     def __post_init__(self) -> None:
-        if (self.prompt is None) == (not self.messages):
-            raise ValueError("a GenerationRequest needs exactly one of prompt and messages")
+        inputs = (self.prompt is not None) + bool(self.messages) + bool(self.embed)
+        if inputs != 1:
+            raise ValueError("a GenerationRequest needs exactly one of prompt, messages and embed")
+        if self.embed and self.max_tokens > len(self.embed):
+            raise ValueError("an embedding request's max_tokens counts its inputs")
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}]")
         if self.max_tokens < 1:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @classmethod
+    def embedding(cls, inputs: Sequence[EmbeddingInput], **kwargs: Any) -> GenerationRequest:
+        """A request for one vector per input (``max_tokens`` counts the inputs)."""
+        return cls(embed=tuple(inputs), max_tokens=len(inputs), **kwargs)
+
+    @property
+    def pending_embeddings(self) -> tuple[EmbeddingInput, ...]:
+        """The inputs still to embed: the last ``max_tokens`` (a continued request
+        has fewer; the first ones were embedded by the engine that failed)."""
+        return self.embed[len(self.embed) - self.max_tokens :]
+
+    @property
+    def needs(self) -> frozenset[Feature]:
+        """The engine features this request relies on (see :func:`features_of`)."""
+        wanted: set[Feature] = set()
+        if self.logprobs:
+            wanted.add("logprobs")
+        if self.frequency_penalty or self.presence_penalty:
+            wanted.add("penalties")
+        if self.logit_bias:
+            wanted.add("logit_bias")
+        if self.embed:
+            wanted.add("embeddings")
+        return frozenset(wanted)
 
     @classmethod
     def chat(
@@ -100,7 +160,24 @@ class GenerationRequest:
         """The prompt, or the chat flattened as ``role: content`` lines (for simple engines)."""
         if self.prompt is not None:
             return self.prompt
+        if self.embed:
+            return "\n".join(i if isinstance(i, str) else str(list(i)) for i in self.embed)
         return "\n".join(f"{m.role}: {m.content}" for m in self.messages)
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprob:
+    """One sampled token and its log-probability, with the ``top`` alternatives.
+
+    ``top`` holds ``(token, logprob)`` pairs, most likely first, as many as the
+    request's ``top_logprobs``; ``token_bytes`` are the token's exact bytes (a token
+    may hold part of a UTF-8 character, which ``token`` then shows as U+FFFD).
+    """
+
+    token: str
+    logprob: float
+    token_bytes: bytes
+    top: tuple[tuple[str, float, bytes], ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -109,13 +186,19 @@ class GenerationChunk:
 
     ``index`` counts tokens from the start of the *original* request (a continued
     stream carries on numbering), ``engine`` names who produced it, and
-    ``finish_reason`` is set on the last chunk only.
+    ``finish_reason`` is set on the last chunk only. ``prompt_tokens`` (first chunk)
+    is the length of the prompt in the model's tokens; ``logprobs`` the tokens this
+    chunk stands for, when the request asked; ``embedding`` the vector of input
+    ``index`` of an embedding request.
     """
 
     text: str
     index: int
     engine: str
     finish_reason: FinishReason | None = None
+    prompt_tokens: int | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()
+    embedding: tuple[float, ...] | None = None
 
 
 @runtime_checkable
@@ -126,7 +209,9 @@ class Engine(Protocol):
     at once) and must raise :class:`~kensho.errors.EngineError` subclasses for engine
     faults, so that the breaker can count them; invalid requests should raise
     ``ValueError`` (which the manager's breakers exclude: bad input says nothing about
-    the engine's health).
+    the engine's health). An optional ``features`` attribute (a set of
+    :data:`Feature`) declares what it honours beyond plain sampling; it is not part of
+    the protocol so that engines predating it still fit (they honour none).
     """
 
     name: str
@@ -141,6 +226,19 @@ class Engine(Protocol):
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
         """Stream the chunks for ``request``."""
+
+
+def features_of(engine: object) -> frozenset[Feature]:
+    """What ``engine`` declares it honours; an engine that declares nothing honours none."""
+    declared: Iterable[object] = getattr(engine, "features", ())
+    return frozenset(f for f in declared if f in FEATURES)
+
+
+def common_features(engines: Iterable[object | None]) -> frozenset[Feature]:
+    """The features every one of ``engines`` honours (``None`` entries are skipped):
+    a request may fail over from one to the other, and must mean the same on both."""
+    present = [features_of(e) for e in engines if e is not None]
+    return frozenset.intersection(*present) if present else frozenset()
 
 
 @runtime_checkable

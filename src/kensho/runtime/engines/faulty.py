@@ -20,6 +20,11 @@ Failure modes (combine freely; :meth:`FaultyEngine.heal` clears them all)::
 Text is a pure function of (prompt, seed, token position), so the CPU preset continues
 a stream exactly where the GPU preset stopped: tests can check that a failed-over
 stream is the stream the user would have got.
+
+They declare no :data:`~kensho.runtime.engines.base.FEATURES` (their "tokens" are
+vocabulary words, not a model's distribution): the server refuses logprobs,
+penalties, logit bias and embeddings when they serve, and the engines refuse such a
+request too if one reaches them.
 """
 
 from __future__ import annotations
@@ -30,10 +35,11 @@ import zlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from kensho.errors import EngineError, EngineUnavailableError
+from kensho.errors import EngineError, EngineUnavailableError, InvalidRequestError
 from kensho.runtime.clock import AsyncioClock, Clock
 from kensho.runtime.engines.base import (
     EngineKind,
+    Feature,
     FinishReason,
     GenerationChunk,
     GenerationRequest,
@@ -74,6 +80,8 @@ class _Fault:
 
 class FaultyEngine:
     """An engine that streams deterministic tokens and fails on command (see module doc)."""
+
+    features: frozenset[Feature] = frozenset()
 
     def __init__(
         self,
@@ -228,10 +236,16 @@ class FaultyEngine:
             raise EngineUnavailableError(
                 f"engine {self.name!r} is not loaded; call load() before generate()"
             )
+        if request.needs:
+            raise InvalidRequestError(
+                f"engine {self.name!r} cannot honour {', '.join(sorted(request.needs))}",
+                code="unsupported_parameter",
+            )
         self._calls += 1
         fault = self._pick_fault()
         start = len(request.continuation.split())
         text = request.continuation
+        prompt_tokens = len(request.text_input.split())  # its "tokens" are words
         self._active += 1
         self._peak = max(self._peak, self._active)
         try:
@@ -250,7 +264,11 @@ class FaultyEngine:
                 if last:
                     finish = "stop" if stopped else "length"
                 yield GenerationChunk(
-                    text=token, index=start + i, engine=self.name, finish_reason=finish
+                    text=token,
+                    index=start + i,
+                    engine=self.name,
+                    finish_reason=finish,
+                    prompt_tokens=prompt_tokens if i == 0 else None,
                 )
                 if stopped:
                     break

@@ -11,11 +11,18 @@ after ``k`` tokens when told to. Also useful in demos: kill "the GPU" mid-answer
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 
 from kensho.errors import EngineError
-from kensho.runtime.engines.base import Engine, EngineKind, GenerationChunk, GenerationRequest
+from kensho.runtime.engines.base import (
+    Engine,
+    EngineKind,
+    GenerationChunk,
+    GenerationRequest,
+    features_of,
+)
 
 __all__ = ["FaultInjector"]
 
@@ -28,6 +35,7 @@ class FaultInjector:
         self.name = name or inner.name
         self.kind: EngineKind = kind or inner.kind
         self.supports_continuation = inner.supports_continuation
+        self.features = features_of(inner)
         self._after: int | None = None
         self._times: int | None = None
         self.failures = 0
@@ -70,12 +78,7 @@ class FaultInjector:
                 self.failures += 1
                 raise EngineError(f"engine {self.name!r} failed before the first token (injected)")
             async for chunk in chunks:
-                yield GenerationChunk(
-                    text=chunk.text,
-                    index=chunk.index,
-                    engine=self.name,
-                    finish_reason=chunk.finish_reason,
-                )
+                yield dataclasses.replace(chunk, engine=self.name)  # logprobs, usage kept
                 produced += 1
                 if after is not None and produced >= after and chunk.finish_reason is None:
                     self.failures += 1

@@ -9,7 +9,14 @@ it loads). Generation is a hand-written decoding loop over the KV cache rather t
 - cancellation within one token when the consumer stops reading;
 - stop strings that are never half-emitted;
 - continuation of a stream another engine started (the prompt plus the text already
-  produced), so a GPU failure mid-stream costs the user nothing.
+  produced), so a GPU failure mid-stream costs the user nothing;
+- the OpenAI sampling controls (logit bias, frequency/presence penalties) and the
+  logprobs of the distribution each token was actually drawn from (``_sampling.py``).
+
+Embedding requests (``GenerationRequest.embedding``) are answered with the
+mean-pooled, L2-normalised last hidden state of the same model, one input at a time:
+batching would pad, and padding changes the floats, while the same text must always
+give the same vector.
 
 The loop runs in the engine's own worker threads (torch releases the GIL in its
 kernels), so the event loop never blocks on a forward pass.
@@ -32,11 +39,17 @@ from kensho.errors import (
     EngineUnavailableError,
     InvalidRequestError,
 )
+from kensho.runtime.engines._sampling import LogitsProcessor, sampling_scores, top_logprobs
+from kensho.runtime.engines._token_text import TokenText
 from kensho.runtime.engines.base import (
+    FEATURES,
+    EmbeddingInput,
     EngineKind,
+    Feature,
     FinishReason,
     GenerationChunk,
     GenerationRequest,
+    TokenLogprob,
 )
 from kensho.telemetry import get_logger
 
@@ -113,6 +126,7 @@ class _Prepared(NamedTuple):
     max_tokens: int
     start: int
     generator: Any
+    processor: LogitsProcessor
 
 
 class TorchEngine:
@@ -125,6 +139,7 @@ class TorchEngine:
     """
 
     supports_continuation = True
+    features: frozenset[Feature] = FEATURES
 
     def __init__(
         self,
@@ -145,6 +160,7 @@ class TorchEngine:
         self._max_concurrency = max_concurrency
         self._model: Any = None
         self._tokenizer: Any = None
+        self._token_text: TokenText | None = None
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         self._cache_kwarg = "cache"
         self._step_kwargs: dict[str, Any] = {"use_cache": True}
@@ -253,6 +269,7 @@ class TorchEngine:
         if "logits_to_keep" in params:  # skip the LM head on all but the last position
             self._step_kwargs["logits_to_keep"] = 1
         self._tokenizer, self._model = tokenizer, model
+        self._token_text = TokenText(tokenizer)
 
     async def close(self) -> None:
         """Drop the weights (and cached GPU memory); ``load()`` may be called again.
@@ -319,7 +336,10 @@ class TorchEngine:
 
         def work() -> None:
             try:
-                self._decode(request, put, cancel)
+                if request.embed:
+                    self._embed(request, put, cancel)
+                else:
+                    self._decode(request, put, cancel)
             except BaseException as exc:  # handed to the consumer, re-raised there
                 put(exc)
             else:
@@ -360,10 +380,13 @@ class TorchEngine:
                     code="context_length_exceeded",
                 )
             max_tokens = min(max_tokens, room)
-        start = (
-            len(tokenizer.encode(request.continuation, add_special_tokens=False))
+        generated = (
+            tokenizer.encode(request.continuation, add_special_tokens=False)
             if request.continuation
-            else 0
+            else []
+        )
+        processor = LogitsProcessor(
+            request, _vocab_size(model), device=self.device, generated=generated
         )
         generator = None
         if request.seed is not None:
@@ -371,7 +394,9 @@ class TorchEngine:
                 generator = torch.Generator(device=self.device).manual_seed(request.seed)
             except (ValueError, RuntimeError, OverflowError) as exc:
                 raise InvalidRequestError(f"seed {request.seed} cannot be used: {exc}") from exc
-        return _Prepared(input_ids.to(self.device), max_tokens, start, generator)
+        return _Prepared(
+            input_ids.to(self.device), max_tokens, len(generated), generator, processor
+        )
 
     def _decode(
         self,
@@ -386,29 +411,46 @@ class TorchEngine:
         if model is None or tokenizer is None:
             raise EngineUnavailableError(f"engine {self.name!r} was closed during a request")
         prepared = self._prepare(request, model, tokenizer)
-        ids, max_tokens, start, generator = prepared
+        ids, max_tokens, start, generator, processor = prepared
+        prompt_tokens = int(ids.shape[1]) - start
         stop_ids = self._stop_ids
         detok = IncrementalDetokenizer(lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
         stops = StopMatcher(request.stop)
         step_kwargs = {**self._step_kwargs, self._cache_kwarg: DynamicCache(config=model.config)}
         produced = 0
 
+        logprobs: tuple[TokenLogprob, ...] = ()
+
         def chunk(text: str, finish: FinishReason | None = None) -> GenerationChunk:
             index = start + produced - 1
-            return GenerationChunk(text=text, index=index, engine=self.name, finish_reason=finish)
+            return GenerationChunk(
+                text=text,
+                index=index,
+                engine=self.name,
+                finish_reason=finish,
+                prompt_tokens=prompt_tokens if produced == 1 else None,
+                logprobs=logprobs,
+            )
 
         try:
             with torch.inference_mode():
                 while not cancel.is_set():
                     out = model(input_ids=ids, **step_kwargs)
-                    next_ids = _sample(out.logits[:, -1, :], request, generator)
+                    logits = out.logits[:, -1, :]
+                    if processor.active:
+                        logits = processor(logits)
+                    next_ids = _sample(logits, request, generator)
                     next_id = int(next_ids.item())
                     produced += 1
+                    processor.observe(next_id)
                     with self._count_lock:
                         self.tokens_generated += 1
-                    if next_id in stop_ids:
+                    if next_id in stop_ids:  # its logprob is not reported: no text
+                        logprobs = ()
                         put(chunk(stops.flush(), "stop"))
                         return
+                    if request.logprobs:
+                        logprobs = (self._logprob(logits, next_id, request),)
                     safe, stopped = stops.feed(detok.push(next_id))
                     if stopped:
                         put(chunk(safe, "stop"))
@@ -429,6 +471,111 @@ class TorchEngine:
                 f"engine {self.name!r} failed on {self.device} during request "
                 f"{request.request_id}: {exc}"
             ) from exc
+
+    def _logprob(self, logits: Any, token_id: int, request: GenerationRequest) -> TokenLogprob:
+        """The sampled token's logprob and the top alternatives, from the scores it was
+        drawn from (see ``_sampling.py``)."""
+        assert self._token_text is not None
+        scores = sampling_scores(logits, request.temperature)
+        chosen, top = top_logprobs(scores, token_id, request.top_logprobs)
+        text, raw = self._token_text(token_id)
+        alternatives = tuple((*self._token_text(i), lp) for i, lp in top)
+        return TokenLogprob(
+            token=text,
+            logprob=chosen,
+            token_bytes=raw,
+            top=tuple((t, lp, b) for t, b, lp in alternatives),
+        )
+
+    # -- embeddings ------------------------------------------------------------------
+
+    def _embed(
+        self,
+        request: GenerationRequest,
+        put: Callable[[GenerationChunk | BaseException | None], None],
+        cancel: threading.Event,
+    ) -> None:
+        """One chunk per pending input, carrying its vector and its token count."""
+        import torch
+
+        model, tokenizer = self._model, self._tokenizer
+        if model is None or tokenizer is None:
+            raise EngineUnavailableError(f"engine {self.name!r} was closed during a request")
+        inputs = request.pending_embeddings
+        first = len(request.embed) - len(inputs)
+        encoded = [_embedding_ids(item, tokenizer, model) for item in inputs]  # all checked
+        try:
+            with torch.inference_mode():
+                for offset, ids in enumerate(encoded):
+                    if cancel.is_set():
+                        return
+                    hidden = _last_hidden_state(model, torch.tensor([ids], device=self.device))
+                    pooled = torch.nn.functional.normalize(hidden.float().mean(dim=1), dim=-1)
+                    last = offset == len(encoded) - 1
+                    put(
+                        GenerationChunk(
+                            text="",
+                            index=first + offset,
+                            engine=self.name,
+                            finish_reason="stop" if last else None,
+                            prompt_tokens=len(ids),
+                            embedding=tuple(float(x) for x in pooled[0].tolist()),
+                        )
+                    )
+        except torch.cuda.OutOfMemoryError as exc:
+            torch.cuda.empty_cache()
+            raise EngineOutOfMemoryError(
+                f"engine {self.name!r}: out of memory on {self.device} embedding request "
+                f"{request.request_id}; cached memory was released"
+            ) from exc
+        except RuntimeError as exc:
+            raise EngineError(
+                f"engine {self.name!r} failed on {self.device} embedding request "
+                f"{request.request_id}: {exc}"
+            ) from exc
+
+
+def _vocab_size(model: Any) -> int:
+    """How many token ids the model scores (its LM head's width)."""
+    head = model.get_output_embeddings()
+    if head is not None and getattr(head, "weight", None) is not None:
+        return int(head.weight.shape[0])
+    return int(model.config.vocab_size)
+
+
+def _embedding_ids(item: EmbeddingInput, tokenizer: Any, model: Any) -> list[int]:
+    """The token ids of one embedding input; bad input is the client's (``input``)."""
+    if isinstance(item, str):
+        ids = [int(i) for i in tokenizer(item, add_special_tokens=True).input_ids]
+    else:
+        vocab = _vocab_size(model)
+        ids = list(item)
+        bad = next((i for i in ids if not 0 <= i < vocab), None)
+        if bad is not None:
+            raise InvalidRequestError(
+                f"input: token id {bad} is not in this model's vocabulary (0 to {vocab - 1})",
+                param="input",
+            )
+    if not ids:
+        raise InvalidRequestError("input: an input must have at least one token", param="input")
+    context = int(getattr(model.config, "max_position_embeddings", 0) or 0)
+    if context and len(ids) > context:
+        raise InvalidRequestError(
+            f"input: an input is {len(ids)} tokens; the model's context is {context} "
+            "tokens: shorten it",
+            code="context_length_exceeded",
+            param="input",
+        )
+    return ids
+
+
+def _last_hidden_state(model: Any, input_ids: Any) -> Any:
+    """The final layer's hidden states ``[1, T, H]`` (after the model's last norm)."""
+    base = getattr(model, "base_model", None)
+    if base is not None and base is not model:
+        return base(input_ids=input_ids, use_cache=False).last_hidden_state
+    out = model(input_ids=input_ids, output_hidden_states=True, use_cache=False)
+    return out.hidden_states[-1]
 
 
 def _quiet_transformers() -> None:
