@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from kensho.events import ReleaseSnapshot
 from kensho.runtime.breaker import BreakerMetrics, BreakerState
 from kensho.server._context import ServerContext
 from kensho.storage.report import IntegrityStatus
@@ -107,6 +108,8 @@ class _StateCollector(Collector):
         usable = (IntegrityStatus.OK, IntegrityStatus.DEGRADED)
         ok.add_metric([], 1.0 if ctx.integrity.status in usable else 0.0)
         yield ok
+        if ctx.release is not None:
+            yield from _release_families(ctx.release())
 
         if ctx.log_counts is not None:
             logs = CounterMetricFamily(
@@ -115,6 +118,38 @@ class _StateCollector(Collector):
             for level, value in ctx.log_counts().items():
                 logs.add_metric([level], float(value))
             yield logs
+
+
+def _release_families(release: ReleaseSnapshot) -> Iterator[Metric]:
+    """Over-the-air releases: serials, staging progress, the last channel check."""
+    serial = GaugeMetricFamily(
+        "kensho_release_serial", "Release serial served (current) and staged", labels=["release"]
+    )
+    for which, value in (("current", release.current_serial), ("staged", release.staged_serial)):
+        if value is not None:
+            serial.add_metric([which], float(value))
+    yield serial
+    staged = GaugeMetricFamily(
+        "kensho_release_staged_bytes",
+        "Bytes of the staged release fetched so far, and to fetch",
+        labels=["kind"],
+    )
+    staged.add_metric(["done"], float(release.staged_done))
+    staged.add_metric(["total"], float(release.staged_total))
+    yield staged
+    complete = GaugeMetricFamily(
+        "kensho_release_staged_complete", "1 when a staged release can be applied offline"
+    )
+    complete.add_metric([], 1.0 if release.staged_complete else 0.0)
+    yield complete
+    if release.last_check_at is not None and release.last_check_result is not None:
+        checked = GaugeMetricFamily(
+            "kensho_release_last_check_timestamp_seconds",
+            "When the release channels were last checked, by result",
+            labels=["result"],
+        )
+        checked.add_metric([release.last_check_result], release.last_check_at)
+        yield checked
 
 
 def _breaker_families(breakers: list[BreakerMetrics]) -> Iterator[Metric]:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -61,12 +62,23 @@ from kensho.storage.sources import Sink, Source
 from kensho.storage.state import StateStore
 from kensho.telemetry import get_logger
 
-__all__ = ["Prefetcher", "RateLimiter", "StageResult", "Staging", "apply_staged"]
+__all__ = [
+    "Prefetcher",
+    "RateLimiter",
+    "StageResult",
+    "Staging",
+    "apply_staged",
+    "apply_staged_at_start",
+    "forget_previous",
+    "restore_previous",
+]
 
 _log = get_logger("storage.release")
 
 #: Where a release is staged, under the store's ``.kensho`` folder.
 STAGING_DIR = "staging"
+#: Where a live apply keeps the files it replaced, until the new release has served.
+PREVIOUS_DIR = "previous"
 
 
 class Staging:
@@ -77,6 +89,7 @@ class Staging:
         self.dir = state.dir / STAGING_DIR
         self.manifest_path = self.dir / "release.json"
         self.complete_path = self.dir / "complete"
+        self.failed_path = self.dir / "failed"
         self.lock = StoreLock(self.dir / "lock")
 
     def ensure(self) -> None:
@@ -119,11 +132,23 @@ class Staging:
         return manifest if marker == manifest_digest(manifest) else None
 
     def clear(self) -> None:
-        """Drop everything staged (after an apply, or for a release refused)."""
+        """Drop everything staged (after an apply), but the lock and the failed list."""
         with contextlib.suppress(FileNotFoundError):
             for item in self.dir.iterdir():
-                if item.name != "lock":
+                if item.name not in {"lock", "failed"}:
                     item.unlink(missing_ok=True)
+
+    def failed(self) -> set[str]:
+        """Digests of releases that failed to load here: never staged again."""
+        try:
+            return set(self.failed_path.read_text().split())
+        except (OSError, UnicodeDecodeError):
+            return set()
+
+    def mark_failed(self, manifest: Manifest) -> None:
+        self.ensure()
+        digests = sorted(self.failed() | {manifest_digest(manifest)})
+        atomic_write_bytes(self.failed_path, "\n".join(digests).encode(), tmp_dir=self.dir)
 
 
 class RateLimiter:
@@ -252,6 +277,11 @@ class Prefetcher:
         return StageResult("stopped", serial, detail=detail)
 
     async def _stage_locked(self, manifest: Manifest) -> StageResult:
+        if manifest_digest(manifest) in await asyncio.to_thread(self.staging.failed):
+            raise ManifestError(
+                f"release {manifest.serial} failed to load on this device and was rolled "
+                "back; it is not staged again (publish a fixed release with a higher serial)"
+            )
         complete = await asyncio.to_thread(self.staging.complete)
         if complete is not None and manifest_digest(complete) == manifest_digest(manifest):
             return StageResult("staged", manifest.serial, detail="already staged")
@@ -310,14 +340,17 @@ class Prefetcher:
 
 
 async def apply_staged(
-    manager: StorageManager, *, how: str, emit: Callable[[Event], None]
+    manager: StorageManager, *, how: str, emit: Callable[[Event], None], keep: bool = False
 ) -> Manifest | None:
     """Switch the store to its staged release, offline; the release, or ``None``.
 
-    ``None`` when nothing newer is staged. A failure (a trust rule, a file that no
-    longer verifies) leaves the store on its release, says so with a
-    :class:`ReleaseApplyFailed`, and raises. ``how`` names the occasion for the
-    :class:`ReleaseApplied` event (``boot``, ``request``, ``live``).
+    ``None`` when nothing newer is staged. ``keep``: hard-link the files it replaces
+    (and keep the old manifest) under ``.kensho/previous`` first, so
+    :func:`restore_previous` can put them back if the new release fails to load.
+    A failure (a trust rule, a file that no longer verifies) leaves the store on
+    its release, says so with a :class:`ReleaseApplyFailed`, and raises. ``how``
+    names the occasion for the :class:`ReleaseApplied` event (``boot``, ``request``,
+    ``live``).
     """
     staging = Staging(manager.state)
     staged = await asyncio.to_thread(staging.complete)
@@ -331,6 +364,8 @@ async def apply_staged(
         # Under the store lock: a repair of another process drops partial files it
         # does not know, and would drop these between the move and the update.
         await asyncio.to_thread(_move_parts, staging, staged, manager.state.tmp_dir)
+        if keep and current is not None:
+            await asyncio.to_thread(_keep_previous, manager, current, staged)
         async for _ in manager.update(staged):
             pass
     except KenshoError as exc:
@@ -343,6 +378,24 @@ async def apply_staged(
     return staged
 
 
+async def apply_staged_at_start(
+    manager: StorageManager, *, how: str, emit: Callable[[Event], None]
+) -> Manifest | None:
+    """At boot or ``kensho sync``: apply a staged release, unless the run was given a
+    newer manifest than it (that update wins). A failure is reported (and logged),
+    not raised: the run goes on with the trusted release.
+    """
+    staged = await asyncio.to_thread(Staging(manager.state).complete)
+    given = manager.given_manifest
+    if staged is None or (given is not None and given.serial > staged.serial):
+        return None
+    try:
+        return await apply_staged(manager, how=how, emit=emit)
+    except KenshoError as exc:
+        _log.warning("staged release not applied", serial=staged.serial, reason=str(exc))
+        return None
+
+
 def _move_parts(staging: Staging, manifest: Manifest, tmp_dir: Path) -> None:
     """Move the staged partial files to where the update looks for them (renames)."""
     tmp_dir.mkdir(parents=True, exist_ok=True)
@@ -350,3 +403,62 @@ def _move_parts(staging: Staging, manifest: Manifest, tmp_dir: Path) -> None:
         staged = part_path(staging.dir, entry)
         if staged.exists():
             staged.replace(part_path(tmp_dir, entry))
+
+
+def _previous_dir(state: StateStore) -> Path:
+    return state.dir / PREVIOUS_DIR
+
+
+def _keep_previous(manager: StorageManager, current: Manifest, new: Manifest) -> None:
+    """Hard-link every file ``new`` replaces, and keep ``current``'s manifest bytes."""
+    folder = _previous_dir(manager.state)
+    forget_previous(manager.state)
+    folder.mkdir(parents=True)
+    for entry in new.files:
+        old = current.file(entry.path)
+        if old is None or old.sha256 == entry.sha256:
+            continue
+        src = manager.root / entry.path
+        try:
+            os.link(src, part_path(folder, old), follow_symlinks=False)
+        except OSError as exc:  # a file system without hard links: no rollback for it
+            _log.warning("cannot keep the previous file", path=entry.path, error=str(exc))
+    atomic_write_bytes(folder / "release.json", dump_manifest(current), tmp_dir=folder)
+
+
+def forget_previous(state: StateStore) -> None:
+    """Drop the files a live apply kept (the new release has served)."""
+    folder = _previous_dir(state)
+    with contextlib.suppress(FileNotFoundError):
+        for item in folder.iterdir():
+            item.unlink(missing_ok=True)
+        folder.rmdir()
+
+
+async def restore_previous(manager: StorageManager) -> Manifest:
+    """Put back the files and the trusted release a live apply replaced.
+
+    The release that failed is remembered as failed (never staged again), and the
+    restored files' records are dropped, so the next verify hashes them.
+    """
+    return await asyncio.to_thread(_restore, manager)
+
+
+def _restore(manager: StorageManager) -> Manifest:
+    folder = _previous_dir(manager.state)
+    data = (folder / "release.json").read_bytes()
+    previous = parse_manifest(data)
+    failed = manager.state.load_trusted_manifest()
+    restored = []
+    for entry in previous.files:
+        kept = part_path(folder, entry)
+        if kept.exists():
+            kept.replace(manager.root / entry.path)
+            restored.append(entry.path)
+    manager.state.forget(restored)
+    manager.state.save_trusted_manifest(data)  # deliberately back: it failed to load
+    if failed is not None:
+        Staging(manager.state).mark_failed(parse_manifest(failed))
+    forget_previous(manager.state)
+    _log.warning("previous release restored", serial=previous.serial, files=restored)
+    return previous
