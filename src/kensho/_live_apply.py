@@ -71,26 +71,40 @@ class LiveApplier:
             applied = await apply_staged(self.storage, how=how, emit=self.hub.emit, keep=True)
             if applied is None:
                 return None
+            closed = self._closed_breakers()
             try:
-                await self.reload_engines()
+                await self.reload_engines(closed)
             except EngineError as exc:
-                await self._roll_back(applied, previous, exc)
+                await self._roll_back(applied, previous, exc, closed)
                 raise
             await asyncio.to_thread(forget_previous, self.storage.state)
             return applied
 
-    async def reload_engines(self) -> None:
-        """Reload the primary, then the fallback, each while the other serves."""
+    def _pairs(self) -> list[tuple[Engine, CircuitBreaker]]:
         runtime = self.runtime()
         if runtime is None:
-            return
-        await self._reload(runtime.primary, runtime.primary_breaker)
+            return []
+        pairs: list[tuple[Engine, CircuitBreaker]] = [(runtime.primary, runtime.primary_breaker)]
         if runtime.fallback is not None and runtime.fallback_breaker is not None:
-            await self._reload(runtime.fallback, runtime.fallback_breaker)
+            pairs.append((runtime.fallback, runtime.fallback_breaker))
+        return pairs
 
-    async def _reload(self, engine: Engine, breaker: CircuitBreaker) -> None:
-        closed = breaker.state == BreakerState.CLOSED
-        if closed:
+    def _closed_breakers(self) -> set[str]:
+        """The engines whose breaker is closed before the apply: only those are forced
+        open for their reload and reset after it."""
+        return {e.name for e, b in self._pairs() if b.state == BreakerState.CLOSED}
+
+    async def reload_engines(self, closed: set[str]) -> None:
+        """Reload the primary, then the fallback, each while the other serves.
+
+        An engine that fails to load raises, its breaker left open (traffic stays
+        on the other engine until the rollback reloads it).
+        """
+        for engine, breaker in self._pairs():
+            await self._reload(engine, breaker, closed=engine.name in closed)
+
+    async def _reload(self, engine: Engine, breaker: CircuitBreaker, *, closed: bool) -> None:
+        if closed and breaker.state == BreakerState.CLOSED:
             breaker.force_open(f"{engine.name} reloading a new release")
         await self._idle(engine.name)
         log.info("engine reloading", engine=engine.name)
@@ -107,13 +121,13 @@ class LiveApplier:
             await asyncio.wait(running, timeout=self.drain_timeout)
 
     async def _roll_back(
-        self, applied: Manifest, previous: Manifest | None, exc: EngineError
+        self, applied: Manifest, previous: Manifest | None, exc: EngineError, closed: set[str]
     ) -> None:
         reason = f"an engine could not load release {applied.serial}: {exc}"
         log.error("release rolled back", serial=applied.serial, reason=reason)
         try:
             await restore_previous(self.storage)
-            await self.reload_engines()
+            await self.reload_engines(closed)
         except KenshoError as again:
             reason += f"; rolling back failed too: {again}"
         self.hub.emit(

@@ -57,6 +57,7 @@ from kensho.storage._plan import UpdatePlan, plan_update
 from kensho.storage._update import DeltaUpdater, check_update_space
 from kensho.storage.manager import StorageManager
 from kensho.storage.manifest import Manifest, dump_manifest, parse_manifest
+from kensho.storage.release import Release
 from kensho.storage.signing import manifest_digest
 from kensho.storage.sources import Sink, Source
 from kensho.storage.state import StateStore
@@ -438,10 +439,15 @@ def forget_previous(state: StateStore) -> None:
 async def restore_previous(manager: StorageManager) -> Manifest:
     """Put back the files and the trusted release a live apply replaced.
 
-    The release that failed is remembered as failed (never staged again), and the
-    restored files' records are dropped, so the next verify hashes them.
+    The release that failed is remembered as failed (never staged again), the
+    restored files' records are dropped, and the store is verified again (its
+    report then describes the files served).
     """
-    return await asyncio.to_thread(_restore, manager)
+    previous = await asyncio.to_thread(_restore, manager)
+    manager._release = Release.of(None)  # the trusted one again, loaded on next use
+    async for _ in manager.verify():
+        pass
+    return previous
 
 
 def _restore(manager: StorageManager) -> Manifest:
