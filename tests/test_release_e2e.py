@@ -14,9 +14,11 @@ from pathlib import Path
 import httpx
 
 from _http_support import server_metric
-from _release_support import CHUNK, TRUST_HEX, install, published, release
+from _release_support import CHUNK, TRUST_HEX, http, install, manager, published, release
 from _server_support import kensho_env, kensho_up
-from _storage_support import http_server
+from _storage_support import http_server, kensho
+from kensho.storage import Manifest
+from kensho.storage.prefetch import Prefetcher
 
 OLD = os.urandom(48 * CHUNK)
 V1 = {"weights.bin": OLD, "config.json": b'{"layers": 2}'}
@@ -182,3 +184,22 @@ def test_live_apply_under_load_fails_no_request(tmp_path: Path) -> None:
     assert trusted_serial(root) == 2
     for rel, data in V2.items():
         assert (root / rel).read_bytes() == data, rel
+
+
+def test_kensho_sync_applies_the_staged_release_with_the_origin_gone(tmp_path: Path) -> None:
+    root = store(tmp_path)
+    with http_server(V2) as (origin, _):
+        asyncio.run(_stage(root, release(V2, 2), origin))
+    done = kensho("sync", "-r", str(root), "--json", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    kinds = [json.loads(line)["kind"] for line in done.stdout.splitlines()]
+    assert "release.applied" in kinds and kinds[-1] == "storage.ready"
+    assert trusted_serial(root) == 2
+    for rel, data in V2.items():
+        assert (root / rel).read_bytes() == data, rel
+
+
+async def _stage(root: Path, manifest: Manifest, origin: str) -> None:
+    async with manager(root, [http(origin)]) as store_manager:
+        result = await Prefetcher(store_manager, emit=lambda _: None).stage(manifest)
+    assert result.outcome == "staged"
