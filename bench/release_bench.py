@@ -33,9 +33,14 @@ from kensho.telemetry import configure_logging
 MiB = 1024 * 1024
 
 
+def _write(folder: Path, name: str, data: bytes) -> int:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_bytes(data)
+    return len(data)
+
+
 async def _install(root: Path, data: bytes) -> None:
-    root.mkdir(parents=True)
-    (root / "model.bin").write_bytes(data)
+    await asyncio.to_thread(_write, root, "model.bin", data)
     manifest = await build_manifest(root, name="bench", version="1", serial=1)
     async with StorageManager(root, manifest) as manager:
         async for _ in manager.initialize_and_verify():
@@ -45,13 +50,13 @@ async def _install(root: Path, data: bytes) -> None:
 async def _case(work: Path, name: str, old: bytes, new: bytes, changed: int) -> list[object]:
     root, origin = work / f"{name}-store", work / f"{name}-origin"
     await _install(root, old)
-    origin.mkdir()
-    (origin / "model.bin").write_bytes(new)
+    await asyncio.to_thread(_write, origin, "model.bin", new)
     manifest = await build_manifest(origin, name="bench", version="2", serial=2)
-    (origin / "manifest.json").write_bytes(dump_manifest(manifest))
+    manifest_size = await asyncio.to_thread(
+        _write, origin, "manifest.json", dump_manifest(manifest)
+    )
     chunks = manifest.files[0].chunks
     mean = sum(c.size for c in chunks) / len(chunks)
-    manifest_size = (origin / "manifest.json").stat().st_size
     with serve(origin) as (url, server):
         async with StorageManager(root, None, [HttpSource(url)]) as manager:
             started = time.perf_counter()
@@ -63,7 +68,7 @@ async def _case(work: Path, name: str, old: bytes, new: bytes, changed: int) -> 
             applied = time.perf_counter()
         fetched = server.bytes_served
     target = changed + 2 * mean + manifest_size
-    shutil.rmtree(root)
+    await asyncio.to_thread(shutil.rmtree, root)
     return [
         name,
         f"{changed / MiB:.4f} MiB",
