@@ -103,6 +103,8 @@ def test_release_status_folds_the_release_events() -> None:
     status.observe(ReleaseApplied(serial=2, previous_serial=1, how="live"))
     snap = status.snapshot()
     assert snap.current_serial == 2 and snap.staged_serial is None
+    status.observe(ReleaseApplyFailed(target_serial=2, serial=1, reason="rolled back"))
+    assert status.snapshot().current_serial == 1
 
 
 class _ConfigReadingEngine(FaultyEngine):

@@ -24,6 +24,7 @@ from kensho.errors import KenshoError
 from kensho.events import (
     Event,
     ReleaseApplied,
+    ReleaseApplyFailed,
     ReleaseChecked,
     ReleasePrefetchProgress,
     ReleaseSnapshot,
@@ -82,6 +83,8 @@ class ReleaseStatus:
                 staged_total=0,
                 staged_complete=False,
             )
+        elif isinstance(event, ReleaseApplyFailed) and event.serial is not None:
+            self._replace(current_serial=event.serial)  # rolled back (or never switched)
 
     def _replace(self, **changes: object) -> None:
         self._state = dataclasses.replace(self._state, **changes)  # type: ignore[arg-type]
