@@ -203,3 +203,19 @@ async def _stage(root: Path, manifest: Manifest, origin: str) -> None:
     async with manager(root, [http(origin)]) as store_manager:
         result = await Prefetcher(store_manager, emit=lambda _: None).stage(manifest)
     assert result.outcome == "staged"
+
+
+def test_up_refuses_a_badly_signed_release_and_never_stages_it(tmp_path: Path) -> None:
+    root = store(tmp_path)
+    forged = release(V2, 2, key=None)  # unsigned: the pinned key did not sign it
+    with (
+        http_server(published(forged, V2)) as (origin, state),
+        kensho_up("--model", str(root), "-s", origin, env=env(tmp_path), cwd=tmp_path) as up,
+    ):
+        line = json.loads(up.wait_for_stderr("release.refused"))
+        assert line["level"] == "warning" and line["serial"] == 2
+        assert server_metric(up.url, 'kensho_release_serial{release="current"}') == 1.0
+        assert server_metric(up.url, 'kensho_release_serial{release="staged"}') == 0.0
+        assert [p for p, _ in state.requests] == ["manifest.json"], "nothing was fetched"
+    assert trusted_serial(root) == 1 and (root / "weights.bin").read_bytes() == OLD
+    assert not list((root / ".kensho").glob("staging/*.part"))
