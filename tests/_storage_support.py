@@ -1,7 +1,9 @@
 """Shared helpers for the storage tests: file trees, manifests, a real HTTP server.
 
 The server is a threaded ``http.server`` on 127.0.0.1 that serves a dict of files with
-``Range`` support and counts every body byte it sends. Behaviours (503s, wrong bytes,
+``Range`` support (and an ``ETag``, answering a matching ``If-None-Match`` with 304)
+and counts every body byte it sends; a test publishes a release by putting
+``manifest.json`` into ``state.files`` (under ``state.lock``). Behaviours (503s, wrong bytes,
 ignoring Range, hanging, pausing mid-body) are switched per test. It stops itself at
 the end of the ``with`` block, releasing any handler that is blocked.
 """
@@ -122,9 +124,14 @@ class _Handler(BaseHTTPRequestHandler):
         if st.redirect and path.startswith("r/"):
             self._status(302, headers={"Location": "/" + path[2:]})
             return
-        data = st.files.get(path)
+        with st.lock:
+            data = st.files.get(path)
         if data is None:
             self._status(404)
+            return
+        etag = f'"{sha(data)[:16]}"'
+        if rng is None and self.headers.get("If-None-Match") == etag:
+            self._status(304, headers={"ETag": etag})  # a conditional GET: unchanged
             return
         start, end = 0, len(data)
         status = 200
@@ -143,6 +150,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         if status == 206:
             self.send_header("Content-Range", f"bytes {start}-{end - 1}/{len(data)}")
+        self.send_header("ETag", etag)
         self.end_headers()
         with st.lock:
             st.statuses.append(status)

@@ -31,8 +31,12 @@ from _server_support import kensho_env, kensho_up, run_kensho
 from kensho.cli._serve_cmds import StatusView, _server_url
 from kensho.events import (
     BreakerStateChanged,
+    IntegritySnapshot,
+    QueueSnapshot,
+    ReleaseSnapshot,
     StatusSnapshot,
     StorageFileRepaired,
+    TrafficSnapshot,
     UnknownEvent,
     decode_event,
     event_types,
@@ -290,3 +294,25 @@ def test_snapshots_keep_coming_while_events_flow(tmp_path: Path) -> None:
                 toggler.join(30)
     assert len(snapshots) >= 2
     assert len(between) >= 5  # the stream was busy, and still sent the state
+
+
+def test_view_shows_the_release_served_staged_and_last_checked() -> None:
+    base = dict(
+        model="m", engines=("gpu",), active_engine="gpu", degraded=False, overloaded=False,
+        draining=False, breakers=(), tasks={},
+        queue=QueueSnapshot(depth={}, capacity=1, max_queue_size=1, in_flight={}),
+        traffic=TrafficSnapshot(tokens=0.0, completions=0, latency_seconds=0.0),
+        integrity=IntegritySnapshot(status="ok", files={}, problems={}, offline=False,
+                                    checked_at=None),
+    )  # fmt: skip
+    release = ReleaseSnapshot(
+        current_serial=1, staged_serial=2, staged_done=1024, staged_total=4096,
+        last_check_at=0.0, last_check_result="new",
+    )  # fmt: skip
+    snap = StatusSnapshot(**base, release=release)
+    assert decode_event("snapshot", snap.to_dict()) == snap
+    view = StatusView()
+    view.update(snap)
+    line = dict(view.rows())["release"]
+    assert line.startswith("serial 1 · staging 2: 1.0 KiB of 4.0 KiB · checked ")
+    assert line.endswith("(new)")

@@ -118,6 +118,13 @@ class StorageSettings(_Section):
     source_retries: int = Field(default=5, ge=0, le=100)
     source_min_rate: int = Field(default=16 * 1024, ge=0)
     source_rate_window: float = Field(default=30.0, gt=0)
+    # Over-the-air releases (docs/releases.md): poll the sources' release channels every
+    # ``update_interval`` seconds (jittered; 0: never, not even at boot), stage a newer
+    # trusted release at ``prefetch_rate`` bytes/s (0: unlimited), and apply it live
+    # when ``auto_apply``, else at the next boot, `kensho sync` or POST /v1/kensho/update.
+    update_interval: float = Field(default=0.0, ge=0)
+    prefetch_rate: int = Field(default=0, ge=0)
+    auto_apply: bool = False
 
 
 class ServerSettings(_Section):

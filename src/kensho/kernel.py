@@ -17,6 +17,13 @@ Boot, in order (``../shared/DESIGN.md``):
    finish and otherwise end with a final error event; a second signal cuts the drain
    short (:class:`~kensho.server.Drain`).
 
+Over-the-air releases (docs/releases.md): a release staged by an earlier run is
+applied at boot, before step 1, with no network needed; after boot, with
+``storage.update_interval`` set, a :class:`~kensho.storage.updates.ReleaseUpdater`
+polls the sources' release channels in the background and stages what is new; a
+staged release is applied live (``storage.auto_apply``, or ``POST
+/v1/kensho/update``) by :class:`~kensho._live_apply.LiveApplier`.
+
 The kernel owns the service's one :class:`~kensho.hub.EventHub` and hands it to the
 storage manager, the runtime manager and the executor, so every event (integrity
 progress, breaker transitions, overload) goes through it as it happens: to the
@@ -28,17 +35,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import signal
 import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from types import FrameType
+from typing import Any
 
 import uvicorn
 
+from kensho._live_apply import LiveApplier
 from kensho.config import Settings
 from kensho.demo import DEMO_MANIFEST, DEMO_MODEL_DIR
+from kensho.errors import KenshoError
 from kensho.events import Event
 from kensho.hub import EventHub
 from kensho.runtime.engines.base import Engine
@@ -52,6 +63,8 @@ from kensho.storage import (
     StorageManager,
     VerifyReport,
 )
+from kensho.storage.prefetch import Staging, apply_staged_at_start
+from kensho.storage.updates import ReleaseStatus, ReleaseUpdater
 from kensho.telemetry import get_logger, log_service, span, traced
 
 __all__ = ["Kernel"]
@@ -177,6 +190,16 @@ class Kernel:
         self.executor: TaskExecutor | None = None
         self.context: ServerContext | None = None
         self._socket: socket.socket | None = None
+        self.release: ReleaseStatus | None = None
+        self.updater: ReleaseUpdater | None = None
+        self._updater_task: asyncio.Task[None] | None = None
+        self._applier = LiveApplier(
+            self.storage,
+            lambda: self.runtime,
+            lambda: self.executor,
+            self.hub,
+            drain_timeout=settings.server.shutdown_timeout,
+        )
 
     # -- wiring ------------------------------------------------------------------------
 
@@ -226,8 +249,12 @@ class Kernel:
         """
         started = time.perf_counter()
         log.info("boot started", root=str(self.storage.root), demo=self.uses_demo)
+        if not self.uses_demo:
+            await self._apply_staged_at_boot()
         with span("kensho.verify_and_repair"):
             await _drain(self.storage.initialize_and_verify())
+        if not self.uses_demo:
+            self.release = await self._release_status()
         integrity = _integrity(self.storage.report, self.storage.offline)
         primary, fallback = self._make_engines()
         runtime = RuntimeManager.from_settings(
@@ -252,7 +279,10 @@ class Kernel:
             request_timeout=server.request_timeout,
             log_counts=log_service().counts,
             export_stats=log_service().export_stats,
+            release=self.release.snapshot if self.release is not None else None,
+            apply_update=self.apply_update if self.release is not None else None,
         )
+        self._start_updater()
         log.info(
             "boot finished",
             seconds=round(time.perf_counter() - started, 3),
@@ -262,6 +292,72 @@ class Kernel:
             degraded=runtime.degraded,
         )
         return self.context
+
+    # -- over-the-air releases -----------------------------------------------------------
+
+    async def _apply_staged_at_boot(self) -> None:
+        """Apply a release staged by an earlier run, offline, before verifying.
+
+        Skipped when boot is given a newer manifest than the staged one (that update
+        wins). A staged release that fails here is reported and boot goes on with
+        the trusted release.
+        """
+        await apply_staged_at_start(self.storage, how="boot", emit=self.hub.emit)
+
+    async def _release_status(self) -> ReleaseStatus:
+        manifest = await self.storage.manifest()
+        status = ReleaseStatus(
+            current_serial=manifest.serial, auto_apply=self.settings.storage.auto_apply
+        )
+        staging = Staging(self.storage.state)
+        staged = await asyncio.to_thread(staging.manifest)
+        if staged is not None and staged.serial > manifest.serial:
+            complete = await asyncio.to_thread(staging.complete)
+            status.seed_staged(staged.serial, complete=complete is not None)
+        self.hub.add_listener(status.observe)
+        return status
+
+    def _start_updater(self) -> None:
+        """Poll the release channels in the background, when configured to."""
+        storage = self.settings.storage
+        if self.release is None or storage.update_interval <= 0 or not self.storage.sources:
+            return
+        self.updater = ReleaseUpdater(
+            self.storage,
+            interval=storage.update_interval,
+            emit=self.hub.emit,
+            rate=storage.prefetch_rate,
+            auto_apply=storage.auto_apply,
+            apply=self._apply_live,
+        )
+        self._updater_task = asyncio.create_task(self.updater.run(), name="kensho-releases")
+
+    async def _apply_live(self) -> None:
+        """``storage.auto_apply``: apply what was just staged (failures are reported)."""
+        try:
+            await self.apply_release(how="live")
+        except KenshoError as exc:
+            log.warning("live apply failed; the store stays on its release", reason=str(exc))
+
+    async def apply_release(self, *, how: str) -> bool:
+        """Apply the staged release now, engines reloaded; whether one was applied."""
+        applied = await self._applier.apply(how=how)
+        if self.context is not None:
+            self.context.integrity = _integrity(self.storage.report, self.storage.offline)
+        return applied is not None
+
+    async def apply_update(self) -> dict[str, Any]:
+        """``POST /v1/kensho/update``: apply the staged release; the release state.
+
+        Raises what the apply raised (the route answers 409 with it).
+        """
+        applied = await self.apply_release(how="request")
+        snapshot = self.release.snapshot() if self.release is not None else None
+        return {
+            "applied": applied,
+            "serial": snapshot.current_serial if snapshot is not None else None,
+            "release": dataclasses.asdict(snapshot) if snapshot is not None else None,
+        }
 
     @traced("kensho.verify")
     async def verify_now(self) -> IntegrityState:
@@ -323,6 +419,11 @@ class Kernel:
         """Cancel what is left, close engines, store and logs. Safe to call twice."""
         if self.context is not None:
             self.context.begin_shutdown()
+        if self._updater_task is not None:
+            self._updater_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._updater_task
+            self._updater_task = None
         if self.executor is not None:
             await self.executor.aclose()
         if self.runtime is not None:

@@ -33,6 +33,7 @@ from kensho.events import (
     BreakerChange,
     BreakerStateChanged,
     Event,
+    ReleaseSnapshot,
     ServerShutdown,
     StatusSnapshot,
     StorageDownloadProgress,
@@ -516,6 +517,8 @@ class StatusView:
             counts = ", ".join(f"{n} {s}" for s, n in sorted(integrity.files.items()))
             offline = " · offline" if integrity.offline else ""
             rows.append(("integrity", f"{integrity.status} ({counts or 'no files'}){offline}"))
+            if snap.release is not None:
+                rows.append(("release", _release_line(snap.release)))
         rows += [("event", f"{_clock(e.ts)} {e.message}") for e in self.events]
         return rows
 
@@ -524,6 +527,23 @@ class StatusView:
         for what, now in self.rows():
             table.add_row(plain(what), plain(now))  # server data, never markup
         return table
+
+
+def _release_line(release: ReleaseSnapshot) -> str:
+    """Serial served; the staged one and its progress; the last channel check."""
+    text = f"serial {release.current_serial}"
+    if release.staged_serial is not None:
+        if release.staged_complete:
+            when = "applied live" if release.auto_apply else "applied at next boot or sync"
+            text += f" · {release.staged_serial} staged ({when})"
+        else:
+            total = release.staged_total
+            text += f" · staging {release.staged_serial}: {_size(release.staged_done)}"
+            text += f" of {_size(total)}" if total else ""
+    if release.last_check_at is not None:
+        detail = f": {release.last_check_detail}" if release.last_check_detail else ""
+        text += f" · checked {_clock(release.last_check_at)} ({release.last_check_result}{detail})"
+    return text
 
 
 def _queue_line(snap: StatusSnapshot) -> str:

@@ -51,6 +51,7 @@ from kensho.storage import (
     dump_manifest,
 )
 from kensho.storage._fs import atomic_write_bytes
+from kensho.storage.prefetch import apply_staged_at_start
 from kensho.telemetry import span
 
 __all__ = ["manifest_app"]
@@ -289,6 +290,8 @@ def sync(  # noqa: PLR0917 - Typer maps each parameter to an option
         async with StorageManager.from_settings(
             settings, root=root, manifest=manifest, sources=source or None
         ) as manager:
+            if not dry_run:  # a release staged in the background is applied first
+                await apply_staged_at_start(manager, how="sync", emit=renderer.handle)
             loaded = manager.given_manifest
             trusted = await manager.trusted_manifest() if loaded is not None else None
             if loaded is not None and trusted is not None and loaded.serial > trusted.serial:

@@ -8,9 +8,9 @@ server-sent events. No component formats user text for another, except the one-l
 
 One module per producer, so a new component's events are one new file:
 ``_base`` (:class:`Event`), ``storage`` (verify, repair, update), ``runtime``
-(breakers, failover, admission), ``server`` (status snapshot, shutdown) and
-``_decode`` (the one typed decoder of the status stream). Everything is re-exported
-here: import from :mod:`kensho.events`.
+(breakers, failover, admission), ``server`` (status snapshot, shutdown), ``release``
+(over-the-air releases) and ``_decode`` (the one typed decoder of the status
+stream). Everything is re-exported here: import from :mod:`kensho.events`.
 """
 
 from __future__ import annotations
@@ -22,6 +22,16 @@ from kensho.events._decode import (
     UnknownEvent,
     decode_event,
     event_types,
+)
+from kensho.events.release import (
+    ReleaseApplied,
+    ReleaseApplyFailed,
+    ReleaseChecked,
+    ReleasePrefetchProgress,
+    ReleasePrefetchStopped,
+    ReleaseRefused,
+    ReleaseSnapshot,
+    ReleaseStaged,
 )
 from kensho.events.runtime import (
     BreakerStateChanged,
@@ -76,6 +86,14 @@ __all__ = [
     "PrimaryRestored",
     "QueueCapacityChanged",
     "QueueSnapshot",
+    "ReleaseApplied",
+    "ReleaseApplyFailed",
+    "ReleaseChecked",
+    "ReleasePrefetchProgress",
+    "ReleasePrefetchStopped",
+    "ReleaseRefused",
+    "ReleaseSnapshot",
+    "ReleaseStaged",
     "RequestRerouted",
     "RuntimeAvailable",
     "RuntimeOverloaded",

@@ -11,13 +11,13 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, ClassVar
 
-from kensho.events import runtime, server, storage
+from kensho.events import release, runtime, server, storage
 from kensho.events._base import Event
 
 __all__ = ["UnknownEvent", "decode_event", "event_types"]
 
 # The modules that hold the vocabulary: a new one is added here.
-_VOCABULARY: tuple[ModuleType, ...] = (storage, runtime, server)
+_VOCABULARY: tuple[ModuleType, ...] = (storage, runtime, server, release)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

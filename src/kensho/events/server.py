@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from kensho.events._base import Event
+from kensho.events.release import ReleaseSnapshot
 
 # --- the status stream: snapshot and shutdown ------------------------------------------
 #
@@ -102,6 +103,7 @@ class StatusSnapshot(Event):
     tasks: dict[str, int]
     traffic: TrafficSnapshot
     integrity: IntegritySnapshot
+    release: ReleaseSnapshot | None = None  # None: no store behind this server
 
     @property
     def message(self) -> str:
@@ -117,6 +119,7 @@ class StatusSnapshot(Event):
         for name in ("queue", "traffic", "integrity"):
             data[name] = dataclasses.asdict(getattr(self, name))
         data["breakers"] = [dataclasses.asdict(b) for b in self.breakers]
+        data["release"] = dataclasses.asdict(self.release) if self.release else None
         return data
 
 

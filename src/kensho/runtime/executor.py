@@ -308,6 +308,15 @@ class TaskExecutor:
         """The effective queue capacity now (smaller while on a slower engine)."""
         return self.admission.capacity()
 
+    def running_on(self, engine: str) -> list[asyncio.Task[None]]:
+        """The tasks running now that started on ``engine`` (a live reload waits for
+        them: a stream finishes on the engine it started on)."""
+        return [
+            h.runner
+            for h in self._active
+            if h.engine == engine and h.runner is not None and not h.runner.done()
+        ]
+
     def statistics(self) -> ExecutorStatistics:
         """A snapshot: depth per priority, in flight, counters, wait-time percentiles."""
         waits = sorted(self._waits)

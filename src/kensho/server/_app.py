@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kensho import __version__
+from kensho.errors import KenshoError
 from kensho.server._context import ServerContext
 from kensho.server._dashboard import add_dashboard_routes
 from kensho.server._errors import APIError, error_response
@@ -166,3 +167,15 @@ def _add_admin_routes(app: FastAPI, ctx: ServerContext) -> None:
         async with verifying:
             ctx.integrity = await ctx.verify()
         return ctx.integrity.to_dict()
+
+    @app.post("/v1/kensho/update")
+    async def update() -> dict[str, Any]:
+        """Apply the fully staged release now (live: engines reload one at a time
+        behind the breakers); ``applied`` is false when nothing newer is staged."""
+        _admin_allowed()
+        if ctx.apply_update is None:
+            raise APIError(404, "this server has no store to update", code="no_store")
+        try:
+            return await ctx.apply_update()
+        except KenshoError as exc:  # refused, or rolled back: the store serves as before
+            raise APIError(409, str(exc), code="update_failed") from exc

@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from kensho.events import ReleaseSnapshot
 from kensho.hub import EventHub
 from kensho.runtime.executor import TaskExecutor
 from kensho.runtime.manager import RuntimeManager
@@ -58,6 +59,8 @@ class ServerContext:
 
     ``api_key`` guards the API (``/v1/*``) and admin endpoints; health, readiness
     and metrics stay open for probes and scrapers unless ``protect_metrics``.
+    ``release`` reads where the store stands with over-the-air releases;
+    ``apply_update`` applies the staged release now (``POST /v1/kensho/update``).
     """
 
     runtime: RuntimeManager
@@ -75,6 +78,8 @@ class ServerContext:
     log_counts: Callable[[], dict[str, int]] | None = None
     export_stats: Callable[[], Mapping[str, Mapping[str, int]] | None] | None = None
     drain: Drain = field(default_factory=Drain)
+    release: Callable[[], ReleaseSnapshot] | None = None
+    apply_update: Callable[[], Awaitable[dict[str, Any]]] | None = None
 
     @property
     def draining(self) -> bool:

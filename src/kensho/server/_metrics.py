@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from kensho.events import ReleaseSnapshot
 from kensho.runtime.breaker import BreakerMetrics, BreakerState
 from kensho.server._context import ServerContext
 from kensho.storage.report import IntegrityStatus
@@ -108,6 +109,8 @@ class _StateCollector(Collector):
         usable = (IntegrityStatus.OK, IntegrityStatus.DEGRADED)
         ok.add_metric([], 1.0 if ctx.integrity.status in usable else 0.0)
         yield ok
+        if ctx.release is not None:
+            yield from _release_families(ctx.release())
 
         if ctx.log_counts is not None:
             logs = CounterMetricFamily(
@@ -165,6 +168,38 @@ def _export_families(stats: Mapping[str, Mapping[str, int]] | None) -> Iterator[
         errors.add_metric([signal], float(counts["export_errors"]))
         queued.add_metric([signal], float(counts["queued"]))
     yield from (exported, spooled, dropped, errors, queued)
+
+
+def _release_families(release: ReleaseSnapshot) -> Iterator[Metric]:
+    """Over-the-air releases: serials, staging progress, the last channel check."""
+    serial = GaugeMetricFamily(
+        "kensho_release_serial", "Release serial served (current) and staged", labels=["release"]
+    )
+    for which, value in (("current", release.current_serial), ("staged", release.staged_serial)):
+        if value is not None:
+            serial.add_metric([which], float(value))
+    yield serial
+    staged = GaugeMetricFamily(
+        "kensho_release_staged_bytes",
+        "Bytes of the staged release fetched so far, and to fetch",
+        labels=["kind"],
+    )
+    staged.add_metric(["done"], float(release.staged_done))
+    staged.add_metric(["total"], float(release.staged_total))
+    yield staged
+    complete = GaugeMetricFamily(
+        "kensho_release_staged_complete", "1 when a staged release can be applied offline"
+    )
+    complete.add_metric([], 1.0 if release.staged_complete else 0.0)
+    yield complete
+    if release.last_check_at is not None and release.last_check_result is not None:
+        checked = GaugeMetricFamily(
+            "kensho_release_last_check_timestamp_seconds",
+            "When the release channels were last checked, by result",
+            labels=["result"],
+        )
+        checked.add_metric([release.last_check_result], release.last_check_at)
+        yield checked
 
 
 def _breaker_families(breakers: list[BreakerMetrics]) -> Iterator[Metric]:

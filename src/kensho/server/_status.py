@@ -117,6 +117,7 @@ class StatusBoard:
                 offline=integrity.offline,
                 checked_at=integrity.checked_at,
             ),
+            release=ctx.release() if ctx.release is not None else None,
         )
 
 

@@ -240,6 +240,19 @@ function renderTasks(snap) {
     el("tr", { "data-outcome": outcome }, el("td", {}, outcome.replace("_", " ")), el("td", { class: "n" }, String(n)))));
 }
 
+function releaseText(r) {
+  // Over-the-air releases (docs/releases.md): served serial, staged one, last check.
+  if (!r) return "";
+  let text = "release " + r.current_serial;
+  if (r.staged_serial !== null) {
+    text += r.staged_complete
+      ? " · " + r.staged_serial + " staged" + (r.auto_apply ? "" : " (applied at next boot)")
+      : " · staging " + r.staged_serial + ": " + bytes(r.staged_done) + " of " + bytes(r.staged_total);
+  }
+  if (r.last_check_at) text += " · checked " + clock(r.last_check_at) + " (" + r.last_check_result + ")";
+  return text;
+}
+
 function renderIntegrity(snap) {
   const i = snap.integrity;
   const node = $("integrity");
@@ -247,6 +260,7 @@ function renderIntegrity(snap) {
   node.textContent = i.status + (i.offline ? " · offline" : "");
   const counts = Object.entries(i.files).map(([s, n]) => n + " " + s).join(", ");
   $("integrity-files").textContent = (counts || "no files") + (i.checked_at ? " · checked " + clock(i.checked_at) : "");
+  $("release").textContent = releaseText(snap.release);
   $("problems").replaceChildren(...Object.entries(i.problems).map(([path, why]) => el("li", {}, path + ": " + why)));
   const p = state.progress;
   $("progress").hidden = !p;

@@ -23,12 +23,16 @@ Why the sink instead of an async iterator: the HTTP source retries in a loop tha
 resumes at the last delivered byte, and a ``yield`` inside a retry context would hand
 the consumer's own exceptions to the retry machinery.
 
+A source that publishes releases (its current ``manifest.json`` at its root) also
+implements :meth:`ReleaseFeed.fetch_release` (:mod:`._channel`).
+
 One module per source kind: :mod:`.mirror`, :mod:`.http`, :mod:`.memory`.
 """
 
 from __future__ import annotations
 
 from kensho.storage.sources._base import Sink, Source, SourceUnreachableError
+from kensho.storage.sources._channel import CHANNEL_FILE, ChannelAnswer, ChannelTag, ReleaseFeed
 from kensho.storage.sources._factory import HttpOptions, http_options, source_from_string
 from kensho.storage.sources._health import SYSTEM_CLOCK, MonotonicClock
 from kensho.storage.sources.http import (
@@ -41,15 +45,19 @@ from kensho.storage.sources.memory import MemorySource
 from kensho.storage.sources.mirror import MirrorSource
 
 __all__ = [
+    "CHANNEL_FILE",
     "DEFAULT_MIN_RATE",
     "DEFAULT_RATE_WINDOW",
     "MAX_RETRY_AFTER",
     "SYSTEM_CLOCK",
+    "ChannelAnswer",
+    "ChannelTag",
     "HttpOptions",
     "HttpSource",
     "MemorySource",
     "MirrorSource",
     "MonotonicClock",
+    "ReleaseFeed",
     "Sink",
     "Source",
     "SourceUnreachableError",

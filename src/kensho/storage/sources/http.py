@@ -34,6 +34,7 @@ import stamina
 
 from kensho.errors import DownloadError, SourceError
 from kensho.storage.sources._base import Sink, SourceUnreachableError, size_mismatch
+from kensho.storage.sources._channel import CHANNEL_FILE, ChannelAnswer, ChannelTag, too_large
 from kensho.storage.sources._health import (
     SYSTEM_CLOCK,
     Abandonment,
@@ -93,6 +94,19 @@ def _parse_retry_after(value: str | None) -> float | None:
     except (TypeError, ValueError):
         return None
     return max(0.0, when.timestamp() - time.time())
+
+
+async def _read_limited(resp: httpx.Response, url: str, max_bytes: int) -> bytes:
+    """The body of ``resp``, refused once it passes ``max_bytes`` (declared or sent)."""
+    declared = resp.headers.get("Content-Length", "")
+    if declared.isascii() and declared.isdigit() and int(declared) > max_bytes:
+        raise too_large(url, max_bytes)
+    body = bytearray()
+    async for data in resp.aiter_raw():
+        body += data
+        if len(body) > max_bytes:
+            raise too_large(url, max_bytes)
+    return bytes(body)
 
 
 def _retry_hook(exc: Exception) -> bool | float:
@@ -176,6 +190,31 @@ class HttpSource:
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+    async def fetch_release(self, tag: ChannelTag | None, max_bytes: int) -> ChannelAnswer:
+        """``GET manifest.json`` at the base URL, conditional on ``tag`` (one request,
+        no retry: the next poll is the retry). See :class:`~._channel.ReleaseFeed`."""
+        url = self.url_for(CHANNEL_FILE)
+        headers = {}
+        if tag is not None and tag.etag:
+            headers["If-None-Match"] = tag.etag
+        if tag is not None and tag.modified:
+            headers["If-Modified-Since"] = tag.modified
+        try:
+            async with self._client.stream("GET", url, headers=headers) as resp:
+                if resp.status_code == 304 and tag is not None:
+                    return ChannelAnswer(None, tag)
+                if resp.status_code == 404:
+                    raise SourceError(f"{url} was not found: this source publishes no release")
+                if resp.status_code != 200:
+                    raise SourceError(f"{url} answered HTTP {resp.status_code}; expected 200")
+                data = await _read_limited(resp, url, max_bytes)
+                new_tag = ChannelTag(resp.headers.get("ETag"), resp.headers.get("Last-Modified"))
+                return ChannelAnswer(data, new_tag)
+        except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+            raise SourceUnreachableError(f"cannot connect to {url}: {exc}") from exc
+        except httpx.HTTPError as exc:
+            raise DownloadError(f"download of {url} failed: {exc}") from exc
 
     async def fetch(self, path: str, offset: int, length: int, file_size: int, sink: Sink) -> None:
         probe = await self._first.admit(self._abandonment)

@@ -10,6 +10,7 @@ from urllib.parse import unquote, urlsplit
 
 from kensho.errors import DownloadError, SourceError
 from kensho.storage.sources._base import PIECE, Sink, SourceUnreachableError, size_mismatch
+from kensho.storage.sources._channel import CHANNEL_FILE, ChannelAnswer, ChannelTag, too_large
 
 __all__ = ["MirrorSource"]
 
@@ -75,6 +76,42 @@ class MirrorSource:
                 await sink(piece)
         finally:
             os.close(fd)
+
+    async def fetch_release(self, tag: ChannelTag | None, max_bytes: int) -> ChannelAnswer:
+        """``manifest.json`` in the folder; unchanged while its stat is the tag's."""
+        return await asyncio.to_thread(self._read_release, tag, max_bytes)
+
+    def _read_release(self, tag: ChannelTag | None, max_bytes: int) -> ChannelAnswer:
+        fd = self._open_channel()
+        try:
+            info = os.fstat(fd)
+            now = ChannelTag(etag=f"{info.st_ino}-{info.st_size}-{info.st_mtime_ns}")
+            if tag is not None and tag.etag == now.etag:
+                return ChannelAnswer(None, now)
+            if info.st_size > max_bytes:
+                raise too_large(str(self.root / CHANNEL_FILE), max_bytes)
+            with os.fdopen(os.dup(fd), "rb") as fh:
+                data = fh.read(max_bytes + 1)
+        finally:
+            os.close(fd)
+        if len(data) > max_bytes:
+            raise too_large(str(self.root / CHANNEL_FILE), max_bytes)
+        return ChannelAnswer(data, now)
+
+    def _open_channel(self) -> int:
+        """The channel file, opened like any file of the mirror (inside it, regular)."""
+        if not self.root.is_dir():
+            raise SourceUnreachableError(
+                f"mirror folder {self.root} is not there (is the drive mounted?)"
+            )
+        target = self.root / CHANNEL_FILE
+        if not target.exists():
+            raise SourceError(f"{target} is not there: this mirror publishes no release")
+        try:
+            size = target.stat().st_size
+        except OSError as exc:
+            raise SourceError(f"cannot read {target}: {exc.strerror}") from exc
+        return self._open(CHANNEL_FILE, size)
 
     async def aclose(self) -> None:
         return None
