@@ -1,0 +1,74 @@
+"""A llama.cpp engine process killed mid-stream: the user's text does not change."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import AsyncIterator
+
+import pytest
+
+from kensho.demo import DEMO_MODEL_DIR
+from kensho.runtime.breaker import BreakerState, CircuitBreaker
+from kensho.runtime.clock import VirtualClock
+from kensho.runtime.engines.base import GenerationChunk, GenerationRequest
+from kensho.runtime.engines.llama_engine import LlamaCppEngine
+from kensho.runtime.engines.torch_engine import TorchEngine
+from kensho.runtime.manager import RuntimeManager
+
+pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (extra `llama`)")
+
+REQUEST = GenerationRequest(prompt="The GPU", max_tokens=120, temperature=0)
+OPEN = 60.0
+
+
+@pytest.fixture
+async def rig() -> AsyncIterator[tuple[RuntimeManager, LlamaCppEngine, VirtualClock, str]]:
+    # Mixed pair: llama.cpp primary (on the CPU here, its crash is real), torch fallback.
+    clock = VirtualClock()
+    primary = LlamaCppEngine(DEMO_MODEL_DIR / "model.gguf", name="gpu", n_threads=1)
+    fallback = TorchEngine(DEMO_MODEL_DIR, name="cpu")
+    breaker = CircuitBreaker("gpu", clock=clock, failure_threshold=1, open_duration=OPEN)
+    manager = RuntimeManager(primary, fallback, clock=clock, primary_breaker=breaker)
+    await manager.start()
+    reference = "".join([c.text async for c in fallback.generate(REQUEST)])
+    yield manager, primary, clock, reference
+    await manager.close()
+
+
+async def test_sigkill_mid_stream_completes_on_the_fallback_then_a_probe_restarts_it(
+    rig: tuple[RuntimeManager, LlamaCppEngine, VirtualClock, str],
+) -> None:
+    manager, primary, clock, reference = rig
+    first_pid = primary.pid
+    assert first_pid is not None
+    chunks: list[GenerationChunk] = []
+    async for chunk in manager.generate(REQUEST):
+        chunks.append(chunk)
+        if len(chunks) == 5:
+            os.kill(first_pid, signal.SIGKILL)
+    assert "".join(c.text for c in chunks) == reference
+    assert [c.index for c in chunks] == list(range(len(chunks)))
+    engines = [c.engine for c in chunks]
+    switch = engines.index("cpu")
+    assert switch >= 5 and set(engines[:switch]) == {"gpu"} and set(engines[switch:]) == {"cpu"}
+    assert manager.metrics().continued_mid_stream == 1
+    assert manager.primary_breaker.state is BreakerState.OPEN
+
+    await clock.advance(OPEN)  # the breaker lets one probe through to the primary
+    probe = [c async for c in manager.generate(GenerationRequest(prompt="The", max_tokens=4))]
+    assert {c.engine for c in probe} == {"gpu"}
+    assert primary.pid not in (None, first_pid)
+    assert primary.processes_started == 2
+
+
+async def test_sigkill_before_the_first_token_is_invisible(
+    rig: tuple[RuntimeManager, LlamaCppEngine, VirtualClock, str],
+) -> None:
+    manager, primary, _, reference = rig
+    assert primary.pid is not None
+    os.kill(primary.pid, signal.SIGKILL)
+    chunks = [c async for c in manager.generate(REQUEST)]
+    assert "".join(c.text for c in chunks) == reference
+    assert {c.engine for c in chunks} == {"cpu"}
+    assert manager.metrics().rerouted == 1
