@@ -4,8 +4,8 @@ llama.cpp's own converter (``convert_hf_to_gguf.py``) refuses the demo's tokeniz
 identifies pre-tokenizers by hashing their output on a fixed text, and the demo's is
 not in its table), so this script writes the file directly with the ``gguf`` package's
 writer: the Llama hyper-parameters, the byte-level BPE vocabulary and merges (as
-llama.cpp's ``gpt2`` tokenizer, whose pre-tokenizer regex is the one the demo's
-``ByteLevel`` uses), the chat template, and the weights, with the q/k rows permuted
+llama.cpp's ``gpt2`` tokenizer with the ``gpt-2`` pre-tokenizer, whose regex is the one
+the demo's ``ByteLevel`` uses), the chat template, and the weights, with the q/k rows permuted
 from Hugging Face's rotary layout back to the interleaved one llama.cpp expects (the
 same permutation as ``convert_hf_to_gguf.py``).
 
@@ -101,7 +101,7 @@ def _add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, config: dict[str, A
     ]
     merges = [" ".join(pair) for pair in tokenizer["model"]["merges"]]
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("gpt2")
+    writer.add_tokenizer_pre("gpt-2")
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 from collections.abc import AsyncIterator
@@ -16,7 +17,10 @@ from kensho.runtime.engines.llama_engine import LlamaCppEngine
 from kensho.runtime.engines.torch_engine import TorchEngine
 from kensho.runtime.manager import RuntimeManager
 
-pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (extra `llama`)")
+# Not imported here: importing llama_cpp leaks a /dev/null handle (a ResourceWarning);
+# the engines import it in their own processes.
+if importlib.util.find_spec("llama_cpp") is None:
+    pytest.skip("llama-cpp-python is not installed (extra `llama`)", allow_module_level=True)
 
 REQUEST = GenerationRequest(prompt="The GPU", max_tokens=120, temperature=0)
 OPEN = 60.0

@@ -73,7 +73,7 @@ class _Child:
         self.llm: Any = None
         self.template: Any = None
         self.n_ctx = 0
-        self.prefilling = False
+        self.arm_abort: Any = None
         self._callbacks: list[Any] = []  # ctypes callbacks must outlive their use
 
     # -- messages from the parent (reader thread) ---------------------------------------
@@ -145,7 +145,7 @@ class _Child:
                 kind = "architecture"
             raise _LoadFailure(kind, f"{path}: {reason or exc}") from exc
         self.n_ctx = int(self.llm.n_ctx())
-        trained = int(self.llm.n_ctx_train())
+        trained = int(self.llm._model.n_ctx_train())
         if self.n_ctx > trained:
             raise _LoadFailure(
                 "context",
@@ -169,7 +169,7 @@ class _Child:
 
         return {
             "n_ctx": self.n_ctx,
-            "n_ctx_train": int(self.llm.n_ctx_train()),
+            "n_ctx_train": int(self.llm._model.n_ctx_train()),
             "architecture": self.llm.metadata.get("general.architecture", "?"),
             "chat_template": self.template is not None,
             "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload()),
@@ -181,7 +181,7 @@ class _Child:
 
         @llama_cpp.llama_log_callback  # type: ignore[untyped-decorator]
         def on_log(level: int, text: bytes, _data: Any) -> None:
-            if level in (2, 3):  # warn, error
+            if level in (3, 4):  # ggml: 3 warn, 4 error
                 self.log_tail.append(text.decode("utf-8", "replace").strip())
 
         self._callbacks.append(on_log)
@@ -194,18 +194,20 @@ class _Child:
     def _set_abort(self, llama_cpp: Any) -> None:
         """Abort a prefill whose request was cancelled (llama_decode then returns 2).
 
-        The callback runs after every graph node, so it is only consulted while a
-        prompt is being read (``prefilling``): between tokens, the decode loop checks
+        The callback runs after every graph node (a Python call each time), so it is
+        armed only while a prompt is being read; between tokens, the decode loop checks
         for cancellation itself at no cost.
         """
 
         @llama_cpp.ggml_abort_callback  # type: ignore[untyped-decorator]
         def should_abort(_data: Any) -> bool:
             rid = self.current
-            return self.prefilling and rid is not None and self.is_cancelled(rid)
+            return rid is not None and self.is_cancelled(rid)
 
         self._callbacks.append(should_abort)
-        llama_cpp.llama_set_abort_callback(self.llm._ctx.ctx, should_abort, None)
+        ctx, set_callback, none = self.llm._ctx.ctx, llama_cpp.llama_set_abort_callback, None
+        off = llama_cpp.ggml_abort_callback()  # a NULL function pointer
+        self.arm_abort = lambda on: set_callback(ctx, should_abort if on else off, none)
 
     # -- generation -----------------------------------------------------------------------
 
@@ -256,9 +258,8 @@ class _Child:
             raise _Invalid(f"the model's chat template refused these messages: {exc}") from exc
 
     def generate(self, rid: str, params: dict[str, Any]) -> None:
-        if self.is_cancelled(rid):
-            self.conn.send(("cancelled", rid, False))
-            return
+        # A request cancelled while it waited is not skipped here: its prefill stops at
+        # the first graph node through the abort callback, the same path as a long one.
         llm = self.llm
         with self.lock:
             self.credit[rid] = self.credit.get(rid, 0) + int(params["window"])
@@ -284,10 +285,11 @@ class _Child:
         utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         send = self.conn.send
         produced = 0
-        self.prefilling = True
+        self.arm_abort(True)
         try:
             for token in stream:
-                self.prefilling = False
+                if not produced:
+                    self.arm_abort(False)
                 produced += 1
                 index = start + produced - 1
                 if is_eog(vocab, token):
@@ -307,7 +309,8 @@ class _Child:
                 return
             raise
         finally:
-            self.prefilling = False
+            if not produced:
+                self.arm_abort(False)
             stream.close()
 
 
@@ -334,6 +337,9 @@ def main(argv: list[str]) -> int:
         return 1
     except ImportError as exc:
         conn.send(("fail", "import", f"llama-cpp-python is not installed ({exc})"))
+        return 1
+    except Exception as exc:  # anything else llama-cpp-python raises while loading
+        conn.send(("fail", "load", f"{first[1]['path']}: {type(exc).__name__}: {exc}"))
         return 1
     conn.send(("ready", child.info()))
     threading.Thread(target=child.read_loop, name="kensho-llama-reader", daemon=True).start()
