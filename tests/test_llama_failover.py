@@ -6,13 +6,14 @@ import importlib.util
 import os
 import signal
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import pytest
 
 from kensho.demo import DEMO_MODEL_DIR
 from kensho.runtime.breaker import BreakerState, CircuitBreaker
 from kensho.runtime.clock import VirtualClock
-from kensho.runtime.engines.base import GenerationChunk, GenerationRequest
+from kensho.runtime.engines.base import Engine, GenerationChunk, GenerationRequest
 from kensho.runtime.engines.llama_engine import LlamaCppEngine
 from kensho.runtime.engines.torch_engine import TorchEngine
 from kensho.runtime.manager import RuntimeManager
@@ -26,22 +27,33 @@ REQUEST = GenerationRequest(prompt="The GPU", max_tokens=120, temperature=0)
 OPEN = 60.0
 
 
-@pytest.fixture
-async def rig() -> AsyncIterator[tuple[RuntimeManager, LlamaCppEngine, VirtualClock, str]]:
-    # Mixed pair: llama.cpp primary (on the CPU here, its crash is real), torch fallback.
+Rig = tuple[RuntimeManager, LlamaCppEngine, VirtualClock, str]
+
+
+@asynccontextmanager
+async def make_rig(fallback: Engine) -> AsyncIterator[Rig]:
+    """A llama.cpp primary (on the CPU here; its crash is real) with ``fallback``."""
     clock = VirtualClock()
     primary = LlamaCppEngine(DEMO_MODEL_DIR / "model.gguf", name="gpu", n_threads=1)
-    fallback = TorchEngine(DEMO_MODEL_DIR, name="cpu")
     breaker = CircuitBreaker("gpu", clock=clock, failure_threshold=1, open_duration=OPEN)
     manager = RuntimeManager(primary, fallback, clock=clock, primary_breaker=breaker)
     await manager.start()
-    reference = "".join([c.text async for c in fallback.generate(REQUEST)])
-    yield manager, primary, clock, reference
-    await manager.close()
+    try:
+        reference = "".join([c.text async for c in fallback.generate(REQUEST)])
+        yield manager, primary, clock, reference
+    finally:
+        await manager.close()
+
+
+@pytest.fixture
+async def rig() -> AsyncIterator[Rig]:
+    # Mixed pair: the fallback is the torch engine on the same weights.
+    async with make_rig(TorchEngine(DEMO_MODEL_DIR, name="cpu")) as built:
+        yield built
 
 
 async def test_sigkill_mid_stream_completes_on_the_fallback_then_a_probe_restarts_it(
-    rig: tuple[RuntimeManager, LlamaCppEngine, VirtualClock, str],
+    rig: Rig,
 ) -> None:
     manager, primary, clock, reference = rig
     first_pid = primary.pid
@@ -66,13 +78,12 @@ async def test_sigkill_mid_stream_completes_on_the_fallback_then_a_probe_restart
     assert primary.processes_started == 2
 
 
-async def test_sigkill_before_the_first_token_is_invisible(
-    rig: tuple[RuntimeManager, LlamaCppEngine, VirtualClock, str],
-) -> None:
-    manager, primary, _, reference = rig
-    assert primary.pid is not None
-    os.kill(primary.pid, signal.SIGKILL)
-    chunks = [c async for c in manager.generate(REQUEST)]
-    assert "".join(c.text for c in chunks) == reference
-    assert {c.engine for c in chunks} == {"cpu"}
-    assert manager.metrics().rerouted == 1
+async def test_sigkill_before_the_first_token_is_invisible_with_a_quantized_fallback() -> None:
+    fallback = LlamaCppEngine(DEMO_MODEL_DIR / "model-q8_0.gguf", name="cpu", n_threads=1)
+    async with make_rig(fallback) as (manager, primary, _, reference):
+        assert primary.pid is not None
+        os.kill(primary.pid, signal.SIGKILL)
+        chunks = [c async for c in manager.generate(REQUEST)]
+        assert "".join(c.text for c in chunks) == reference
+        assert {c.engine for c in chunks} == {"cpu"}
+        assert manager.metrics().rerouted == 1
