@@ -21,9 +21,9 @@ child -> parent::
     ("cancelled", rid, aborted_prefill) | ("err", rid, kind, message)
 
 Every request ends with exactly one of ``end``, ``cancelled`` or ``err``. Requests are
-served one at a time (a ``Llama`` object is not thread-safe); a reader thread takes
-cancellations while the main thread decodes, so a stream stops within one token and
-a long prefill is aborted through llama.cpp's abort callback. A request runs at most
+served one at a time (a ``Llama`` object is not thread-safe) by one thread, which
+reads the pipe between tokens, so a stream stops within one token, and from
+llama.cpp's abort callback, so a long prefill is cut short. A request runs at most
 ``window`` tokens ahead of what its consumer has read (credits, as in HTTP/2 flow
 control): a slow or departed client never has hundreds of tokens decoded for nothing.
 When the parent's end of the pipe closes (the server died), the child exits at once.
@@ -38,10 +38,8 @@ import codecs
 import collections
 import ctypes
 import os
-import queue
 import random
 import sys
-import threading
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -63,10 +61,8 @@ class _Invalid(Exception):
 class _Child:
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
-        self.jobs: queue.Queue[tuple[str, dict[str, Any]] | None] = queue.Queue()
+        self.jobs: collections.deque[tuple[str, dict[str, Any]]] = collections.deque()
         self.cancelled: set[str] = set()
-        self.lock = threading.Lock()
-        self.wake = threading.Condition(self.lock)
         self.credit: dict[str, int] = {}
         self.current: str | None = None
         self.log_tail: collections.deque[str] = collections.deque(maxlen=20)
@@ -76,40 +72,44 @@ class _Child:
         self.arm_abort: Any = None
         self._callbacks: list[Any] = []  # ctypes callbacks must outlive their use
 
-    # -- messages from the parent (reader thread) ---------------------------------------
+    # -- messages from the parent ------------------------------------------------------
 
-    def read_loop(self) -> None:
+    def pump(self, *, block: bool) -> None:
+        """Take in what the parent sent; with ``block``, wait for at least one message.
+
+        One thread does everything: it reads the pipe between tokens (a ``poll`` is one
+        system call), while waiting for work or credit, and from the abort callback
+        during a prefill. No reader thread means no thread switch before a first token.
+        """
+        conn = self.conn
         try:
+            if not block and not conn.poll():
+                return
             while True:
-                message = self.conn.recv()
-                if message[0] == "gen":
-                    self.jobs.put((message[1], message[2]))
-                elif message[0] == "credit":
-                    with self.wake:
-                        self.credit[message[1]] = self.credit.get(message[1], 0) + message[2]
-                        self.wake.notify_all()
-                elif message[0] == "cancel":
-                    with self.wake:
-                        self.cancelled.add(message[1])
-                        self.wake.notify_all()
+                self.handle(conn.recv())
+                if not conn.poll():
+                    return
         except (EOFError, OSError):
-            pass
-        # The parent is gone (or closed the pipe): nobody is left to serve.
-        os._exit(0)
+            # The parent is gone (or closed the pipe): nobody is left to serve.
+            os._exit(0)
 
-    def is_cancelled(self, rid: str) -> bool:
-        with self.lock:
-            return rid in self.cancelled
+    def handle(self, message: tuple[Any, ...]) -> None:
+        if message[0] == "gen":
+            self.jobs.append((message[1], message[2]))
+        elif message[0] == "credit":
+            self.credit[message[1]] = self.credit.get(message[1], 0) + message[2]
+        elif message[0] == "cancel":
+            self.cancelled.add(message[1])
 
     def may_send(self, rid: str) -> bool:
         """Wait for the consumer's credit; False once the request is cancelled."""
-        with self.wake:
-            while self.credit.get(rid, 0) <= 0 and rid not in self.cancelled:
-                self.wake.wait()
-            if rid in self.cancelled:
-                return False
-            self.credit[rid] -= 1
-            return True
+        self.pump(block=False)
+        while self.credit.get(rid, 0) <= 0 and rid not in self.cancelled:
+            self.pump(block=True)
+        if rid in self.cancelled:
+            return False
+        self.credit[rid] -= 1
+        return True
 
     # -- load ---------------------------------------------------------------------------
 
@@ -201,8 +201,8 @@ class _Child:
 
         @llama_cpp.ggml_abort_callback  # type: ignore[untyped-decorator]
         def should_abort(_data: Any) -> bool:
-            rid = self.current
-            return rid is not None and self.is_cancelled(rid)
+            self.pump(block=False)
+            return self.current is not None and self.current in self.cancelled
 
         self._callbacks.append(should_abort)
         ctx, set_callback, none = self.llm._ctx.ctx, llama_cpp.llama_set_abort_callback, None
@@ -213,10 +213,9 @@ class _Child:
 
     def serve(self) -> None:
         while True:
-            job = self.jobs.get()
-            if job is None:
-                return
-            rid, params = job
+            while not self.jobs:
+                self.pump(block=True)
+            rid, params = self.jobs.popleft()
             self.current = rid
             try:
                 self.generate(rid, params)
@@ -226,9 +225,8 @@ class _Child:
                 self.conn.send(("err", rid, "engine", f"{type(exc).__name__}: {exc}"))
             finally:
                 self.current = None
-                with self.lock:
-                    self.cancelled.discard(rid)
-                    self.credit.pop(rid, None)
+                self.cancelled.discard(rid)
+                self.credit.pop(rid, None)
 
     def prompt_tokens(self, params: dict[str, Any]) -> list[int]:
         if params.get("prompt") is not None:
@@ -261,8 +259,7 @@ class _Child:
         # A request cancelled while it waited is not skipped here: its prefill stops at
         # the first graph node through the abort callback, the same path as a long one.
         llm = self.llm
-        with self.lock:
-            self.credit[rid] = self.credit.get(rid, 0) + int(params["window"])
+        self.credit[rid] = self.credit.get(rid, 0) + int(params["window"])
         tokens = self.prompt_tokens(params)
         cont = params["continuation"]
         start = len(llm.tokenize(cont.encode("utf-8"), add_bos=False, special=True)) if cont else 0
@@ -304,7 +301,7 @@ class _Child:
                     return
                 send(("tok", rid, text, index))
         except RuntimeError as exc:
-            if _ABORTED in str(exc) and self.is_cancelled(rid):
+            if _ABORTED in str(exc) and rid in self.cancelled:
                 send(("cancelled", rid, True))
                 return
             raise
@@ -342,7 +339,6 @@ def main(argv: list[str]) -> int:
         conn.send(("fail", "load", f"{first[1]['path']}: {type(exc).__name__}: {exc}"))
         return 1
     conn.send(("ready", child.info()))
-    threading.Thread(target=child.read_loop, name="kensho-llama-reader", daemon=True).start()
     child.serve()
     return 0
 
