@@ -38,16 +38,70 @@ import codecs
 import collections
 import ctypes
 import os
+import pickle
 import random
+import socket
+import struct
 import sys
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-__all__ = ["main"]
+__all__ = ["Inbox", "main"]
 
 _GGUF_MAGIC = b"GGUF"
 _ABORTED = "llama_decode returned 2"
+
+
+class Inbox:
+    """The reading side of a ``multiprocessing`` connection, without blocking or polls.
+
+    ``Connection.poll()`` builds a selector per call (tens of µs); here one
+    ``recv(MSG_DONTWAIT)`` takes whatever has arrived and every complete frame in it is
+    decoded (frames as ``Connection.send`` writes them: a 4-byte big-endian length, or
+    -1 then 8 bytes, then the pickle). Both sides of the pipe use it; it reads a
+    duplicate of the descriptor, so the connection stays blocking for writes.
+    """
+
+    def __init__(self, conn: Connection) -> None:
+        self._sock = socket.fromfd(conn.fileno(), socket.AF_UNIX, socket.SOCK_STREAM)
+        self._buf = bytearray()
+
+    def take(self, *, block: bool) -> list[tuple[Any, ...]] | None:
+        """Messages ready now (with ``block``: wait for at least one); None at EOF."""
+        messages = self._frames()
+        while not messages:
+            try:
+                data = self._sock.recv(1 << 16, 0 if block else socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return []
+            if not data:
+                return None
+            self._buf += data
+            messages = self._frames()
+            if not block:
+                break
+        return messages
+
+    def _frames(self) -> list[tuple[Any, ...]]:
+        out: list[tuple[Any, ...]] = []
+        buf = self._buf
+        while len(buf) >= 4:
+            (size,) = struct.unpack_from("!i", buf)
+            start = 4
+            if size == -1:
+                if len(buf) < 12:
+                    break
+                (size,) = struct.unpack_from("!Q", buf, 4)
+                start = 12
+            if len(buf) < start + size:
+                break
+            out.append(pickle.loads(buf[start : start + size]))  # noqa: S301 - our own pipe
+            del buf[: start + size]
+        return out
+
+    def close(self) -> None:
+        self._sock.close()
 
 
 class _Invalid(Exception):
@@ -61,6 +115,7 @@ class _Invalid(Exception):
 class _Child:
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
+        self.inbox = Inbox(conn)
         self.jobs: collections.deque[tuple[str, dict[str, Any]]] = collections.deque()
         self.cancelled: set[str] = set()
         self.credit: dict[str, int] = {}
@@ -77,21 +132,15 @@ class _Child:
     def pump(self, *, block: bool) -> None:
         """Take in what the parent sent; with ``block``, wait for at least one message.
 
-        One thread does everything: it reads the pipe between tokens (a ``poll`` is one
-        system call), while waiting for work or credit, and from the abort callback
+        One thread does everything: it reads the pipe between tokens (one non-blocking
+        ``recv``), while waiting for work or credit, and from the abort callback
         during a prefill. No reader thread means no thread switch before a first token.
         """
-        conn = self.conn
-        try:
-            if not block and not conn.poll():
-                return
-            while True:
-                self.handle(conn.recv())
-                if not conn.poll():
-                    return
-        except (EOFError, OSError):
-            # The parent is gone (or closed the pipe): nobody is left to serve.
+        messages = self.inbox.take(block=block)
+        if messages is None:  # the parent is gone (or closed the pipe): nobody to serve
             os._exit(0)
+        for message in messages:
+            self.handle(message)
 
     def handle(self, message: tuple[Any, ...]) -> None:
         if message[0] == "gen":
@@ -320,7 +369,10 @@ class _LoadFailure(Exception):
 def main(argv: list[str]) -> int:
     conn = Connection(int(argv[1]))
     child = _Child(conn)
-    first = conn.recv()
+    batch = child.inbox.take(block=True) or [("eof",)]
+    first = batch[0]
+    for message in batch[1:]:
+        child.handle(message)
     if first[0] != "load":
         conn.send(("fail", "protocol", f"expected a load message, got {first[0]!r}"))
         return 2

@@ -44,6 +44,7 @@ from kensho.errors import (
     ModelFileError,
 )
 from kensho.runtime.engines.base import EngineKind, FinishReason, GenerationChunk, GenerationRequest
+from kensho.runtime.engines.llama_child import Inbox
 from kensho.runtime.engines.torch_engine import StopMatcher
 from kensho.telemetry import get_logger
 
@@ -91,6 +92,7 @@ class _Child:
     def __init__(self, proc: subprocess.Popen[bytes], conn: Connection) -> None:
         self.proc = proc
         self.conn = conn
+        self.inbox = Inbox(conn)
         self.streams: dict[str, _Stream] = {}
         self.hello: asyncio.Future[tuple[Any, ...]] = asyncio.get_running_loop().create_future()
         self.stderr = bytearray()
@@ -233,15 +235,15 @@ class LlamaCppEngine:
 
     def _on_messages(self, child: _Child) -> None:
         """Drain every message that is ready: one event-loop wake-up for a burst."""
-        conn = child.conn
         try:
-            while True:
-                message = conn.recv()
-                self._dispatch(child, message)
-                if not conn.poll():
-                    return
-        except (EOFError, OSError):
+            messages = child.inbox.take(block=False)
+        except OSError:
+            messages = None
+        if messages is None:
             self._on_death(child)
+            return
+        for message in messages:
+            self._dispatch(child, message)
 
     def _dispatch(self, child: _Child, message: tuple[Any, ...]) -> None:
         kind = message[0]
@@ -300,6 +302,7 @@ class LlamaCppEngine:
         """Close the pipe (the child exits by itself), then make sure it is gone."""
         child.alive = False
         self._stop_reading(child)
+        child.inbox.close()
         child.conn.close()
         try:
             await asyncio.to_thread(child.proc.wait, 5.0)
