@@ -73,6 +73,42 @@ class RawLlama:
         return first, count / (time.perf_counter() - start), (time.process_time() - cpu) / count
 
 
+_WRITER = """
+import socket, sys, time
+s = socket.socket(fileno=int(sys.argv[1]))
+for _ in range(int(sys.argv[2])):
+    t = time.perf_counter()
+    while time.perf_counter() - t < 0.0005:  # about one token apart, as a decoding child
+        pass
+    s.send(b"x" * 40)
+"""
+
+
+async def wake_floor(messages: int = 2000) -> float:
+    """Server CPU per message of a bare ``add_reader`` wake-up fed by another process.
+
+    The floor under any per-token hand-off from a child process: the engine's own
+    cost per chunk is its "server CPU µs/chunk" minus this.
+    """
+    import socket
+    import subprocess
+
+    ours, theirs = socket.socketpair()
+    argv = [sys.executable, "-c", _WRITER, str(theirs.fileno()), str(messages)]
+    writer = subprocess.Popen(argv, pass_fds=(theirs.fileno(),))  # noqa: ASYNC220 - a bench helper
+    theirs.close()
+    loop = asyncio.get_running_loop()
+    inbox: asyncio.Queue[bytes] = asyncio.Queue()
+    loop.add_reader(ours.fileno(), lambda: inbox.put_nowait(ours.recv(1 << 16)))
+    cpu, count = time.process_time(), 0
+    while await inbox.get():
+        count += 1
+    loop.remove_reader(ours.fileno())
+    ours.close()
+    await asyncio.to_thread(writer.wait)
+    return (time.process_time() - cpu) / count
+
+
 class Streamed:
     """One streamed request through an engine or the runtime manager."""
 
@@ -134,6 +170,7 @@ def main() -> None:
     args = parser.parse_args()
     configure_logging(level="warning")
     results = asyncio.run(measure(args.tokens, args.rounds, args.threads))
+    floor = asyncio.run(wake_floor())
     _, raw_tps, _ = results["llama-cpp-python in process (F32)"]
     rows = []
     for name, (ttft, tps, cpu) in results.items():
@@ -167,6 +204,10 @@ def main() -> None:
             ],
             rows,
         )
+    )
+    print()
+    print(
+        f"bare asyncio add_reader wake-up, fed by another process: {floor * 1e6:.0f} µs CPU/message"
     )
 
 
