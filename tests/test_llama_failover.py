@@ -1,10 +1,13 @@
-"""A llama.cpp engine process killed mid-stream: the user's text does not change."""
+"""llama.cpp engine processes that die: the user's text does not change, none is orphaned."""
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import select
 import signal
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -87,3 +90,40 @@ async def test_sigkill_before_the_first_token_is_invisible_with_a_quantized_fall
         assert "".join(c.text for c in chunks) == reference
         assert {c.engine for c in chunks} == {"cpu"}
         assert manager.metrics().rerouted == 1
+
+
+_SERVER = """
+import asyncio, sys
+from kensho.runtime.engines.llama_engine import LlamaCppEngine
+
+async def main():
+    engine = LlamaCppEngine(sys.argv[1], n_threads=1)
+    await engine.load()
+    print(engine.pid, flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+def test_the_child_exits_when_the_server_is_killed() -> None:
+    server = subprocess.Popen(
+        [sys.executable, "-c", _SERVER, str(DEMO_MODEL_DIR / "model.gguf")],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert server.stdout is not None
+        child_pid = int(server.stdout.readline())
+        pidfd = os.pidfd_open(child_pid)  # readable once that process has exited
+        try:
+            server.kill()  # no cleanup runs in the server: only the closed pipe tells
+            readable, _, _ = select.select([pidfd], [], [], 30)
+            assert readable, f"the llama.cpp child {child_pid} outlived its server"
+        finally:
+            os.close(pidfd)
+    finally:
+        server.kill()
+        server.wait()
+        if server.stdout is not None:
+            server.stdout.close()
