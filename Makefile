@@ -6,6 +6,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.kensho-installed
+LLAMA  := $(VENV)/.kensho-llama-installed
+# `make run ENGINE=llama` serves the demo's GGUF on llama.cpp (compiled on first use).
+ENGINE ?=
 
 .PHONY: help run test lint typecheck pytest chromium bench clean
 
@@ -18,14 +21,18 @@ help:
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	# llama-cpp-python has no wheel for this platform on PyPI: pip builds llama.cpp from its
-	# source release (gcc + cmake, a few minutes on 2 cores; pip caches the wheel after).
-	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/python -m pip install --quiet -c constraints.txt \
-		-e '.[dev,bench,ml,otel,llama,s3]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev,bench,ml,otel,s3]'
 	@touch $@
 
-run: $(STAMP)
-	$(BIN)/kensho up
+# llama-cpp-python has no wheel on PyPI: pip compiles llama.cpp (4-7 min on 2 cores) the
+# first time, then reuses its cached wheel. Only `make test` and ENGINE=llama need it.
+$(LLAMA): $(STAMP)
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/python -m pip install --quiet \
+		-c constraints.txt -e '.[llama]'
+	@touch $@
+
+run: $(STAMP) $(if $(filter llama,$(ENGINE)),$(LLAMA))
+	$(BIN)/kensho up $(if $(ENGINE),--engine $(ENGINE))
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench scripts
@@ -41,12 +48,12 @@ chromium:
 		apt-get update -qq && apt-get install -y -qq chromium; } || \
 		echo "chromium not installed: tests/test_dashboard.py will skip its browser tests"
 
-pytest: $(STAMP) chromium
+pytest: $(LLAMA) chromium
 	$(BIN)/python -m pytest --cov --cov-report=term
 
 test: lint typecheck pytest
 
-bench: $(STAMP)
+bench: $(LLAMA)
 	@for b in bench/*_bench.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 
 clean:

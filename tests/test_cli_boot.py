@@ -61,7 +61,7 @@ def test_a_first_boot_on_a_terminal_says_installing_once_and_leaves_no_bar(
     text = "\n".join(shown)
     installing = [line for line in shown if line.startswith("installing ")]
     assert len(installing) == 1, text
-    assert re.fullmatch(r"installing 6 files \(954\.\d KiB\) from .*demo/model", installing[0])
+    assert re.fullmatch(r"installing 8 files \(2\.1 MiB\) from .*demo/model", installing[0])
     assert shown.count("store ready") == 1, text
     assert "missing" not in text  # a first install is not a repair
     assert "boot started" not in text  # info logs stay off a terminal unless asked
@@ -81,7 +81,7 @@ def test_off_a_terminal_boot_writes_json_lines_only(tmp_path: Path) -> None:
     records = [json.loads(line) for line in lines]  # every line is JSON
     events = [r["event"] for r in records]
     assert "boot started" in events  # the level stays info off a terminal
-    assert any(e.startswith("installing 6 files (") for e in events), events
+    assert any(e.startswith("installing 8 files (") for e in events), events
     assert events.count("store ready") == 1
     assert not any("missing" in e for e in events), events
 

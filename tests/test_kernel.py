@@ -52,7 +52,7 @@ async def test_demo_boot_fills_the_store_then_serves(tmp_path: Path) -> None:
         assert kernel.uses_demo
         assert (tmp_path / "demo" / "model.safetensors").is_file()
         assert ctx.integrity.status == "ok"
-        assert ctx.integrity.files == {"ok": 6}
+        assert ctx.integrity.files == {"ok": 8}
         assert any(isinstance(e, StorageReady) for e in seen)
         assert kernel.runtime is not None
         assert kernel.runtime.hub.history[0].kind == "storage.verify.started"

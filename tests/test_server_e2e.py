@@ -68,7 +68,7 @@ def test_demo_model_with_the_openai_client(tmp_path: Path) -> None:
         assert metric(metrics, 'kensho_breaker_state{engine="cpu",state="closed"}') == 1.0
         ready = httpx.get(server.url + "/readyz").json()
         assert ready["integrity"]["status"] == "ok"
-        assert ready["integrity"]["files"] == {"ok": 6}
+        assert ready["integrity"]["files"] == {"ok": 8}
         # No CUDA here: the service says so and serves on the CPU fallback.
         assert ready["active_engine"] == "cpu"
 

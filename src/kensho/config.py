@@ -153,14 +153,22 @@ class ModelSettings(_Section):
     """``[model]``: what ``kensho up`` serves and on which engines.
 
     ``engine = "torch"`` runs the model folder with transformers: the primary on
-    ``primary_device`` (CUDA), the fallback on ``fallback_device`` (CPU). ``"mock"``
+    ``primary_device`` (CUDA), the fallback on ``fallback_device`` (CPU). ``"llama"``
+    runs the store's GGUF file ``gguf`` on llama.cpp, each engine in its own process
+    (the primary with every layer on the GPU); ``fallback_gguf`` names another file of
+    the store for the CPU fallback (a quantized one, e.g. ``model-q8_0.gguf``; empty:
+    the same file). ``fallback_engine`` mixes kinds (``engine = "torch"`` with
+    ``fallback_engine = "llama"``); empty means the same as ``engine``. ``"mock"``
     serves the fault-injecting engines instead (demos, load tests), with the given
     latencies. ``dir`` is the store holding the model; empty means the embedded demo.
     """
 
     id: str = Field(default="kensho-demo", min_length=1, max_length=256)
     dir: Path | None = None
-    engine: Literal["torch", "mock"] = "torch"
+    engine: Literal["torch", "llama", "mock"] = "torch"
+    fallback_engine: Literal["torch", "llama"] | None = None
+    gguf: str = Field(default="model.gguf", min_length=1, max_length=4096)
+    fallback_gguf: str | None = Field(default=None, min_length=1, max_length=4096)
     primary_device: str = "cuda"
     fallback_device: str = "cpu"
     dtype: Literal["float32", "float16", "bfloat16"] | None = None

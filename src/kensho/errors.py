@@ -25,7 +25,9 @@ Messages say what happened, to which file or task, and what the user can do.
     ├── InvalidRequestError    a request an engine cannot serve as given (also a ValueError)
     ├── EngineError            an inference engine failed
     │   ├── EngineUnavailableError   the engine cannot run here (no CUDA, not loaded)
-    │   └── EngineOutOfMemoryError   the device ran out of memory
+    │   │   └── ModelFileError       the model file cannot be served (not GGUF, ...)
+    │   ├── EngineOutOfMemoryError   the device ran out of memory
+    │   └── EngineCrashedError       the engine's own process died (abort, SIGKILL)
     ├── CircuitOpenError       the circuit breaker refuses calls for now
     ├── QueueFullError         the executor rejected or shed a task (overload)
     └── TaskTimeoutError       a task missed its deadline
@@ -40,6 +42,7 @@ __all__ = [
     "ConfigError",
     "DiskSpaceError",
     "DownloadError",
+    "EngineCrashedError",
     "EngineError",
     "EngineOutOfMemoryError",
     "EngineUnavailableError",
@@ -47,6 +50,7 @@ __all__ = [
     "InvalidRequestError",
     "KenshoError",
     "ManifestError",
+    "ModelFileError",
     "QueueFullError",
     "SignatureError",
     "SourceError",
@@ -182,6 +186,31 @@ class EngineUnavailableError(EngineError):
 
 class EngineOutOfMemoryError(EngineError):
     """The engine's device ran out of memory (cached memory was released first)."""
+
+
+class ModelFileError(EngineUnavailableError):
+    """The model file cannot be served as asked: not a GGUF file, an architecture
+    llama.cpp does not know, a context longer than the model's. ``path`` names the file.
+
+    Not permanent: the store may repair the file, and the next probe loads it again.
+    """
+
+    def __init__(self, message: str, *, path: Path) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class EngineCrashedError(EngineError):
+    """The process running the engine died (llama.cpp aborted, out of memory, SIGKILL).
+
+    The server lives on: the breaker counts it, the fallback takes over, and the engine
+    starts a new process on its next request. ``exit_code`` is the child's status
+    (negative: killed by that signal), None when it was not known yet.
+    """
+
+    def __init__(self, message: str, *, exit_code: int | None = None) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class CircuitOpenError(KenshoError):

@@ -41,6 +41,7 @@ import socket
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -49,11 +50,12 @@ import uvicorn
 from kensho._live_apply import LiveApplier
 from kensho.config import Settings
 from kensho.demo import DEMO_MANIFEST, DEMO_MODEL_DIR
-from kensho.errors import KenshoError
+from kensho.errors import ConfigError, KenshoError
 from kensho.events import Event
 from kensho.hub import EventHub
 from kensho.runtime.engines.base import Engine
 from kensho.runtime.engines.faulty import MockCPUEngine, MockGPUEngine
+from kensho.runtime.engines.llama_engine import LlamaCppEngine
 from kensho.runtime.engines.torch_engine import TorchEngine
 from kensho.runtime.executor import TaskExecutor
 from kensho.runtime.manager import RuntimeManager
@@ -233,10 +235,42 @@ class Kernel:
                 time_per_token=model.mock_time_per_token * 5,
             )
             return primary, fallback
-        folder = self.storage.root
-        primary = TorchEngine(folder, device=model.primary_device, dtype=model.dtype, name="gpu")
-        fallback = TorchEngine(folder, device=model.fallback_device, dtype=None, name="cpu")
+        fallback_kind = model.fallback_engine or model.engine
+        if model.engine == "llama":
+            primary = LlamaCppEngine(
+                self._store_file(model.gguf, "model.gguf"), device=model.primary_device, name="gpu"
+            )
+        else:
+            primary = TorchEngine(
+                self.storage.root, device=model.primary_device, dtype=model.dtype, name="gpu"
+            )
+        if fallback_kind == "llama":
+            file, key = (
+                (model.fallback_gguf, "model.fallback_gguf")
+                if model.fallback_gguf
+                else (
+                    model.gguf,
+                    "model.gguf",
+                )
+            )
+            fallback = LlamaCppEngine(
+                self._store_file(file, key), device=model.fallback_device, name="cpu"
+            )
+        else:
+            fallback = TorchEngine(self.storage.root, device=model.fallback_device, name="cpu")
         return primary, fallback
+
+    def _store_file(self, name: str, key: str) -> Path:
+        """A file named by the settings, which must lie inside the store."""
+        root = self.storage.root.resolve()
+        path = (root / name).resolve()
+        if not path.is_relative_to(root) or path == root:
+            raise ConfigError(
+                f"{key} = {name!r} is not a file inside the store {root}; name it "
+                "relative to the store (e.g. model.gguf)",
+                key=key,
+            )
+        return path
 
     # -- lifecycle -----------------------------------------------------------------------
 

@@ -128,7 +128,11 @@ SourceOpt = Annotated[
     typer.Option("--source", "-s", help="Repair source: folder, file:// or http(s):// URL."),
 ]
 EngineOpt = Annotated[
-    str | None, typer.Option(help="torch (real model) or mock (fault-injecting engines).")
+    str | None,
+    typer.Option(
+        help="torch (Hugging Face folder), llama (GGUF on llama.cpp) or mock "
+        "(fault-injecting engines)."
+    ),
 ]
 
 
@@ -191,7 +195,7 @@ class _BootProgress(_StorageProgress):
     """Boot as a person reads it on a terminal, and as JSON logs only off one.
 
     On a terminal: progress bars, and one human line per event: a store with every
-    file missing is a first install ("installing 6 files (954.3 KiB) from SOURCE"),
+    file missing is a first install ("installing 8 files (2.1 MiB) from SOURCE"),
     not six "missing" files and a repair; a verdict repeated by the second check
     under the store lock is not printed twice. Off a terminal the components' JSON
     logs say it all; the few verdicts no component logs are logged here, as JSON.

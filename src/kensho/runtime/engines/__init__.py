@@ -1,6 +1,7 @@
 """Inference engines: the :class:`Engine` protocol and fault-injecting engines.
 
-A real ``transformers`` engine implements the same protocol; the fault-injecting
+The real engines (``torch_engine.TorchEngine``, :class:`LlamaCppEngine` for GGUF files
+on llama.cpp, in a child process) implement the same protocol; the fault-injecting
 ones (:class:`MockGPUEngine`, :class:`MockCPUEngine`) drive tests and demos.
 """
 
@@ -16,6 +17,7 @@ from kensho.runtime.engines.base import (
     SupportsHealth,
 )
 from kensho.runtime.engines.faulty import EngineStats, FaultyEngine, MockCPUEngine, MockGPUEngine
+from kensho.runtime.engines.llama_engine import LlamaCppEngine
 
 __all__ = [
     "ChatMessage",
@@ -26,6 +28,7 @@ __all__ = [
     "FinishReason",
     "GenerationChunk",
     "GenerationRequest",
+    "LlamaCppEngine",
     "MockCPUEngine",
     "MockGPUEngine",
     "SupportsHealth",

@@ -1,0 +1,215 @@
+"""LlamaCppEngine vs raw llama-cpp-python vs TorchEngine on the demo model, CPU.
+
+Measures time to first token (TTFT) and decode speed (tokens/s), greedy, same prompt,
+same thread count for every contender:
+
+- raw ``llama_cpp.Llama.generate()`` in this process (the floor: no process boundary);
+- ``LlamaCppEngine`` direct (child process, pipe, event-loop hand-off), F32 and Q8_0;
+- ``LlamaCppEngine`` via ``RuntimeManager`` (breaker, hang detection), as the server;
+- ``TorchEngine`` on the same weights (transformers folder).
+
+The hand-off cost per chunk is measured two ways: (1/engine tokens/s - 1/raw tokens/s),
+what the process boundary and the event loop add per token on top of llama.cpp's own
+decode (noisy on a shared machine), and the server process's own CPU time per chunk
+(``time.process_time``: reading the pipe, unpickling, waking the consumer, yielding;
+the decode runs in the child and is not in it), which load on other cores does not
+inflate. Rounds interleave the contenders, so drift in load hits them all alike; medians.
+
+    .venv/bin/python bench/llama_bench.py [--tokens 200] [--rounds 11] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _table import machine_line, markdown_table
+from kensho.demo import DEMO_MODEL_DIR
+from kensho.runtime.engines.base import GenerationChunk, GenerationRequest
+from kensho.runtime.engines.llama_engine import LlamaCppEngine
+from kensho.runtime.engines.torch_engine import TorchEngine
+from kensho.runtime.manager import RuntimeManager
+from kensho.telemetry import configure_logging
+
+PROMPT = "The GPU"
+Round = Callable[[int], Any]
+
+
+class RawLlama:
+    """llama-cpp-python in this process: tokenize, then ``generate`` token by token."""
+
+    def __init__(self, path: Path, threads: int) -> None:
+        import llama_cpp
+
+        self.llm = llama_cpp.Llama(
+            model_path=str(path),
+            n_ctx=0,
+            n_threads=threads,
+            n_threads_batch=threads,
+            verbose=False,
+        )
+
+    async def round(self, tokens: int) -> tuple[float, float, float]:
+        start, cpu = time.perf_counter(), time.process_time()
+        ids = self.llm.tokenize(PROMPT.encode(), add_bos=True, special=True)
+        stream = self.llm.generate(ids, top_k=0, top_p=1.0, min_p=0.0, temp=0.0, reset=True)
+        first, count = 0.0, 0
+        for token in stream:
+            self.llm.detokenize([token])
+            count += 1
+            if count == 1:
+                first = time.perf_counter() - start
+            if count == tokens:
+                break
+        stream.close()
+        self.llm.reset()  # no KV reuse between rounds: every contender reads the prompt
+        return first, count / (time.perf_counter() - start), (time.process_time() - cpu) / count
+
+
+_WRITER = """
+import socket, sys, time
+s = socket.socket(fileno=int(sys.argv[1]))
+for _ in range(int(sys.argv[2])):
+    t = time.perf_counter()
+    while time.perf_counter() - t < 0.0005:  # about one token apart, as a decoding child
+        pass
+    s.send(b"x" * 40)
+"""
+
+
+async def wake_floor(messages: int = 2000) -> float:
+    """Server CPU per message of a bare ``add_reader`` wake-up fed by another process.
+
+    The floor under any per-token hand-off from a child process: the engine's own
+    cost per chunk is its "server CPU µs/chunk" minus this.
+    """
+    import socket
+    import subprocess
+
+    ours, theirs = socket.socketpair()
+    argv = [sys.executable, "-c", _WRITER, str(theirs.fileno()), str(messages)]
+    writer = subprocess.Popen(argv, pass_fds=(theirs.fileno(),))  # noqa: ASYNC220 - a bench helper
+    theirs.close()
+    loop = asyncio.get_running_loop()
+    inbox: asyncio.Queue[bytes] = asyncio.Queue()
+    loop.add_reader(ours.fileno(), lambda: inbox.put_nowait(ours.recv(1 << 16)))
+    cpu, count = time.process_time(), 0
+    while await inbox.get():
+        count += 1
+    loop.remove_reader(ours.fileno())
+    ours.close()
+    await asyncio.to_thread(writer.wait)
+    return (time.process_time() - cpu) / count
+
+
+class Streamed:
+    """One streamed request through an engine or the runtime manager."""
+
+    def __init__(self, generate: Callable[[GenerationRequest], AsyncIterator[GenerationChunk]]):
+        self.generate = generate
+
+    async def round(self, tokens: int) -> tuple[float, float, float]:
+        request = GenerationRequest(prompt=PROMPT, max_tokens=tokens, temperature=0)
+        start, cpu = time.perf_counter(), time.process_time()
+        first, count = 0.0, 0
+        async for _ in self.generate(request):
+            count += 1
+            if count == 1:
+                first = time.perf_counter() - start
+        cpu_per_chunk = (time.process_time() - cpu) / count
+        return first, count / (time.perf_counter() - start), cpu_per_chunk
+
+
+async def measure(tokens: int, rounds: int, threads: int) -> dict[str, tuple[float, float, float]]:
+    import torch
+
+    torch.set_num_threads(threads)
+    f32, q8 = DEMO_MODEL_DIR / "model.gguf", DEMO_MODEL_DIR / "model-q8_0.gguf"
+    llama = LlamaCppEngine(f32, n_threads=threads)
+    llama_q8 = LlamaCppEngine(q8, n_threads=threads, name="cpu-q8")
+    torch_engine = TorchEngine(DEMO_MODEL_DIR)
+    behind = LlamaCppEngine(f32, n_threads=threads, name="managed")
+    manager = RuntimeManager(behind)
+    for engine in (llama, llama_q8, torch_engine):
+        await engine.load()
+    await manager.start()
+    paths: dict[str, Any] = {
+        "llama-cpp-python in process (F32)": RawLlama(f32, threads),
+        "LlamaCppEngine direct (F32)": Streamed(llama.generate),
+        "LlamaCppEngine via RuntimeManager (F32)": Streamed(manager.generate),
+        "LlamaCppEngine direct (Q8_0)": Streamed(llama_q8.generate),
+        "TorchEngine direct (safetensors F32)": Streamed(torch_engine.generate),
+    }
+    samples: dict[str, list[tuple[float, float, float]]] = {name: [] for name in paths}
+    for i in range(rounds + 1):
+        for name, path in paths.items():
+            result = await path.round(tokens)
+            if i:  # round 0 warms every path up
+                samples[name].append(result)
+    await manager.close()
+    for engine in (llama, llama_q8, torch_engine):
+        await engine.close()
+    return {
+        name: tuple(statistics.median(run[i] for run in runs) for i in range(3))  # type: ignore[misc]
+        for name, runs in samples.items()
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--tokens", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=11)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    configure_logging(level="warning")
+    results = asyncio.run(measure(args.tokens, args.rounds, args.threads))
+    floor = asyncio.run(wake_floor())
+    _, raw_tps, _ = results["llama-cpp-python in process (F32)"]
+    rows = []
+    for name, (ttft, tps, cpu) in results.items():
+        handoff = (1 / tps - 1 / raw_tps) * 1e6
+        rows.append(
+            (
+                name,
+                f"{ttft * 1e3:.2f}",
+                f"{tps:.0f}",
+                f"{tps / raw_tps:.2f}x",
+                f"{handoff:+.0f}",
+                f"{cpu * 1e6:.0f}",
+            )
+        )
+    sizes = {p.name: p.stat().st_size for p in DEMO_MODEL_DIR.glob("*.gguf")}
+    print(
+        f"llama_bench: demo model, prompt {PROMPT!r}, {args.tokens} tokens greedy, "
+        f"{args.rounds} rounds, medians, {args.threads} thread(s); {machine_line()}; "
+        + ", ".join(f"{n} {s / 1024:.0f} KiB" for n, s in sorted(sizes.items()))
+    )
+    print()
+    print(
+        markdown_table(
+            [
+                "path",
+                "TTFT (ms)",
+                "tokens/s",
+                "vs in-process",
+                "µs/token vs in-process",
+                "server CPU µs/chunk",
+            ],
+            rows,
+        )
+    )
+    print()
+    print(
+        f"bare asyncio add_reader wake-up, fed by another process: {floor * 1e6:.0f} µs CPU/message"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,399 @@
+"""The child process of :class:`~kensho.runtime.engines.llama_engine.LlamaCppEngine`.
+
+Run as ``python -I llama_child.py FD``: a script, not a module of the package, so the
+child imports the standard library and ``llama_cpp`` only (it starts in a fraction of
+a second and nothing of the server is duplicated in it). ``FD`` is one end of a
+``multiprocessing`` pipe; messages are small pickled tuples.
+
+parent -> child::
+
+    ("load", {"path", "n_ctx", "n_gpu_layers", "n_threads", "n_batch", "require_gpu"})
+    ("gen", rid, {"prompt"|"messages", "continuation", "max_tokens", "temperature",
+                  "top_p", "seed", "window"})
+    ("credit", rid, n)      the consumer read n more tokens: n more may be sent
+    ("cancel", rid)
+
+child -> parent::
+
+    ("ready", info) | ("fail", kind, message)                      answer to "load"
+    ("tok", rid, text, index)                                       one per token
+    ("end", rid, text, index, finish_reason)                        last token
+    ("cancelled", rid, aborted_prefill) | ("err", rid, kind, message)
+
+Every request ends with exactly one of ``end``, ``cancelled`` or ``err``. Requests are
+served one at a time (a ``Llama`` object is not thread-safe) by one thread, which
+reads the pipe between tokens, so a stream stops within one token, and from
+llama.cpp's abort callback, so a long prefill is cut short. A request runs at most
+``window`` tokens ahead of what its consumer has read (credits, as in HTTP/2 flow
+control): a slow or departed client never has hundreds of tokens decoded for nothing.
+When the parent's end of the pipe closes (the server died), the child exits at once.
+
+Stop strings are matched in the parent (with the same matcher as TorchEngine), which
+then cancels the rest: the child stays a thin loop over llama.cpp.
+"""
+
+from __future__ import annotations
+
+import codecs
+import collections
+import ctypes
+import os
+import pickle
+import random
+import socket
+import struct
+import sys
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+__all__ = ["Inbox", "main"]
+
+_GGUF_MAGIC = b"GGUF"
+_ABORTED = "llama_decode returned 2"
+
+
+class Inbox:
+    """The reading side of a ``multiprocessing`` connection, without blocking or polls.
+
+    ``Connection.poll()`` builds a selector per call (tens of µs); here one
+    ``recv(MSG_DONTWAIT)`` takes whatever has arrived and every complete frame in it is
+    decoded (frames as ``Connection.send`` writes them: a 4-byte big-endian length, or
+    -1 then 8 bytes, then the pickle). Both sides of the pipe use it; it reads a
+    duplicate of the descriptor, so the connection stays blocking for writes.
+    """
+
+    def __init__(self, conn: Connection) -> None:
+        self._sock = socket.fromfd(conn.fileno(), socket.AF_UNIX, socket.SOCK_STREAM)
+        self._buf = bytearray()
+
+    def take(self, *, block: bool) -> list[tuple[Any, ...]] | None:
+        """Messages ready now (with ``block``: wait for at least one); None at EOF."""
+        messages = self._frames()
+        while not messages:
+            try:
+                data = self._sock.recv(1 << 16, 0 if block else socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return []
+            if not data:
+                return None
+            self._buf += data
+            messages = self._frames()
+            if not block:
+                break
+        return messages
+
+    def _frames(self) -> list[tuple[Any, ...]]:
+        out: list[tuple[Any, ...]] = []
+        buf = self._buf
+        while len(buf) >= 4:
+            (size,) = struct.unpack_from("!i", buf)
+            start = 4
+            if size == -1:
+                if len(buf) < 12:
+                    break
+                (size,) = struct.unpack_from("!Q", buf, 4)
+                start = 12
+            if len(buf) < start + size:
+                break
+            out.append(pickle.loads(buf[start : start + size]))  # noqa: S301 - our own pipe
+            del buf[: start + size]
+        return out
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+class _Invalid(Exception):
+    """The request is the client's mistake (too long, a chat the template refuses)."""
+
+    def __init__(self, message: str, code: str = "invalid_request") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class _Child:
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.inbox = Inbox(conn)
+        self.jobs: collections.deque[tuple[str, dict[str, Any]]] = collections.deque()
+        self.cancelled: set[str] = set()
+        self.credit: dict[str, int] = {}
+        self.current: str | None = None
+        self.log_tail: collections.deque[str] = collections.deque(maxlen=20)
+        self.llm: Any = None
+        self.template: Any = None
+        self.n_ctx = 0
+        self.arm_abort: Any = None
+        self._callbacks: list[Any] = []  # ctypes callbacks must outlive their use
+
+    # -- messages from the parent ------------------------------------------------------
+
+    def pump(self, *, block: bool) -> None:
+        """Take in what the parent sent; with ``block``, wait for at least one message.
+
+        One thread does everything: it reads the pipe between tokens (one non-blocking
+        ``recv``), while waiting for work or credit, and from the abort callback
+        during a prefill. No reader thread means no thread switch before a first token.
+        """
+        messages = self.inbox.take(block=block)
+        if messages is None:  # the parent is gone (or closed the pipe): nobody to serve
+            os._exit(0)
+        for message in messages:
+            self.handle(message)
+
+    def handle(self, message: tuple[Any, ...]) -> None:
+        if message[0] == "gen":
+            self.jobs.append((message[1], message[2]))
+        elif message[0] == "credit":
+            self.credit[message[1]] = self.credit.get(message[1], 0) + message[2]
+        elif message[0] == "cancel":
+            self.cancelled.add(message[1])
+
+    def may_send(self, rid: str) -> bool:
+        """Wait for the consumer's credit; False once the request is cancelled."""
+        self.pump(block=False)
+        while self.credit.get(rid, 0) <= 0 and rid not in self.cancelled:
+            self.pump(block=True)
+        if rid in self.cancelled:
+            return False
+        self.credit[rid] -= 1
+        return True
+
+    # -- load ---------------------------------------------------------------------------
+
+    def load(self, options: dict[str, Any]) -> None:
+        path = str(options["path"])
+        with Path(path).open("rb") as f:
+            magic = f.read(4)
+        if magic != _GGUF_MAGIC:
+            raise _LoadFailure("format", f"{path} is not a GGUF file (it starts with {magic!r})")
+        import llama_cpp
+
+        self._quiet(llama_cpp)
+        if options["require_gpu"] and not llama_cpp.llama_supports_gpu_offload():
+            raise _LoadFailure(
+                "nogpu", "llama.cpp was built without GPU support or sees no GPU device"
+            )
+        try:
+            self.llm = llama_cpp.Llama(
+                model_path=path,
+                n_ctx=int(options["n_ctx"]),
+                n_gpu_layers=int(options["n_gpu_layers"]),
+                n_threads=options["n_threads"],
+                n_threads_batch=options["n_threads"],
+                n_batch=int(options["n_batch"]),
+                n_ubatch=int(options["n_batch"]),
+                seed=0,
+                verbose=False,
+            )
+        except (ValueError, RuntimeError, OSError) as exc:
+            reason = self._reason()
+            kind = "memory" if "alloc" in reason.lower() or "memory" in reason.lower() else "load"
+            if "unknown model architecture" in reason:
+                kind = "architecture"
+            raise _LoadFailure(kind, f"{path}: {reason or exc}") from exc
+        self.n_ctx = int(self.llm.n_ctx())
+        trained = int(self.llm._model.n_ctx_train())
+        if self.n_ctx > trained:
+            raise _LoadFailure(
+                "context",
+                f"{path}: a context of {self.n_ctx} tokens was asked for, but the model "
+                f"was trained for {trained}; use n_ctx <= {trained} (0: the model's own)",
+            )
+        template = self.llm.metadata.get("tokenizer.chat_template")
+        if template:
+            from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+            eos = self.llm.detokenize([self.llm.token_eos()], special=True).decode(
+                "utf-8", "replace"
+            )
+            bos_id = self.llm.token_bos()
+            bos = self.llm.detokenize([bos_id], special=True).decode() if bos_id >= 0 else ""
+            self.template = Jinja2ChatFormatter(template, eos_token=eos, bos_token=bos)
+        self._set_abort(llama_cpp)
+
+    def info(self) -> dict[str, Any]:
+        import llama_cpp
+
+        return {
+            "n_ctx": self.n_ctx,
+            "n_ctx_train": int(self.llm._model.n_ctx_train()),
+            "architecture": self.llm.metadata.get("general.architecture", "?"),
+            "chat_template": self.template is not None,
+            "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload()),
+            "pid": os.getpid(),
+        }
+
+    def _quiet(self, llama_cpp: Any) -> None:
+        """llama.cpp's log lines go to a small tail (named in load errors), not stderr."""
+
+        @llama_cpp.llama_log_callback  # type: ignore[untyped-decorator]
+        def on_log(level: int, text: bytes, _data: Any) -> None:
+            if level in (3, 4):  # ggml: 3 warn, 4 error
+                self.log_tail.append(text.decode("utf-8", "replace").strip())
+
+        self._callbacks.append(on_log)
+        llama_cpp.llama_log_set(on_log, ctypes.c_void_p(0))
+
+    def _reason(self) -> str:
+        lines = [line for line in self.log_tail if line]
+        return "; ".join(lines[-3:])
+
+    def _set_abort(self, llama_cpp: Any) -> None:
+        """Abort a prefill whose request was cancelled (llama_decode then returns 2).
+
+        The callback runs after every graph node (a Python call each time), so it is
+        armed only while a prompt is being read; between tokens, the decode loop checks
+        for cancellation itself at no cost.
+        """
+
+        @llama_cpp.ggml_abort_callback  # type: ignore[untyped-decorator]
+        def should_abort(_data: Any) -> bool:
+            self.pump(block=False)
+            return self.current is not None and self.current in self.cancelled
+
+        self._callbacks.append(should_abort)
+        ctx, set_callback, none = self.llm._ctx.ctx, llama_cpp.llama_set_abort_callback, None
+        off = llama_cpp.ggml_abort_callback()  # a NULL function pointer
+        self.arm_abort = lambda on: set_callback(ctx, should_abort if on else off, none)
+
+    # -- generation -----------------------------------------------------------------------
+
+    def serve(self) -> None:
+        while True:
+            while not self.jobs:
+                self.pump(block=True)
+            rid, params = self.jobs.popleft()
+            self.current = rid
+            try:
+                self.generate(rid, params)
+            except _Invalid as exc:
+                self.conn.send(("err", rid, "invalid:" + exc.code, str(exc)))
+            except Exception as exc:  # an engine fault: the parent's breaker counts it
+                self.conn.send(("err", rid, "engine", f"{type(exc).__name__}: {exc}"))
+            finally:
+                self.current = None
+                self.cancelled.discard(rid)
+                self.credit.pop(rid, None)
+
+    def prompt_tokens(self, params: dict[str, Any]) -> list[int]:
+        if params.get("prompt") is not None:
+            text, add_bos = str(params["prompt"]), True
+        else:
+            text, add_bos = self.chat_text(params["messages"]), False
+        text += params["continuation"]
+        tokens: list[int] = self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
+        if len(tokens) >= self.n_ctx:
+            raise _Invalid(
+                f"the prompt is {len(tokens)} tokens; the model's context is {self.n_ctx} "
+                "tokens: shorten it",
+                "context_length_exceeded",
+            )
+        return tokens
+
+    def chat_text(self, messages: list[tuple[str, str]]) -> str:
+        turns = [
+            {"role": "system" if role == "developer" else role, "content": content}
+            for role, content in messages
+        ]
+        if self.template is None:
+            return "\n".join(f"{t['role']}: {t['content']}" for t in turns) + "\nassistant:"
+        try:
+            return str(self.template(messages=turns).prompt)
+        except Exception as exc:  # jinja2 TemplateError and friends
+            raise _Invalid(f"the model's chat template refused these messages: {exc}") from exc
+
+    def generate(self, rid: str, params: dict[str, Any]) -> None:
+        # A request cancelled while it waited is not skipped here: its prefill stops at
+        # the first graph node through the abort callback, the same path as a long one.
+        llm = self.llm
+        self.credit[rid] = self.credit.get(rid, 0) + int(params["window"])
+        tokens = self.prompt_tokens(params)
+        cont = params["continuation"]
+        start = len(llm.tokenize(cont.encode("utf-8"), add_bos=False, special=True)) if cont else 0
+        max_tokens = min(int(params["max_tokens"]), self.n_ctx - len(tokens))
+        seed = params.get("seed")
+        llm.set_seed(int(seed) if seed is not None else random.getrandbits(32))
+        stream = llm.generate(
+            tokens,
+            top_k=0,
+            top_p=float(params["top_p"]),
+            min_p=0.0,
+            typical_p=1.0,
+            temp=float(params["temperature"]),
+            repeat_penalty=1.0,
+        )
+        vocab = llm._model.vocab
+        import llama_cpp
+
+        is_eog = llama_cpp.llama_vocab_is_eog
+        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        send = self.conn.send
+        produced = 0
+        self.arm_abort(True)
+        try:
+            for token in stream:
+                if not produced:
+                    self.arm_abort(False)
+                produced += 1
+                index = start + produced - 1
+                if is_eog(vocab, token):
+                    send(("end", rid, utf8.decode(b"", final=True), index, "stop"))
+                    return
+                text = utf8.decode(llm.detokenize([token], special=False))
+                if produced >= max_tokens:
+                    send(("end", rid, text + utf8.decode(b"", final=True), index, "length"))
+                    return
+                if not self.may_send(rid):
+                    send(("cancelled", rid, False))
+                    return
+                send(("tok", rid, text, index))
+        except RuntimeError as exc:
+            if _ABORTED in str(exc) and rid in self.cancelled:
+                send(("cancelled", rid, True))
+                return
+            raise
+        finally:
+            if not produced:
+                self.arm_abort(False)
+            stream.close()
+
+
+class _LoadFailure(Exception):
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def main(argv: list[str]) -> int:
+    conn = Connection(int(argv[1]))
+    child = _Child(conn)
+    batch = child.inbox.take(block=True) or [("eof",)]
+    first = batch[0]
+    for message in batch[1:]:
+        child.handle(message)
+    if first[0] != "load":
+        conn.send(("fail", "protocol", f"expected a load message, got {first[0]!r}"))
+        return 2
+    try:
+        child.load(first[1])
+    except _LoadFailure as exc:
+        conn.send(("fail", exc.kind, str(exc)))
+        return 1
+    except OSError as exc:
+        conn.send(("fail", "file", f"{first[1]['path']}: {exc.strerror or exc}"))
+        return 1
+    except ImportError as exc:
+        conn.send(("fail", "import", f"llama-cpp-python is not installed ({exc})"))
+        return 1
+    except Exception as exc:  # anything else llama-cpp-python raises while loading
+        conn.send(("fail", "load", f"{first[1]['path']}: {type(exc).__name__}: {exc}"))
+        return 1
+    conn.send(("ready", child.info()))
+    child.serve()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -1,0 +1,50 @@
+"""``kensho up --engine llama``: the demo's GGUF from a fresh HOME, with the openai client."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from _server_support import kensho_env, kensho_up
+
+# Not imported here: importing llama_cpp leaks a /dev/null handle (a ResourceWarning);
+# the engines import it in their own processes.
+if importlib.util.find_spec("llama_cpp") is None:
+    pytest.skip("llama-cpp-python is not installed (extra `llama`)", allow_module_level=True)
+
+pytestmark = pytest.mark.slow
+
+DEMO = "kensho-demo"
+
+
+def test_kensho_up_engine_llama_serves_the_demo_gguf(tmp_path: Path) -> None:
+    with kensho_up("--engine", "llama", env=kensho_env(tmp_path), cwd=tmp_path) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused")
+        stream = client.chat.completions.create(
+            model=DEMO,
+            messages=[{"role": "user", "content": "Where did they eat?"}],
+            max_tokens=40,
+            temperature=0,
+            stream=True,
+        )
+        pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
+        assert len(pieces) > 5
+        assert "".join(pieces) == " In the café by the river. They had crème brûlée."
+        text = client.completions.create(model=DEMO, prompt="The GPU", max_tokens=8, temperature=0)
+        assert text.choices[0].text.startswith(" is fast.")
+        with pytest.raises(openai.BadRequestError) as too_long:
+            client.completions.create(model=DEMO, prompt="word " * 400, max_tokens=4)
+        assert too_long.value.code == "context_length_exceeded"
+        ready = httpx.get(server.url + "/readyz").json()
+        assert ready["integrity"] == {**ready["integrity"], "status": "ok", "files": {"ok": 8}}
+        assert ready["active_engine"] == "cpu"
+    assert (tmp_path / "kensho" / "demo" / "model.gguf").is_file()  # served from the store
+    logs = [json.loads(line) for line in server.stderr if line.startswith("{")]
+    loaded = [e for e in logs if e["event"] == "engine loaded"]
+    assert {e["service"] for e in loaded} == {"runtime.engine.llama"}
+    assert str(tmp_path / "kensho" / "demo" / "model.gguf") in {e["model"] for e in loaded}
