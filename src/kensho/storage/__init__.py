@@ -14,6 +14,7 @@ The manifest schema is documented in ``docs/manifest.md``.
 from __future__ import annotations
 
 from kensho.storage._cdc import DEFAULT_CDC_AVG, CdcParams
+from kensho.storage._chunk_io import PartWriter
 from kensho.storage._fs import UnsafePathError
 from kensho.storage._lock import StoreBusyError
 from kensho.storage._plan import FilePlan, UpdatePlan
@@ -63,6 +64,7 @@ __all__ = [
     "Manifest",
     "MemorySource",
     "MirrorSource",
+    "PartWriter",
     "Signature",
     "Sink",
     "Source",

@@ -42,8 +42,14 @@ from kensho.errors import (
     UnsafePathError,
 )
 from kensho.events import StorageChunkRejected, StorageDownloadProgress, StorageSourceFailed
-from kensho.storage._chunk_io import ChunkMismatch, ChunkWriter, LocalCopy, consecutive_runs
-from kensho.storage._fs import fsync_dir, resolve_inside
+from kensho.storage._chunk_io import (
+    ChunkMismatch,
+    ChunkWriter,
+    LocalCopy,
+    PartWriter,
+    consecutive_runs,
+)
+from kensho.storage._fs import resolve_inside
 from kensho.storage._verify import Emit
 from kensho.storage.hashing import (
     IOPool,
@@ -132,14 +138,6 @@ def _open_part(part: Path, size: int) -> tuple[int, int]:
     return fd, before
 
 
-def _swap_in(part: Path, dest: Path) -> StatRecord:
-    """Move a built (fsynced) partial file over ``dest``; fsync the folder."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part.replace(dest)
-    fsync_dir(dest.parent)
-    return StatRecord.of(dest.lstat())
-
-
 @dataclass(slots=True)
 class Built:
     """One file built in ``.kensho/tmp`` (placed already when ``outcome.record`` is set).
@@ -161,7 +159,7 @@ class FileAssembler:
 
     One per run: a source it distrusts (wrong bytes) stays distrusted for every
     later file of the run. Its methods hold no per-file state, so files can be
-    built concurrently.
+    built concurrently. Every write and every swap goes through ``writer``.
     """
 
     root: Path
@@ -173,6 +171,7 @@ class FileAssembler:
     free_space: Callable[[Path], int] = field(
         default=lambda p: shutil.disk_usage(p).free, repr=False
     )
+    writer: PartWriter = field(default_factory=PartWriter)
     #: Sources that sent bytes contradicting the manifest ``mismatch_retries`` times:
     #: skipped for every later file of this run (a lying mirror is not asked again).
     distrusted: set[str] = field(default_factory=set)
@@ -230,7 +229,7 @@ class FileAssembler:
 
     async def place(self, part: Path, dest: Path) -> StatRecord:
         """Swap a built partial file in at ``dest``; its new record."""
-        return await run_to_completion(None, _swap_in, part, dest)
+        return await run_to_completion(None, self.writer.place, part, dest)
 
     async def _check_whole(
         self, entry: FileEntry, fd: int, part: Path, outcome: BuildOutcome
@@ -290,7 +289,7 @@ class FileAssembler:
         candidates = [i for i in todo if i in held]
 
         async def job(batch: range) -> list[int]:  # one thread job per batch, not per chunk
-            return await self.io.run(local.copy, dest, fd, batch)
+            return await self.io.run(local.copy, dest, fd, batch, self.writer)
 
         missed = await self.io.in_batches(entry.chunks, candidates, job)
         if missed and local.note:
@@ -340,9 +339,6 @@ class FileAssembler:
                             path=entry.path, source=source.name, error=str(error), next_source=nxt
                         )
                     )
-                    _log.warning(
-                        "source failed", path=entry.path, source=source.name, error=str(error)
-                    )
                 if finished:
                     return BuildOutcome(True, fetched=fetched[0], sources=used)
         reason = "; ".join(errors) or "no source could deliver it"
@@ -367,7 +363,7 @@ class FileAssembler:
                 for run in consecutive_runs(remaining):
                     start = chunks[run.start].offset
                     length = chunks[run[-1]].end - start
-                    writer = ChunkWriter(fd, chunks, run, on_chunks, pool)
+                    writer = ChunkWriter(fd, chunks, run, on_chunks, pool, writer=self.writer)
                     try:
                         await source.fetch(entry.path, start, length, entry.size, writer)
                     finally:
@@ -382,7 +378,6 @@ class FileAssembler:
                         path=entry.path, source=source.name, chunk=exc.index, attempt=mismatches
                     )
                 )
-                _log.warning("chunk rejected", path=entry.path, source=source.name, chunk=exc.index)
                 if mismatches >= self.mismatch_retries:
                     self.distrusted.add(source.name)
                     _log.warning(

@@ -4,8 +4,9 @@ Fetched bytes go through :class:`ChunkWriter` (written and hashed chunk by chunk
 a writer thread); local chunks are copied by :func:`copy_same_offset` (repair: the
 current file, same offsets) or :func:`copy_from_donors` (update: any local file
 holding the same bytes), each re-hashed before it is written. Every write ends in
-:func:`_pwrite_all` or :func:`_pwritev_all`, so a test that makes them fail (a full
-disk) reaches every way a byte can enter a partial file.
+a :class:`PartWriter`, and so does every swap of a built file into place: it is the
+build layer's declared seam, so a writer that fails (a full disk, a crash between
+two swaps) reaches every way a byte can enter the store, for repair and update alike.
 """
 
 from __future__ import annotations
@@ -21,15 +22,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kensho.errors import DownloadError, UnsafePathError
-from kensho.storage._fs import PathGuard
+from kensho.storage._fs import PathGuard, fsync_dir
 from kensho.storage.hashing import BATCH_BYTES, BUFFER_SIZE, mismatches_in, read_into, thread_buffer
 from kensho.storage.manifest import Chunk
+from kensho.storage.state import StatRecord
 
 __all__ = [
     "ChunkMismatch",
     "ChunkWriter",
     "Donor",
     "LocalCopy",
+    "PartWriter",
     "consecutive_runs",
     "copy_from_donors",
     "copy_same_offset",
@@ -53,6 +56,43 @@ def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
         n = os.pwrite(fd, view, offset)
         view = view[n:]
         offset += n
+
+
+class PartWriter:
+    """Every write of the build layer into a partial file, and every swap into place.
+
+    The seam of :mod:`._assemble`: a :class:`~._assemble.FileAssembler` (and so a
+    ``StorageManager``, its ``part_writer``) hands its writer to each job that
+    writes: chunks fetched from a source, chunks copied from local files, the final
+    swap. A subclass that raises (``ENOSPC`` from :meth:`write`, a crash from
+    :meth:`place`) is how tests, or a fault-injection run, reach all of them at once.
+    Methods run on worker threads, concurrently for different files.
+    """
+
+    def write(self, fd: int, data: bytes | memoryview, offset: int) -> None:
+        """Write all of ``data`` at ``offset`` of the partial file ``fd``."""
+        _pwrite_all(fd, data, offset)
+
+    def write_pieces(self, fd: int, pieces: list[bytes], offset: int) -> None:
+        """Write ``pieces`` one after the other from ``offset`` (vectored: no join)."""
+        if not hasattr(os, "pwritev"):  # pragma: no cover - not Linux or BSD
+            self.write(fd, b"".join(pieces), offset)
+            return
+        for start in range(0, len(pieces), 512):  # stay below IOV_MAX
+            batch = pieces[start : start + 512]
+            want = sum(map(len, batch))
+            written = os.pwritev(fd, batch, offset)
+            if written < want:  # short write: finish the rest piece by piece
+                self.write(fd, b"".join(batch)[written:], offset + written)
+            offset += want
+
+    def place(self, part: Path, dest: Path) -> StatRecord:
+        """Move a built (fsynced) partial file over ``dest``, fsync the folder; the
+        new file's record."""
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        part.replace(dest)
+        fsync_dir(dest.parent)
+        return StatRecord.of(dest.lstat())
 
 
 class _RunHasher:
@@ -122,8 +162,11 @@ class ChunkWriter:
         run: range,
         on_chunks: Callable[[range], None],
         pool: Executor,
+        *,
+        writer: PartWriter,
     ) -> None:
         self.fd = fd
+        self.writer = writer
         self.on_chunks = on_chunks
         self.end = chunks[run[-1]].end
         self.pos = chunks[run.start].offset
@@ -147,7 +190,7 @@ class ChunkWriter:
         pieces, self.pieces = self.pieces, []
         loop = asyncio.get_running_loop()
         job = loop.run_in_executor(
-            self._pool, _write_and_check, self.fd, pieces, self.flushed, self._hashing
+            self._pool, _write_and_check, self.writer, self.fd, pieces, self.flushed, self._hashing
         )
         item = _WriteJob(job)
         job.add_done_callback(lambda _: self._report(item))
@@ -195,24 +238,11 @@ class ChunkWriter:
 
 
 def _write_and_check(
-    fd: int, pieces: list[bytes], offset: int, hashing: _RunHasher
+    writer: PartWriter, fd: int, pieces: list[bytes], offset: int, hashing: _RunHasher
 ) -> tuple[range, int | None]:
     """Write ``pieces`` at ``offset`` (vectored: no join on the event loop), check them."""
-    _pwritev_all(fd, pieces, offset)
+    writer.write_pieces(fd, pieces, offset)
     return hashing.feed(pieces)
-
-
-def _pwritev_all(fd: int, pieces: list[bytes], offset: int) -> None:
-    if not hasattr(os, "pwritev"):  # pragma: no cover - not Linux or BSD
-        _pwrite_all(fd, b"".join(pieces), offset)
-        return
-    for start in range(0, len(pieces), 512):  # stay below IOV_MAX
-        batch = pieces[start : start + 512]
-        want = sum(map(len, batch))
-        written = os.pwritev(fd, batch, offset)
-        if written < want:  # short write: finish the rest piece by piece
-            _pwrite_all(fd, b"".join(batch)[written:], offset + written)
-        offset += want
 
 
 def consecutive_runs(indices: Iterable[int]) -> list[range]:
@@ -231,7 +261,9 @@ def consecutive_runs(indices: Iterable[int]) -> list[range]:
     return runs
 
 
-def copy_same_offset(src: Path, fd: int, chunks: Sequence[Chunk], batch: range) -> list[int]:
+def copy_same_offset(
+    src: Path, fd: int, chunks: Sequence[Chunk], batch: range, writer: PartWriter
+) -> list[int]:
     """Copy the chunks of ``batch`` that still match in the old file ``src`` into the
     temp file, at the same offsets; return the indices that did not (to be fetched).
 
@@ -247,7 +279,7 @@ def copy_same_offset(src: Path, fd: int, chunks: Sequence[Chunk], batch: range) 
         start = chunks[batch.start].offset
         span = chunks[batch[-1]].end - start
         if span > BATCH_BYTES:  # one large chunk: copied streaming, hashed on the way
-            return [] if _copy_large(src_fd, fd, chunks[batch.start]) else [batch.start]
+            return [] if _copy_large(src_fd, fd, chunks[batch.start], writer) else [batch.start]
         view = thread_buffer()[:span]
         try:
             got = read_into(src_fd, view, start)
@@ -260,12 +292,12 @@ def copy_same_offset(src: Path, fd: int, chunks: Sequence[Chunk], batch: range) 
     for stop in [*bad, batch.stop]:  # write each stretch of good chunks at once
         if stop > lo:
             first, end = chunks[lo].offset, chunks[stop - 1].end
-            _pwrite_all(fd, view[first - start : end - start], first)
+            writer.write(fd, view[first - start : end - start], first)
         lo = stop + 1
     return bad
 
 
-def _copy_large(src_fd: int, fd: int, chunk: Chunk) -> bool:
+def _copy_large(src_fd: int, fd: int, chunk: Chunk, writer: PartWriter) -> bool:
     """Copy one chunk larger than the buffer piece by piece; whether it matched.
 
     A mismatch leaves unchecked bytes in the temp file where that chunk goes; they are
@@ -283,7 +315,7 @@ def _copy_large(src_fd: int, fd: int, chunk: Chunk) -> bool:
         if got < want:
             return False
         digest.update(buf[:got])
-        _pwrite_all(fd, buf[:got], pos)
+        writer.write(fd, buf[:got], pos)
         pos += got
     return digest.hexdigest() == chunk.sha256
 
@@ -303,6 +335,7 @@ def _copy_from(  # noqa: PLR0917 - one thread job's private helper
     fd: int,
     chunk: Chunk,
     opened: dict[str, int | None],
+    writer: PartWriter,
 ) -> bool:
     """Copy ``chunk``'s bytes from the first donor that still holds them (re-hashed).
 
@@ -324,7 +357,7 @@ def _copy_from(  # noqa: PLR0917 - one thread job's private helper
         except OSError:
             continue
         if len(data) == chunk.size and hashlib.sha256(data).hexdigest() == chunk.sha256:
-            _pwrite_all(fd, data, chunk.offset)
+            writer.write(fd, data, chunk.offset)
             return True
     return False
 
@@ -336,6 +369,7 @@ def copy_from_donors(  # noqa: PLR0917 - one thread job
     fd: int,
     chunks: Sequence[Chunk],
     batch: range,
+    writer: PartWriter,
 ) -> list[int]:
     """Copy each chunk of ``batch`` from its donors; the indices none could give.
 
@@ -343,7 +377,11 @@ def copy_from_donors(  # noqa: PLR0917 - one thread job
     """
     opened: dict[str, int | None] = {}
     try:
-        return [i for i in batch if not _copy_from(guard, root, donors[i], fd, chunks[i], opened)]
+        return [
+            i
+            for i in batch
+            if not _copy_from(guard, root, donors[i], fd, chunks[i], opened, writer)
+        ]
     finally:
         for src in opened.values():
             if src is not None:
@@ -354,13 +392,14 @@ def copy_from_donors(  # noqa: PLR0917 - one thread job
 class LocalCopy:
     """Where a build may find chunks locally, and the thread job that copies them.
 
-    ``held``: the chunk indices local files may hold. ``copy(dest, fd, batch)``
-    copies the chunks of ``batch`` into the partial file ``fd`` (re-hashed first)
-    and returns the indices it could not. ``note``: logged when some could not.
+    ``held``: the chunk indices local files may hold. ``copy(dest, fd, batch,
+    writer)`` copies the chunks of ``batch`` into the partial file ``fd`` through
+    ``writer`` (re-hashed first) and returns the indices it could not. ``note``:
+    logged when some could not.
     """
 
     held: Collection[int]
-    copy: Callable[[Path, int, range], list[int]]
+    copy: Callable[[Path, int, range, PartWriter], list[int]]
     note: str = ""
 
 
@@ -368,7 +407,9 @@ def same_offset_copy(chunks: Sequence[Chunk], bad: Iterable[int]) -> LocalCopy:
     """Repair's local step: the current file's chunks at the same offsets, but ``bad``."""
     skip = set(bad)
     held = [i for i in range(len(chunks)) if i not in skip]
-    return LocalCopy(held, lambda dest, fd, batch: copy_same_offset(dest, fd, chunks, batch))
+    return LocalCopy(
+        held, lambda dest, fd, batch, writer: copy_same_offset(dest, fd, chunks, batch, writer)
+    )
 
 
 def donor_copy(
@@ -377,6 +418,8 @@ def donor_copy(
     """Update's local step: any local file holding the same bytes (its donors)."""
     return LocalCopy(
         donors.keys(),
-        lambda _dest, fd, batch: copy_from_donors(guard, root, donors, fd, chunks, batch),
+        lambda _dest, fd, batch, writer: copy_from_donors(
+            guard, root, donors, fd, chunks, batch, writer
+        ),
         "local chunks changed since the manifest; fetching them instead",
     )
