@@ -46,7 +46,7 @@ from kensho.runtime.engines.faulty import MockCPUEngine, MockGPUEngine
 from kensho.runtime.engines.torch_engine import TorchEngine
 from kensho.runtime.executor import TaskExecutor
 from kensho.runtime.manager import RuntimeManager
-from kensho.server import Drain, IntegrityState, ServerContext, create_app
+from kensho.server import ChunkService, Drain, IntegrityState, ServerContext, create_app
 from kensho.storage import (
     MirrorSource,
     StorageManager,
@@ -251,6 +251,7 @@ class Kernel:
             default_max_tokens=self.settings.model.max_tokens,
             request_timeout=server.request_timeout,
             log_counts=log_service().counts,
+            chunks=self._chunk_service(),
         )
         log.info(
             "boot finished",
@@ -261,6 +262,11 @@ class Kernel:
             degraded=runtime.degraded,
         )
         return self.context
+
+    def _chunk_service(self) -> ChunkService | None:
+        """The store's verified chunks for peers, unless ``share.enabled`` is off."""
+        share = self.settings.share
+        return ChunkService.for_store(self.storage.root, share) if share.enabled else None
 
     @traced("kensho.verify")
     async def verify_now(self) -> IntegrityState:
@@ -327,6 +333,8 @@ class Kernel:
         if self.runtime is not None:
             await self.runtime.close()
         await self.storage.aclose()
+        if self.context is not None and self.context.chunks is not None:
+            self.context.chunks.close()
         if self._socket is not None:  # bound, but boot failed before serving
             self._socket.close()
             self._socket = None

@@ -124,7 +124,11 @@ ManifestOpt = Annotated[
 ]
 SourceOpt = Annotated[
     list[str] | None,
-    typer.Option("--source", "-s", help="Repair source: folder, file:// or http(s):// URL."),
+    typer.Option(
+        "--source",
+        "-s",
+        help="Repair source: folder, file://, http(s)://, s3:// or peer+http:// URL.",
+    ),
 ]
 EngineOpt = Annotated[
     str | None, typer.Option(help="torch (real model) or mock (fault-injecting engines).")

@@ -10,13 +10,16 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kensho.hub import EventHub
 from kensho.runtime.executor import TaskExecutor
 from kensho.runtime.manager import RuntimeManager
 from kensho.server._drain import Drain
 from kensho.storage.report import IntegrityStatus
+
+if TYPE_CHECKING:
+    from kensho.server._chunks import ChunkService
 
 __all__ = ["IntegrityState", "ServerContext"]
 
@@ -58,6 +61,7 @@ class ServerContext:
 
     ``api_key`` guards the API (``/v1/*``) and admin endpoints; health, readiness
     and metrics stay open for probes and scrapers unless ``protect_metrics``.
+    ``chunks`` shares the store's verified chunks with peers (``None``: not shared).
     """
 
     runtime: RuntimeManager
@@ -74,6 +78,7 @@ class ServerContext:
     request_timeout: float | None = None
     log_counts: Callable[[], dict[str, int]] | None = None
     drain: Drain = field(default_factory=Drain)
+    chunks: ChunkService | None = None
 
     @property
     def draining(self) -> bool:
