@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 
 from kensho.errors import DownloadError, SourceError
 from kensho.storage.sources._base import PIECE, Sink, SourceUnreachableError, size_mismatch
-from kensho.storage.sources._health import SYSTEM_CLOCK, Abandonment, MonotonicClock
+from kensho.storage.sources._health import SYSTEM_CLOCK, Abandonment, FirstAnswer, MonotonicClock
 
 __all__ = ["OBJECT_STORE_SCHEMES", "ObjectStoreSource"]
 
@@ -126,6 +126,7 @@ class ObjectStoreSource:
         self._fs = filesystem
         self._sizes: dict[str, int] = {}
         self._abandonment = Abandonment(self.url, clock)
+        self._first = FirstAnswer()
 
     @property
     def name(self) -> str:
@@ -151,12 +152,19 @@ class ObjectStoreSource:
         return None
 
     async def fetch(self, path: str, offset: int, length: int, file_size: int, sink: Sink) -> None:
-        self._abandonment.check()
-        key = self.key_for(path)
-        size = await self._call(self._size, key)
-        if size != file_size:
-            raise size_mismatch(f"{self._protocol}://{key}", size, file_size)
-        await self._stream(key, offset, offset + length, sink)
+        # Until the store answered once, one file at a time asks it: files repaired
+        # together do not each pay for a missing bucket or denied access.
+        probe = await self._first.admit(self._abandonment)
+        try:
+            key = self.key_for(path)
+            size = await self._call(self._size, key)
+            self._first.answered()
+            if size != file_size:
+                raise size_mismatch(f"{self._protocol}://{key}", size, file_size)
+            await self._stream(key, offset, offset + length, sink)
+        finally:
+            if probe:
+                self._first.done()
 
     def _size(self, key: str) -> int:
         if key not in self._sizes:
@@ -200,9 +208,11 @@ class ObjectStoreSource:
             raise
         except Exception as exc:
             error, abandon = self._explain(args[0] if args else "", exc)
-            if abandon:
-                raise self._abandonment.abandon(error, for_seconds=math.inf) from exc
-            raise error from exc
+            if not abandon:
+                self._first.answered()  # a missing key is an answer about one file
+                raise error from exc
+            self._first.reset()
+            raise self._abandonment.abandon(error, for_seconds=math.inf) from exc
 
     def _explain(self, key: str, exc: Exception) -> tuple[SourceError, bool]:
         """The source error for a client library's exception; whether to abandon."""
