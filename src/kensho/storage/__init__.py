@@ -33,10 +33,13 @@ from kensho.storage.manifest import (
     parse_manifest,
 )
 from kensho.storage.report import FileReport, FileStatus, VerifyReport
+from kensho.storage.shelf import ChunkShelf
 from kensho.storage.sources import (
     HttpSource,
     MemorySource,
     MirrorSource,
+    ObjectStoreSource,
+    PeerSource,
     Sink,
     Source,
     SourceUnreachableError,
@@ -51,6 +54,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "CdcParams",
     "Chunk",
+    "ChunkShelf",
     "Chunking",
     "FileDigest",
     "FileEntry",
@@ -63,6 +67,8 @@ __all__ = [
     "Manifest",
     "MemorySource",
     "MirrorSource",
+    "ObjectStoreSource",
+    "PeerSource",
     "Signature",
     "Sink",
     "Source",
