@@ -297,3 +297,15 @@ async def test_the_upload_pacer_holds_the_rate_across_transfers() -> None:
     unlimited = UploadPacer(0, clock)
     await unlimited.take(10**9)
     assert clock.monotonic() == 0.5
+
+
+def test_a_keyless_share_refuses_other_web_origins_and_rebound_names(tmp_path: Path) -> None:
+    synced_store(tmp_path / "seed", MANIFEST, FILES)
+    sha256 = MANIFEST.files[0].chunks[0].sha256
+    with share_server(tmp_path / "seed") as (url, _):
+        route = url.removeprefix("peer+") + f"/v1/kensho/chunks/{sha256}"
+        r = httpx.get(route, headers={"Origin": "https://evil.example"})
+        assert r.status_code == 403
+        assert r.json()["error"]["code"] == "origin_refused"
+        assert httpx.get(route, headers={"Host": "evil.example"}).status_code == 403
+        assert httpx.get(route).status_code == 200

@@ -104,7 +104,7 @@ def share(
     service = ChunkService.for_store(root, settings.share)
     try:
         config = uvicorn.Config(
-            create_share_app(service, api_key=key),
+            create_share_app(service, api_key=key, host=bind),
             host=bind,
             port=settings.server.port if port is None else port,
             log_config=None,

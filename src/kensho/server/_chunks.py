@@ -30,7 +30,7 @@ from kensho import __version__
 from kensho.config import ShareSettings
 from kensho.runtime.clock import AsyncioClock, Clock
 from kensho.server._errors import APIError, error_response
-from kensho.server._guard import bearer_ok
+from kensho.server._guard import _browser_problem, bearer_ok
 from kensho.storage.shelf import ChunkReader, ChunkShelf, ShelvedChunk
 from kensho.storage.sources import CHUNK_ROUTE
 from kensho.telemetry import get_logger
@@ -177,35 +177,46 @@ async def _body(service: ChunkService, reader: ChunkReader) -> AsyncIterator[byt
 
 
 class _KeyGuard:
-    """``kensho share``'s access check: the Bearer key on every path but ``/healthz``."""
+    """``kensho share``'s access check, as ``kensho up``'s guard does it: with a key, the
+    Bearer key on every path but ``/healthz``; without one, no other web origin and no
+    rebound DNS name (a web page must not read the store through the browser)."""
 
-    def __init__(self, app: ASGIApp, api_key: str | None) -> None:
+    def __init__(self, app: ASGIApp, api_key: str | None, host: str) -> None:
         self.app = app
         self.api_key = api_key
+        self.host = host
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (
-            scope["type"] == "http"
-            and self.api_key
-            and scope["path"] != "/healthz"
-            and not bearer_ok(scope, self.api_key)
-        ):
-            refusal = error_response(
-                APIError(
-                    401,
-                    "missing or invalid API key: send it as 'Authorization: Bearer <key>'",
-                    code="invalid_api_key",
-                )
-            )
-            await refusal(scope, receive, send)
+        refusal = self._refusal(scope) if scope["type"] == "http" else None
+        if refusal is None:
+            await self.app(scope, receive, send)
             return
-        await self.app(scope, receive, send)
+        await error_response(refusal)(scope, receive, send)
+
+    def _refusal(self, scope: Scope) -> APIError | None:
+        if scope["path"] == "/healthz":
+            return None
+        if not self.api_key:
+            problem = _browser_problem(scope, self.host)
+            if problem is None:
+                return None
+            return APIError(403, f"{problem}; share with --api-key", code="origin_refused")
+        if bearer_ok(scope, self.api_key):
+            return None
+        return APIError(
+            401,
+            "missing or invalid API key: send it as 'Authorization: Bearer <key>'",
+            code="invalid_api_key",
+        )
 
 
-def create_share_app(service: ChunkService, *, api_key: str | None = None) -> FastAPI:
-    """The app of ``kensho share``: a store's verified chunks, and a liveness probe."""
+def create_share_app(
+    service: ChunkService, *, api_key: str | None = None, host: str = "127.0.0.1"
+) -> FastAPI:
+    """The app of ``kensho share`` bound to ``host``: a store's verified chunks, and a
+    liveness probe."""
     app = FastAPI(title="Kensho share", version=__version__, docs_url=None, redoc_url=None)
-    app.add_middleware(_KeyGuard, api_key=api_key)
+    app.add_middleware(_KeyGuard, api_key=api_key, host=host)
 
     @app.exception_handler(APIError)
     async def _on_api_error(_: Request, exc: APIError) -> Response:

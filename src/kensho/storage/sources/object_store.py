@@ -5,8 +5,8 @@ Azure), the libraries their users already configure: the standard credentials
 chain and environment apply as they would for ``aws s3 cp`` (``AWS_ENDPOINT_URL``,
 ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, ``AWS_PROFILE``, config files,
 instance roles). Byte ranges are ranged ``GET`` requests of ``part_size`` bytes,
-``parallel`` of them in flight (what ``aws s3 cp`` does for large objects), handed
-to the sink in order.
+``parallel`` of them in flight (as ``aws s3 cp`` does for large objects), handed to
+the sink in order.
 
 Retries are the client library's own (botocore's "standard" mode and s3fs's retry
 of ``503 SlowDown``), bounded by ``attempts``. What is left is mapped onto the source
@@ -44,10 +44,11 @@ OBJECT_STORE_SCHEMES: Mapping[str, tuple[str, str]] = {
     "abfs": ("abfs", "adlfs"),
 }
 
-#: Bytes per ranged GET (what boto3's transfer manager uses by default).
-DEFAULT_PART_SIZE = 8 * 1024 * 1024
-#: Ranged GETs in flight per transfer.
-DEFAULT_PARALLEL = 4
+#: Bytes per ranged GET. boto3's transfer manager uses 8 MiB; measured on moto, 16 MiB
+#: parts cost fewer round trips for the same memory bound (``part_size * parallel``).
+DEFAULT_PART_SIZE = 16 * 1024 * 1024
+#: Ranged GETs in flight per transfer (at most 96 MiB held per transfer).
+DEFAULT_PARALLEL = 6
 
 
 class FileSystem(Protocol):
