@@ -34,10 +34,13 @@ from kensho.storage.manifest import (
     parse_manifest,
 )
 from kensho.storage.report import FileReport, FileStatus, VerifyReport
+from kensho.storage.shelf import ChunkShelf
 from kensho.storage.sources import (
     HttpSource,
     MemorySource,
     MirrorSource,
+    ObjectStoreSource,
+    PeerSource,
     Sink,
     Source,
     SourceUnreachableError,
@@ -52,6 +55,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "CdcParams",
     "Chunk",
+    "ChunkShelf",
     "Chunking",
     "FileDigest",
     "FileEntry",
@@ -64,7 +68,9 @@ __all__ = [
     "Manifest",
     "MemorySource",
     "MirrorSource",
+    "ObjectStoreSource",
     "PartWriter",
+    "PeerSource",
     "Signature",
     "Sink",
     "Source",

@@ -53,7 +53,7 @@ from kensho.storage.manifest import Manifest, dump_manifest, load_manifest, pars
 from kensho.storage.release import Release, ReleaseTrust
 from kensho.storage.report import FileReport, FileStatus, VerifyReport
 from kensho.storage.signing import TrustedKeys
-from kensho.storage.sources import Source, source_from_string
+from kensho.storage.sources import ChunkAddressed, Source, source_from_string
 from kensho.storage.state import StateStore, StatRecord
 from kensho.telemetry import get_logger
 
@@ -359,7 +359,9 @@ class StorageManager:
             self.root, plan, self.state.tmp_dir, margin=self.space_margin, free=free
         )
         updater = DeltaUpdater(
-            self._assembler(emit), state=self.state, concurrency=self.repair_concurrency
+            self._assembler(emit, plan.target),
+            state=self.state,
+            concurrency=self.repair_concurrency,
         )
         built = await updater.assemble_all(plan)
         problems = {b.plan.entry.path: b.outcome.reason for b in built if not b.outcome.ok}
@@ -543,8 +545,14 @@ class StorageManager:
         )
         return needed
 
-    def _assembler(self, emit: Emit) -> FileAssembler:
-        """The build layer for one repair or update run (shares its distrust list)."""
+    def _assembler(self, emit: Emit, manifest: Manifest) -> FileAssembler:
+        """The build layer for one repair or update run (shares its distrust list).
+
+        Sources that fetch by chunk hash (peers) learn ``manifest``'s chunk lists.
+        """
+        for source in self.sources:
+            if isinstance(source, ChunkAddressed):
+                source.know(manifest)
         return FileAssembler(
             root=self.root,
             tmp_dir=self.state.tmp_dir,
@@ -562,7 +570,7 @@ class StorageManager:
         needed = await self._precheck_space(manifest, bad)
         free = await asyncio.to_thread(self.disk_free, self.state.tmp_dir)
         emit(StorageRepairStarted(files=len(bad), bytes_needed=needed, bytes_free=free))
-        repairer = FileRepairer(self._assembler(emit))
+        repairer = FileRepairer(self._assembler(emit, manifest))
 
         async def one(file_report: FileReport) -> BuildOutcome:
             entry = manifest.file(file_report.path)
