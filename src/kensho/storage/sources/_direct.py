@@ -61,10 +61,21 @@ def _target(url: str) -> str:
     return (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
 
 
+class _Connection(http.client.HTTPConnection):
+    """An ``HTTPConnection`` that remembers its socket.
+
+    ``http.client`` drops ``sock`` as soon as a response says it closes the
+    connection, while that response still reads from the socket; cancelling a read
+    must reach it.
+    """
+
+    raw: socket.socket | None = None
+
+
 class DirectExchange:
     """One request and its response on a connection of a :class:`DirectPool`."""
 
-    def __init__(self, pool: DirectPool, conn: http.client.HTTPConnection, url: str) -> None:
+    def __init__(self, pool: DirectPool, conn: _Connection, url: str) -> None:
         self._pool = pool
         self._conn = conn
         self.url = url
@@ -103,9 +114,9 @@ class DirectPool:
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self.headers = dict(headers)
-        self._idle: dict[tuple[str, int], list[http.client.HTTPConnection]] = {}
+        self._idle: dict[tuple[str, int], list[_Connection]] = {}
         self._threads = ThreadPoolExecutor(_MAX_THREADS, thread_name_prefix="kensho-http")
-        self._busy: set[http.client.HTTPConnection] = set()
+        self._busy: set[_Connection] = set()
 
     async def open(self, url: str, headers: Mapping[str, str], redirects: int) -> DirectExchange:
         """Send ``GET url`` and read the response head, following up to ``redirects``.
@@ -133,13 +144,11 @@ class DirectPool:
                 return await self._send(conn, url, sent)
             except httpx.ReadError:
                 pass  # retried once on a new connection, as httpcore does
-        conn = http.client.HTTPConnection(*origin, timeout=self.read_timeout)
+        conn = _Connection(*origin, timeout=self.read_timeout)
         await self.run(conn, _connect, conn, self.connect_timeout, self.read_timeout)
         return await self._send(conn, url, sent)
 
-    async def _send(
-        self, conn: http.client.HTTPConnection, url: str, headers: dict[str, str]
-    ) -> DirectExchange:
+    async def _send(self, conn: _Connection, url: str, headers: dict[str, str]) -> DirectExchange:
         exchange = DirectExchange(self, conn, url)
         try:
             exchange.response = await self.run(conn, _request, conn, _target(url), headers)
@@ -149,13 +158,11 @@ class DirectPool:
             raise
         return exchange
 
-    def give_back(self, conn: http.client.HTTPConnection) -> None:
+    def give_back(self, conn: _Connection) -> None:
         host, port = conn.host, conn.port
         self._idle.setdefault((host, port), []).append(conn)
 
-    async def run(
-        self, conn: http.client.HTTPConnection, func: Callable[..., _T], *args: object
-    ) -> _T:
+    async def run(self, conn: _Connection, func: Callable[..., _T], *args: object) -> _T:
         """``func(*args)`` on a worker thread; a cancellation first ends the I/O."""
         loop = asyncio.get_running_loop()
         future = loop.run_in_executor(self._threads, func, *args)
@@ -190,13 +197,13 @@ class NotDirect(Exception):
         self.url = url
 
 
-def _shut(conn: http.client.HTTPConnection) -> None:
-    if conn.sock is not None:
+def _shut(conn: _Connection) -> None:
+    if conn.raw is not None:
         with contextlib.suppress(OSError):
-            conn.sock.shutdown(socket.SHUT_RDWR)
+            conn.raw.shutdown(socket.SHUT_RDWR)
 
 
-def _connect(conn: http.client.HTTPConnection, connect_timeout: float, read_timeout: float) -> None:
+def _connect(conn: _Connection, connect_timeout: float, read_timeout: float) -> None:
     try:
         sock = socket.create_connection((conn.host, conn.port), timeout=connect_timeout)
     except TimeoutError as exc:
@@ -206,12 +213,10 @@ def _connect(conn: http.client.HTTPConnection, connect_timeout: float, read_time
     sock.settimeout(read_timeout)
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    conn.sock = sock
+    conn.sock = conn.raw = sock
 
 
-def _request(
-    conn: http.client.HTTPConnection, target: str, headers: dict[str, str]
-) -> http.client.HTTPResponse:
+def _request(conn: _Connection, target: str, headers: dict[str, str]) -> http.client.HTTPResponse:
     try:
         conn.request("GET", target, headers=headers)
         return conn.getresponse()
