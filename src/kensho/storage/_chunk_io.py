@@ -1,12 +1,14 @@
 """Writing chunks into a partial file: the one write path of :mod:`._assemble`.
 
 Fetched bytes go through :class:`ChunkWriter` (written and hashed chunk by chunk on
-a writer thread); local chunks are copied by :func:`copy_same_offset` (repair: the
-current file, same offsets) or :func:`copy_from_donors` (update: any local file
-holding the same bytes), each re-hashed before it is written. Every write ends in
-a :class:`PartWriter`, and so does every swap of a built file into place: it is the
-build layer's declared seam, so a writer that fails (a full disk, a crash between
-two swaps) reaches every way a byte can enter the store, for repair and update alike.
+a writer thread, each verified chunk fed on to the file's :class:`WholeDigest`, and
+handed to the kernel for write-back at once); local chunks are copied by
+:func:`copy_same_offset` (repair: the current file, same offsets) or
+:func:`copy_from_donors` (update: any local file holding the same bytes), each
+re-hashed before it is written. Every write ends in a :class:`PartWriter`, and so does
+every swap of a built file into place: it is the build layer's declared seam, so a
+writer that fails (a full disk, a crash between two swaps) reaches every way a byte can
+enter the store, for repair and update alike.
 """
 
 from __future__ import annotations
@@ -22,8 +24,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kensho.errors import DownloadError, UnsafePathError
-from kensho.storage._fs import PathGuard, fsync_dir
-from kensho.storage.hashing import BATCH_BYTES, BUFFER_SIZE, mismatches_in, read_into, thread_buffer
+from kensho.storage._fs import PathGuard, fsync_dir, start_writeback
+from kensho.storage.hashing import (
+    BATCH_BYTES,
+    BUFFER_SIZE,
+    chunks_within,
+    mismatches_in,
+    read_into,
+    thread_buffer,
+)
 from kensho.storage.manifest import Chunk
 from kensho.storage.state import StatRecord
 
@@ -33,6 +42,7 @@ __all__ = [
     "Donor",
     "LocalCopy",
     "PartWriter",
+    "WholeDigest",
     "consecutive_runs",
     "copy_from_donors",
     "copy_same_offset",
@@ -42,6 +52,10 @@ __all__ = [
 
 _FLUSH = 1 << 20
 _IN_FLIGHT = 8  # queued write jobs per transfer, at most _FLUSH bytes each (or a chunk)
+#: The bytes of a chunk not yet verified are kept (as views of what was received) up
+#: to this size, to feed the whole-file digest once the chunk matches; the bytes of a
+#: larger chunk are read back from the file instead.
+_HOLD = 16 << 20
 
 
 class ChunkMismatch(Exception):
@@ -95,19 +109,100 @@ class PartWriter:
         return StatRecord.of(dest.lstat())
 
 
+class WholeDigest:
+    """The SHA-256 of a whole file, computed in file order while the file is built.
+
+    Why: checking the built file against the manifest's ``sha256`` used to read it
+    all back after writing it (a second pass over the disk or the page cache, one
+    more second per GB). Instead the writer thread feeds this digest the fetched
+    bytes it has just written, as soon as their chunks matched, so the check costs
+    nothing at the end of a sequential download.
+
+    Only *final* bytes are ever hashed: bytes of chunks that matched (fetched and
+    verified, resumed, or copied from a local file). A gap in what was fed (a chunk
+    fetched later, by another source) holds the digest at its start; once the gap's
+    chunks are final they are read back from the file (:meth:`catch_up`), so the
+    result is always the hash of the bytes on disk, in order, whatever the mix of
+    local and fetched chunks. Used by one thread at a time (the writer thread while
+    fetching, then one pool thread for :meth:`hexdigest`).
+    """
+
+    def __init__(self, fd: int, chunks: Sequence[Chunk], final: Iterable[int]) -> None:
+        self.fd = fd
+        self.chunks = chunks
+        self.size = chunks[-1].end if chunks else 0
+        self.pos = 0  # bytes [0, pos) are hashed
+        self._digest = hashlib.sha256()
+        self._final = bytearray(len(chunks))  # 1: the chunk's bytes in the file are good
+        for i in final:
+            self._final[i] = 1
+
+    def add(self, verified: range, start: int, views: Sequence[memoryview]) -> None:
+        """Chunks ``verified`` matched; ``views`` hold their bytes from ``start`` on.
+
+        ``views`` run to the end of the last chunk of ``verified``; they may begin
+        after its first byte (``start``: bytes before it were not kept), the file
+        supplies the rest.
+        """
+        self._final[verified.start : verified.stop] = b"\x01" * len(verified)
+        if start > self.pos:
+            self.catch_up(start)
+        if start != self.pos:  # a gap of chunks still to fetch: read back once final
+            return
+        for view in views:
+            self._digest.update(view)
+            self.pos += len(view)
+        self.catch_up()
+
+    def catch_up(self, limit: int | None = None) -> None:
+        """Hash from the file the final bytes after ``pos`` (up to ``limit``).
+
+        Reads as far as the chunks from ``pos`` on are final, one contiguous stretch
+        at a time: the cost follows the bytes, not the number of chunks.
+        """
+        chunks = self.chunks
+        first = chunks_within(chunks, self.pos)
+        if first >= len(chunks):
+            return
+        stop = self._final.find(0, first)
+        end = self.size if stop == -1 else chunks[stop].offset
+        if stop == first:
+            return
+        end = end if limit is None else min(end, limit)
+        buf = thread_buffer()
+        while self.pos < end:
+            want = min(BUFFER_SIZE, end - self.pos)
+            got = read_into(self.fd, buf[:want], self.pos)
+            if got < want:
+                raise OSError(f"the partial file ended at byte {self.pos + got} of {self.size}")
+            self._digest.update(buf[:got])
+            self.pos += got
+
+    def hexdigest(self) -> str | None:
+        """The whole file's SHA-256; ``None`` if some chunk is not final yet."""
+        self.catch_up()
+        return self._digest.hexdigest() if self.pos == self.size else None
+
+
 class _RunHasher:
     """Checks the bytes of one run of consecutive chunks, chunk by chunk, as they come.
 
     Lives on the writer thread: its jobs run one after the other, in order, so the
     running digest needs no lock, and the event loop never touches a chunk boundary.
+    The bytes of each chunk that matched go on to the file's :class:`WholeDigest`.
     """
 
-    def __init__(self, chunks: Sequence[Chunk], run: range) -> None:
+    def __init__(self, chunks: Sequence[Chunk], run: range, whole: WholeDigest) -> None:
         self.chunks = chunks
         self.index = run.start
         self.pos = chunks[run.start].offset
         self.digest = hashlib.sha256()
         self.failed = False
+        self.whole = whole
+        # Views of the bytes of the chunk in progress, from ``held_from``; the views
+        # are dropped (and the file read back instead) past ``_HOLD`` bytes.
+        self.held: list[memoryview] = []
+        self.held_from = self.pos
 
     def feed(self, pieces: list[bytes]) -> tuple[range, int | None]:
         """Hash ``pieces``; the chunks they completed that matched, and the one that did not.
@@ -118,8 +213,11 @@ class _RunHasher:
         if self.failed:
             return range(first, first), None
         chunks = self.chunks
+        bad = None
+        stream = self.held
         for piece in pieces:
             view = memoryview(piece)
+            stream.append(view)
             while view:
                 chunk = chunks[self.index]
                 take = min(len(view), chunk.end - self.pos)
@@ -129,10 +227,35 @@ class _RunHasher:
                 if self.pos == chunk.end:
                     if self.digest.hexdigest() != chunk.sha256:
                         self.failed = True
-                        return range(first, self.index), self.index
+                        bad = self.index
+                        break
                     self.index += 1
                     self.digest = hashlib.sha256()
-        return range(first, self.index), None
+            if bad is not None:
+                break
+        self._pass_on(range(first, self.index), stream)
+        return range(first, self.index), bad
+
+    def _pass_on(self, verified: range, stream: list[memoryview]) -> None:
+        """Hand the verified bytes of ``stream`` to the whole digest; hold the rest."""
+        done = self.chunks[verified.stop - 1].end if verified else self.held_from
+        if verified:
+            views, cut = [], self.held_from
+            for k, view in enumerate(stream):
+                if cut + len(view) > done:
+                    views.append(view[: done - cut])
+                    stream = [view[done - cut :], *stream[k + 1 :]]
+                    break
+                views.append(view)
+                cut += len(view)
+            else:
+                stream = []
+            self.whole.add(verified, self.held_from, views)
+        self.held_from = done
+        if self.failed or self.pos - done > _HOLD:  # drop them: read back when it matches
+            stream = []
+            self.held_from = self.pos
+        self.held = stream
 
 
 @dataclass(slots=True)
@@ -161,9 +284,10 @@ class ChunkWriter:
         chunks: Sequence[Chunk],
         run: range,
         on_chunks: Callable[[range], None],
-        pool: Executor,
         *,
+        pool: Executor,
         writer: PartWriter,
+        whole: WholeDigest,
     ) -> None:
         self.fd = fd
         self.writer = writer
@@ -172,7 +296,7 @@ class ChunkWriter:
         self.pos = chunks[run.start].offset
         self.flushed = self.pos
         self.pieces: list[bytes] = []
-        self._hashing = _RunHasher(chunks, run)
+        self._hashing = _RunHasher(chunks, run, whole)
         self._pool = pool
         self._pending: deque[_WriteJob] = deque()
 
@@ -240,8 +364,13 @@ class ChunkWriter:
 def _write_and_check(
     writer: PartWriter, fd: int, pieces: list[bytes], offset: int, hashing: _RunHasher
 ) -> tuple[range, int | None]:
-    """Write ``pieces`` at ``offset`` (vectored: no join on the event loop), check them."""
+    """Write ``pieces`` at ``offset`` (vectored: no join on the event loop), check them.
+
+    The written range is handed to the kernel for write-back at once, so the disk
+    works while the transfer goes on and the final fsync has little left to wait for.
+    """
     writer.write_pieces(fd, pieces, offset)
+    start_writeback(fd, offset, sum(map(len, pieces)))
     return hashing.feed(pieces)
 
 
