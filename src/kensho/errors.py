@@ -152,12 +152,16 @@ class DownloadError(SourceError):
 class InvalidRequestError(KenshoError, ValueError):
     """The request itself is wrong (prompt longer than the context, a chat the model's
     template refuses): the client must change it. It is a ``ValueError`` so breakers
-    never count it against an engine, and the HTTP API answers 400.
+    never count it against an engine, and the HTTP API answers 400. ``param`` names
+    the request field at fault when there is one (the OpenAI error body carries it).
     """
 
-    def __init__(self, message: str, *, code: str = "invalid_request") -> None:
+    def __init__(
+        self, message: str, *, code: str = "invalid_request", param: str | None = None
+    ) -> None:
         super().__init__(message)
         self.code = code
+        self.param = param
 
 
 class EngineError(KenshoError):

@@ -70,7 +70,7 @@ def error_response(err: APIError) -> JSONResponse:
 def error_for_exception(exc: BaseException) -> APIError | None:
     """The API error for a Kensho runtime error, or ``None`` if it is not one."""
     if isinstance(exc, InvalidRequestError):
-        return APIError(400, str(exc), code=exc.code)
+        return APIError(400, str(exc), code=exc.code, param=exc.param)
     if isinstance(exc, QueueFullError):
         return APIError(
             429,

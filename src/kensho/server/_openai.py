@@ -23,7 +23,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from kensho.errors import KenshoError, QueueFullError
-from kensho.runtime.engines.base import ChatMessage, GenerationChunk, GenerationRequest
+from kensho.runtime.engines.base import GenerationChunk, GenerationRequest
 from kensho.runtime.executor import Priority, TaskHandle
 from kensho.server._context import ServerContext
 from kensho.server._drain import shutting_down
@@ -31,6 +31,7 @@ from kensho.server._errors import APIError, error_body, error_for_exception
 from kensho.server._metrics import ServerMetrics
 from kensho.server._schemas import ChatCompletionRequest, CompletionRequest
 from kensho.server._sse import SSE_DONE, SSE_HEADERS, sse_event
+from kensho.server._tools import ToolShaper, chat_messages, structured_options
 from kensho.telemetry import bound_context, get_logger
 
 __all__ = [
@@ -128,17 +129,14 @@ def add_openai_routes(app: FastAPI, ctx: ServerContext, metrics: ServerMetrics) 
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(body: ChatCompletionRequest, request: Request) -> Response:
-        try:
-            messages = tuple(ChatMessage(m.role, m.text()) for m in body.messages)
-        except ValueError as exc:
-            raise APIError(400, str(exc), param="messages") from None
         gen = GenerationRequest(
-            messages=messages,
+            messages=chat_messages(body),
             max_tokens=body.max_completion_tokens or body.max_tokens or ctx.default_max_tokens,
             temperature=body.temperature,
             top_p=body.top_p,
             stop=body.stops(),
             seed=body.seed,
+            **structured_options(body, ctx.runtime),
         )
         return await runner.complete("chat", body, gen, request)
 
@@ -205,7 +203,9 @@ class CompletionRunner:
             except _ClientGoneError:
                 return Response(status_code=499)
             self.metrics.ttft.labels(endpoint).observe(time.perf_counter() - started)
-            shape = OpenAIShaper(kind, body.model)
+            plain = OpenAIShaper(kind, body.model)
+            calling = bool(gen.tools) and gen.tool_choice != "none"
+            shape: Shaper = ToolShaper(plain) if calling else plain
             if body.stream:
                 usage = bool(body.stream_options and body.stream_options.include_usage)
                 stream = self._stream_answer(
@@ -268,7 +268,7 @@ class CompletionRunner:
         self,
         handle: TaskHandle,
         first: GenerationChunk | None,
-        shape: OpenAIShaper,
+        shape: Shaper,
         timing: _Timing,
         include_usage: bool,
     ) -> AsyncIterator[bytes]:
@@ -279,7 +279,8 @@ class CompletionRunner:
             while chunk is not None:
                 count += 1
                 self.metrics.tokens.labels(chunk.engine).inc()
-                yield sse_event(shape.delta(chunk))
+                for event in shape.deltas(chunk):
+                    yield sse_event(event)
                 chunk = await anext(handle, None)
             if include_usage:
                 yield sse_event(shape.usage_chunk(count))
@@ -369,6 +370,10 @@ class OpenAIShaper:
         }
         return {**self._base("text_completion"), "choices": [choice]}
 
+    def deltas(self, chunk: GenerationChunk) -> list[dict[str, Any]]:
+        """The stream events for one engine chunk (one here; tools may need more)."""
+        return [self.delta(chunk)]
+
     def usage_chunk(self, tokens: int) -> dict[str, Any]:
         obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
         return {**self._base(obj), "choices": [], "usage": _usage(tokens)}
@@ -387,6 +392,9 @@ class OpenAIShaper:
             choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish or "stop"}
             base = self._base("text_completion")
         return {**base, "choices": [choice], "usage": _usage(len(chunks))}
+
+
+Shaper = OpenAIShaper | ToolShaper
 
 
 def _usage(completion_tokens: int) -> dict[str, int]:

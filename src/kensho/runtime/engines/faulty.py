@@ -30,7 +30,7 @@ import zlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from kensho.errors import EngineError, EngineUnavailableError
+from kensho.errors import EngineError, EngineUnavailableError, InvalidRequestError
 from kensho.runtime.clock import AsyncioClock, Clock
 from kensho.runtime.engines.base import (
     EngineKind,
@@ -227,6 +227,11 @@ class FaultyEngine:
         if not self.loaded:
             raise EngineUnavailableError(
                 f"engine {self.name!r} is not loaded; call load() before generate()"
+            )
+        if request.constrained:  # it cannot: refuse, never answer in free text
+            raise InvalidRequestError(
+                f"engine {self.name!r} cannot constrain decoding (response_format, tools)",
+                param="tools" if request.tools else "response_format",
             )
         self._calls += 1
         fault = self._pick_fault()

@@ -9,7 +9,9 @@ it loads). Generation is a hand-written decoding loop over the KV cache rather t
 - cancellation within one token when the consumer stops reading;
 - stop strings that are never half-emitted;
 - continuation of a stream another engine started (the prompt plus the text already
-  produced), so a GPU failure mid-stream costs the user nothing.
+  produced), so a GPU failure mid-stream costs the user nothing;
+- constrained decoding (JSON schemas, tool calls) by masking the logits at every step
+  with llguidance (see ``_constraints``).
 
 The loop runs in the engine's own worker threads (torch releases the GIL in its
 kernels), so the event loop never blocks on a forward pass.
@@ -32,12 +34,14 @@ from kensho.errors import (
     EngineUnavailableError,
     InvalidRequestError,
 )
+from kensho.runtime.engines._constraints import ConstraintCompiler, Guide
 from kensho.runtime.engines.base import (
     EngineKind,
     FinishReason,
     GenerationChunk,
     GenerationRequest,
 )
+from kensho.runtime.engines.structured import template_messages
 from kensho.telemetry import get_logger
 
 __all__ = ["IncrementalDetokenizer", "StopMatcher", "TorchEngine"]
@@ -113,6 +117,7 @@ class _Prepared(NamedTuple):
     max_tokens: int
     start: int
     generator: Any
+    guide: Guide | None
 
 
 class TorchEngine:
@@ -125,6 +130,7 @@ class TorchEngine:
     """
 
     supports_continuation = True
+    supports_constraints = True
 
     def __init__(
         self,
@@ -149,6 +155,7 @@ class TorchEngine:
         self._cache_kwarg = "cache"
         self._step_kwargs: dict[str, Any] = {"use_cache": True}
         self._stop_ids: frozenset[int] = frozenset()
+        self._constraints: ConstraintCompiler | None = None
         self._loading: asyncio.Task[None] | None = None
         self._active: set[threading.Event] = set()  # cancel flags of running requests
         self._count_lock = threading.Lock()
@@ -252,6 +259,8 @@ class TorchEngine:
         self._step_kwargs = {"use_cache": True}
         if "logits_to_keep" in params:  # skip the LM head on all but the last position
             self._step_kwargs["logits_to_keep"] = 1
+        vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        self._constraints = ConstraintCompiler(tokenizer, vocab_size, self._stop_ids)
         self._tokenizer, self._model = tokenizer, model
 
     async def close(self) -> None:
@@ -286,14 +295,20 @@ class TorchEngine:
         """
         if request.prompt is not None:
             base = request.prompt
-        elif getattr(self._tokenizer, "chat_template", None):
-            messages = [
-                {"role": "system" if m.role == "developer" else m.role, "content": m.content}
-                for m in request.messages
-            ]
+        elif template := getattr(self._tokenizer, "chat_template", None):
+            tools = [tool.to_openai() for tool in request.tools] or None
+            if tools and "tools" not in str(template):
+                raise InvalidRequestError(
+                    "this model's chat template does not render tools, so the model "
+                    "would never see them; serve a model whose template supports tools",
+                    param="tools",
+                )
             try:
                 base = self._tokenizer.apply_chat_template(
-                    messages, add_generation_prompt=True, tokenize=False
+                    template_messages(request.messages),
+                    tools=tools,
+                    add_generation_prompt=True,
+                    tokenize=False,
                 )
             except Exception as exc:  # jinja2 TemplateError and friends
                 raise InvalidRequestError(
@@ -360,10 +375,10 @@ class TorchEngine:
                     code="context_length_exceeded",
                 )
             max_tokens = min(max_tokens, room)
-        start = (
-            len(tokenizer.encode(request.continuation, add_special_tokens=False))
+        produced = (
+            tokenizer.encode(request.continuation, add_special_tokens=False)
             if request.continuation
-            else 0
+            else []
         )
         generator = None
         if request.seed is not None:
@@ -371,7 +386,17 @@ class TorchEngine:
                 generator = torch.Generator(device=self.device).manual_seed(request.seed)
             except (ValueError, RuntimeError, OverflowError) as exc:
                 raise InvalidRequestError(f"seed {request.seed} cannot be used: {exc}") from exc
-        return _Prepared(input_ids.to(self.device), max_tokens, start, generator)
+        guide = self._guide(request, produced)
+        return _Prepared(input_ids.to(self.device), max_tokens, len(produced), generator, guide)
+
+    def _guide(self, request: GenerationRequest, produced: list[int]) -> Guide | None:
+        """The request's grammar guide, already past the text a continuation carries."""
+        if self._constraints is None or not request.constrained:
+            return None
+        guide = self._constraints.guide(request)
+        if guide is not None:
+            guide.advance(produced)
+        return guide
 
     def _decode(
         self,
@@ -386,7 +411,7 @@ class TorchEngine:
         if model is None or tokenizer is None:
             raise EngineUnavailableError(f"engine {self.name!r} was closed during a request")
         prepared = self._prepare(request, model, tokenizer)
-        ids, max_tokens, start, generator = prepared
+        ids, max_tokens, start, generator, guide = prepared
         stop_ids = self._stop_ids
         detok = IncrementalDetokenizer(lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
         stops = StopMatcher(request.stop)
@@ -401,7 +426,10 @@ class TorchEngine:
             with torch.inference_mode():
                 while not cancel.is_set():
                     out = model(input_ids=ids, **step_kwargs)
-                    next_ids = _sample(out.logits[:, -1, :], request, generator)
+                    logits = out.logits[:, -1, :]
+                    if guide is not None:
+                        logits = guide.mask(logits)
+                    next_ids = _sample(logits, request, generator)
                     next_id = int(next_ids.item())
                     produced += 1
                     with self._count_lock:
@@ -410,8 +438,11 @@ class TorchEngine:
                         put(chunk(stops.flush(), "stop"))
                         return
                     safe, stopped = stops.feed(detok.push(next_id))
-                    if stopped:
-                        put(chunk(safe, "stop"))
+                    if guide is not None:
+                        guide.advance([next_id])
+                    if stopped or (guide is not None and guide.done):
+                        # A complete grammar ends the answer like the model's own end.
+                        put(chunk(safe if stopped else safe + stops.flush(), "stop"))
                         return
                     if produced >= max_tokens:
                         put(chunk(safe + stops.flush(), "length"))
