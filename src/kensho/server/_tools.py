@@ -53,7 +53,9 @@ __all__ = [
     "structured_options",
 ]
 
-_HEADER = re.compile(r'\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*')
+# A call's start, up to its arguments; complete only once the arguments' first character
+# is there (a space after the colon could still be coming).
+_HEADER = re.compile(r'\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"arguments"\s*:\s*(?=\S)')
 
 
 def _unsupported(param: str, message: str) -> APIError:
