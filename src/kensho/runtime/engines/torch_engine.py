@@ -393,7 +393,7 @@ class TorchEngine:
         """The request's grammar guide, already past the text a continuation carries."""
         if self._constraints is None or not request.constrained:
             return None
-        guide = self._constraints.guide(request)
+        guide = self._constraints.guide(request, pinned=self.kind == "gpu")
         if guide is not None:
             guide.advance(produced)
         return guide
@@ -425,10 +425,13 @@ class TorchEngine:
         try:
             with torch.inference_mode():
                 while not cancel.is_set():
+                    # On a GPU the forward pass runs on while the CPU computes the
+                    # grammar's mask: the logits are only waited for by apply().
                     out = model(input_ids=ids, **step_kwargs)
                     logits = out.logits[:, -1, :]
                     if guide is not None:
-                        logits = guide.mask(logits)
+                        guide.fill()
+                        logits = guide.apply(logits)
                     next_ids = _sample(logits, request, generator)
                     next_id = int(next_ids.item())
                     produced += 1
