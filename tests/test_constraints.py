@@ -118,6 +118,20 @@ async def test_schema_output_parses_and_validates_at_temperature_1(
     jsonschema.validate(json.loads(text_of(chunks)), PERSON)
 
 
+async def test_concurrent_requests_with_one_schema_keep_their_own_grammar_state(
+    engine: TorchEngine,
+) -> None:
+    # Compiled grammars are cached per schema: each request must get its own copy.
+    fmt = ResponseFormat("json_schema", PERSON)
+    answers = await asyncio.gather(
+        *(collect(engine, ask(response_format=fmt, seed=seed)) for seed in (7, 8, 9))
+    )
+    assert len({text_of(chunks) for chunks in answers}) == 3
+    for chunks in answers:
+        assert chunks[-1].finish_reason == "stop"
+        jsonschema.validate(json.loads(text_of(chunks)), PERSON)
+
+
 async def test_json_mode_answers_that_finish_are_json_objects(engine: TorchEngine) -> None:
     finished = 0
     for seed in (0, 4, 5):
@@ -156,9 +170,11 @@ async def test_a_keyword_the_engine_cannot_enforce_is_refused_by_name(
     engine: TorchEngine,
 ) -> None:
     unenforceable = {"type": "object", "not": {"required": ["a"]}}
-    with pytest.raises(InvalidRequestError, match="not") as fmt_error:
-        await collect(engine, ask(response_format=ResponseFormat("json_schema", unenforceable)))
-    assert fmt_error.value.param == "response_format"
+    for _ in range(2):  # a refused schema is not cached as if it were good
+        with pytest.raises(InvalidRequestError, match="not") as fmt_error:
+            fmt = ResponseFormat("json_schema", unenforceable)
+            await collect(engine, ask(response_format=fmt))
+        assert fmt_error.value.param == "response_format"
     tools = (WEATHER, ToolSpec("bad", "", unenforceable))
     with pytest.raises(InvalidRequestError, match="not") as tool_error:
         await collect(engine, ask(tools=tools, tool_choice="required"))

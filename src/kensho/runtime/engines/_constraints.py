@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -38,7 +39,14 @@ from kensho.runtime.engines.structured import (
     tool_call_prefix,
 )
 
-__all__ = ["JSON_OPTIONS", "ConstraintCompiler", "Guide", "grammar_for", "text_not_starting"]
+__all__ = [
+    "JSON_OPTIONS",
+    "ConstraintCompiler",
+    "Guide",
+    "check_schemas",
+    "grammar_for",
+    "text_not_starting",
+]
 
 JSON_OPTIONS: dict[str, Any] = {
     "whitespace_flexible": False,
@@ -46,6 +54,7 @@ JSON_OPTIONS: dict[str, Any] = {
     "key_separator": ": ",
 }
 _ANY_OBJECT: dict[str, Any] = {"type": "object"}
+_CACHED_GRAMMARS = 64  # compiled grammars kept per model (least recently used dropped)
 
 
 def _lark_string(text: str) -> str:
@@ -120,22 +129,23 @@ def _tool_rules(request: GenerationRequest) -> list[str]:
     ]
 
 
-def grammar_for(request: GenerationRequest) -> str | None:
-    """The Lark grammar ``request``'s output must match, or ``None`` when it is free.
+def check_schemas(request: GenerationRequest) -> None:
+    """Check every schema of ``request`` on its own, so that a keyword llguidance cannot
+    enforce is reported against the field that holds it (``response_format`` or
+    ``tools[i].function.parameters``) rather than against the combined grammar."""
+    if request.response_format is not None:
+        _check(request.response_format.schema or _ANY_OBJECT, "response_format")
+    if request.tool_choice != "none":
+        for i, tool in enumerate(request.tools):
+            _check(tool.parameters, f"tools[{i}].function.parameters")
 
-    Every schema is checked on its own first, so a keyword llguidance cannot enforce is
-    reported against the field that holds it (``response_format`` or
-    ``tools[i].function.parameters``).
-    """
+
+def grammar_for(request: GenerationRequest) -> str | None:
+    """The Lark grammar ``request``'s output must match, or ``None`` when it is free."""
     if not request.constrained:
         return None
     fmt = request.response_format
-    if fmt is not None:
-        _check(fmt.schema or _ANY_OBJECT, "response_format")
     calling = bool(request.tools) and request.tool_choice != "none"
-    if calling:
-        for i, tool in enumerate(request.tools):
-            _check(tool.parameters, f"tools[{i}].function.parameters")
     answer = (
         _json_grammar(fmt.schema or _ANY_OBJECT)
         if fmt is not None
@@ -214,6 +224,7 @@ class ConstraintCompiler:
         self._vocab = vocab_size
         self._eos = sorted(eos_ids)
         self._ll_tokenizer: Any = None
+        self._compiled: OrderedDict[str, Any] = OrderedDict()  # grammar -> pristine matcher
         self._lock = threading.Lock()
 
     def _tokenizer(self) -> Any:
@@ -227,8 +238,22 @@ class ConstraintCompiler:
         grammar = grammar_for(request)
         if grammar is None:
             return None
+        return Guide(self._matcher(grammar, request), self._vocab, pinned=pinned)
+
+    def _matcher(self, grammar: str, request: GenerationRequest) -> Any:
+        """A fresh matcher for ``grammar``: a copy of a cached pristine one when possible.
+
+        Compiling a schema costs milliseconds (tens for a large one), copying a compiled
+        matcher microseconds, and applications send the same schema again and again.
+        """
+        with self._lock:
+            pristine = self._compiled.get(grammar)
+            if pristine is not None:
+                self._compiled.move_to_end(grammar)
+                return pristine.deep_copy()
         from llguidance import LLMatcher
 
+        check_schemas(request)
         matcher = LLMatcher(self._tokenizer(), LLMatcher.grammar_from_lark(grammar), log_level=0)
         if matcher.is_error():
             param = "tools" if request.tools else "response_format"
@@ -236,7 +261,11 @@ class ConstraintCompiler:
                 f"{param}: cannot be enforced by constrained decoding: {matcher.get_error()}",
                 param=param,
             )
-        return Guide(matcher, self._vocab, pinned=pinned)
+        with self._lock:
+            self._compiled[grammar] = matcher.deep_copy()
+            while len(self._compiled) > _CACHED_GRAMMARS:
+                self._compiled.popitem(last=False)
+        return matcher
 
 
 def _ll_tokenizer(hf_tokenizer: Any, vocab_size: int, eos: list[int]) -> Any:
