@@ -12,6 +12,8 @@ from typing import Any
 import jsonschema
 import llguidance.hf
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from llguidance import LLMatcher
 from transformers import AutoTokenizer
 
@@ -280,3 +282,57 @@ async def test_an_engine_without_constraints_refuses_them() -> None:
     # tool_choice "none" asks for no constraint: served as plain text.
     plain = await collect(mock, ask(tools=TOOLS, tool_choice="none", max_tokens=3))
     assert len(plain) == 3
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+async def test_auto_answers_are_text_or_valid_calls(engine: TorchEngine, seed: int) -> None:
+    chunks = await collect(engine, ask(tools=TOOLS, tool_choice="auto", seed=seed, max_tokens=80))
+    text = text_of(chunks)
+    parsed = ParsedAnswer.of(text)
+    if parsed.calls and chunks[-1].finish_reason == "stop":
+        check_calls(text, TOOLS)
+    else:
+        assert not text.startswith("<tool_call>")
+        assert parsed.content == text
+
+
+_FIELD = st.one_of(
+    st.builds(lambda n: {"type": "string", "maxLength": n}, st.integers(0, 6)),
+    st.builds(
+        lambda lo, span: {"type": "integer", "minimum": lo, "maximum": lo + span},
+        st.integers(-50, 50),
+        st.integers(0, 100),
+    ),
+    st.just({"type": "boolean"}),
+    st.lists(st.sampled_from(["a", "bb", "red", "x y"]), min_size=1, max_size=3, unique=True).map(
+        lambda values: {"enum": values}
+    ),
+)
+_NAMES = st.sampled_from(["id", "name", "size", "ok", "kind", "note"])
+
+
+def _object(fields: st.SearchStrategy[dict[str, Any]]) -> st.SearchStrategy[dict[str, Any]]:
+    return st.dictionaries(_NAMES, fields, min_size=1, max_size=3).map(
+        lambda props: {
+            "type": "object",
+            "properties": props,
+            "required": sorted(props),
+            "additionalProperties": False,
+        }
+    )
+
+
+_SCHEMAS = _object(st.one_of(_FIELD, _object(_FIELD)))
+
+
+@settings(
+    max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(schema=_SCHEMAS, seed=st.integers(0, 2**16))
+def test_generated_schemas_in_the_supported_subset_always_validate(
+    engine: TorchEngine, schema: dict[str, Any], seed: int
+) -> None:
+    request = ask(response_format=ResponseFormat("json_schema", schema), seed=seed)
+    chunks = asyncio.run(collect(engine, request))
+    assert chunks[-1].finish_reason == "stop"
+    jsonschema.validate(json.loads(text_of(chunks)), schema)
