@@ -7,7 +7,9 @@ and reports decode speed (tokens/s, median over seeds) and its cost against free
 "grammar alone" replays a schema answer's tokens through the grammar without the model:
 the mask's own cost per token (compute, apply on the logits' device, advance), and
 what it adds to a free-text token. Answers differ in length (free text ends on the
-model's own end of turn), and a longer answer's later tokens attend to more context.
+model's own end of turn), and a longer answer's later tokens attend to more context:
+the last two rows step the model through one schema answer's tokens, the same tokens
+at the same positions, without and with the grammar — the per-token cost proper.
 
     .venv/bin/python bench/constrained_bench.py [--model DIR] [--device cpu] [--seeds 6]
 """
@@ -108,6 +110,31 @@ async def grammar_only(engine: TorchEngine, tokens: int) -> float:
     return (time.perf_counter() - start) / len(ids) * 1e6
 
 
+def replay(engine: TorchEngine, req: GenerationRequest, ids: list[int], guided: bool) -> float:
+    """Microseconds per token of the model stepping through ``ids`` (same tokens, same
+    positions), with or without the grammar masking each step: the fair comparison."""
+    from transformers import DynamicCache
+
+    model = engine._model
+    prompt = engine._tokenizer(engine.prompt_text(req), return_tensors="pt").input_ids
+    guide = engine._constraints.guide(req) if guided and engine._constraints else None
+    cache = DynamicCache(config=model.config)
+    step = prompt.to(engine.device)
+    start = 0.0
+    with torch.inference_mode():
+        for n, token in enumerate(ids):
+            if n == 1:
+                start = time.perf_counter()  # after the prompt's prefill
+            logits = model(input_ids=step, past_key_values=cache, use_cache=True).logits[:, -1]
+            if guide is not None:
+                guide.fill()
+                logits = guide.apply(logits)
+                guide.advance([token])
+            int(torch.argmax(logits))  # the host round trip sampling makes
+            step = torch.tensor([[token]], device=engine.device)
+    return (time.perf_counter() - start) / (len(ids) - 1) * 1e6
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", type=Path, default=DEMO_MODEL_DIR)
@@ -133,6 +160,16 @@ async def main() -> None:
     ]
     mask = await grammar_only(engine, args.tokens)
     rows.append(["grammar alone (no model)", "", f"{mask:.0f}", "", f"{mask * free / 1e6:+.1%}"])
+    req = request("JSON schema", 0, args.tokens)
+    ids = engine._tokenizer.encode(
+        "".join([c.text async for c in engine.generate(req)]), add_special_tokens=False
+    )
+    bare = statistics.median(replay(engine, req, ids, guided=False) for _ in range(args.seeds))
+    guided = statistics.median(replay(engine, req, ids, guided=True) for _ in range(args.seeds))
+    rows.append(["schema answer replayed, model only", f"{1e6 / bare:.0f}", f"{bare:.0f}",
+                 len(ids), "—"])  # fmt: skip
+    rows.append(["same tokens, model + grammar", f"{1e6 / guided:.0f}", f"{guided:.0f}",
+                 len(ids), f"{guided / bare - 1:+.1%}"])  # fmt: skip
     await engine.close()
     print(machine_line())
     print(f"model {args.model.name}, device {args.device}, {args.seeds} seeds, temperature 1")
