@@ -29,18 +29,11 @@ from kensho.server._errors import APIError
 from kensho.server._schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 
 __all__ = [
-    "DELEGATED_FIELDS",
     "audit_chat",
     "audit_completion",
     "audit_embedding",
     "require_features",
 ]
-
-# Structured output and tool calling are honoured by their own modules (they declare
-# these fields in the schemas); the audit leaves them to those.
-DELEGATED_FIELDS = frozenset(
-    {"response_format", "tools", "tool_choice", "parallel_tool_calls", "functions", "function_call"}
-)
 
 _Rule = Callable[[Any], str | None]  # the reason to refuse a value, or None
 
@@ -106,17 +99,20 @@ _CHAT_RULES: dict[str, _Rule] = {
 _COMPLETION_RULES: dict[str, _Rule] = {**_COMMON_RULES, "suffix": _suffix}
 
 
-def _refuse_unknown(body: BaseModel, allowed: Iterable[str] = ()) -> None:
-    """A field no OpenAI schema defines: refused, with OpenAI's own message."""
-    allowed = frozenset(allowed)
-    for name in body.model_extra or {}:
-        if name not in allowed:
-            raise APIError(
-                400,
-                f"Unrecognized request argument supplied: {name}",
-                code="unknown_parameter",
-                param=name,
-            )
+def _refuse_unknown(body: BaseModel) -> None:
+    """A field no OpenAI schema defines: refused, with OpenAI's own message.
+
+    Structured output and tools are declared in the schemas and honoured by
+    ``_tools.py``, so they never arrive here as extras.
+    """
+    name = next(iter(body.model_extra or {}), None)
+    if name is not None:
+        raise APIError(
+            400,
+            f"Unrecognized request argument supplied: {name}",
+            code="unknown_parameter",
+            param=name,
+        )
 
 
 def _apply(body: BaseModel, rules: dict[str, _Rule]) -> None:
@@ -162,7 +158,7 @@ def _sampling_needs(body: ChatCompletionRequest | CompletionRequest) -> list[tup
 
 def audit_chat(body: ChatCompletionRequest, available: frozenset[Feature]) -> None:
     """Refuse (400) the first field of a chat request that would not be honoured."""
-    _refuse_unknown(body, DELEGATED_FIELDS)
+    _refuse_unknown(body)
     _apply(body, _CHAT_RULES)
     _stream_options(body)
     if body.top_logprobs and not body.logprobs:
