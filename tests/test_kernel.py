@@ -50,6 +50,7 @@ async def test_demo_boot_fills_the_store_then_serves(tmp_path: Path) -> None:
     try:
         ctx = await kernel.boot()
         assert kernel.uses_demo
+        assert ctx.model_id == "kensho-demo"  # the demo manifest's name
         assert (tmp_path / "demo" / "model.safetensors").is_file()
         assert ctx.integrity.status == "ok"
         assert ctx.integrity.files == {"ok": 8}
@@ -93,6 +94,20 @@ async def test_corrupt_weights_are_refused_until_repaired(tmp_path: Path) -> Non
             GenerationRequest(prompt="The GPU", max_tokens=4, temperature=0)
         ).result()
         assert text.startswith(" is fast")
+    finally:
+        await kernel.shutdown()
+
+
+@pytest.mark.parametrize(("model_id", "served"), [(None, "custom"), ("my-model", "my-model")])
+async def test_the_served_model_id_is_the_manifest_name_unless_set(
+    tmp_path: Path, model_id: str | None, served: str
+) -> None:
+    store, manifest = await make_store(tmp_path)
+    cfg = settings(tmp_path, dir=store, engine="mock", id=model_id)
+    cfg = cfg.model_copy(update={"storage": StorageSettings(root=tmp_path, manifest=manifest)})
+    kernel = Kernel(cfg)
+    try:
+        assert (await kernel.boot()).model_id == served
     finally:
         await kernel.shutdown()
 

@@ -225,8 +225,9 @@ async def test_offline_boot_from_trusted_manifest(tmp_path: Path) -> None:
 
 
 async def test_no_manifest_at_all_is_a_clear_error(tmp_path: Path) -> None:
-    with pytest.raises(ManifestError, match="no manifest given"):
+    with pytest.raises(ManifestError, match="no manifest given") as caught:
         await sync(tmp_path, None, [])
+    assert f"kensho manifest build {tmp_path} -o manifest.json" in str(caught.value)
 
 
 async def test_optional_file_unreachable_means_degraded(tmp_path: Path) -> None:

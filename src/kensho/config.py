@@ -176,9 +176,12 @@ class ModelSettings(_Section):
     ``fallback_engine = "llama"``); empty means the same as ``engine``. ``"mock"``
     serves the fault-injecting engines instead (demos, load tests), with the given
     latencies. ``dir`` is the store holding the model; empty means the embedded demo.
+    ``id`` is the model name clients send (``model`` in OpenAI requests, listed by
+    ``GET /v1/models``); empty means the store's manifest ``name`` (the demo's is
+    ``kensho-demo``), so one manifest names its model everywhere.
     """
 
-    id: str = Field(default="kensho-demo", min_length=1, max_length=256)
+    id: str | None = Field(default=None, min_length=1, max_length=256)
     dir: Path | None = None
     engine: Literal["torch", "llama", "mock"] = "torch"
     fallback_engine: Literal["torch", "llama"] | None = None

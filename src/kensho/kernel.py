@@ -302,7 +302,7 @@ class Kernel:
             runtime=runtime,
             executor=self.executor,
             hub=self.hub,
-            model_id=self.settings.model.id,
+            model_id=self.settings.model.id or (await self.storage.manifest()).name,
             integrity=integrity,
             verify=self.verify_now,
             api_key=server.api_key,

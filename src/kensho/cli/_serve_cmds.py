@@ -101,6 +101,7 @@ def _settings_for(
     sources: list[str] | None = None,
     engine: str | None = None,
     api_key: str | None = None,
+    model_id: str | None = None,
 ) -> Settings:
     base = state().settings
     storage: dict[str, Any] = {"manifest": manifest}
@@ -109,7 +110,7 @@ def _settings_for(
     return _override(
         base,
         server={"host": host, "port": port, "api_key": api_key},
-        model={"dir": model, "engine": engine},
+        model={"dir": model, "engine": engine, "id": model_id},
         storage=storage,
     )
 
@@ -129,6 +130,14 @@ SourceOpt = Annotated[
         "--source",
         "-s",
         help="Repair source: folder, file://, http(s)://, s3:// or peer+http:// URL.",
+    ),
+]
+ModelIdOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--model-id",
+        help="Name clients send as `model` (default: the manifest's name; the demo's is "
+        "kensho-demo).",
     ),
 ]
 EngineOpt = Annotated[
@@ -152,6 +161,7 @@ def up(  # noqa: PLR0917 - Typer maps each parameter to an option
         str | None,
         typer.Option(help="Require this Bearer token (or set KENSHO_API_KEY).", show_default=False),
     ] = None,
+    model_id: ModelIdOpt = None,
 ) -> None:
     settings = _settings_for(
         host=host,
@@ -161,6 +171,7 @@ def up(  # noqa: PLR0917 - Typer maps each parameter to an option
         sources=source,
         engine=engine,
         api_key=api_key,
+        model_id=model_id,
     )
     code = _run_fast(_up(settings))
     raise typer.Exit(code)
@@ -311,13 +322,15 @@ def generate(  # noqa: PLR0917 - Typer maps each parameter to an option
     ] = None,
     chat: Annotated[bool, typer.Option(help="Send as a chat message (default).")] = True,
     model: ModelOpt = None,
+    manifest: ManifestOpt = None,
+    source: SourceOpt = None,
     engine: EngineOpt = None,
 ) -> None:
     try:
         level = Priority.parse(priority)
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--priority") from None
-    settings = _settings_for(model=model, engine=engine)
+    settings = _settings_for(model=model, manifest=manifest, sources=source, engine=engine)
     if chat:
         request = GenerationRequest.chat(
             [("user", prompt)], max_tokens=max_tokens, temperature=temperature, seed=seed

@@ -102,7 +102,9 @@ class ReleaseTrust:
             if data is None:
                 raise ManifestError(
                     f"no manifest given and none trusted yet under {self.state.dir}; "
-                    "pass --manifest (or set storage.manifest) for the first sync"
+                    "pass --manifest (or set storage.manifest) for the first sync. To make "
+                    f"one for the model folder: kensho manifest build {self.state.dir.parent} "
+                    "-o manifest.json (then kensho manifest sign, optionally)"
                 )
             release = Release.trusted(data)
         if release.checked:
