@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 from pathlib import Path
 
 import httpx
@@ -40,6 +41,7 @@ def test_kensho_up_engine_llama_serves_the_demo_gguf(tmp_path: Path) -> None:
         with pytest.raises(openai.BadRequestError) as too_long:
             client.completions.create(model=DEMO, prompt="word " * 400, max_tokens=4)
         assert too_long.value.code == "context_length_exceeded"
+        check_the_openai_features(client)
         ready = httpx.get(server.url + "/readyz").json()
         assert ready["integrity"] == {**ready["integrity"], "status": "ok", "files": {"ok": 8}}
         assert ready["active_engine"] == "cpu"
@@ -48,3 +50,31 @@ def test_kensho_up_engine_llama_serves_the_demo_gguf(tmp_path: Path) -> None:
     loaded = [e for e in logs if e["event"] == "engine loaded"]
     assert {e["service"] for e in loaded} == {"runtime.engine.llama"}
     assert str(tmp_path / "kensho" / "demo" / "model.gguf") in {e["model"] for e in loaded}
+
+
+def check_the_openai_features(client: openai.OpenAI) -> None:
+    """Usage, logprobs, penalties and embeddings on the llama engine (same server)."""
+    reply = client.chat.completions.create(
+        model=DEMO,
+        messages=[{"role": "user", "content": "Where did they eat?"}],
+        max_tokens=4,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+        frequency_penalty=0.5,
+        logit_bias={"300": -5},
+    )
+    assert reply.usage is not None
+    assert reply.usage.prompt_tokens > 0
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + 4
+    logprobs = reply.choices[0].logprobs
+    assert logprobs is not None and logprobs.content is not None
+    assert "".join(e.token for e in logprobs.content) == reply.choices[0].message.content
+    for entry in logprobs.content:
+        assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob)  # greedy
+        assert len(entry.top_logprobs) == 2
+    vectors = client.embeddings.create(model=DEMO, input=["hello world", "hello world", "x"])
+    first, again, other = (item.embedding for item in vectors.data)
+    assert first == again != other
+    assert math.fsum(x * x for x in first) == pytest.approx(1.0, abs=1e-5)
+    assert vectors.usage.prompt_tokens > 0
