@@ -81,6 +81,32 @@ async def test_sigkill_mid_stream_completes_on_the_fallback_then_a_probe_restart
     assert primary.processes_started == 2
 
 
+async def test_a_penalised_stream_with_logprobs_survives_a_sigkill_unchanged(rig: Rig) -> None:
+    # The penalties count the tokens the dead primary produced: the text is the
+    # fallback's own uninterrupted run, and every token keeps its logprob entry.
+    manager, primary, _, _ = rig
+    request = GenerationRequest(
+        prompt="1 2 3",
+        max_tokens=30,
+        temperature=0,
+        frequency_penalty=2.0,
+        presence_penalty=1.5,
+        logprobs=True,
+    )
+    reference = [c async for c in manager.fallback.generate(request)]
+    pid = primary.pid
+    assert pid is not None
+    chunks: list[GenerationChunk] = []
+    async for chunk in manager.generate(request):
+        chunks.append(chunk)
+        if len(chunks) == 8:
+            os.kill(pid, signal.SIGKILL)
+    assert "".join(c.text for c in chunks) == "".join(c.text for c in reference)
+    assert {c.engine for c in chunks} == {"gpu", "cpu"}
+    assert [len(c.logprobs) for c in chunks] == [len(c.logprobs) for c in reference]
+    assert manager.metrics().continued_mid_stream == 1
+
+
 async def test_sigkill_before_the_first_token_is_invisible_with_a_quantized_fallback() -> None:
     fallback = LlamaCppEngine(DEMO_MODEL_DIR / "model-q8_0.gguf", name="cpu", n_threads=1)
     async with make_rig(fallback) as (manager, primary, _, reference):
