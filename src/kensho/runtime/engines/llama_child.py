@@ -10,7 +10,8 @@ parent -> child::
     ("load", {"path", "n_ctx", "n_gpu_layers", "n_threads", "n_batch", "require_gpu"})
     ("gen", rid, {"prompt"|"messages"|"embed", "continuation", "max_tokens",
                   "temperature", "top_p", "seed", "window", "logprobs", "top_logprobs",
-                  "frequency_penalty", "presence_penalty", "logit_bias", "embed_first"})
+                  "frequency_penalty", "presence_penalty", "logit_bias", "embed_first",
+                  "tools", "grammar", "grammar_param"})
     ("credit", rid, n)      the consumer read n more tokens: n more may be sent
     ("cancel", rid)
 
@@ -45,6 +46,12 @@ and has no logit bias in ``Llama.generate``, so a :class:`_Scores` logits proces
 logprobs. It is installed only when a request asks for one of these: a plain request
 runs llama.cpp's sampler chain untouched. Embeddings come from a second context on the
 same weights (``embeddings`` on, mean pooling), made on the first embedding request.
+
+Structured output and tool calls arrive as the Lark ``grammar`` the parent compiled
+from the request (``kensho.runtime.engines._constraints``, the torch engine's grammar),
+and the same processor masks every token llguidance forbids (:class:`_Grammar`); the
+llguidance tokenizer is built from the GGUF's own vocabulary, once, on the first
+constrained request, and compiled grammars are cached by their text.
 """
 
 from __future__ import annotations
@@ -67,6 +74,7 @@ __all__ = ["Inbox", "main"]
 _GGUF_MAGIC = b"GGUF"
 _ABORTED = "llama_decode returned 2"
 _EMBED_CONTEXT_MAX = 8192  # tokens: a pooled input must fit one micro-batch
+_CACHED_GRAMMARS = 64  # compiled grammars kept (least recently used dropped)
 
 
 class Inbox:
@@ -131,6 +139,41 @@ class _Invalid(Exception):
         self.param = param
 
 
+class _Grammar:
+    """One request's llguidance matcher: masks the logits, follows the sampled tokens."""
+
+    def __init__(self, matcher: Any, n_vocab: int) -> None:
+        import numpy as np
+
+        self._np = np
+        self._matcher = matcher
+        self._bitmask = np.full((n_vocab + 31) // 32, -1, dtype=np.int32)
+
+    @property
+    def done(self) -> bool:
+        """The grammar is complete: the answer ends here (as the torch engine's does)."""
+        return bool(self._matcher.is_stopped())
+
+    def mask(self, scores: Any) -> None:
+        """Set every token the grammar forbids next to -inf, in place."""
+        np, bitmask = self._np, self._bitmask
+        self._matcher.unsafe_compute_mask_ptr(bitmask.ctypes.data, bitmask.nbytes)
+        if self._matcher.is_error():
+            raise RuntimeError(f"constrained decoding failed: {self._matcher.get_error()}")
+        width = scores.shape[0]
+        bits = min(width, bitmask.size * 32)
+        forbidden = np.unpackbits(~bitmask.view(np.uint8), count=bits, bitorder="little")
+        scores[:bits][forbidden.view(np.bool_)] = -np.inf
+        scores[bits:] = -np.inf  # ids past the vocabulary: never
+
+    def advance(self, tokens: list[int]) -> None:
+        """Follow tokens that were sampled (or produced earlier, for a continuation)."""
+        if tokens and not self._matcher.consume_tokens(tokens):
+            raise RuntimeError(
+                f"constrained decoding lost its grammar state: {self._matcher.get_error()}"
+            )
+
+
 class _Scores:
     """The OpenAI logit bias and penalties, as a llama-cpp-python logits processor.
 
@@ -138,10 +181,17 @@ class _Scores:
     numpy; ``last`` keeps the processed row of the latest step for the logprobs.
     """
 
-    def __init__(self, params: dict[str, Any], n_vocab: int, generated: list[int]) -> None:
+    def __init__(
+        self,
+        params: dict[str, Any],
+        n_vocab: int,
+        generated: list[int],
+        grammar: _Grammar | None = None,
+    ) -> None:
         import numpy as np
 
         self._np = np
+        self.grammar = grammar
         self.frequency = float(params.get("frequency_penalty") or 0.0)
         self.presence = float(params.get("presence_penalty") or 0.0)
         self.bias: Any = None
@@ -159,12 +209,17 @@ class _Scores:
         if self.frequency or self.presence:
             self.counts = np.zeros(n_vocab, dtype=np.float32)
             for token_id in generated:
-                self.observe(token_id)
+                if 0 <= token_id < n_vocab:
+                    self.counts[token_id] += 1
+        if grammar is not None:
+            grammar.advance(generated)
         self.last: Any = None
 
     def observe(self, token_id: int) -> None:
         if self.counts is not None and 0 <= token_id < self.counts.shape[0]:
             self.counts[token_id] += 1
+        if self.grammar is not None:
+            self.grammar.advance([token_id])
 
     def __call__(self, _input_ids: Any, logits: Any) -> Any:
         scores = self._np.array(logits, dtype=self._np.float32)
@@ -173,6 +228,8 @@ class _Scores:
         if self.counts is not None:
             counts = self.counts[: scores.shape[0]]
             scores -= counts * self.frequency + (counts > 0) * self.presence
+        if self.grammar is not None:
+            self.grammar.mask(scores)
         self.last = scores
         return scores
 
@@ -210,6 +267,8 @@ class _Child:
         self.n_ctx = 0
         self.arm_abort: Any = None
         self.embedder: Any = None  # (context, batch), made on the first embedding request
+        self.ll_tokenizer: Any = None  # llguidance's, made on the first constrained request
+        self.grammars: collections.OrderedDict[str, Any] = collections.OrderedDict()
         self.pieces: dict[int, bytes] = {}
         self._callbacks: list[Any] = []  # ctypes callbacks must outlive their use
 
@@ -370,7 +429,7 @@ class _Child:
         if params.get("prompt") is not None:
             text, add_bos = str(params["prompt"]), True
         else:
-            text, add_bos = self.chat_text(params["messages"]), False
+            text, add_bos = self.chat_text(params["messages"], params.get("tools")), False
         text += params["continuation"]
         tokens: list[int] = self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
         if len(tokens) >= self.n_ctx:
@@ -381,15 +440,21 @@ class _Child:
             )
         return tokens
 
-    def chat_text(self, messages: list[tuple[str, str]]) -> str:
-        turns = [
-            {"role": "system" if role == "developer" else role, "content": content}
-            for role, content in messages
-        ]
+    def chat_text(
+        self, turns: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> str:
+        """The chat through the GGUF's template (turns and tools as transformers passes
+        them); a template that cannot show the tools to the model refuses them."""
+        if tools and (self.template is None or "tools" not in self.template.template):
+            raise _Invalid(
+                "this model's chat template does not render tools, so the model would "
+                "never see them; serve a model whose template supports tools",
+                param="tools",
+            )
         if self.template is None:
             return "\n".join(f"{t['role']}: {t['content']}" for t in turns) + "\nassistant:"
         try:
-            return str(self.template(messages=turns).prompt)
+            return str(self.template(messages=turns, tools=tools).prompt)
         except Exception as exc:  # jinja2 TemplateError and friends
             raise _Invalid(f"the model's chat template refused these messages: {exc}") from exc
 
@@ -424,7 +489,6 @@ class _Child:
         utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         send = self.conn.send
         produced = 0
-        logprob: Any = None
         self.arm_abort(True)
         try:
             for token in stream:
@@ -447,13 +511,12 @@ class _Child:
                         )
                     )
                     return
-                if scores is not None:
-                    logprob = self.logprob(scores, token, params)
-                    scores.observe(token)
+                logprob = None if scores is None else self.follow(scores, token, params)
                 text = utf8.decode(llm.detokenize([token], special=False))
-                if produced >= max_tokens:
+                finish = _finish(scores, produced, max_tokens)
+                if finish is not None:
                     text += utf8.decode(b"", final=True)
-                    send(("end", rid, text, index, prompt_tokens, logprob, "length"))
+                    send(("end", rid, text, index, prompt_tokens, logprob, finish))
                     return
                 if not self.may_send(rid):
                     send(("cancelled", rid, False))
@@ -469,15 +532,64 @@ class _Child:
                 self.arm_abort(False)
             stream.close()
 
+    def follow(self, scores: _Scores, token: int, params: dict[str, Any]) -> Any:
+        """Count the sampled token (penalties, grammar); its logprob entry, if asked."""
+        logprob = self.logprob(scores, token, params)
+        scores.observe(token)
+        return logprob
+
     def scores_for(self, params: dict[str, Any], generated: list[int]) -> _Scores | None:
         """The logits processor a request needs (None: llama.cpp's chain as it is)."""
+        grammar = self.grammar_for(params)
         wanted = (
-            params.get("logprobs")
+            grammar is not None
+            or params.get("logprobs")
             or params.get("logit_bias")
             or params.get("frequency_penalty")
             or params.get("presence_penalty")
         )
-        return _Scores(params, int(self.llm.n_vocab()), generated) if wanted else None
+        n_vocab = int(self.llm.n_vocab())
+        return _Scores(params, n_vocab, generated, grammar) if wanted else None
+
+    def grammar_for(self, params: dict[str, Any]) -> _Grammar | None:
+        """The request's grammar state: a copy of the cached compiled matcher."""
+        grammar = params.get("grammar")
+        if not grammar:
+            return None
+        pristine = self.grammars.get(grammar)
+        if pristine is None:
+            pristine = self.compile(grammar, str(params.get("grammar_param") or "response_format"))
+            self.grammars[grammar] = pristine
+            while len(self.grammars) > _CACHED_GRAMMARS:
+                self.grammars.popitem(last=False)
+        self.grammars.move_to_end(grammar)
+        return _Grammar(pristine.deep_copy(), int(self.llm.n_vocab()))
+
+    def compile(self, grammar: str, param: str) -> Any:
+        try:
+            from llguidance import LLMatcher
+            from llguidance.llamacpp import lltokenizer_from_vocab
+        except ImportError as exc:
+            raise _Invalid(
+                "structured output needs llguidance, which is not installed; install it "
+                "with: pip install 'kensho[ml]'",
+                param=param,
+            ) from exc
+        if self.ll_tokenizer is None:
+            import llama_cpp
+
+            vocab = self.llm._model.vocab
+            ends = {llama_cpp.llama_vocab_eos(vocab), llama_cpp.llama_vocab_eot(vocab)}
+            self.ll_tokenizer = lltokenizer_from_vocab(
+                vocab, n_vocab=int(self.llm.n_vocab()), eos_token=sorted(e for e in ends if e >= 0)
+            )
+        matcher = LLMatcher(self.ll_tokenizer, LLMatcher.grammar_from_lark(grammar), log_level=0)
+        if matcher.is_error():
+            raise _Invalid(
+                f"{param}: cannot be enforced by constrained decoding: {matcher.get_error()}",
+                param=param,
+            )
+        return matcher
 
     def logprob(self, scores: _Scores, token: int, params: dict[str, Any]) -> Any:
         """The sampled token's logprob entry, or None when the request did not ask."""
@@ -562,6 +674,14 @@ class _Child:
             batch = internals.LlamaBatch(n_tokens=size, embd=0, n_seq_max=1, verbose=False)
             self.embedder = (context, batch, size)
         return self.embedder  # type: ignore[no-any-return]
+
+
+def _finish(scores: _Scores | None, produced: int, max_tokens: int) -> str | None:
+    """Why the answer ends after this token: its grammar is complete ("stop", as the
+    torch engine ends it), its budget is spent ("length"), or not yet (None)."""
+    if scores is not None and scores.grammar is not None and scores.grammar.done:
+        return "stop"
+    return "length" if produced >= max_tokens else None
 
 
 class _LoadFailure(Exception):

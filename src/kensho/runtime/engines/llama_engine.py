@@ -36,7 +36,7 @@ import signal
 import subprocess
 import sys
 from array import array
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from multiprocessing import Pipe
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -410,7 +410,7 @@ class LlamaCppEngine:
 
     async def _read(
         self, child: _Child, rid: str, stream: _Stream, request: GenerationRequest
-    ) -> AsyncIterator[GenerationChunk]:
+    ) -> AsyncGenerator[GenerationChunk, None]:
         """The chunks of one request's messages; returns once its last message is read."""
         stops = StopMatcher(request.stop)
         read = 0
@@ -515,7 +515,10 @@ def _params(request: GenerationRequest) -> dict[str, Any]:
     pending = request.pending_embeddings if request.embed else ()
     return {
         "prompt": request.prompt,
-        "messages": [(m.role, m.content) for m in request.messages],
+        "messages": [
+            {"role": "system" if m.role == "developer" else m.role, "content": m.content}
+            for m in request.messages
+        ],
         "embed": list(pending),
         "embed_first": len(request.embed) - len(pending),
         "continuation": request.continuation,
