@@ -398,14 +398,14 @@ class LlamaCppEngine:
         stream = _Stream()
         child.streams[rid] = stream
         self._send(child, ("gen", rid, _params(request)))
-        done = False
         try:
             async with contextlib.aclosing(self._read(child, rid, stream, request)) as chunks:
                 async for chunk in chunks:
                     yield chunk
-            done = True
         finally:
-            if not done and child.alive and rid in child.streams:
+            # Still listed: its last message has not come (a stop string, a consumer
+            # that left), so the child is told to stop it.
+            if child.alive and rid in child.streams:
                 await self._cancel(child, rid, stream)
 
     async def _read(
