@@ -31,12 +31,30 @@ DEMO_CHUNK_SIZE = 256 * 1024  # small chunks, so repairing a flipped byte fetche
 DEMO_CREATED = datetime(2026, 11, 25, tzinfo=UTC)  # fixed: the manifest is reproducible
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
+# Tools are named in one line: the demo's context is 256 tokens, which full JSON schemas
+# would fill, and the grammar (not the tiny model) keeps the arguments valid. Calls
+# render in the form kensho.runtime.engines.structured defines, as Hermes/Qwen-style
+# templates do; a chat without tools renders exactly as it always did.
+TOOLS_PREAMBLE = (
+    "{% if tools %}Tools: "
+    "{% for tool in tools %}{{ tool['function']['name'] }}{{ ', ' if not loop.last else '' }}"
+    "{% endfor %}{{ '\\n' }}{% endif %}"
+)
+TOOL_CALLS = (
+    "{% for call in message['tool_calls'] or [] %}"
+    "{{ '\\n' if not loop.first else '' }}"  # a literal newline after a tag is trimmed
+    "<tool_call>\n{\"name\": {{ call['function']['name'] | tojson }}, "
+    "\"arguments\": {{ call['function']['arguments'] | tojson }}}\n</tool_call>"
+    "{% endfor %}"
+)
 CHAT_TEMPLATE = (
-    "{% for message in messages %}"
+    TOOLS_PREAMBLE + "{% for message in messages %}"
     "{% if message['role'] == 'user' %}User: {{ message['content'] }}\n"
     "{% elif message['role'] == 'assistant' %}Assistant: {{ message['content'] }}"
+    + TOOL_CALLS
     + EOS
-    + "\n{% else %}{{ message['content'] }}\n{% endif %}"
+    + "\n{% elif message['role'] == 'tool' %}Tool: {{ message['content'] }}\n"
+    "{% else %}{{ message['content'] }}\n{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}Assistant:{% endif %}"
 )

@@ -10,6 +10,7 @@ the end of the ``with`` block, releasing any handler that is blocked.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import re
 import subprocess
@@ -23,11 +24,30 @@ from typing import Any
 from urllib.parse import unquote
 
 from _server_support import clean_env, run_kensho
-from kensho.storage import Manifest, parse_manifest
+from kensho.storage import Manifest, PartWriter, parse_manifest
 
 
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+class FullDisk(PartWriter):
+    """A store on a full disk: every write into a partial file fails with ``ENOSPC``.
+
+    Given as a ``StorageManager``'s ``part_writer``: the build layer's one write
+    seam, so it fails local copies and fetched chunks, for repairs and updates.
+    """
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []  # which write paths were reached
+
+    def write(self, fd: int, data: bytes | memoryview, offset: int) -> None:
+        self.calls.append("write")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def write_pieces(self, fd: int, pieces: list[bytes], offset: int) -> None:
+        self.calls.append("write_pieces")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
 
 def write_tree(root: Path, files: Mapping[str, bytes]) -> None:

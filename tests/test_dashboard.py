@@ -179,7 +179,9 @@ def test_dashboard_shows_the_system_and_follows_a_forced_open_breaker(tmp_path: 
         assert page.evaluate(_breaker_state("cpu")) == "closed"
         assert re.fullmatch(r"0 waiting of \d+", page.text("#queue"))
         assert page.evaluate("document.querySelector('#integrity').dataset.status") == "ok"
-        assert page.text("#integrity-files").startswith("6 ok")
+        assert page.text("#integrity-files").startswith(
+            "8 ok"
+        )  # the demo: 6 files for torch, 2 GGUF
         assert "mock · engines gpu, cpu" in page.text("#model")
         assert page.text("#overall") == "OK"
         assert "store ready" in page.text("#events")  # boot events, replayed

@@ -226,6 +226,18 @@ async def test_concurrency_limit_per_engine() -> None:
         assert rig.cpu.stats().peak_active == 1
 
 
+async def test_an_engine_declared_limit_caps_the_configured_concurrency() -> None:
+    """llama.cpp runs one sequence at a time: settings asking for 4 slots get 1."""
+    async with ExecutorRig(concurrency={"gpu": 4, "cpu": 1}) as rig:
+        rig.gpu.max_concurrency = 1  # type: ignore[attr-defined]
+        for _ in range(5):
+            rig.submit()
+        await rig.clock.settle()
+        assert rig.executor.statistics().in_flight == {"gpu": 1}
+        await rig.finish_all()
+        assert rig.gpu.stats().peak_active == 1
+
+
 async def test_capacity_shrinks_on_the_slow_engine_and_grows_back() -> None:
     async with ExecutorRig(
         max_queue_size=100, max_queue_wait=10, concurrency={"gpu": 4, "cpu": 1}

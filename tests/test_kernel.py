@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from kensho.config import ModelSettings, Settings, StorageSettings
+from kensho.config import ModelSettings, Settings, ShareSettings, StorageSettings
 from kensho.demo import DEMO_MODEL_DIR
 from kensho.errors import IntegrityError
 from kensho.events import Event, StorageReady
@@ -155,3 +155,31 @@ def test_integrity_state_holds_one_of_the_storage_verdicts() -> None:
     assert IntegrityState(status="failed").status is IntegrityStatus.FAILED  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="'broken' is not a valid IntegrityStatus"):
         IntegrityState(status="broken")  # type: ignore[arg-type]
+
+
+async def test_the_served_chunks_follow_the_last_check_and_sharing_can_be_off(
+    tmp_path: Path,
+) -> None:
+    kernel = Kernel(settings(tmp_path, engine="mock"))
+    try:
+        ctx = await kernel.boot()
+        assert ctx.chunks is not None
+        manifest = await kernel.storage.manifest()
+        tokenizer = manifest.file("tokenizer.json")
+        assert tokenizer is not None
+        sha = tokenizer.chunks[0].sha256
+        assert ctx.chunks.shelf.find(sha) is not None
+        flip_byte(tmp_path / "demo" / "tokenizer.json")
+        assert ctx.verify is not None
+        await ctx.verify()  # the check fails: its record goes, so does the chunk
+        assert ctx.chunks.shelf.find(sha) is None
+    finally:
+        await kernel.shutdown()
+    off = settings(tmp_path, engine="mock").model_copy(
+        update={"share": ShareSettings(enabled=False)}
+    )
+    kernel = Kernel(off)
+    try:
+        assert (await kernel.boot()).chunks is None
+    finally:
+        await kernel.shutdown()

@@ -343,7 +343,9 @@ def test_second_signal_ends_the_drain_at_once_with_exit_130(tmp_path: Path) -> N
 
 def test_boot_repairs_a_corrupted_required_file_then_serves(tmp_path: Path) -> None:
     env = kensho_env(tmp_path)
-    with kensho_up(env=env, cwd=tmp_path):
+    # Set-up: a first boot installs the store (the engine plays no part in that, so
+    # the mock one spares a model load); the boot under test serves the real model.
+    with kensho_up(env={**env, "KENSHO_MODEL_ENGINE": "mock"}, cwd=tmp_path):
         pass
     weights = tmp_path / "kensho" / "demo" / "model.safetensors"
     data = bytearray(weights.read_bytes())

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import errno
 import os
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
@@ -11,7 +10,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from _storage_support import http_server, kensho, manifest_for, write_tree
+from _storage_support import FullDisk, http_server, kensho, manifest_for, write_tree
 from kensho.errors import DiskSpaceError, IntegrityError, ManifestError, SourceError
 from kensho.events import (
     Event,
@@ -21,15 +20,16 @@ from kensho.events import (
     StorageReady,
     StorageSourceFailed,
 )
+from kensho.hub import EventHub
 from kensho.storage import (
     HttpSource,
     Manifest,
     MemorySource,
     MirrorSource,
+    PartWriter,
     Source,
     StorageManager,
     StoreBusyError,
-    _chunk_io,
     dump_manifest,
 )
 from kensho.storage._lock import StoreLock
@@ -261,26 +261,33 @@ async def test_disk_space_precheck_writes_nothing(tmp_path: Path) -> None:
     assert not tmp.exists() or list(tmp.iterdir()) == []
 
 
+@pytest.mark.parametrize(
+    ("damage", "reached"),
+    [("corrupt", "write"), ("missing", "write_pieces")],
+    ids=["local-copy", "fetched"],
+)
 async def test_enospc_during_write_keeps_old_file(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, damage: str, reached: str
 ) -> None:
+    """A full disk fails the repair with a DiskSpaceError naming the file, whether the
+    failing write is a chunk copied from the damaged file or one fetched (the file
+    is missing); the final path keeps what it had and no partial file is left."""
     write_tree(tmp_path, FILES)
     w = tmp_path / "models/w.bin"
     old = bytearray(FILES["models/w.bin"])
     old[3 * CHUNK] ^= 1
-    w.write_bytes(old)
-
-    def full_disk(fd: int, data: bytes, offset: int) -> None:
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    def full_disk_v(fd: int, pieces: list[bytes], offset: int) -> None:
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(_chunk_io, "_pwrite_all", full_disk)
-    monkeypatch.setattr(_chunk_io, "_pwritev_all", full_disk_v)
+    if damage == "corrupt":
+        w.write_bytes(old)
+    else:
+        w.unlink()
+    disk = FullDisk()
     with pytest.raises(DiskSpaceError, match=r"disk filled up while writing models/w\.bin"):
-        await sync(tmp_path, manifest_for(FILES, CHUNK), [MemorySource(FILES)])
-    assert w.read_bytes() == bytes(old)
+        await sync(tmp_path, manifest_for(FILES, CHUNK), [MemorySource(FILES)], part_writer=disk)
+    assert disk.calls[0] == reached
+    if damage == "corrupt":
+        assert w.read_bytes() == bytes(old)
+    else:
+        assert not w.exists()
     assert list((tmp_path / ".kensho" / "tmp").glob("*.part")) == []
 
 
@@ -405,6 +412,48 @@ async def test_events_are_json_data_and_failures_are_logged(tmp_path: Path) -> N
     assert failed and failed[0]["service"] == "storage" and failed[0]["level"] == "warning"
 
 
+async def test_repair_facts_are_logged_once_by_the_hub_listener(tmp_path: Path) -> None:
+    """Repaired, failed and ready are logged by the hub's log listener, once each,
+    under ``storage`` with the names and fields log readers match; a hub without that
+    listener logs none of them (no component logs them by hand beside emitting)."""
+    write_tree(tmp_path, FILES)
+    w = tmp_path / "models/w.bin"
+    broken = bytearray(FILES["models/w.bin"])
+    broken[2 * CHUNK] ^= 1
+    w.write_bytes(broken)
+    (tmp_path / "docs/guide.md").unlink()
+    manifest = manifest_for(FILES, CHUNK, optional=("docs/guide.md",))
+    source = MemorySource({k: v for k, v in FILES.items() if k != "docs/guide.md"})
+    with capture_logs() as logs:
+        await sync(tmp_path, manifest, [source])
+    named = [(e["event"], e["service"], e["level"]) for e in logs if e.get("service") == "storage"]
+    assert named.count(("file repaired", "storage", "info")) == 1, named
+    assert named.count(("repair failed", "storage", "warning")) == 1, named
+    assert named.count(("store ready", "storage", "info")) == 1, named
+    repaired = next(e for e in logs if e["event"] == "file repaired")
+    assert (repaired["path"], repaired["fetched"], repaired["status"]) == (
+        "models/w.bin",
+        CHUNK,
+        "storage.file.repaired",
+    )
+    assert repaired["reused"] == len(FILES["models/w.bin"]) - CHUNK
+    failed = next(e for e in logs if e["event"] == "repair failed")
+    assert failed["path"] == "docs/guide.md" and failed["reason"]
+    ready = next(e for e in logs if e["event"] == "store ready")
+    assert (ready["state"], ready["offline"], ready["degraded"]) == (
+        "degraded",
+        False,
+        ["docs/guide.md"],
+    )
+
+    w.write_bytes(broken)
+    with capture_logs() as quiet:
+        await sync(tmp_path, manifest, [source], hub=EventHub(log_events=False))
+    assert w.read_bytes() == FILES["models/w.bin"]  # repaired again, silently
+    said = {e["event"] for e in quiet}
+    assert not said & {"file repaired", "repair failed", "store ready"}, said
+
+
 async def test_garbage_state_database_only_costs_a_rehash(tmp_path: Path) -> None:
     write_tree(tmp_path, FILES)
     (tmp_path / ".kensho").mkdir()
@@ -452,13 +501,11 @@ async def test_server_ignoring_range_still_repairs_one_chunk(tmp_path: Path) -> 
 
 
 async def test_cancelled_repair_never_closes_a_file_a_thread_still_writes(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
 ) -> None:
     """Cancellation waits for copy threads: a closed fd number could be reused by
     another file (the state database) and receive model bytes."""
     import threading
-
-    from kensho.storage import _chunk_io
 
     data = os.urandom(8 * 4096)
     files = {"w.bin": data}
@@ -468,20 +515,24 @@ async def test_cancelled_repair_never_closes_a_file_a_thread_still_writes(
     (tmp_path / "w.bin").write_bytes(bytes(broken))
     entered, release = threading.Event(), threading.Event()
     fd_alive: list[bool] = []
-    original = _chunk_io.copy_same_offset
 
-    def slow_copy(src: Path, fd: int, chunks: object, batch: range) -> list[int]:
-        entered.set()
-        release.wait(10)
-        try:
-            os.fstat(fd)
-            fd_alive.append(True)
-        except OSError:
-            fd_alive.append(False)
-        return original(src, fd, chunks, batch)  # type: ignore[arg-type]
+    class SlowDisk(PartWriter):
+        """The first write (a local copy's, on its thread) blocks until released."""
 
-    monkeypatch.setattr(_chunk_io, "copy_same_offset", slow_copy)
-    manager = StorageManager(tmp_path, manifest_for(files, 4096), [MemorySource(files)])
+        def write(self, fd: int, data: bytes | memoryview, offset: int) -> None:
+            if not entered.is_set():
+                entered.set()
+                release.wait(10)
+                try:
+                    os.fstat(fd)
+                    fd_alive.append(True)
+                except OSError:
+                    fd_alive.append(False)
+            super().write(fd, data, offset)
+
+    manager = StorageManager(
+        tmp_path, manifest_for(files, 4096), [MemorySource(files)], part_writer=SlowDisk()
+    )
 
     async def run() -> None:
         async for _ in manager.repair():

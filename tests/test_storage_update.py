@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from safetensors.numpy import save as save_safetensors
 
 from _server_support import kensho_popen
-from _storage_support import http_server, kensho, signed_for, write_tree
+from _storage_support import FullDisk, http_server, kensho, signed_for, write_tree
 from kensho.errors import DiskSpaceError, IntegrityError, ManifestError, SignatureError
 from kensho.events import (
     Event,
@@ -42,7 +42,9 @@ from kensho.storage import (
     Manifest,
     MemorySource,
     MirrorSource,
+    PartWriter,
     Source,
+    StatRecord,
     StorageManager,
     build_manifest,
     dump_manifest,
@@ -293,17 +295,13 @@ async def test_disk_precheck_counts_only_the_files_to_assemble(tmp_path: Path) -
     assert (root / "small.bin").read_bytes() == new["small.bin"]
 
 
-async def test_disk_filling_up_mid_update_keeps_the_old_release(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_disk_filling_up_mid_update_keeps_the_old_release(tmp_path: Path) -> None:
     """The one write path of the build layer fails with ENOSPC: the update stops with a
     DiskSpaceError naming the file, every old file stays, no partial file is left.
 
     The new file is made only of chunks a local file holds, so the failing write is
-    the local copy's (no source is given): patching the shared layer reaches it.
+    the local copy's (no source is given): the build layer's writer seam reaches it.
     """
-    from kensho.storage import _chunk_io
-
     old = {"a.bin": os.urandom(4 * CHUNK)}
     new = {"a.bin": old["a.bin"], "b.bin": old["a.bin"][CHUNK:]}
     m1 = await publish(tmp_path / "v1", old, serial=1)
@@ -312,13 +310,10 @@ async def test_disk_filling_up_mid_update_keeps_the_old_release(
     await install(root, old, m1)
     trusted = (root / ".kensho" / "trusted-manifest.json").read_bytes()
 
-    def full_disk(fd: int, data: object, offset: int) -> None:
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(_chunk_io, "_pwrite_all", full_disk)
-    monkeypatch.setattr(_chunk_io, "_pwritev_all", full_disk)
+    disk = FullDisk()
     with pytest.raises(DiskSpaceError, match=r"disk filled up while writing b\.bin") as info:
-        await update(root, m2, [])
+        await update(root, m2, [], part_writer=disk)
+    assert disk.calls[0] == "write"  # the local copy's write, through the seam
     assert isinstance(info.value.__cause__, OSError)
     assert info.value.__cause__.errno == errno.ENOSPC
     assert (root / "a.bin").read_bytes() == old["a.bin"]
@@ -620,29 +615,25 @@ class _Killed(BaseException):
 
 
 async def test_update_killed_among_its_swaps_is_finished_at_the_next_offline_boot(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
 ) -> None:
-    from kensho.storage import _assemble
-
     old = {"a.bin": os.urandom(3 * CHUNK), "b.bin": os.urandom(3 * CHUNK)}
     new = {"a.bin": os.urandom(3 * CHUNK), "b.bin": os.urandom(3 * CHUNK)}
     m1 = await publish(tmp_path / "v1", old, serial=1)
     m2 = await publish(tmp_path / "v2", new, serial=2)
     root = tmp_path / "store"
     await install(root, old, m1)
-    real_swap = _assemble._swap_in
     swaps: list[Path] = []
 
-    def swap_then_die(part: Path, dest: Path) -> object:
-        if swaps:
-            raise _Killed
-        swaps.append(dest)
-        return real_swap(part, dest)
+    class DiesAtSecondSwap(PartWriter):
+        def place(self, part: Path, dest: Path) -> StatRecord:
+            if swaps:
+                raise _Killed
+            swaps.append(dest)
+            return super().place(part, dest)
 
-    monkeypatch.setattr(_assemble, "_swap_in", swap_then_die)
     with pytest.raises(_Killed):
-        await update(root, m2, [MemorySource(new)])
-    monkeypatch.setattr(_assemble, "_swap_in", real_swap)
+        await update(root, m2, [MemorySource(new)], part_writer=DiesAtSecondSwap())
     mixed = {rel: (root / rel).read_bytes() == new[rel] for rel in new}
     assert sorted(mixed.values()) == [False, True]  # one file swapped, one not
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
@@ -15,12 +16,23 @@ from kensho.runtime.manager import RuntimeManager
 REQUEST = GenerationRequest(prompt="The GPU", max_tokens=40, temperature=0)
 
 
-@pytest.fixture
-async def runtime() -> AsyncIterator[tuple[RuntimeManager, FaultInjector, str]]:
+async def _alone() -> str:
     alone = TorchEngine(DEMO_MODEL_DIR, name="reference")
     await alone.load()
-    reference = "".join([c.text async for c in alone.generate(REQUEST)])
-    await alone.close()
+    try:
+        return "".join([c.text async for c in alone.generate(REQUEST)])
+    finally:
+        await alone.close()
+
+
+@pytest.fixture(scope="module")
+def reference() -> str:
+    """What the CPU engine alone answers to ``REQUEST`` (read-only: computed once)."""
+    return asyncio.run(_alone())
+
+
+@pytest.fixture
+async def runtime(reference: str) -> AsyncIterator[tuple[RuntimeManager, FaultInjector, str]]:
     # The "GPU" runs the same weights on the CPU here; only its failures are injected.
     primary = FaultInjector(TorchEngine(DEMO_MODEL_DIR, name="gpu-weights"), name="gpu", kind="gpu")
     manager = RuntimeManager(primary, TorchEngine(DEMO_MODEL_DIR, name="cpu"))

@@ -39,6 +39,7 @@ __all__ = [
     "RuntimeSettings",
     "ServerSettings",
     "Settings",
+    "ShareSettings",
     "StorageSettings",
     "TelemetrySettings",
     "TrustSettings",
@@ -125,6 +126,20 @@ class StorageSettings(_Section):
     update_interval: float = Field(default=0.0, ge=0)
     prefetch_rate: int = Field(default=0, ge=0)
     auto_apply: bool = False
+
+
+class ShareSettings(_Section):
+    """``[share]``: the verified chunks this store serves to peers.
+
+    ``kensho up`` serves them at ``/v1/kensho/chunks/{sha256}`` when ``enabled``
+    (``kensho share`` always does). At most ``max_transfers`` chunks are sent at once
+    (more get 429, and the peer asks its next source), at most ``rate_limit`` bytes/s
+    in all (0: no limit), so that a fleet syncing from one device cannot starve it.
+    """
+
+    enabled: bool = True
+    max_transfers: int = Field(default=8, ge=1, le=1024)
+    rate_limit: int = Field(default=0, ge=0)
 
 
 class ServerSettings(_Section):
@@ -328,6 +343,7 @@ class Settings(_Section):
     log: LogSettings = Field(default_factory=LogSettings)
     storage: StorageSettings = Field(default_factory=StorageSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
+    share: ShareSettings = Field(default_factory=ShareSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
     trust: TrustSettings = Field(default_factory=TrustSettings)
     runtime: RuntimeSettings = Field(default_factory=RuntimeSettings)

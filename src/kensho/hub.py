@@ -8,9 +8,9 @@ server streams them as SSE, tests assert on them — so the hub offers both
 synchronous listeners and ``async for event in hub.stream()``.
 
 Logging is one more listener (:func:`log_event`, installed by default): an event
-whose class declares a ``log_level`` is written to the ``events`` log with its
-message and fields, so a component announces a fact once, by emitting it, instead
-of logging it and emitting it by hand.
+whose class declares a ``log_level`` is written to the log of its ``log_service``
+with its message (or fixed ``log_name``) and fields, so a component announces a
+fact once, by emitting it, instead of logging it and emitting it by hand.
 
 A subscriber that does not keep up must not slow the runtime down nor grow memory
 without bound: each stream has a bounded buffer and drops its *oldest* events when
@@ -39,8 +39,9 @@ _LEVELS = logging.getLevelNamesMapping()
 def log_event(event: Event) -> None:
     """Write ``event`` to the log at its class's ``log_level`` (none: not logged).
 
-    The line is the event's message, with ``status`` (its kind) and its fields, so a
-    log reader sees exactly what the status stream shows.
+    The line is the event's ``log_name`` (else its message), under its class's
+    ``log_service``, with ``status`` (its kind) and its fields, so a log reader sees
+    exactly what the status stream shows.
     """
     level = event.log_level
     if level is None:
@@ -48,7 +49,8 @@ def log_event(event: Event) -> None:
     fields = event.to_dict()
     for key in ("kind", "message", "ts"):
         fields.pop(key, None)
-    log.log(_LEVELS[level.upper()], event.message, status=event.kind, **fields)
+    name = event.log_name or event.message
+    get_logger(event.log_service).log(_LEVELS[level.upper()], name, status=event.kind, **fields)
 
 
 class _Subscriber:

@@ -59,7 +59,7 @@ from kensho.runtime.engines.llama_engine import LlamaCppEngine
 from kensho.runtime.engines.torch_engine import TorchEngine
 from kensho.runtime.executor import TaskExecutor
 from kensho.runtime.manager import RuntimeManager
-from kensho.server import Drain, IntegrityState, ServerContext, create_app
+from kensho.server import ChunkService, Drain, IntegrityState, ServerContext, create_app
 from kensho.storage import (
     MirrorSource,
     StorageManager,
@@ -315,6 +315,7 @@ class Kernel:
             export_stats=log_service().export_stats,
             release=self.release.snapshot if self.release is not None else None,
             apply_update=self.apply_update if self.release is not None else None,
+            chunks=self._chunk_service(),
         )
         self._start_updater()
         log.info(
@@ -393,6 +394,11 @@ class Kernel:
             "release": dataclasses.asdict(snapshot) if snapshot is not None else None,
         }
 
+    def _chunk_service(self) -> ChunkService | None:
+        """The store's verified chunks for peers, unless ``share.enabled`` is off."""
+        share = self.settings.share
+        return ChunkService.for_store(self.storage.root, share) if share.enabled else None
+
     @traced("kensho.verify")
     async def verify_now(self) -> IntegrityState:
         """Re-hash the whole store (admin endpoint); events go to the hub."""
@@ -463,6 +469,8 @@ class Kernel:
         if self.runtime is not None:
             await self.runtime.close()
         await self.storage.aclose()
+        if self.context is not None and self.context.chunks is not None:
+            self.context.chunks.close()
         if self._socket is not None:  # bound, but boot failed before serving
             self._socket.close()
             self._socket = None

@@ -125,7 +125,11 @@ ManifestOpt = Annotated[
 ]
 SourceOpt = Annotated[
     list[str] | None,
-    typer.Option("--source", "-s", help="Repair source: folder, file:// or http(s):// URL."),
+    typer.Option(
+        "--source",
+        "-s",
+        help="Repair source: folder, file://, http(s)://, s3:// or peer+http:// URL.",
+    ),
 ]
 EngineOpt = Annotated[
     str | None,

@@ -23,11 +23,17 @@ class Event:
 
     ``log_level`` is the level the hub's log listener writes the event at
     (``kensho.hub.log_event``); ``None``: the event is not logged by the hub (its
-    source logs it, or it is progress that would flood the log).
+    source logs it, or it is progress that would flood the log). ``log_service`` is
+    the service the line is logged under, so per-service levels apply to it as to
+    the component's own lines. ``log_name``, when set, is the line's event name
+    instead of :attr:`message`: a fixed name (``"file repaired"``) that log queries
+    and alerts can match, where the message varies with the fields.
     """
 
     kind: ClassVar[str] = "event"
     log_level: ClassVar[str | None] = None
+    log_service: ClassVar[str] = "events"
+    log_name: ClassVar[str | None] = None
     ts: float = field(default_factory=time.time)
 
     @property

@@ -1,4 +1,12 @@
-"""Events of the integrity store: verify, repair and delta update."""
+"""Events of the integrity store: verify, repair and delta update.
+
+The facts worth a log line (a file repaired or updated, a repair that failed, a
+source that failed or sent wrong bytes, the plan of an update, the store ready)
+declare a ``log_level`` and a fixed ``log_name``: the hub's log listener writes
+them under the ``storage`` service, so the store never logs them by hand beside
+emitting them. Progress (hashing, downloads) and the verdicts the CLI prints itself
+(verify finished, repair started) are not logged.
+"""
 
 from __future__ import annotations
 
@@ -165,6 +173,9 @@ class StorageSourceFailed(Event):
     """A source could not deliver a file; ``next_source`` is tried next, if any."""
 
     kind: ClassVar[str] = "storage.source.failed"
+    log_level: ClassVar[str | None] = "warning"
+    log_service: ClassVar[str] = "storage"
+    log_name: ClassVar[str | None] = "source failed"
     path: str
     source: str
     error: str
@@ -181,6 +192,9 @@ class StorageChunkRejected(Event):
     """A source delivered a chunk whose hash does not match; it was discarded."""
 
     kind: ClassVar[str] = "storage.chunk.rejected"
+    log_level: ClassVar[str | None] = "warning"
+    log_service: ClassVar[str] = "storage"
+    log_name: ClassVar[str | None] = "chunk rejected"
     path: str
     source: str
     chunk: int
@@ -199,6 +213,9 @@ class StorageFileRepaired(Event):
     """A file was made good: bytes fetched from sources and reused from disk."""
 
     kind: ClassVar[str] = "storage.file.repaired"
+    log_level: ClassVar[str | None] = "info"
+    log_service: ClassVar[str] = "storage"
+    log_name: ClassVar[str | None] = "file repaired"
     path: str
     fetched: int
     reused: int
@@ -218,6 +235,9 @@ class StorageRepairFailed(Event):
     """A file could not be made good; nothing was placed at its path."""
 
     kind: ClassVar[str] = "storage.repair.failed"
+    log_level: ClassVar[str | None] = "warning"
+    log_service: ClassVar[str] = "storage"
+    log_name: ClassVar[str | None] = "repair failed"
     path: str
     required: bool
     reason: str
@@ -237,6 +257,9 @@ class StorageReady(Event):
     """
 
     kind: ClassVar[str] = "storage.ready"
+    log_level: ClassVar[str | None] = "info"
+    log_service: ClassVar[str] = "storage"
+    log_name: ClassVar[str | None] = "store ready"
     state: str
     offline: bool
     degraded: tuple[str, ...] = ()
@@ -272,6 +295,9 @@ class StorageUpdateFilePlanned(Event):
     """
 
     kind: ClassVar[str] = "storage.update.file"
+    log_level: ClassVar[str | None] = "info"
+    log_service: ClassVar[str] = "storage"
+    log_name: ClassVar[str | None] = "update planned"
     path: str
     action: str
     version: str
@@ -299,6 +325,9 @@ class StorageUpdatePlanned(Event):
     """The whole update plan: totals over every file, and whether it is a dry run."""
 
     kind: ClassVar[str] = "storage.update.planned"
+    log_level: ClassVar[str | None] = "info"
+    log_service: ClassVar[str] = "storage"
+    log_name: ClassVar[str | None] = "update plan"
     from_serial: int
     to_serial: int
     version: str
@@ -322,15 +351,24 @@ class StorageUpdatePlanned(Event):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class StorageFileUpdated(Event):
-    """A new version of a file was assembled, verified and swapped in."""
+    """A new version of a file was assembled, verified and swapped in.
+
+    ``previous_version``: the version it replaced (``None``: an added file);
+    ``swap_seconds``: how long its swap took (rename and folder fsync).
+    """
 
     kind: ClassVar[str] = "storage.file.updated"
+    log_level: ClassVar[str | None] = "info"
+    log_service: ClassVar[str] = "storage"
+    log_name: ClassVar[str | None] = "file updated"
     path: str
     version: str
     changelog: str
     fetched: int
     reused: int
     sources: tuple[str, ...]
+    previous_version: str | None = None
+    swap_seconds: float = 0.0
 
     @property
     def message(self) -> str:

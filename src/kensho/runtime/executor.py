@@ -139,7 +139,8 @@ class TaskExecutor:
     """Bounded priority executor with shedding, deadlines and hard-open protection.
 
     ``concurrency`` maps engine names or kinds (``{"gpu": 4, "cpu": 1}``) to how many
-    tasks may run on that engine at once (``default_concurrency`` for others).
+    tasks may run on that engine at once (``default_concurrency`` for others), capped by
+    an engine's own ``max_concurrency`` when it declares one.
     ``max_queue_wait`` is the default queue-wait deadline *and* the horizon for the
     dynamic capacity. ``stream_buffer`` chunks may wait for a consumer; a consumer
     that leaves them unread for ``consumer_timeout`` seconds is considered gone.
@@ -396,7 +397,11 @@ class TaskExecutor:
 
     def _limit(self, engine: Engine) -> int:
         limits = self.concurrency
-        return limits.get(engine.name) or limits.get(engine.kind) or self.default_concurrency
+        limit = limits.get(engine.name) or limits.get(engine.kind) or self.default_concurrency
+        # An engine may declare how many sequences it can run at once (llama.cpp: one);
+        # the settings can lower that, never raise it.
+        ceiling: int | None = getattr(engine, "max_concurrency", None)
+        return min(limit, ceiling) if ceiling else limit
 
     def _lowest_queued(self) -> TaskHandle | None:
         for queue in self._queues:  # LOW first

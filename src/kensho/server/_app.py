@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kensho import __version__
 from kensho.errors import KenshoError
+from kensho.server._chunks import add_chunk_routes
 from kensho.server._context import ServerContext
 from kensho.server._dashboard import add_dashboard_routes
 from kensho.server._errors import APIError, error_response
@@ -55,6 +56,8 @@ def create_app(ctx: ServerContext) -> FastAPI:
     add_status_route(app, StatusBoard(ctx, metrics))
     _add_admin_routes(app, ctx)
     add_openai_routes(app, ctx, metrics)
+    if ctx.chunks is not None:  # verified chunks for peers (share.enabled)
+        add_chunk_routes(app, ctx.chunks)
     add_dashboard_routes(app)
     return app
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kensho.events import ReleaseSnapshot
 from kensho.hub import EventHub
@@ -18,6 +18,9 @@ from kensho.runtime.executor import TaskExecutor
 from kensho.runtime.manager import RuntimeManager
 from kensho.server._drain import Drain
 from kensho.storage.report import IntegrityStatus
+
+if TYPE_CHECKING:
+    from kensho.server._chunks import ChunkService
 
 __all__ = ["IntegrityState", "ServerContext"]
 
@@ -61,6 +64,7 @@ class ServerContext:
     and metrics stay open for probes and scrapers unless ``protect_metrics``.
     ``release`` reads where the store stands with over-the-air releases;
     ``apply_update`` applies the staged release now (``POST /v1/kensho/update``).
+    ``chunks`` shares the store's verified chunks with peers (``None``: not shared).
     """
 
     runtime: RuntimeManager
@@ -80,6 +84,7 @@ class ServerContext:
     drain: Drain = field(default_factory=Drain)
     release: Callable[[], ReleaseSnapshot] | None = None
     apply_update: Callable[[], Awaitable[dict[str, Any]]] | None = None
+    chunks: ChunkService | None = None
 
     @property
     def draining(self) -> bool:

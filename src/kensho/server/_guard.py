@@ -22,7 +22,7 @@ from kensho.server._errors import APIError, error_response
 from kensho.server._metrics import ServerMetrics
 from kensho.telemetry import get_logger
 
-__all__ = ["AccessGuard", "is_loopback"]
+__all__ = ["AccessGuard", "bearer_ok", "is_loopback"]
 
 log = get_logger("server")
 
@@ -145,12 +145,16 @@ class AccessGuard:
         return None
 
     def _authorized(self, scope: Scope) -> bool:
-        value = _header(scope, b"authorization") or ""
-        scheme, _, token = value.partition(" ")
-        key = self.context.api_key or ""
-        return scheme.lower() == "bearer" and hmac.compare_digest(
-            token.strip().encode("latin-1"), key.encode("latin-1", "replace")
-        )
+        return bearer_ok(scope, self.context.api_key or "")
+
+
+def bearer_ok(scope: Scope, key: str) -> bool:
+    """Whether the request carries ``Authorization: Bearer <key>`` (constant-time)."""
+    value = _header(scope, b"authorization") or ""
+    scheme, _, token = value.partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(
+        token.strip().encode("latin-1"), key.encode("latin-1", "replace")
+    )
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

@@ -28,7 +28,6 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from kensho.errors import KenshoError, QueueFullError
 from kensho.runtime.engines.base import (
-    ChatMessage,
     Feature,
     GenerationChunk,
     GenerationRequest,
@@ -43,6 +42,7 @@ from kensho.server._logprobs import TextOffsets, chat_logprobs, text_logprobs
 from kensho.server._metrics import ServerMetrics
 from kensho.server._schemas import ChatCompletionRequest, CompletionRequest
 from kensho.server._sse import SSE_DONE, SSE_HEADERS, sse_event
+from kensho.server._tools import ToolShaper, chat_messages, structured_options
 from kensho.telemetry import bound_context, get_logger
 
 __all__ = [
@@ -172,12 +172,8 @@ def add_openai_routes(app: FastAPI, ctx: ServerContext, metrics: ServerMetrics) 
     async def chat(body: ChatCompletionRequest, request: Request) -> Response:
         check_model(ctx, body.model)
         audit_chat(body, served_features(ctx))
-        try:
-            messages = tuple(ChatMessage(m.role, m.text()) for m in body.messages)
-        except ValueError as exc:
-            raise APIError(400, str(exc), param="messages") from None
         gen = GenerationRequest(
-            messages=messages,
+            messages=chat_messages(body),
             max_tokens=body.max_completion_tokens or body.max_tokens or ctx.default_max_tokens,
             temperature=body.temperature,
             top_p=body.top_p,
@@ -188,6 +184,7 @@ def add_openai_routes(app: FastAPI, ctx: ServerContext, metrics: ServerMetrics) 
             frequency_penalty=body.frequency_penalty or 0.0,
             presence_penalty=body.presence_penalty or 0.0,
             logit_bias=body.logit_bias_pairs(),
+            **structured_options(body, ctx.runtime),
         )
         return await runner.complete("chat", body, gen, request)
 
@@ -242,7 +239,9 @@ class CompletionRunner:
             except _ClientGoneError:
                 return Response(status_code=499)
             echo = gen.prompt if isinstance(body, CompletionRequest) and body.echo else None
-            shape = OpenAIShaper(kind, body.model, logprobs=gen.logprobs, echo=echo)
+            plain = OpenAIShaper(kind, body.model, logprobs=gen.logprobs, echo=echo)
+            calling = bool(gen.tools) and gen.tool_choice != "none"
+            shape: Shaper = ToolShaper(plain) if calling else plain
             if body.stream:
                 usage = bool(body.stream_options and body.stream_options.include_usage)
                 stream = self._stream_answer(handle, first, shape, timing, usage)
@@ -348,7 +347,7 @@ class CompletionRunner:
         self,
         handle: TaskHandle,
         first: GenerationChunk | None,
-        shape: OpenAIShaper,
+        shape: Shaper,
         timing: _Timing,
         include_usage: bool,
     ) -> AsyncIterator[bytes]:
@@ -361,8 +360,8 @@ class CompletionRunner:
                 count += 1
                 self.metrics.tokens.labels(chunk.engine).inc()
                 shape.count(chunk)
-                event = shape.delta(chunk)
-                yield sse_event({**event, "usage": None} if include_usage else event)
+                for event in shape.deltas(chunk):
+                    yield sse_event({**event, "usage": None} if include_usage else event)
                 chunk = await anext(handle, None)
             if include_usage:
                 yield sse_event(shape.usage_chunk(count, shape.prompt_tokens))
@@ -478,6 +477,10 @@ class OpenAIShaper:
         }
         return {**self._base("text_completion"), "choices": [choice]}
 
+    def deltas(self, chunk: GenerationChunk) -> list[dict[str, Any]]:
+        """The stream events for one engine chunk (one here; tools may need more)."""
+        return [self.delta(chunk)]
+
     def usage_chunk(self, tokens: int, prompt_tokens: int = 0) -> dict[str, Any]:
         obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
         return {**self._base(obj), "choices": [], "usage": usage(prompt_tokens, tokens)}
@@ -504,6 +507,9 @@ class OpenAIShaper:
             }
             base = self._base("text_completion")
         return {**base, "choices": [choice], "usage": usage(self.prompt_tokens, len(chunks))}
+
+
+Shaper = OpenAIShaper | ToolShaper
 
 
 def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:

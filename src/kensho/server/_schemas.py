@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from kensho.runtime.engines.base import MAX_TOP_LOGPROBS
 
@@ -23,7 +23,14 @@ __all__ = [
     "CompletionRequest",
     "ContentPart",
     "EmbeddingRequest",
+    "FunctionCallIn",
+    "FunctionIn",
+    "JSONSchemaFormat",
+    "ResponseFormatIn",
     "StreamOptions",
+    "ToolCallIn",
+    "ToolChoiceIn",
+    "ToolIn",
 ]
 
 MAX_TOKENS_LIMIT = 32_768
@@ -32,6 +39,8 @@ MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit on /v1/completions ``logprobs``
 MAX_EMBEDDING_INPUTS = 2048  # OpenAI's limit on one /v1/embeddings call
 Penalty = Annotated[float, Field(ge=-2, le=2)]
 TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]
+MAX_TOOLS = 128  # OpenAI's limit on ``tools``
+FunctionName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 
 
 class _Loose(BaseModel):
@@ -45,9 +54,26 @@ class ContentPart(_Loose):
     text: str | None = None
 
 
+class FunctionCallIn(_Loose):
+    """The function an earlier assistant turn called; ``arguments`` is JSON text."""
+
+    name: FunctionName
+    arguments: Annotated[str, Field(max_length=1 << 20)]
+
+
+class ToolCallIn(_Loose):
+    """One call in an assistant message's ``tool_calls``."""
+
+    id: Annotated[str, Field(min_length=1, max_length=256)]
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+
 class ChatMessageIn(_Loose):
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[ContentPart] | None = None
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: Annotated[str, Field(min_length=1, max_length=256)] | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -115,6 +141,54 @@ class _Sampling(BaseModel):
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
 
 
+class JSONSchemaFormat(_Loose):
+    """``response_format.json_schema``: the schema the answer must validate against."""
+
+    name: FunctionName = "response"
+    description: str | None = None
+    # ``schema`` would shadow a BaseModel method: the alias keeps OpenAI's name.
+    json_schema: dict[str, Any] = Field(alias="schema", default_factory=dict)
+    strict: bool | None = None
+
+
+class ResponseFormatIn(_Loose):
+    """``response_format``: free text, any JSON object, or JSON that fits a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseFormatIn:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is required with type json_schema, and only then")
+        return self
+
+
+class FunctionIn(_Loose):
+    """A function the model may call; ``parameters`` is its arguments' JSON schema."""
+
+    name: FunctionName
+    description: Annotated[str, Field(max_length=8192)] | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolIn(_Loose):
+    type: Literal["function"]
+    function: FunctionIn
+
+
+class _FunctionRef(_Loose):
+    name: FunctionName
+
+
+class ToolChoiceIn(_Loose):
+    """``tool_choice`` naming one function: ``{"type": "function", "function": {...}}``."""
+
+    type: Literal["function"]
+    function: _FunctionRef
+
+
 class ChatCompletionRequest(_Sampling):
     """``POST /v1/chat/completions``."""
 
@@ -135,6 +209,14 @@ class ChatCompletionRequest(_Sampling):
     service_tier: str | None = None
     safety_identifier: Annotated[str, Field(max_length=512)] | None = None
     prompt_cache_key: Annotated[str, Field(max_length=512)] | None = None
+    # Structured output and tools (``_tools.py`` turns them into the engine's terms).
+    response_format: ResponseFormatIn | None = None
+    tools: Annotated[list[ToolIn], Field(max_length=MAX_TOOLS)] | None = None
+    tool_choice: Literal["none", "auto", "required"] | ToolChoiceIn | None = None
+    parallel_tool_calls: bool | None = None
+    # The deprecated forms of tools: refused with the way to the current ones.
+    functions: list[Any] | None = None
+    function_call: Any = None
 
 
 class CompletionRequest(_Sampling):

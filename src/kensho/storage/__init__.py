@@ -14,6 +14,7 @@ The manifest schema is documented in ``docs/manifest.md``.
 from __future__ import annotations
 
 from kensho.storage._cdc import DEFAULT_CDC_AVG, CdcParams
+from kensho.storage._chunk_io import PartWriter
 from kensho.storage._fs import UnsafePathError
 from kensho.storage._lock import StoreBusyError
 from kensho.storage._plan import FilePlan, UpdatePlan
@@ -33,10 +34,13 @@ from kensho.storage.manifest import (
     parse_manifest,
 )
 from kensho.storage.report import FileReport, FileStatus, VerifyReport
+from kensho.storage.shelf import ChunkShelf
 from kensho.storage.sources import (
     HttpSource,
     MemorySource,
     MirrorSource,
+    ObjectStoreSource,
+    PeerSource,
     Sink,
     Source,
     SourceUnreachableError,
@@ -51,6 +55,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "CdcParams",
     "Chunk",
+    "ChunkShelf",
     "Chunking",
     "FileDigest",
     "FileEntry",
@@ -63,6 +68,9 @@ __all__ = [
     "Manifest",
     "MemorySource",
     "MirrorSource",
+    "ObjectStoreSource",
+    "PartWriter",
+    "PeerSource",
     "Signature",
     "Sink",
     "Source",

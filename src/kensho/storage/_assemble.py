@@ -8,8 +8,10 @@ For each chunk of the target, in order of preference:
 3. it is fetched from the first source that delivers it with the right hash
    (failover, and a source that keeps sending wrong bytes is distrusted for the run).
 
-Every byte that reaches the partial file is hashed on its way in; then the whole
-file's SHA-256 is checked and the file fsynced. Placing it (``os.replace`` over the
+Every byte that reaches the partial file is hashed on its way in; the whole file's
+SHA-256 is computed in file order along the way (:class:`~._chunk_io.WholeDigest`:
+fetched bytes as their chunks match, local ones read back), checked, and the file
+fsynced. Placing it (``os.replace`` over the
 final path, fsync of the folder) is the caller's choice: repair places each file at
 once, update only once every required file is built. The partial file never grows
 past the declared size, and until the swap the final path keeps its old content,
@@ -42,15 +44,17 @@ from kensho.errors import (
     UnsafePathError,
 )
 from kensho.events import StorageChunkRejected, StorageDownloadProgress, StorageSourceFailed
-from kensho.storage._chunk_io import ChunkMismatch, ChunkWriter, LocalCopy, consecutive_runs
-from kensho.storage._fs import fsync_dir, resolve_inside
-from kensho.storage._verify import Emit
-from kensho.storage.hashing import (
-    IOPool,
-    chunks_within,
-    run_to_completion,
-    sha256_range,
+from kensho.storage._chunk_io import (
+    ChunkMismatch,
+    ChunkWriter,
+    LocalCopy,
+    PartWriter,
+    WholeDigest,
+    consecutive_runs,
 )
+from kensho.storage._fs import resolve_inside
+from kensho.storage._verify import Emit
+from kensho.storage.hashing import IOPool, chunks_within, gather_to_completion, run_to_completion
 from kensho.storage.manifest import FileEntry
 from kensho.storage.sources import Source
 from kensho.storage.state import StatRecord
@@ -132,14 +136,6 @@ def _open_part(part: Path, size: int) -> tuple[int, int]:
     return fd, before
 
 
-def _swap_in(part: Path, dest: Path) -> StatRecord:
-    """Move a built (fsynced) partial file over ``dest``; fsync the folder."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part.replace(dest)
-    fsync_dir(dest.parent)
-    return StatRecord.of(dest.lstat())
-
-
 @dataclass(slots=True)
 class Built:
     """One file built in ``.kensho/tmp`` (placed already when ``outcome.record`` is set).
@@ -161,7 +157,7 @@ class FileAssembler:
 
     One per run: a source it distrusts (wrong bytes) stays distrusted for every
     later file of the run. Its methods hold no per-file state, so files can be
-    built concurrently.
+    built concurrently. Every write and every swap goes through ``writer``.
     """
 
     root: Path
@@ -173,6 +169,7 @@ class FileAssembler:
     free_space: Callable[[Path], int] = field(
         default=lambda p: shutil.disk_usage(p).free, repr=False
     )
+    writer: PartWriter = field(default_factory=PartWriter)
     #: Sources that sent bytes contradicting the manifest ``mismatch_retries`` times:
     #: skipped for every later file of this run (a lying mirror is not asked again).
     distrusted: set[str] = field(default_factory=set)
@@ -213,9 +210,12 @@ class FileAssembler:
             if local is not None:
                 todo = await self._copy_local(entry, fd, dest, todo, local)
             reused = entry.size - sum(entry.chunks[i].size for i in todo)
-            outcome = await self._fetch(entry, fd, todo)
+            pending = set(todo)
+            final = (i for i in range(len(entry.chunks)) if i not in pending)
+            whole = WholeDigest(fd, entry.chunks, final)
+            outcome = await self._fetch(entry, fd, todo, whole)
             if outcome.ok:
-                outcome = await self._check_whole(entry, fd, part, outcome)
+                outcome = await self._check_whole(entry, fd, part, outcome, whole)
             if outcome.ok and place:
                 outcome.record = await self.place(part, dest)
         except OSError as exc:
@@ -230,10 +230,10 @@ class FileAssembler:
 
     async def place(self, part: Path, dest: Path) -> StatRecord:
         """Swap a built partial file in at ``dest``; its new record."""
-        return await run_to_completion(None, _swap_in, part, dest)
+        return await run_to_completion(None, self.writer.place, part, dest)
 
     async def _check_whole(
-        self, entry: FileEntry, fd: int, part: Path, outcome: BuildOutcome
+        self, entry: FileEntry, fd: int, part: Path, outcome: BuildOutcome, whole: WholeDigest
     ) -> BuildOutcome:
         """``outcome``, or a failure if the built file's whole SHA-256 is not ``entry``'s.
 
@@ -241,11 +241,13 @@ class FileAssembler:
         chunk list, but a manifest whose chunk list and ``sha256`` disagree cannot be
         told at parse time without the data (and a new release may come from another
         chunker). Such a manifest is refused instead of placed, and the partial file,
-        proven wrong, is deleted. Also fsyncs the partial file.
+        proven wrong, is deleted. Also fsyncs the partial file, while the digest
+        reads back whatever it has not seen yet (local chunks).
         """
-        await self.io.run(os.fsync, fd)
-        whole = await self.io.run(sha256_range, part, 0, entry.size)
-        if whole == entry.sha256:
+        _, digest = await gather_to_completion(
+            [self.io.run(os.fsync, fd), self.io.run(whole.hexdigest)]
+        )
+        if digest == entry.sha256:
             return outcome
         await asyncio.to_thread(part.unlink, missing_ok=True)
         return BuildOutcome(
@@ -290,14 +292,16 @@ class FileAssembler:
         candidates = [i for i in todo if i in held]
 
         async def job(batch: range) -> list[int]:  # one thread job per batch, not per chunk
-            return await self.io.run(local.copy, dest, fd, batch)
+            return await self.io.run(local.copy, dest, fd, batch, self.writer)
 
         missed = await self.io.in_batches(entry.chunks, candidates, job)
         if missed and local.note:
             _log.warning(local.note, path=entry.path, chunks=len(missed))
         return sorted([i for i in todo if i not in held] + missed)
 
-    async def _fetch(self, entry: FileEntry, fd: int, todo: list[int]) -> BuildOutcome:
+    async def _fetch(
+        self, entry: FileEntry, fd: int, todo: list[int], whole: WholeDigest
+    ) -> BuildOutcome:
         if not todo:
             return BuildOutcome(True)
         if not self.sources:
@@ -327,7 +331,7 @@ class FileAssembler:
                     )
 
                 error = await self._from_source(
-                    entry, fd, source, todo, done=done, on_chunks=on_chunks, pool=pool
+                    entry, fd, source, todo, done=done, on_chunks=on_chunks, pool=pool, whole=whole
                 )
                 finished = all(done[i] for i in todo)
                 if finished or error is None:
@@ -339,9 +343,6 @@ class FileAssembler:
                         StorageSourceFailed(
                             path=entry.path, source=source.name, error=str(error), next_source=nxt
                         )
-                    )
-                    _log.warning(
-                        "source failed", path=entry.path, source=source.name, error=str(error)
                     )
                 if finished:
                     return BuildOutcome(True, fetched=fetched[0], sources=used)
@@ -358,6 +359,7 @@ class FileAssembler:
         done: bytearray,
         on_chunks: Callable[[range], None],
         pool: Executor,
+        whole: WholeDigest,
     ) -> SourceError | None:
         """Fetch what is left of ``todo`` from one source; the error that stopped it."""
         mismatches = 0
@@ -367,7 +369,9 @@ class FileAssembler:
                 for run in consecutive_runs(remaining):
                     start = chunks[run.start].offset
                     length = chunks[run[-1]].end - start
-                    writer = ChunkWriter(fd, chunks, run, on_chunks, pool)
+                    writer = ChunkWriter(
+                        fd, chunks, run, on_chunks, pool=pool, writer=self.writer, whole=whole
+                    )
                     try:
                         await source.fetch(entry.path, start, length, entry.size, writer)
                     finally:
@@ -382,7 +386,6 @@ class FileAssembler:
                         path=entry.path, source=source.name, chunk=exc.index, attempt=mismatches
                     )
                 )
-                _log.warning("chunk rejected", path=entry.path, source=source.name, chunk=exc.index)
                 if mismatches >= self.mismatch_retries:
                     self.distrusted.add(source.name)
                     _log.warning(

@@ -15,11 +15,8 @@ from kensho.storage._assemble import BuildOutcome, FileAssembler, part_path
 from kensho.storage._chunk_io import LocalCopy, same_offset_copy
 from kensho.storage.manifest import FileEntry
 from kensho.storage.report import FileReport, FileStatus
-from kensho.telemetry import get_logger
 
 __all__ = ["FileRepairer", "RepairOutcome", "part_path"]
-
-_log = get_logger("storage")
 
 #: The former name of :class:`~._assemble.BuildOutcome` (updates use it too).
 RepairOutcome = BuildOutcome
@@ -43,9 +40,6 @@ class FileRepairer:
                 StorageFileRepaired(
                     path=entry.path, fetched=outcome.fetched, reused=built.reused, sources=used
                 )
-            )
-            _log.info(
-                "file repaired", path=entry.path, fetched=outcome.fetched, reused=built.reused
             )
         return outcome
 

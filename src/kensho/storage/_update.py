@@ -213,7 +213,6 @@ class DeltaUpdater:
                 )
                 continue
             records.append((entry.path, entry.sha256, record))
-            used = tuple(dict.fromkeys(item.outcome.sources))
             self.assembler.emit(
                 StorageFileUpdated(
                     path=entry.path,
@@ -221,20 +220,12 @@ class DeltaUpdater:
                     changelog=entry.changelog,
                     fetched=item.outcome.fetched,
                     reused=item.reused,
-                    sources=used,
+                    sources=tuple(dict.fromkeys(item.outcome.sources)),
+                    previous_version=item.plan.previous.version if item.plan.previous else None,
+                    swap_seconds=round(time.perf_counter() - started, 4),
                 )
             )
             await asyncio.to_thread(self.state.put, [records[-1]])
-            _log.info(
-                "file updated",
-                path=entry.path,
-                version=entry.version,
-                previous_version=item.plan.previous.version if item.plan.previous else None,
-                changelog=entry.changelog,
-                fetched=item.outcome.fetched,
-                reused=item.reused,
-                swap_seconds=round(time.perf_counter() - started, 4),
-            )
         return records
 
 

@@ -42,6 +42,7 @@ from kensho.storage._assemble import (
     check_free_space,
     part_path,
 )
+from kensho.storage._chunk_io import PartWriter
 from kensho.storage._lock import StoreLock
 from kensho.storage._plan import UpdatePlan, plan_update
 from kensho.storage._repair import FileRepairer
@@ -52,7 +53,7 @@ from kensho.storage.manifest import Manifest, dump_manifest, load_manifest, pars
 from kensho.storage.release import Release, ReleaseTrust
 from kensho.storage.report import FileReport, FileStatus, VerifyReport
 from kensho.storage.signing import TrustedKeys
-from kensho.storage.sources import Source, source_from_string
+from kensho.storage.sources import ChunkAddressed, Source, source_from_string
 from kensho.storage.state import StateStore, StatRecord
 from kensho.telemetry import get_logger
 
@@ -107,9 +108,11 @@ class StorageManager:
     used (offline boot). ``sources`` are tried in order and closed by :meth:`aclose`.
     ``trust`` are the configured keys; the keys pinned in the store at its first
     signed sync apply as well (docs/signing.md, "Pinned keys"). ``disk_free`` (bytes
-    free for a path) is injectable for tests. Every event is also published on
-    ``hub`` as it happens (the kernel passes the service's one hub; by default the
-    manager makes its own).
+    free for a path) is injectable for tests, and so is ``part_writer``: every
+    byte repairs and updates write, and every swap into place, goes through it
+    (:class:`PartWriter`; a failing one simulates a full disk or a crash). Every
+    event is also published on ``hub`` as it happens (the kernel passes the
+    service's one hub; by default the manager makes its own).
     """
 
     def __init__(
@@ -126,6 +129,7 @@ class StorageManager:
         trust: TrustedKeys | None = None,
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
         hub: EventHub | None = None,
+        part_writer: PartWriter | None = None,
     ) -> None:
         self.root = Path(root)
         self.hub = hub if hub is not None else EventHub()
@@ -146,6 +150,7 @@ class StorageManager:
         self._own_hasher = hasher is None
         self._hasher = hasher or IOPool()
         self._lock = StoreLock(self.state.dir / "lock")
+        self._writer = part_writer or PartWriter()
 
     @classmethod
     def from_settings(
@@ -329,26 +334,6 @@ class StorageManager:
             self.plan = plan
             for event in plan_events(plan, dry_run=dry_run):
                 emit(event)
-            for fp in plan.files:
-                _log.info(
-                    "update planned",
-                    path=fp.entry.path,
-                    action=fp.action,
-                    version=fp.entry.version,
-                    changelog=fp.entry.changelog,
-                    bytes_reused=fp.bytes_reused,
-                    bytes_to_fetch=fp.bytes_to_fetch,
-                )
-            _log.info(
-                "update plan",
-                from_serial=current.serial,
-                to_serial=new.serial,
-                files=len(plan.files),
-                removed=list(plan.removed),
-                bytes_reused=plan.bytes_reused,
-                bytes_to_fetch=plan.bytes_to_fetch,
-                dry_run=dry_run,
-            )
             if dry_run:
                 return
             await self._apply_update(emit, plan, started)
@@ -374,7 +359,9 @@ class StorageManager:
             self.root, plan, self.state.tmp_dir, margin=self.space_margin, free=free
         )
         updater = DeltaUpdater(
-            self._assembler(emit), state=self.state, concurrency=self.repair_concurrency
+            self._assembler(emit, plan.target),
+            state=self.state,
+            concurrency=self.repair_concurrency,
         )
         built = await updater.assemble_all(plan)
         problems = {b.plan.entry.path: b.outcome.reason for b in built if not b.outcome.ok}
@@ -522,9 +509,7 @@ class StorageManager:
             )
         degraded = tuple(f.path for f in report.files if not f.required and f.needs_repair)
         await self._commit_release(emit, wait=wait)
-        ready = StorageReady(state=report.status.value, offline=self.offline, degraded=degraded)
-        _log.info("store ready", state=ready.state, offline=ready.offline, degraded=degraded)
-        emit(ready)
+        emit(StorageReady(state=report.status.value, offline=self.offline, degraded=degraded))
 
     def _why(self, report: FileReport) -> str:
         reason = self._failures.get(report.path)
@@ -560,8 +545,14 @@ class StorageManager:
         )
         return needed
 
-    def _assembler(self, emit: Emit) -> FileAssembler:
-        """The build layer for one repair or update run (shares its distrust list)."""
+    def _assembler(self, emit: Emit, manifest: Manifest) -> FileAssembler:
+        """The build layer for one repair or update run (shares its distrust list).
+
+        Sources that fetch by chunk hash (peers) learn ``manifest``'s chunk lists.
+        """
+        for source in self.sources:
+            if isinstance(source, ChunkAddressed):
+                source.know(manifest)
         return FileAssembler(
             root=self.root,
             tmp_dir=self.state.tmp_dir,
@@ -570,6 +561,7 @@ class StorageManager:
             emit=emit,
             mismatch_retries=self.mismatch_retries,
             free_space=self.disk_free,
+            writer=self._writer,
         )
 
     async def _repair_files(self, emit: Emit, report: VerifyReport) -> VerifyReport:
@@ -578,7 +570,7 @@ class StorageManager:
         needed = await self._precheck_space(manifest, bad)
         free = await asyncio.to_thread(self.disk_free, self.state.tmp_dir)
         emit(StorageRepairStarted(files=len(bad), bytes_needed=needed, bytes_free=free))
-        repairer = FileRepairer(self._assembler(emit))
+        repairer = FileRepairer(self._assembler(emit, manifest))
 
         async def one(file_report: FileReport) -> BuildOutcome:
             entry = manifest.file(file_report.path)
@@ -598,7 +590,6 @@ class StorageManager:
             else:
                 self._failures[path] = outcome.reason
                 emit(StorageRepairFailed(path=path, required=entry.required, reason=outcome.reason))
-                _log.warning("repair failed", path=path, reason=outcome.reason)
         await asyncio.to_thread(self.state.put, good)
         failed = [o for o in outcomes.values() if not o.ok]
         self.offline = bool(failed) and all(o.unreachable for o in failed)

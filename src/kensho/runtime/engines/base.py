@@ -31,6 +31,8 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
+from kensho.runtime.engines.structured import ResponseFormat, ToolCall, ToolChoice, ToolSpec
+
 __all__ = [
     "FEATURES",
     "MAX_TOP_LOGPROBS",
@@ -65,10 +67,16 @@ def _next_request_id() -> str:
 
 @dataclass(frozen=True, slots=True)
 class ChatMessage:
-    """One turn of a chat: ``role`` is ``system``, ``user`` or ``assistant``."""
+    """One turn of a chat: ``role`` is ``system``, ``user``, ``assistant`` or ``tool``.
+
+    An assistant turn may carry the ``tool_calls`` it made; a ``tool`` turn is the result
+    of one of them, linked by ``tool_call_id``.
+    """
 
     role: str
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()
+    tool_call_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -98,6 +106,12 @@ class GenerationRequest:
     presence_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()
     embed: tuple[EmbeddingInput, ...] = ()
+    # Structured output (see kensho.runtime.engines.structured): only engines that
+    # declare supports_constraints may serve a request that sets these.
+    response_format: ResponseFormat | None = None
+    tools: tuple[ToolSpec, ...] = ()
+    tool_choice: ToolChoice = "auto"
+    parallel_tool_calls: bool = True
 
     def __post_init__(self) -> None:
         inputs = (self.prompt is not None) + bool(self.messages) + bool(self.embed)
@@ -113,6 +127,13 @@ class GenerationRequest:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.tool_choice not in {"none", "auto"} and not self.tools:
+            raise ValueError("tool_choice requires tools")
+
+    @property
+    def constrained(self) -> bool:
+        """True when the output must follow a grammar (a response format or tool calls)."""
+        return self.response_format is not None or bool(self.tools and self.tool_choice != "none")
 
     @classmethod
     def embedding(cls, inputs: Sequence[EmbeddingInput], **kwargs: Any) -> GenerationRequest:

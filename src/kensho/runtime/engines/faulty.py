@@ -236,6 +236,11 @@ class FaultyEngine:
             raise EngineUnavailableError(
                 f"engine {self.name!r} is not loaded; call load() before generate()"
             )
+        if request.constrained:  # it cannot: refuse, never answer in free text
+            raise InvalidRequestError(
+                f"engine {self.name!r} cannot constrain decoding (response_format, tools)",
+                param="tools" if request.tools else "response_format",
+            )
         if request.needs:
             raise InvalidRequestError(
                 f"engine {self.name!r} cannot honour {', '.join(sorted(request.needs))}",

@@ -132,6 +132,11 @@ class LlamaCppEngine:
 
     supports_continuation = True
     features: frozenset[Feature] = FEATURES
+    #: A ``Llama`` object serves one sequence at a time: the executor never gives this
+    #: engine more than one slot, whatever ``[runtime] concurrency`` says, so queued
+    #: requests wait in the executor's queue (priority, shedding, Retry-After) rather
+    #: than inside the child where their first-token timeout would run out.
+    max_concurrency = 1
 
     def __init__(
         self,

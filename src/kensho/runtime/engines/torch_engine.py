@@ -17,6 +17,8 @@ Embedding requests (``GenerationRequest.embedding``) are answered with the
 mean-pooled, L2-normalised last hidden state of the same model, one input at a time:
 batching would pad, and padding changes the floats, while the same text must always
 give the same vector.
+- constrained decoding (JSON schemas, tool calls) by masking the logits at every step
+  with llguidance (see ``_constraints``).
 
 The loop runs in the engine's own worker threads (torch releases the GIL in its
 kernels), so the event loop never blocks on a forward pass.
@@ -39,6 +41,7 @@ from kensho.errors import (
     EngineUnavailableError,
     InvalidRequestError,
 )
+from kensho.runtime.engines._constraints import ConstraintCompiler, Guide
 from kensho.runtime.engines._sampling import LogitsProcessor, sampling_scores, top_logprobs
 from kensho.runtime.engines._token_text import TokenText
 from kensho.runtime.engines.base import (
@@ -51,6 +54,7 @@ from kensho.runtime.engines.base import (
     GenerationRequest,
     TokenLogprob,
 )
+from kensho.runtime.engines.structured import template_messages
 from kensho.telemetry import get_logger
 
 __all__ = ["IncrementalDetokenizer", "StopMatcher", "TorchEngine"]
@@ -127,6 +131,18 @@ class _Prepared(NamedTuple):
     start: int
     generator: Any
     processor: LogitsProcessor
+    guide: Guide | None
+
+
+def _shape_logits(logits: Any, processor: LogitsProcessor, guide: Guide | None) -> Any:
+    """The scores to sample from: bias and penalties first, then the grammar's mask,
+    so a token the grammar forbids stays forbidden whatever its bias."""
+    if processor.active:
+        logits = processor(logits)
+    if guide is not None:
+        guide.fill()
+        logits = guide.apply(logits)
+    return logits
 
 
 class TorchEngine:
@@ -140,6 +156,7 @@ class TorchEngine:
 
     supports_continuation = True
     features: frozenset[Feature] = FEATURES
+    supports_constraints = True
 
     def __init__(
         self,
@@ -165,6 +182,7 @@ class TorchEngine:
         self._cache_kwarg = "cache"
         self._step_kwargs: dict[str, Any] = {"use_cache": True}
         self._stop_ids: frozenset[int] = frozenset()
+        self._constraints: ConstraintCompiler | None = None
         self._loading: asyncio.Task[None] | None = None
         self._active: set[threading.Event] = set()  # cancel flags of running requests
         self._count_lock = threading.Lock()
@@ -268,6 +286,8 @@ class TorchEngine:
         self._step_kwargs = {"use_cache": True}
         if "logits_to_keep" in params:  # skip the LM head on all but the last position
             self._step_kwargs["logits_to_keep"] = 1
+        vocab_size = int(model.get_output_embeddings().weight.shape[0])
+        self._constraints = ConstraintCompiler(tokenizer, vocab_size, self._stop_ids)
         self._tokenizer, self._model = tokenizer, model
         self._token_text = TokenText(tokenizer)
 
@@ -303,14 +323,20 @@ class TorchEngine:
         """
         if request.prompt is not None:
             base = request.prompt
-        elif getattr(self._tokenizer, "chat_template", None):
-            messages = [
-                {"role": "system" if m.role == "developer" else m.role, "content": m.content}
-                for m in request.messages
-            ]
+        elif template := getattr(self._tokenizer, "chat_template", None):
+            tools = [tool.to_openai() for tool in request.tools] or None
+            if tools and "tools" not in str(template):
+                raise InvalidRequestError(
+                    "this model's chat template does not render tools, so the model "
+                    "would never see them; serve a model whose template supports tools",
+                    param="tools",
+                )
             try:
                 base = self._tokenizer.apply_chat_template(
-                    messages, add_generation_prompt=True, tokenize=False
+                    template_messages(request.messages),
+                    tools=tools,
+                    add_generation_prompt=True,
+                    tokenize=False,
                 )
             except Exception as exc:  # jinja2 TemplateError and friends
                 raise InvalidRequestError(
@@ -395,8 +421,22 @@ class TorchEngine:
             except (ValueError, RuntimeError, OverflowError) as exc:
                 raise InvalidRequestError(f"seed {request.seed} cannot be used: {exc}") from exc
         return _Prepared(
-            input_ids.to(self.device), max_tokens, len(generated), generator, processor
+            input_ids.to(self.device),
+            max_tokens,
+            len(generated),
+            generator,
+            processor,
+            self._guide(request, generated),
         )
+
+    def _guide(self, request: GenerationRequest, produced: list[int]) -> Guide | None:
+        """The request's grammar guide, already past the text a continuation carries."""
+        if self._constraints is None or not request.constrained:
+            return None
+        guide = self._constraints.guide(request, pinned=self.kind == "gpu")
+        if guide is not None:
+            guide.advance(produced)
+        return guide
 
     def _decode(
         self,
@@ -411,7 +451,7 @@ class TorchEngine:
         if model is None or tokenizer is None:
             raise EngineUnavailableError(f"engine {self.name!r} was closed during a request")
         prepared = self._prepare(request, model, tokenizer)
-        ids, max_tokens, start, generator, processor = prepared
+        ids, max_tokens, start, generator, processor, guide = prepared
         prompt_tokens = int(ids.shape[1]) - start
         stop_ids = self._stop_ids
         detok = IncrementalDetokenizer(lambda ids: tokenizer.decode(ids, skip_special_tokens=True))
@@ -435,10 +475,10 @@ class TorchEngine:
         try:
             with torch.inference_mode():
                 while not cancel.is_set():
+                    # On a GPU the forward pass runs on while the CPU computes the
+                    # grammar's mask: the logits are only waited for by apply().
                     out = model(input_ids=ids, **step_kwargs)
-                    logits = out.logits[:, -1, :]
-                    if processor.active:
-                        logits = processor(logits)
+                    logits = _shape_logits(out.logits[:, -1, :], processor, guide)
                     next_ids = _sample(logits, request, generator)
                     next_id = int(next_ids.item())
                     produced += 1
@@ -452,8 +492,11 @@ class TorchEngine:
                     if request.logprobs:
                         logprobs = (self._logprob(logits, next_id, request),)
                     safe, stopped = stops.feed(detok.push(next_id))
-                    if stopped:
-                        put(chunk(safe, "stop"))
+                    if guide is not None:
+                        guide.advance([next_id])
+                    if stopped or (guide is not None and guide.done):
+                        # A complete grammar ends the answer like the model's own end.
+                        put(chunk(safe if stopped else safe + stops.flush(), "stop"))
                         return
                     if produced >= max_tokens:
                         put(chunk(safe + stops.flush(), "length"))

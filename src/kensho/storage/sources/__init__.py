@@ -1,4 +1,5 @@
-"""Where repaired bytes come from: mirror folders, HTTP(S) servers, memory (tests).
+"""Where repaired bytes come from: mirror folders, HTTP(S) servers, object stores,
+peers, memory (tests).
 
 Every source implements one call, :meth:`Source.fetch`: deliver exactly ``length``
 bytes of ``path`` starting at ``offset`` to an async ``sink``, in order, or raise.
@@ -26,12 +27,15 @@ the consumer's own exceptions to the retry machinery.
 A source that publishes releases (its current ``manifest.json`` at its root) also
 implements :meth:`ReleaseFeed.fetch_release` (:mod:`._channel`).
 
-One module per source kind: :mod:`.mirror`, :mod:`.http`, :mod:`.memory`.
+One module per source kind: :mod:`.mirror`, :mod:`.http`, :mod:`.object_store`
+(``s3://``, ``gs://``, ``az://``), :mod:`.peer` (chunks by hash from another store),
+:mod:`.memory`. A source that fetches by chunk hash is a :class:`ChunkAddressed`:
+the manager tells it the manifest being built.
 """
 
 from __future__ import annotations
 
-from kensho.storage.sources._base import Sink, Source, SourceUnreachableError
+from kensho.storage.sources._base import ChunkAddressed, Sink, Source, SourceUnreachableError
 from kensho.storage.sources._channel import CHANNEL_FILE, ChannelAnswer, ChannelTag, ReleaseFeed
 from kensho.storage.sources._factory import HttpOptions, http_options, source_from_string
 from kensho.storage.sources._health import SYSTEM_CLOCK, MonotonicClock
@@ -43,20 +47,27 @@ from kensho.storage.sources.http import (
 )
 from kensho.storage.sources.memory import MemorySource
 from kensho.storage.sources.mirror import MirrorSource
+from kensho.storage.sources.object_store import ObjectStoreSource
+from kensho.storage.sources.peer import CHUNK_ROUTE, PEER_API_KEY_ENV, PeerSource
 
 __all__ = [
     "CHANNEL_FILE",
+    "CHUNK_ROUTE",
     "DEFAULT_MIN_RATE",
     "DEFAULT_RATE_WINDOW",
     "MAX_RETRY_AFTER",
+    "PEER_API_KEY_ENV",
     "SYSTEM_CLOCK",
     "ChannelAnswer",
     "ChannelTag",
+    "ChunkAddressed",
     "HttpOptions",
     "HttpSource",
     "MemorySource",
     "MirrorSource",
     "MonotonicClock",
+    "ObjectStoreSource",
+    "PeerSource",
     "ReleaseFeed",
     "Sink",
     "Source",

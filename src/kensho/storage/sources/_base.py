@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from kensho.errors import DownloadError, SourceUnreachableError
 
-__all__ = ["PIECE", "Sink", "Source", "SourceUnreachableError", "size_mismatch"]
+if TYPE_CHECKING:
+    from kensho.storage.manifest import Manifest
+
+__all__ = ["PIECE", "ChunkAddressed", "Sink", "Source", "SourceUnreachableError", "size_mismatch"]
 
 #: Receives the next bytes of a transfer, in order.
 Sink = Callable[[bytes], Awaitable[None]]
@@ -35,6 +38,19 @@ class Source(Protocol):
 
     async def aclose(self) -> None:
         """Release connections and other resources."""
+        ...
+
+
+@runtime_checkable
+class ChunkAddressed(Protocol):
+    """A source that fetches chunks by their hash (a peer), not byte ranges of a path.
+
+    It must know the chunk lists of the release being built: the manager calls
+    :meth:`know` with that manifest before a repair or an update asks it for ranges.
+    """
+
+    def know(self, manifest: Manifest) -> None:
+        """Take the chunk lists of ``manifest`` (replacing any earlier one)."""
         ...
 
 

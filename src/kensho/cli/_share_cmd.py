@@ -1,0 +1,119 @@
+"""``kensho share``: serve a store's verified chunks to peers, without a model.
+
+The same route ``kensho up`` serves (``GET /v1/kensho/chunks/{sha256}``), for a
+device that only keeps a store: a cache box on the site, a laptop that synced first.
+Other stores fetch from it with ``--source peer+http://HOST:PORT``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+import uvicorn
+
+from kensho.cli._app import app, err_console, out_console, plain, state
+from kensho.storage.state import StateStore
+
+__all__ = ["share"]
+
+_SHARE_HELP = (
+    "Serve the verified chunks of a store to peers, without a model.\n\n"
+    "Only chunks of files whose last check passed are served, each hashed again as "
+    "it is read; share.max_transfers and share.rate_limit bound what peers may cost "
+    "this device. Other stores fetch from it by hash with "
+    "--source peer+http://HOST:PORT (and fall back on their next source).\n\n"
+    "\b\nExamples:\n"
+    '  kensho share --root /srv/models --host 0.0.0.0 --port 8700 --api-key "$KEY"\n'
+    "  kensho sync -m manifest.json --root ./store -s peer+http://10.0.0.5:8700 -s https://origin/\n\n"
+    "Exit codes: 0 stopped by a signal · 2 the folder holds no synced store · 10 the "
+    "port is taken."
+)
+
+
+class _ShareServer(uvicorn.Server):
+    """uvicorn that says where it listens once it does (``--port 0`` picks the port)."""
+
+    def __init__(self, config: uvicorn.Config, root: Path, chunks: int) -> None:
+        super().__init__(config)
+        self._root = root
+        self._chunks = chunks
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if not self.started:
+            return
+        host, port = self.servers[0].sockets[0].getsockname()[:2]
+        shown = f"[{host}]" if ":" in host else host
+        out_console.print(
+            f"kensho share: serving {self._chunks} verified chunks of {self._root} on "
+            f"http://{shown}:{port}",
+            highlight=False,
+            markup=False,
+            soft_wrap=True,
+        )
+        sys.stdout.flush()
+
+
+def _check_store(root: Path) -> None:
+    if not root.is_dir():
+        raise typer.BadParameter(f"{root} is not a folder", param_hint="--root")
+    if not StateStore(root).manifest_path.is_file():
+        raise typer.BadParameter(
+            f"{root} holds no synced store (no .kensho/trusted-manifest.json): "
+            "run kensho sync on it first",
+            param_hint="--root",
+        )
+
+
+@app.command(help=_SHARE_HELP)
+def share(
+    root: Annotated[Path, typer.Option("--root", help="The store folder to share.")],
+    host: Annotated[
+        str | None, typer.Option(help="Address to bind (default server.host, 127.0.0.1).")
+    ] = None,
+    port: Annotated[
+        int | None,
+        typer.Option(min=0, max=65535, help="Port (default server.port; 0 picks a free one)."),
+    ] = None,
+    api_key: Annotated[
+        str | None,
+        typer.Option(help="Require this Bearer token (or set KENSHO_API_KEY).", show_default=False),
+    ] = None,
+) -> None:
+    # The server stack (FastAPI) loads only for the commands that serve.
+    from kensho.server import ChunkService, create_share_app
+    from kensho.server._guard import is_loopback
+
+    settings = state().settings
+    _check_store(root)
+    bind = host or settings.server.host
+    key = api_key or settings.server.api_key
+    if not key and not is_loopback(bind):
+        err_console.print(
+            plain(
+                f"warning: sharing on {bind} without an API key: anyone who can reach this "
+                "port can download the store's files (set --api-key)",
+                style="yellow",
+            )
+        )
+    service = ChunkService.for_store(root, settings.share)
+    try:
+        config = uvicorn.Config(
+            create_share_app(service, api_key=key, host=bind),
+            host=bind,
+            port=settings.server.port if port is None else port,
+            log_config=None,
+            access_log=False,
+            lifespan="off",
+        )
+        server = _ShareServer(config, root, len(service.shelf))
+        asyncio.run(server.serve())
+    finally:
+        service.close()
+    if not server.started:  # uvicorn logged why (the port is taken)
+        raise typer.Exit(10)
