@@ -6,8 +6,10 @@ import importlib.util
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import httpx
+import jsonschema
 import openai
 import pytest
 
@@ -78,3 +80,44 @@ def check_the_openai_features(client: openai.OpenAI) -> None:
     assert first == again != other
     assert math.fsum(x * x for x in first) == pytest.approx(1.0, abs=1e-5)
     assert vectors.usage.prompt_tokens > 0
+    check_structured_output_and_tools(client)
+
+
+def check_structured_output_and_tools(client: openai.OpenAI) -> None:
+    """A JSON schema and a named tool call, constrained in the llama.cpp child."""
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 8}, "unit": {"enum": ["C", "F"]}},
+        "required": ["city", "unit"],
+        "additionalProperties": False,
+    }
+    ask: Any = [{"role": "user", "content": "Tell me about it."}]
+    response_format: Any = {
+        "type": "json_schema",
+        "json_schema": {"name": "weather", "schema": schema, "strict": True},
+    }
+    answer = client.chat.completions.create(
+        model=DEMO,
+        messages=ask,
+        max_tokens=150,
+        seed=3,
+        response_format=response_format,
+    )
+    jsonschema.validate(json.loads(answer.choices[0].message.content or ""), schema)
+    tool: Any = {"type": "function", "function": {"name": "get_weather", "parameters": schema}}
+    called = client.chat.completions.create(
+        model=DEMO,
+        messages=ask,
+        max_tokens=150,
+        seed=3,
+        tools=[tool],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        parallel_tool_calls=False,
+    )
+    choice = called.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.tool_calls is not None
+    (call,) = choice.message.tool_calls
+    assert call.type == "function"
+    assert call.function.name == "get_weather"
+    jsonschema.validate(json.loads(call.function.arguments), schema)

@@ -93,6 +93,7 @@ async def test_a_penalised_stream_with_logprobs_survives_a_sigkill_unchanged(rig
         presence_penalty=1.5,
         logprobs=True,
     )
+    assert manager.fallback is not None
     reference = [c async for c in manager.fallback.generate(request)]
     pid = primary.pid
     assert pid is not None

@@ -34,7 +34,7 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 GGUF = DEMO_MODEL_DIR / "model.gguf"
 PROMPT = "The GPU"
-LOGPROB_TOLERANCE = {"abs": 1e-3, "rel": 1e-3}  # F32 both sides; the kernels sum differently
+LOGPROB_ABS, LOGPROB_REL = 1e-3, 1e-3  # F32 both sides; the kernels sum differently
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
@@ -110,11 +110,11 @@ async def test_greedy_logprobs_are_close_to_torchs(
         (entry,) = mine.logprobs
         (expected,) = reference.logprobs
         assert (entry.token, entry.token_bytes) == (expected.token, expected.token_bytes)
-        assert entry.logprob == pytest.approx(expected.logprob, **LOGPROB_TOLERANCE)
+        assert entry.logprob == pytest.approx(expected.logprob, abs=LOGPROB_ABS, rel=LOGPROB_REL)
         assert entry.logprob <= 0
         assert [t for t, _, _ in entry.top] == [t for t, _, _ in expected.top]
         assert [lp for _, lp, _ in entry.top] == pytest.approx(
-            [lp for _, lp, _ in expected.top], **LOGPROB_TOLERANCE
+            [lp for _, lp, _ in expected.top], abs=LOGPROB_ABS, rel=LOGPROB_REL
         )
         assert entry.top[0][1] == pytest.approx(entry.logprob)  # greedy: the best one
 
@@ -130,7 +130,9 @@ async def test_logprobs_at_a_temperature_are_those_of_the_scaled_distribution(
     )
     ((reference,),) = [c.logprobs for c in await collect(torch, wide)]
     scaled = {raw: lp for _, lp, raw in reference.top}
-    assert entry.logprob == pytest.approx(scaled[entry.token_bytes], **LOGPROB_TOLERANCE)
+    assert entry.logprob == pytest.approx(
+        scaled[entry.token_bytes], abs=LOGPROB_ABS, rel=LOGPROB_REL
+    )
     assert math.fsum(math.exp(lp) for lp in scaled.values()) <= 1.0 + 1e-6
 
 

@@ -23,6 +23,10 @@ FEATURES`), with the same meaning, so a mixed pair (torch and llama) fails over 
 changing an answer's sense: the prompt's token count on the first chunk, logprobs of
 the distribution each token was drawn from, logit bias and penalties counted over the
 continuation too, and mean-pooled normalised embeddings (see ``llama_child.py``).
+Structured output and tool calls use the torch engine's grammar
+(:func:`~kensho.runtime.engines._constraints.grammar_for`): this side compiles the
+request to its Lark text and checks its schemas (a keyword llguidance cannot enforce is
+a 400 naming the field), the child masks each step with llguidance.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ from kensho.errors import (
     InvalidRequestError,
     ModelFileError,
 )
+from kensho.runtime.engines._constraints import check_schemas, grammar_for
 from kensho.runtime.engines.base import (
     FEATURES,
     EngineKind,
@@ -60,6 +65,7 @@ from kensho.runtime.engines.base import (
     TokenLogprob,
 )
 from kensho.runtime.engines.llama_child import Inbox
+from kensho.runtime.engines.structured import template_messages
 from kensho.runtime.engines.torch_engine import StopMatcher
 from kensho.telemetry import get_logger
 
@@ -73,6 +79,7 @@ _DEAD: tuple[str] = ("dead",)
 _FINAL = frozenset({"end", "cancelled", "err", "dead"})
 #: Tokens the child may decode ahead of the consumer; credit is returned in halves.
 WINDOW = 32
+_CHECKED_GRAMMARS = 64  # grammars whose schemas passed check_schemas (LRU)
 _ids = itertools.count(1)
 
 
@@ -131,6 +138,7 @@ class LlamaCppEngine:
     """
 
     supports_continuation = True
+    supports_constraints = True
     features: frozenset[Feature] = FEATURES
     #: A ``Llama`` object serves one sequence at a time: the executor never gives this
     #: engine more than one slot, whatever ``[runtime] concurrency`` says, so queued
@@ -167,6 +175,7 @@ class LlamaCppEngine:
         }
         self._child: _Child | None = None
         self._loading: asyncio.Task[None] | None = None
+        self._checked: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.tokens_generated = 0
         self.prefills_aborted = 0
         self.processes_started = 0
@@ -399,10 +408,11 @@ class LlamaCppEngine:
             await self.load()
         child = self._child
         assert child is not None
+        params = _params(request, self._grammar(request))  # bad input raises here
         rid = f"{request.request_id}#{next(_ids)}"
         stream = _Stream()
         child.streams[rid] = stream
-        self._send(child, ("gen", rid, _params(request)))
+        self._send(child, ("gen", rid, params))
         try:
             async with contextlib.aclosing(self._read(child, rid, stream, request)) as chunks:
                 async for chunk in chunks:
@@ -441,6 +451,21 @@ class LlamaCppEngine:
                     return
             else:
                 raise await self._stream_error(child, message, request)
+
+    def _grammar(self, request: GenerationRequest) -> str | None:
+        """The Lark grammar the answer must follow (None: free), its schemas checked once
+        (checking costs milliseconds; applications send the same schema again and again)."""
+        grammar = grammar_for(request)
+        if grammar is None:
+            return None
+        if grammar in self._checked:
+            self._checked.move_to_end(grammar)
+        else:
+            check_schemas(request)
+            self._checked[grammar] = None
+            while len(self._checked) > _CHECKED_GRAMMARS:
+                self._checked.popitem(last=False)
+        return grammar
 
     def _send(self, child: _Child, message: tuple[Any, ...]) -> None:
         """A write to a child that just died is its death (the streams hear of it)."""
@@ -515,15 +540,15 @@ def _token_logprob(entry: tuple[Any, ...]) -> TokenLogprob:
     )
 
 
-def _params(request: GenerationRequest) -> dict[str, Any]:
+def _params(request: GenerationRequest, grammar: str | None) -> dict[str, Any]:
     """What the child needs of a request (plain data: it crosses a pipe)."""
     pending = request.pending_embeddings if request.embed else ()
     return {
         "prompt": request.prompt,
-        "messages": [
-            {"role": "system" if m.role == "developer" else m.role, "content": m.content}
-            for m in request.messages
-        ],
+        "messages": template_messages(request.messages),
+        "tools": [tool.to_openai() for tool in request.tools] or None,
+        "grammar": grammar,
+        "grammar_param": "tools" if request.tools else "response_format",
         "embed": list(pending),
         "embed_first": len(request.embed) - len(pending),
         "continuation": request.continuation,
