@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 from pathlib import Path
+from typing import Any
 
 import httpx
+import jsonschema
 import openai
 import pytest
 
@@ -40,6 +43,7 @@ def test_kensho_up_engine_llama_serves_the_demo_gguf(tmp_path: Path) -> None:
         with pytest.raises(openai.BadRequestError) as too_long:
             client.completions.create(model=DEMO, prompt="word " * 400, max_tokens=4)
         assert too_long.value.code == "context_length_exceeded"
+        check_the_openai_features(client)
         ready = httpx.get(server.url + "/readyz").json()
         assert ready["integrity"] == {**ready["integrity"], "status": "ok", "files": {"ok": 8}}
         assert ready["active_engine"] == "cpu"
@@ -48,3 +52,72 @@ def test_kensho_up_engine_llama_serves_the_demo_gguf(tmp_path: Path) -> None:
     loaded = [e for e in logs if e["event"] == "engine loaded"]
     assert {e["service"] for e in loaded} == {"runtime.engine.llama"}
     assert str(tmp_path / "kensho" / "demo" / "model.gguf") in {e["model"] for e in loaded}
+
+
+def check_the_openai_features(client: openai.OpenAI) -> None:
+    """Usage, logprobs, penalties and embeddings on the llama engine (same server)."""
+    reply = client.chat.completions.create(
+        model=DEMO,
+        messages=[{"role": "user", "content": "Where did they eat?"}],
+        max_tokens=4,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+        frequency_penalty=0.5,
+        logit_bias={"300": -5},
+    )
+    assert reply.usage is not None
+    assert reply.usage.prompt_tokens > 0
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + 4
+    logprobs = reply.choices[0].logprobs
+    assert logprobs is not None and logprobs.content is not None
+    assert "".join(e.token for e in logprobs.content) == reply.choices[0].message.content
+    for entry in logprobs.content:
+        assert entry.top_logprobs[0].logprob == pytest.approx(entry.logprob)  # greedy
+        assert len(entry.top_logprobs) == 2
+    vectors = client.embeddings.create(model=DEMO, input=["hello world", "hello world", "x"])
+    first, again, other = (item.embedding for item in vectors.data)
+    assert first == again != other
+    assert math.fsum(x * x for x in first) == pytest.approx(1.0, abs=1e-5)
+    assert vectors.usage.prompt_tokens > 0
+    check_structured_output_and_tools(client)
+
+
+def check_structured_output_and_tools(client: openai.OpenAI) -> None:
+    """A JSON schema and a named tool call, constrained in the llama.cpp child."""
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 8}, "unit": {"enum": ["C", "F"]}},
+        "required": ["city", "unit"],
+        "additionalProperties": False,
+    }
+    ask: Any = [{"role": "user", "content": "Tell me about it."}]
+    response_format: Any = {
+        "type": "json_schema",
+        "json_schema": {"name": "weather", "schema": schema, "strict": True},
+    }
+    answer = client.chat.completions.create(
+        model=DEMO,
+        messages=ask,
+        max_tokens=150,
+        seed=3,
+        response_format=response_format,
+    )
+    jsonschema.validate(json.loads(answer.choices[0].message.content or ""), schema)
+    tool: Any = {"type": "function", "function": {"name": "get_weather", "parameters": schema}}
+    called = client.chat.completions.create(
+        model=DEMO,
+        messages=ask,
+        max_tokens=150,
+        seed=3,
+        tools=[tool],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        parallel_tool_calls=False,
+    )
+    choice = called.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.tool_calls is not None
+    (call,) = choice.message.tool_calls
+    assert call.type == "function"
+    assert call.function.name == "get_weather"
+    jsonschema.validate(json.loads(call.function.arguments), schema)

@@ -309,3 +309,17 @@ async def test_concurrent_requests_are_served_in_turn(engine: LlamaCppEngine) ->
     alone = [text_of(await collect(engine, r)) for r in requests]
     together = await asyncio.gather(*(collect(engine, r) for r in requests))
     assert [text_of(c) for c in together] == alone
+
+
+async def test_a_stop_string_past_the_window_frees_the_child_for_the_next_request(
+    engine: LlamaCppEngine,
+) -> None:
+    # The child is WINDOW tokens ahead when the parent sees the stop string: it must be
+    # told to stop, or it waits for credit forever and the next request never starts.
+    request = GenerationRequest(
+        prompt="The GPU", max_tokens=4 * WINDOW, temperature=0, stop=("CPU",)
+    )
+    chunks = await collect(engine, request)
+    assert chunks[-1].finish_reason == "stop"
+    after = await collect(engine, GenerationRequest(prompt="The GPU", max_tokens=3, temperature=0))
+    assert len(after) == 3

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import select
 import signal
@@ -18,6 +19,7 @@ from kensho.runtime.breaker import BreakerState, CircuitBreaker
 from kensho.runtime.clock import VirtualClock
 from kensho.runtime.engines.base import Engine, GenerationChunk, GenerationRequest
 from kensho.runtime.engines.llama_engine import LlamaCppEngine
+from kensho.runtime.engines.structured import ResponseFormat
 from kensho.runtime.engines.torch_engine import TorchEngine
 from kensho.runtime.manager import RuntimeManager
 
@@ -79,6 +81,64 @@ async def test_sigkill_mid_stream_completes_on_the_fallback_then_a_probe_restart
     assert {c.engine for c in probe} == {"gpu"}
     assert primary.pid not in (None, first_pid)
     assert primary.processes_started == 2
+
+
+async def test_a_penalised_stream_with_logprobs_survives_a_sigkill_unchanged(rig: Rig) -> None:
+    # The penalties count the tokens the dead primary produced: the text is the
+    # fallback's own uninterrupted run, and every token keeps its logprob entry.
+    manager, primary, _, _ = rig
+    request = GenerationRequest(
+        prompt="1 2 3",
+        max_tokens=30,
+        temperature=0,
+        frequency_penalty=2.0,
+        presence_penalty=1.5,
+        logprobs=True,
+    )
+    assert manager.fallback is not None
+    reference = [c async for c in manager.fallback.generate(request)]
+    pid = primary.pid
+    assert pid is not None
+    chunks: list[GenerationChunk] = []
+    async for chunk in manager.generate(request):
+        chunks.append(chunk)
+        if len(chunks) == 8:
+            os.kill(pid, signal.SIGKILL)
+    assert "".join(c.text for c in chunks) == "".join(c.text for c in reference)
+    assert {c.engine for c in chunks} == {"gpu", "cpu"}
+    assert [len(c.logprobs) for c in chunks] == [len(c.logprobs) for c in reference]
+    assert manager.metrics().continued_mid_stream == 1
+
+
+async def test_a_constrained_answer_survives_a_sigkill_and_still_validates(rig: Rig) -> None:
+    # The fallback's grammar starts past the text the dead primary wrote.
+    manager, primary, _, _ = rig
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 10}, "unit": {"enum": ["C", "F"]}},
+        "required": ["city", "unit"],
+        "additionalProperties": False,
+    }
+    request = GenerationRequest.chat(
+        [("user", "Tell me about it.")],
+        max_tokens=150,
+        temperature=0,
+        response_format=ResponseFormat("json_schema", schema),
+    )
+    assert manager.fallback is not None
+    reference = "".join([c.text async for c in manager.fallback.generate(request)])
+    pid = primary.pid
+    assert pid is not None
+    chunks: list[GenerationChunk] = []
+    async for chunk in manager.generate(request):
+        chunks.append(chunk)
+        if len(chunks) == 6:
+            os.kill(pid, signal.SIGKILL)
+    assert {c.engine for c in chunks} == {"gpu", "cpu"}
+    assert "".join(c.text for c in chunks) == reference
+    assert chunks[-1].finish_reason == "stop"
+    answer = json.loads(reference)
+    assert set(answer) == {"city", "unit"} and answer["unit"] in ("C", "F")
 
 
 async def test_sigkill_before_the_first_token_is_invisible_with_a_quantized_fallback() -> None:

@@ -8,19 +8,25 @@ a second and nothing of the server is duplicated in it). ``FD`` is one end of a
 parent -> child::
 
     ("load", {"path", "n_ctx", "n_gpu_layers", "n_threads", "n_batch", "require_gpu"})
-    ("gen", rid, {"prompt"|"messages", "continuation", "max_tokens", "temperature",
-                  "top_p", "seed", "window"})
+    ("gen", rid, {"prompt"|"messages"|"embed", "continuation", "max_tokens",
+                  "temperature", "top_p", "seed", "window", "logprobs", "top_logprobs",
+                  "frequency_penalty", "presence_penalty", "logit_bias", "embed_first",
+                  "tools", "grammar", "grammar_param"})
     ("credit", rid, n)      the consumer read n more tokens: n more may be sent
     ("cancel", rid)
 
 child -> parent::
 
     ("ready", info) | ("fail", kind, message)                      answer to "load"
-    ("tok", rid, text, index)                                       one per token
-    ("end", rid, text, index, finish_reason)                        last token
-    ("cancelled", rid, aborted_prefill) | ("err", rid, kind, message)
+    ("tok", rid, text, index, prompt_tokens, logprob)               one per token
+    ("end", rid, text, index, prompt_tokens, logprob, finish_reason) last token
+    ("emb", rid, index, n_tokens, float32_bytes, last)              one per input
+    ("cancelled", rid, aborted_prefill) | ("err", rid, kind, message, param)
 
-Every request ends with exactly one of ``end``, ``cancelled`` or ``err``. Requests are
+``prompt_tokens`` is set on a request's first token only (None after), ``logprob`` when
+the request asked for it: ``(token_bytes, logprob, ((bytes, logprob), ...))``, the top
+alternatives most likely first. Every request ends with exactly one of ``end``, a last
+``emb``, ``cancelled`` or ``err``. Requests are
 served one at a time (a ``Llama`` object is not thread-safe) by one thread, which
 reads the pipe between tokens, so a stream stops within one token, and from
 llama.cpp's abort callback, so a long prefill is cut short. A request runs at most
@@ -30,6 +36,22 @@ When the parent's end of the pipe closes (the server died), the child exits at o
 
 Stop strings are matched in the parent (with the same matcher as TorchEngine), which
 then cancels the rest: the child stays a thin loop over llama.cpp.
+
+The OpenAI sampling controls follow TorchEngine's ``_sampling.py`` exactly (bias, then
+penalties counted over every generated token — continuation included, never the prompt
+— then temperature), so a request means the same on both engines of a mixed pair.
+llama.cpp's own penalty sampler counts only the last ``last_n_tokens`` accepted tokens
+and has no logit bias in ``Llama.generate``, so a :class:`_Scores` logits processor
+(first in llama.cpp's sampler chain) does it, and keeps the processed row for the
+logprobs. It is installed only when a request asks for one of these: a plain request
+runs llama.cpp's sampler chain untouched. Embeddings come from a second context on the
+same weights (``embeddings`` on, mean pooling), made on the first embedding request.
+
+Structured output and tool calls arrive as the Lark ``grammar`` the parent compiled
+from the request (``kensho.runtime.engines._constraints``, the torch engine's grammar),
+and the same processor masks every token llguidance forbids (:class:`_Grammar`); the
+llguidance tokenizer is built from the GGUF's own vocabulary, once, on the first
+constrained request, and compiled grammars are cached by their text.
 """
 
 from __future__ import annotations
@@ -51,6 +73,8 @@ __all__ = ["Inbox", "main"]
 
 _GGUF_MAGIC = b"GGUF"
 _ABORTED = "llama_decode returned 2"
+_EMBED_CONTEXT_MAX = 8192  # tokens: a pooled input must fit one micro-batch
+_CACHED_GRAMMARS = 64  # compiled grammars kept (least recently used dropped)
 
 
 class Inbox:
@@ -107,9 +131,126 @@ class Inbox:
 class _Invalid(Exception):
     """The request is the client's mistake (too long, a chat the template refuses)."""
 
-    def __init__(self, message: str, code: str = "invalid_request") -> None:
+    def __init__(
+        self, message: str, code: str = "invalid_request", param: str | None = None
+    ) -> None:
         super().__init__(message)
         self.code = code
+        self.param = param
+
+
+class _Grammar:
+    """One request's llguidance matcher: masks the logits, follows the sampled tokens."""
+
+    def __init__(self, matcher: Any, n_vocab: int) -> None:
+        import numpy as np
+
+        self._np = np
+        self._matcher = matcher
+        self._bitmask = np.full((n_vocab + 31) // 32, -1, dtype=np.int32)
+
+    @property
+    def done(self) -> bool:
+        """The grammar is complete: the answer ends here (as the torch engine's does)."""
+        return bool(self._matcher.is_stopped())
+
+    def mask(self, scores: Any) -> None:
+        """Set every token the grammar forbids next to -inf, in place."""
+        np, bitmask = self._np, self._bitmask
+        self._matcher.unsafe_compute_mask_ptr(bitmask.ctypes.data, bitmask.nbytes)
+        if self._matcher.is_error():
+            raise RuntimeError(f"constrained decoding failed: {self._matcher.get_error()}")
+        width = scores.shape[0]
+        bits = min(width, bitmask.size * 32)
+        forbidden = np.unpackbits(~bitmask.view(np.uint8), count=bits, bitorder="little")
+        scores[:bits][forbidden.view(np.bool_)] = -np.inf
+        scores[bits:] = -np.inf  # ids past the vocabulary: never
+
+    def advance(self, tokens: list[int]) -> None:
+        """Follow tokens that were sampled (or produced earlier, for a continuation)."""
+        if tokens and not self._matcher.consume_tokens(tokens):
+            raise RuntimeError(
+                f"constrained decoding lost its grammar state: {self._matcher.get_error()}"
+            )
+
+
+class _Scores:
+    """The OpenAI logit bias and penalties, as a llama-cpp-python logits processor.
+
+    The same maths as TorchEngine's ``LogitsProcessor`` (see the module doc), in
+    numpy; ``last`` keeps the processed row of the latest step for the logprobs.
+    """
+
+    def __init__(
+        self,
+        params: dict[str, Any],
+        n_vocab: int,
+        generated: list[int],
+        grammar: _Grammar | None = None,
+    ) -> None:
+        import numpy as np
+
+        self._np = np
+        self.grammar = grammar
+        self.frequency = float(params.get("frequency_penalty") or 0.0)
+        self.presence = float(params.get("presence_penalty") or 0.0)
+        self.bias: Any = None
+        if params.get("logit_bias"):
+            self.bias = np.zeros(n_vocab, dtype=np.float32)
+            for token_id, value in params["logit_bias"]:
+                if not 0 <= token_id < n_vocab:
+                    raise _Invalid(
+                        f"logit_bias: token id {token_id} is not in this model's "
+                        f"vocabulary (0 to {n_vocab - 1})",
+                        param="logit_bias",
+                    )
+                self.bias[token_id] = value
+        self.counts: Any = None
+        if self.frequency or self.presence:
+            self.counts = np.zeros(n_vocab, dtype=np.float32)
+            for token_id in generated:
+                if 0 <= token_id < n_vocab:
+                    self.counts[token_id] += 1
+        if grammar is not None:
+            grammar.advance(generated)
+        self.last: Any = None
+
+    def observe(self, token_id: int) -> None:
+        if self.counts is not None and 0 <= token_id < self.counts.shape[0]:
+            self.counts[token_id] += 1
+        if self.grammar is not None:
+            self.grammar.advance([token_id])
+
+    def __call__(self, _input_ids: Any, logits: Any) -> Any:
+        scores = self._np.array(logits, dtype=self._np.float32)
+        if self.bias is not None:
+            scores += self.bias[: scores.shape[0]]
+        if self.counts is not None:
+            counts = self.counts[: scores.shape[0]]
+            scores -= counts * self.frequency + (counts > 0) * self.presence
+        if self.grammar is not None:
+            self.grammar.mask(scores)
+        self.last = scores
+        return scores
+
+
+def _logprob_of(
+    scores: Any, token_id: int, n: int, temperature: float, piece: Any
+) -> tuple[bytes, float, tuple[tuple[bytes, float], ...]]:
+    """``token_id``'s log-probability under ``softmax(scores / temperature)`` and the
+    ``n`` most likely tokens with theirs (TorchEngine's ``top_logprobs``)."""
+    import numpy as np
+
+    row = scores if temperature == 0 else scores / np.float32(temperature)
+    shifted = row - row.max()
+    logprobs = shifted - np.log(np.exp(shifted).sum(dtype=np.float32))
+    top: tuple[tuple[bytes, float], ...] = ()
+    if n > 0:
+        n = min(n, logprobs.shape[0])
+        ids = np.argpartition(-logprobs, n - 1)[:n]
+        ids = ids[np.argsort(-logprobs[ids], kind="stable")]
+        top = tuple((piece(int(i)), float(logprobs[i])) for i in ids)
+    return piece(token_id), float(logprobs[token_id]), top
 
 
 class _Child:
@@ -125,6 +266,10 @@ class _Child:
         self.template: Any = None
         self.n_ctx = 0
         self.arm_abort: Any = None
+        self.embedder: Any = None  # (context, batch), made on the first embedding request
+        self.ll_tokenizer: Any = None  # llguidance's, made on the first constrained request
+        self.grammars: collections.OrderedDict[str, Any] = collections.OrderedDict()
+        self.pieces: dict[int, bytes] = {}
         self._callbacks: list[Any] = []  # ctypes callbacks must outlive their use
 
     # -- messages from the parent ------------------------------------------------------
@@ -267,11 +412,14 @@ class _Child:
             rid, params = self.jobs.popleft()
             self.current = rid
             try:
-                self.generate(rid, params)
+                if params.get("embed"):
+                    self.embed(rid, params)
+                else:
+                    self.generate(rid, params)
             except _Invalid as exc:
-                self.conn.send(("err", rid, "invalid:" + exc.code, str(exc)))
+                self.conn.send(("err", rid, "invalid:" + exc.code, str(exc), exc.param))
             except Exception as exc:  # an engine fault: the parent's breaker counts it
-                self.conn.send(("err", rid, "engine", f"{type(exc).__name__}: {exc}"))
+                self.conn.send(("err", rid, "engine", f"{type(exc).__name__}: {exc}", None))
             finally:
                 self.current = None
                 self.cancelled.discard(rid)
@@ -281,7 +429,7 @@ class _Child:
         if params.get("prompt") is not None:
             text, add_bos = str(params["prompt"]), True
         else:
-            text, add_bos = self.chat_text(params["messages"]), False
+            text, add_bos = self.chat_text(params["messages"], params.get("tools")), False
         text += params["continuation"]
         tokens: list[int] = self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
         if len(tokens) >= self.n_ctx:
@@ -292,15 +440,21 @@ class _Child:
             )
         return tokens
 
-    def chat_text(self, messages: list[tuple[str, str]]) -> str:
-        turns = [
-            {"role": "system" if role == "developer" else role, "content": content}
-            for role, content in messages
-        ]
+    def chat_text(
+        self, turns: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> str:
+        """The chat through the GGUF's template (turns and tools as transformers passes
+        them); a template that cannot show the tools to the model refuses them."""
+        if tools and (self.template is None or "tools" not in self.template.template):
+            raise _Invalid(
+                "this model's chat template does not render tools, so the model would "
+                "never see them; serve a model whose template supports tools",
+                param="tools",
+            )
         if self.template is None:
             return "\n".join(f"{t['role']}: {t['content']}" for t in turns) + "\nassistant:"
         try:
-            return str(self.template(messages=turns).prompt)
+            return str(self.template(messages=turns, tools=tools).prompt)
         except Exception as exc:  # jinja2 TemplateError and friends
             raise _Invalid(f"the model's chat template refused these messages: {exc}") from exc
 
@@ -311,8 +465,11 @@ class _Child:
         self.credit[rid] = self.credit.get(rid, 0) + int(params["window"])
         tokens = self.prompt_tokens(params)
         cont = params["continuation"]
-        start = len(llm.tokenize(cont.encode("utf-8"), add_bos=False, special=True)) if cont else 0
+        generated = llm.tokenize(cont.encode("utf-8"), add_bos=False, special=True) if cont else []
+        start = len(generated)
+        prompt_tokens: int | None = len(tokens) - start
         max_tokens = min(int(params["max_tokens"]), self.n_ctx - len(tokens))
+        scores = self.scores_for(params, generated)
         seed = params.get("seed")
         llm.set_seed(int(seed) if seed is not None else random.getrandbits(32))
         stream = llm.generate(
@@ -323,6 +480,7 @@ class _Child:
             typical_p=1.0,
             temp=float(params["temperature"]),
             repeat_penalty=1.0,
+            logits_processor=None if scores is None else [scores],
         )
         vocab = llm._model.vocab
         import llama_cpp
@@ -338,17 +496,32 @@ class _Child:
                     self.arm_abort(False)
                 produced += 1
                 index = start + produced - 1
-                if is_eog(vocab, token):
-                    send(("end", rid, utf8.decode(b"", final=True), index, "stop"))
+                if produced > 1:
+                    prompt_tokens = None
+                if is_eog(vocab, token):  # its logprob is not reported: no text (as torch)
+                    send(
+                        (
+                            "end",
+                            rid,
+                            utf8.decode(b"", final=True),
+                            index,
+                            prompt_tokens,
+                            None,
+                            "stop",
+                        )
+                    )
                     return
+                logprob = None if scores is None else self.follow(scores, token, params)
                 text = utf8.decode(llm.detokenize([token], special=False))
-                if produced >= max_tokens:
-                    send(("end", rid, text + utf8.decode(b"", final=True), index, "length"))
+                finish = _finish(scores, produced, max_tokens)
+                if finish is not None:
+                    text += utf8.decode(b"", final=True)
+                    send(("end", rid, text, index, prompt_tokens, logprob, finish))
                     return
                 if not self.may_send(rid):
                     send(("cancelled", rid, False))
                     return
-                send(("tok", rid, text, index))
+                send(("tok", rid, text, index, prompt_tokens, logprob))
         except RuntimeError as exc:
             if _ABORTED in str(exc) and rid in self.cancelled:
                 send(("cancelled", rid, True))
@@ -358,6 +531,157 @@ class _Child:
             if not produced:
                 self.arm_abort(False)
             stream.close()
+
+    def follow(self, scores: _Scores, token: int, params: dict[str, Any]) -> Any:
+        """Count the sampled token (penalties, grammar); its logprob entry, if asked."""
+        logprob = self.logprob(scores, token, params)
+        scores.observe(token)
+        return logprob
+
+    def scores_for(self, params: dict[str, Any], generated: list[int]) -> _Scores | None:
+        """The logits processor a request needs (None: llama.cpp's chain as it is)."""
+        grammar = self.grammar_for(params)
+        wanted = (
+            grammar is not None
+            or params.get("logprobs")
+            or params.get("logit_bias")
+            or params.get("frequency_penalty")
+            or params.get("presence_penalty")
+        )
+        n_vocab = int(self.llm.n_vocab())
+        return _Scores(params, n_vocab, generated, grammar) if wanted else None
+
+    def grammar_for(self, params: dict[str, Any]) -> _Grammar | None:
+        """The request's grammar state: a copy of the cached compiled matcher."""
+        grammar = params.get("grammar")
+        if not grammar:
+            return None
+        pristine = self.grammars.get(grammar)
+        if pristine is None:
+            pristine = self.compile(grammar, str(params.get("grammar_param") or "response_format"))
+            self.grammars[grammar] = pristine
+            while len(self.grammars) > _CACHED_GRAMMARS:
+                self.grammars.popitem(last=False)
+        self.grammars.move_to_end(grammar)
+        return _Grammar(pristine.deep_copy(), int(self.llm.n_vocab()))
+
+    def compile(self, grammar: str, param: str) -> Any:
+        try:
+            from llguidance import LLMatcher
+            from llguidance.llamacpp import lltokenizer_from_vocab
+        except ImportError as exc:
+            raise _Invalid(
+                "structured output needs llguidance, which is not installed; install it "
+                "with: pip install 'kensho[ml]'",
+                param=param,
+            ) from exc
+        if self.ll_tokenizer is None:
+            import llama_cpp
+
+            vocab = self.llm._model.vocab
+            ends = {llama_cpp.llama_vocab_eos(vocab), llama_cpp.llama_vocab_eot(vocab)}
+            self.ll_tokenizer = lltokenizer_from_vocab(
+                vocab, n_vocab=int(self.llm.n_vocab()), eos_token=sorted(e for e in ends if e >= 0)
+            )
+        matcher = LLMatcher(self.ll_tokenizer, LLMatcher.grammar_from_lark(grammar), log_level=0)
+        if matcher.is_error():
+            raise _Invalid(
+                f"{param}: cannot be enforced by constrained decoding: {matcher.get_error()}",
+                param=param,
+            )
+        return matcher
+
+    def logprob(self, scores: _Scores, token: int, params: dict[str, Any]) -> Any:
+        """The sampled token's logprob entry, or None when the request did not ask."""
+        if not params.get("logprobs") or scores.last is None:
+            return None
+        n = int(params.get("top_logprobs") or 0)
+        return _logprob_of(scores.last, token, n, float(params["temperature"]), self.piece)
+
+    def piece(self, token_id: int) -> bytes:
+        """A token's exact bytes (special tokens as their text), cached per id."""
+        raw = self.pieces.get(token_id)
+        if raw is None:
+            raw = bytes(self.llm.detokenize([token_id], special=True))
+            self.pieces[token_id] = raw
+        return raw
+
+    # -- embeddings -----------------------------------------------------------------------
+
+    def embed(self, rid: str, params: dict[str, Any]) -> None:
+        """One ``emb`` message per pending input: its mean-pooled, L2-normalised final
+        hidden state (TorchEngine's definition), every input checked before the first."""
+        context, batch, limit = self.embedding_context()
+        encoded = [self.embedding_ids(item, limit) for item in params["embed"]]
+        first = int(params.get("embed_first") or 0)
+        import llama_cpp
+        import numpy as np
+
+        n_embd = int(self.llm.n_embd())
+        for offset, ids in enumerate(encoded):
+            self.pump(block=False)
+            if rid in self.cancelled:
+                self.conn.send(("cancelled", rid, False))
+                return
+            batch.reset()
+            context.kv_cache_clear()
+            batch.add_sequence(ids, 0, True)
+            context.decode(batch)
+            pointer = llama_cpp.llama_get_embeddings_seq(context.ctx, 0)
+            vector = np.ctypeslib.as_array(pointer, shape=(n_embd,)).astype(np.float32)
+            vector /= np.float32(max(float(np.linalg.norm(vector)), 1e-12))
+            last = offset == len(encoded) - 1
+            self.conn.send(("emb", rid, first + offset, len(ids), vector.tobytes(), last))
+
+    def embedding_ids(self, item: str | tuple[int, ...], limit: int) -> list[int]:
+        """The token ids of one input; bad input is the client's (``input``)."""
+        if isinstance(item, str):
+            ids = list(self.llm.tokenize(item.encode("utf-8"), add_bos=True, special=True))
+        else:
+            ids, n_vocab = list(item), int(self.llm.n_vocab())
+            bad = next((i for i in ids if not 0 <= i < n_vocab), None)
+            if bad is not None:
+                raise _Invalid(
+                    f"input: token id {bad} is not in this model's vocabulary (0 to {n_vocab - 1})",
+                    param="input",
+                )
+        if not ids:
+            raise _Invalid("input: an input must have at least one token", param="input")
+        if len(ids) > limit:
+            raise _Invalid(
+                f"input: an input is {len(ids)} tokens; the model's context is {limit} "
+                "tokens: shorten it",
+                "context_length_exceeded",
+                param="input",
+            )
+        return ids
+
+    def embedding_context(self) -> tuple[Any, Any, int]:
+        """A second llama.cpp context on the same weights, in embedding mode with mean
+        pooling; the whole input in one micro-batch (pooling needs it so)."""
+        if self.embedder is None:
+            import llama_cpp
+            from llama_cpp import _internals as internals
+
+            size = min(self.n_ctx, _EMBED_CONTEXT_MAX)
+            params = llama_cpp.llama_context_default_params()
+            for name, _ in type(params)._fields_:
+                setattr(params, name, getattr(self.llm.context_params, name))
+            params.n_ctx = params.n_batch = params.n_ubatch = size
+            params.embeddings = True
+            params.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_MEAN
+            context = internals.LlamaContext(model=self.llm._model, params=params, verbose=False)
+            batch = internals.LlamaBatch(n_tokens=size, embd=0, n_seq_max=1, verbose=False)
+            self.embedder = (context, batch, size)
+        return self.embedder  # type: ignore[no-any-return]
+
+
+def _finish(scores: _Scores | None, produced: int, max_tokens: int) -> str | None:
+    """Why the answer ends after this token: its grammar is complete ("stop", as the
+    torch engine ends it), its budget is spent ("length"), or not yet (None)."""
+    if scores is not None and scores.grammar is not None and scores.grammar.done:
+        return "stop"
+    return "length" if produced >= max_tokens else None
 
 
 class _LoadFailure(Exception):

@@ -17,6 +17,16 @@ wake-up rather than one loop callback per token. Each token is still its own chu
 The child serves one request at a time, in arrival order; a cancelled request (the
 consumer stopped reading) stops within one token, and a cancelled prompt stops during
 its prefill (llama.cpp's abort callback).
+
+It honours every OpenAI feature TorchEngine does (:data:`~kensho.runtime.engines.base.
+FEATURES`), with the same meaning, so a mixed pair (torch and llama) fails over without
+changing an answer's sense: the prompt's token count on the first chunk, logprobs of
+the distribution each token was drawn from, logit bias and penalties counted over the
+continuation too, and mean-pooled normalised embeddings (see ``llama_child.py``).
+Structured output and tool calls use the torch engine's grammar
+(:func:`~kensho.runtime.engines._constraints.grammar_for`): this side compiles the
+request to its Lark text and checks its schemas (a keyword llguidance cannot enforce is
+a 400 naming the field), the child masks each step with llguidance.
 """
 
 from __future__ import annotations
@@ -29,7 +39,8 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from array import array
+from collections.abc import AsyncGenerator, AsyncIterator
 from multiprocessing import Pipe
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -43,8 +54,18 @@ from kensho.errors import (
     InvalidRequestError,
     ModelFileError,
 )
-from kensho.runtime.engines.base import EngineKind, FinishReason, GenerationChunk, GenerationRequest
+from kensho.runtime.engines._constraints import check_schemas, grammar_for
+from kensho.runtime.engines.base import (
+    FEATURES,
+    EngineKind,
+    Feature,
+    FinishReason,
+    GenerationChunk,
+    GenerationRequest,
+    TokenLogprob,
+)
 from kensho.runtime.engines.llama_child import Inbox
+from kensho.runtime.engines.structured import template_messages
 from kensho.runtime.engines.torch_engine import StopMatcher
 from kensho.telemetry import get_logger
 
@@ -55,8 +76,10 @@ log = get_logger("runtime.engine.llama")
 _CHILD_SCRIPT = Path(__file__).with_name("llama_child.py")
 _STDERR_TAIL = 2000  # bytes of the child's stderr kept for crash messages
 _DEAD: tuple[str] = ("dead",)
+_FINAL = frozenset({"end", "cancelled", "err", "dead"})
 #: Tokens the child may decode ahead of the consumer; credit is returned in halves.
 WINDOW = 32
+_CHECKED_GRAMMARS = 64  # grammars whose schemas passed check_schemas (LRU)
 _ids = itertools.count(1)
 
 
@@ -115,6 +138,8 @@ class LlamaCppEngine:
     """
 
     supports_continuation = True
+    supports_constraints = True
+    features: frozenset[Feature] = FEATURES
     #: A ``Llama`` object serves one sequence at a time: the executor never gives this
     #: engine more than one slot, whatever ``[runtime] concurrency`` says, so queued
     #: requests wait in the executor's queue (priority, shedding, Retry-After) rather
@@ -150,6 +175,7 @@ class LlamaCppEngine:
         }
         self._child: _Child | None = None
         self._loading: asyncio.Task[None] | None = None
+        self._checked: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.tokens_generated = 0
         self.prefills_aborted = 0
         self.processes_started = 0
@@ -257,7 +283,7 @@ class LlamaCppEngine:
                 child.hello.set_result(message)
             return
         stream = child.streams.get(message[1])
-        if kind in ("end", "cancelled", "err"):
+        if _is_final(message):
             child.streams.pop(message[1], None)
             if kind == "end":
                 self.tokens_generated += 1
@@ -382,37 +408,64 @@ class LlamaCppEngine:
             await self.load()
         child = self._child
         assert child is not None
+        params = _params(request, self._grammar(request))  # bad input raises here
         rid = f"{request.request_id}#{next(_ids)}"
         stream = _Stream()
         child.streams[rid] = stream
-        self._send(child, ("gen", rid, _params(request)))
-        stops = StopMatcher(request.stop)
-        done = False
-        read = 0
+        self._send(child, ("gen", rid, params))
         try:
-            while True:
-                message = await stream.get()
-                kind = message[0]
-                if kind == "tok":
-                    text, stopped = stops.feed(message[2])
-                    yield self._chunk(text, message[3], "stop" if stopped else None)
-                    if stopped:
-                        return
-                    read += 1
-                    if read % (WINDOW // 2) == 0:
-                        self._send(child, ("credit", rid, WINDOW // 2))
-                elif kind == "end":
-                    done = True
-                    text, stopped = stops.feed(message[2])
-                    finish: FinishReason = "stop" if stopped else message[4]
-                    yield self._chunk(text if stopped else text + stops.flush(), message[3], finish)
-                    return
-                else:
-                    done = True
-                    raise await self._stream_error(child, message, request)
+            async with contextlib.aclosing(self._read(child, rid, stream, request)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
         finally:
-            if not done and child.alive and rid in child.streams:
+            # Still listed: its last message has not come (a stop string, a consumer
+            # that left), so the child is told to stop it.
+            if child.alive and rid in child.streams:
                 await self._cancel(child, rid, stream)
+
+    async def _read(
+        self, child: _Child, rid: str, stream: _Stream, request: GenerationRequest
+    ) -> AsyncGenerator[GenerationChunk, None]:
+        """The chunks of one request's messages; returns once its last message is read."""
+        stops = StopMatcher(request.stop)
+        read = 0
+        while True:
+            message = await stream.get()
+            kind = message[0]
+            if kind == "tok":
+                text, stopped = stops.feed(message[2])
+                yield self._chunk(message, text, "stop" if stopped else None)
+                if stopped:
+                    return
+                read += 1
+                if read % (WINDOW // 2) == 0:
+                    self._send(child, ("credit", rid, WINDOW // 2))
+            elif kind == "end":
+                text, stopped = stops.feed(message[2])
+                finish: FinishReason = "stop" if stopped else message[6]
+                yield self._chunk(message, text if stopped else text + stops.flush(), finish)
+                return
+            elif kind == "emb":
+                yield self._vector(message)
+                if message[5]:
+                    return
+            else:
+                raise await self._stream_error(child, message, request)
+
+    def _grammar(self, request: GenerationRequest) -> str | None:
+        """The Lark grammar the answer must follow (None: free), its schemas checked once
+        (checking costs milliseconds; applications send the same schema again and again)."""
+        grammar = grammar_for(request)
+        if grammar is None:
+            return None
+        if grammar in self._checked:
+            self._checked.move_to_end(grammar)
+        else:
+            check_schemas(request)
+            self._checked[grammar] = None
+            while len(self._checked) > _CHECKED_GRAMMARS:
+                self._checked.popitem(last=False)
+        return grammar
 
     def _send(self, child: _Child, message: tuple[Any, ...]) -> None:
         """A write to a child that just died is its death (the streams hear of it)."""
@@ -425,14 +478,36 @@ class LlamaCppEngine:
         """Tell the child to stop this request, and wait until it has (one token at most)."""
         self._send(child, ("cancel", rid))
         try:
-            while (await stream.get())[0] not in ("end", "cancelled", "err", "dead"):
+            while not _is_final(await stream.get()):
                 pass
         except asyncio.CancelledError:
             stream.abandoned = True  # the child still ends it; nobody reads it now
             raise
 
-    def _chunk(self, text: str, index: int, finish: FinishReason | None) -> GenerationChunk:
-        return GenerationChunk(text=text, index=index, engine=self.name, finish_reason=finish)
+    def _chunk(
+        self, message: tuple[Any, ...], text: str, finish: FinishReason | None
+    ) -> GenerationChunk:
+        """A ``tok``/``end`` message as a chunk (its logprob entry, if any, decoded)."""
+        entry = message[5]
+        return GenerationChunk(
+            text=text,
+            index=message[3],
+            engine=self.name,
+            finish_reason=finish,
+            prompt_tokens=message[4],
+            logprobs=() if entry is None else (_token_logprob(entry),),
+        )
+
+    def _vector(self, message: tuple[Any, ...]) -> GenerationChunk:
+        """An ``emb`` message: the vector of one input, float32 on the pipe."""
+        return GenerationChunk(
+            text="",
+            index=message[2],
+            engine=self.name,
+            finish_reason="stop" if message[5] else None,
+            prompt_tokens=message[3],
+            embedding=tuple(array("f", message[4])),
+        )
 
     async def _stream_error(
         self, child: _Child, message: tuple[Any, ...], request: GenerationRequest
@@ -443,21 +518,48 @@ class LlamaCppEngine:
             return EngineError(f"engine {self.name!r}: request {request.request_id} was cancelled")
         kind, text = str(message[2]), str(message[3])
         if kind.startswith("invalid:"):
-            return InvalidRequestError(text, code=kind.removeprefix("invalid:"))
+            return InvalidRequestError(text, code=kind.removeprefix("invalid:"), param=message[4])
         return EngineError(
             f"engine {self.name!r} failed during request {request.request_id}: {text}"
         )
 
 
-def _params(request: GenerationRequest) -> dict[str, Any]:
+def _is_final(message: tuple[Any, ...]) -> bool:
+    """Whether ``message`` is the last one of its request (see ``llama_child.py``)."""
+    return message[0] in _FINAL or (message[0] == "emb" and bool(message[5]))
+
+
+def _token_logprob(entry: tuple[Any, ...]) -> TokenLogprob:
+    """The child's ``(bytes, logprob, ((bytes, logprob), ...))`` as a TokenLogprob."""
+    raw, logprob, top = entry
+    return TokenLogprob(
+        token=raw.decode("utf-8", "replace"),
+        logprob=logprob,
+        token_bytes=raw,
+        top=tuple((b.decode("utf-8", "replace"), lp, b) for b, lp in top),
+    )
+
+
+def _params(request: GenerationRequest, grammar: str | None) -> dict[str, Any]:
     """What the child needs of a request (plain data: it crosses a pipe)."""
+    pending = request.pending_embeddings if request.embed else ()
     return {
         "prompt": request.prompt,
-        "messages": [(m.role, m.content) for m in request.messages],
+        "messages": template_messages(request.messages),
+        "tools": [tool.to_openai() for tool in request.tools] or None,
+        "grammar": grammar,
+        "grammar_param": "tools" if request.tools else "response_format",
+        "embed": list(pending),
+        "embed_first": len(request.embed) - len(pending),
         "continuation": request.continuation,
         "max_tokens": request.max_tokens,
         "temperature": request.temperature,
         "top_p": request.top_p,
         "seed": request.seed,
         "window": WINDOW,
+        "logprobs": request.logprobs,
+        "top_logprobs": request.top_logprobs,
+        "frequency_penalty": request.frequency_penalty,
+        "presence_penalty": request.presence_penalty,
+        "logit_bias": list(request.logit_bias),
     }
