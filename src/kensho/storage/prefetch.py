@@ -289,7 +289,9 @@ class Prefetcher:
         plan = await self._plan(manifest)
         await asyncio.to_thread(self.staging.begin, manifest)
         progress = _Progress(manifest.serial, plan.bytes_to_fetch, self.emit)
-        updater = DeltaUpdater(self._assembler(progress), state=self.manager.state, concurrency=1)
+        updater = DeltaUpdater(
+            self._assembler(progress, manifest), state=self.manager.state, concurrency=1
+        )
         built = await updater.assemble_all(plan)
         required = {f.path for f in manifest.files if f.required}
         failed = {b.plan.entry.path: b.outcome.reason for b in built if not b.outcome.ok}
@@ -327,8 +329,12 @@ class Prefetcher:
         )
         return plan
 
-    def _assembler(self, emit: Callable[[Event], None]) -> FileAssembler:
+    def _assembler(self, emit: Callable[[Event], None], manifest: Manifest) -> FileAssembler:
+        """The update's build layer over the staging folder, for ``manifest``: peers
+        learn its chunk lists (not the running release's), so they serve the new chunks
+        they hold before the origin is asked."""
         manager = self.manager
+        manager.tell_chunk_sources(manifest)
         return FileAssembler(
             root=manager.root,
             tmp_dir=self.staging.dir,
