@@ -71,6 +71,7 @@ __all__ = [
     "apply_staged",
     "apply_staged_at_start",
     "forget_previous",
+    "previous_kept",
     "restore_previous",
 ]
 
@@ -376,6 +377,8 @@ async def apply_staged(
         async for _ in manager.update(staged):
             pass
     except KenshoError as exc:
+        if keep:  # the store stayed on its release: nothing is on trial
+            await asyncio.to_thread(forget_previous, manager.state)
         emit(ReleaseApplyFailed(target_serial=staged.serial, serial=previous, reason=str(exc)))
         raise
     finally:
@@ -386,18 +389,20 @@ async def apply_staged(
 
 
 async def apply_staged_at_start(
-    manager: StorageManager, *, how: str, emit: Callable[[Event], None]
+    manager: StorageManager, *, how: str, emit: Callable[[Event], None], keep: bool = False
 ) -> Manifest | None:
     """At boot or ``kensho sync``: apply a staged release, unless the run was given a
     newer manifest than it (that update wins). A failure is reported (and logged),
-    not raised: the run goes on with the trusted release.
+    not raised: the run goes on with the trusted release. ``keep`` as for
+    :func:`apply_staged`: a boot keeps the previous files until its engines loaded
+    the new release (:func:`previous_kept`).
     """
     staged = await asyncio.to_thread(Staging(manager.state).complete)
     given = manager.given_manifest
     if staged is None or (given is not None and given.serial > staged.serial):
         return None
     try:
-        return await apply_staged(manager, how=how, emit=emit)
+        return await apply_staged(manager, how=how, emit=emit, keep=keep)
     except KenshoError as exc:
         _log.warning("staged release not applied", serial=staged.serial, reason=str(exc))
         return None
@@ -431,6 +436,13 @@ def _keep_previous(manager: StorageManager, current: Manifest, new: Manifest) ->
         except OSError as exc:  # a file system without hard links: no rollback for it
             _log.warning("cannot keep the previous file", path=entry.path, error=str(exc))
     atomic_write_bytes(folder / "release.json", dump_manifest(current), tmp_dir=folder)
+
+
+def previous_kept(state: StateStore) -> bool:
+    """Whether an apply kept the previous release: the trusted one is then on trial,
+    not yet loaded by the engines (applied at this boot, or by a run killed before
+    its engines loaded it), and :func:`restore_previous` can still put it back."""
+    return (_previous_dir(state) / "release.json").is_file()
 
 
 def forget_previous(state: StateStore) -> None:
