@@ -195,9 +195,10 @@ class ObjectStoreSource:
         if tag is not None and now.etag is not None and tag.etag == now.etag:
             return ChannelAnswer(None, now)
         where = f"{self._protocol}://{key}"
-        if int(info.get("size", 0)) > max_bytes:
+        size = int(info.get("size") or 0)
+        if size > max_bytes:
             raise too_large(where, max_bytes)
-        data = self._filesystem().cat_file(key, start=0, end=max_bytes + 1) if info["size"] else b""
+        data = self._filesystem().cat_file(key, start=0, end=max_bytes + 1) if size else b""
         if len(data) > max_bytes:
             raise too_large(where, max_bytes)
         return ChannelAnswer(data, now)
