@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from _peer_support import lying_peer
 from _release_support import (
     OTHER_KEY,
     Recorder,
@@ -24,6 +25,7 @@ from kensho.events import ReleaseChecked, ReleaseRefused
 from kensho.storage import MirrorSource, dump_manifest
 from kensho.storage.channel import ReleaseChannel
 from kensho.storage.manifest import MAX_MANIFEST_BYTES
+from kensho.storage.sources import source_from_string
 
 V1 = {"model.bin": os.urandom(5 * 4096), "config.json": b'{"layers": 2}'}
 V2 = {"model.bin": V1["model.bin"][:8192] + os.urandom(4096) + V1["model.bin"][12288:]}
@@ -127,3 +129,22 @@ async def test_an_unreachable_origin_is_reported_as_such(tmp_path: Path) -> None
     result = await ReleaseChannel(store.sources, store._trust, Recorder()).check()
     await store.aclose()
     assert result.result == "unreachable" and "cannot connect" in result.detail
+
+
+async def test_a_peer_is_not_polled_and_the_origin_behind_it_publishes(tmp_path: Path) -> None:
+    await install(tmp_path, V1, release(V1, 1))
+    m2 = release(V2, 2)
+    with lying_peer({}, "missing") as (peer_url, peer), http_server(published(m2, V2)) as (url, _):
+        peer_source = source_from_string(peer_url)
+        store = manager(tmp_path, [peer_source, http(url)])
+        seen = Recorder()
+        channel = ReleaseChannel(store.sources, store._trust, seen)
+        results = [await channel.check() for _ in range(2)]
+        alone = await ReleaseChannel([peer_source], store._trust, seen).check()
+        await store.aclose()
+        assert peer.requests == [], "a peer publishes no release: never asked for one"
+    assert channel.skipped == [peer_source.name]
+    assert [r.result for r in results] == ["new", "unchanged"]
+    assert results[0].source == url
+    assert alone.result == "none" and f"not polled: {peer_source.name}" in alone.detail
+    assert not seen.of(ReleaseRefused)

@@ -5,6 +5,7 @@ origin gone before the offline apply, and a live apply under a client loop."""
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import json
 import os
 import signal
@@ -12,11 +13,13 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from _http_support import server_metric
 from _release_support import CHUNK, TRUST_HEX, http, install, manager, published, release
 from _server_support import kensho_env, kensho_up
 from _storage_support import http_server, kensho
+from kensho.demo import DEMO_MODEL_DIR
 from kensho.storage import Manifest
 from kensho.storage.prefetch import Prefetcher
 
@@ -29,10 +32,12 @@ V2["config.json"] = b'{"layers": 3}'
 def env(home: Path, **extra: str) -> dict[str, str]:
     return kensho_env(
         home,
-        KENSHO_MODEL_ENGINE="mock",
-        KENSHO_TRUST_KEYS=TRUST_HEX,
-        KENSHO_STORAGE_UPDATE_INTERVAL="3600",  # the check at boot; no second one here
-        **extra,
+        **{
+            "KENSHO_MODEL_ENGINE": "mock",
+            "KENSHO_TRUST_KEYS": TRUST_HEX,
+            "KENSHO_STORAGE_UPDATE_INTERVAL": "3600",  # the check at boot; no second one here
+            **extra,
+        },
     )
 
 
@@ -219,3 +224,47 @@ def test_up_refuses_a_badly_signed_release_and_never_stages_it(tmp_path: Path) -
         assert [p for p, _ in state.requests] == ["manifest.json"], "nothing was fetched"
     assert trusted_serial(root) == 1 and (root / "weights.bin").read_bytes() == OLD
     assert not list((root / ".kensho").glob("staging/*.part"))
+
+
+DEMO_GGUF = (DEMO_MODEL_DIR / "model.gguf").read_bytes()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python is not installed"
+)
+def test_a_release_that_cannot_load_at_boot_is_rolled_back_and_never_staged_again(
+    tmp_path: Path,
+) -> None:
+    """Release 2 is staged by an earlier run; its GGUF is not a model. The next boot
+    applies it offline, no engine loads it: the previous files and trusted release come
+    back, the engines start on them and serve, and release 2 is never staged again."""
+    good = {"model.gguf": DEMO_GGUF}
+    broken = {"model.gguf": b"GGUF" + os.urandom(len(DEMO_GGUF) - 4)}
+    root = tmp_path / "store"
+    asyncio.run(install(root, good, release(good, 1)))
+    m2 = release(broken, 2)
+    with http_server(broken) as (origin, _):
+        asyncio.run(_stage(root, m2, origin))
+    llama = env(tmp_path, KENSHO_MODEL_ENGINE="llama")
+    with kensho_up("--model", str(root), env=llama, cwd=tmp_path) as up:
+        failed = json.loads(up.wait_for_stderr("release.apply.failed"))
+        assert failed["target_serial"] == 2 and failed["serial"] == 1
+        assert "could not load release 2" in failed["reason"]
+        assert server_metric(up.url, 'kensho_release_serial{release="current"}') == 1.0
+        r = httpx.post(
+            up.url + "/v1/completions",
+            json={"model": "kensho-demo", "prompt": "The GPU", "max_tokens": 4},
+            timeout=60,
+        )
+        assert r.status_code == 200, r.text
+    assert trusted_serial(root) == 1
+    assert (root / "model.gguf").read_bytes() == DEMO_GGUF
+    assert not (root / ".kensho" / "previous").exists()
+    asyncio.run(_refused_again(root, m2))
+
+
+async def _refused_again(root: Path, manifest: Manifest) -> None:
+    async with manager(root, []) as store_manager:
+        result = await Prefetcher(store_manager, emit=lambda _: None).stage(manifest)
+    assert result.outcome == "stopped" and "failed to load on this device" in result.detail

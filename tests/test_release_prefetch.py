@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from _peer_support import share_server
 from _release_support import CHUNK, Recorder, http, install, manager, release
 from _storage_support import http_server
 from kensho.errors import SignatureError
@@ -23,6 +24,7 @@ from kensho.events import (
 from kensho.storage import parse_manifest
 from kensho.storage.prefetch import Prefetcher, RateLimiter, Staging, apply_staged
 from kensho.storage.signing import manifest_digest
+from kensho.storage.sources import PeerSource, source_from_string
 
 OLD = os.urandom(64 * CHUNK)
 V1 = {"w.bin": OLD, "config.json": b'{"layers": 2}'}
@@ -175,3 +177,28 @@ async def test_rate_limiter_spaces_deliveries_on_virtual_time() -> None:
     unlimited = RateLimiter(0, monotonic=lambda: now[0], sleep=sleep)
     await unlimited.take(10**9)
     assert sum(slept) == pytest.approx(4.0)
+
+
+async def test_prefetch_through_a_peer_listed_first_takes_the_new_chunks_from_it(
+    tmp_path: Path,
+) -> None:
+    """One store already applied release 2 and shares it; the other stages it through
+    that peer, listed before the origin: the origin serves none of the new bytes."""
+    m1, m2 = release(V1, 1), release(V2, 2)
+    await install(tmp_path / "applied", V2, m2)
+    await install(tmp_path / "behind", V1, m1)
+    with share_server(tmp_path / "applied") as (peer_url, service), http_server(V2) as (url, st):
+        peer = source_from_string(peer_url)
+        assert isinstance(peer, PeerSource)
+        peer.know(m1)  # what the boot's repair told it: the running release
+        store = manager(tmp_path / "behind", [peer, http(url)])
+        result = await Prefetcher(store, emit=Recorder()).stage(m2)
+        await store.aclose()
+        assert st.bytes_served == 0 and st.requests == [], "the origin was asked"
+        assert service.served_bytes == CHUNK + len(V2["tokenizer.json"])
+    assert result.outcome == "staged" and result.fetched == CHUNK + len(V2["tokenizer.json"])
+    assert peer.abandoned is None
+    async with manager(tmp_path / "behind", []) as offline:
+        assert await apply_staged(offline, how="boot", emit=Recorder()) is not None
+    for rel, data in V2.items():
+        assert (tmp_path / "behind" / rel).read_bytes() == data, rel

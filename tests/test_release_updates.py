@@ -25,7 +25,8 @@ from kensho.hub import EventHub
 from kensho.runtime.breaker import BreakerState
 from kensho.runtime.engines.faulty import FaultyEngine
 from kensho.runtime.manager import RuntimeManager
-from kensho.storage.prefetch import Prefetcher, Staging
+from kensho.storage import StorageManager
+from kensho.storage.prefetch import Prefetcher, Staging, apply_staged
 from kensho.storage.updates import JITTER, ReleaseStatus, ReleaseUpdater
 
 V1 = {"w.bin": os.urandom(8 * CHUNK), "config.json": b'{"layers": 2}'}
@@ -186,3 +187,102 @@ async def test_live_apply_reloads_each_engine_behind_its_breaker(tmp_path: Path)
     assert len(primary.loads) == len(fallback.loads) == 2
     assert (tmp_path / "w.bin").read_bytes() == v2["w.bin"]
     assert not (tmp_path / ".kensho" / "previous").exists()
+
+
+async def _staged_store(root: Path, files: dict[str, bytes]) -> StorageManager:
+    """A store on release 1 with release 2 (``files``) fully staged."""
+    await install(root, V1, release(V1, 1))
+    with http_server(files) as (url, _):
+        store = manager(root, [http(url)])
+        assert (await Prefetcher(store, emit=Recorder()).stage(release(files, 2))).outcome == (
+            "staged"
+        )
+    return store
+
+
+async def test_a_primary_without_a_device_does_not_roll_back_a_live_apply(
+    tmp_path: Path,
+) -> None:
+    v2 = {**V2, "config.json": V1["config.json"]}  # loads fine
+    store = await _staged_store(tmp_path, v2)
+    primary = FaultyEngine("gpu", "gpu")
+    primary.fail_load(permanent=True)  # no CUDA here: forced open at start
+    fallback = _ConfigReadingEngine(tmp_path, "cpu", "cpu")
+    hub = EventHub()
+    seen = Recorder()
+    hub.add_listener(seen)
+    async with RuntimeManager(primary, fallback, hub=hub) as runtime:
+        applied = await LiveApplier(store, lambda: runtime, lambda: None, hub).apply(how="live")
+        assert runtime.primary_breaker.state == BreakerState.FORCED_OPEN
+    await store.aclose()
+    assert applied is not None and applied.serial == 2
+    assert not seen.of(ReleaseApplyFailed), "the missing GPU is not the release's fault"
+    assert fallback.loads[-1] == v2["config.json"] and trusted_serial(tmp_path) == 2
+
+
+async def test_boot_rolls_back_a_release_an_engine_cannot_load_and_starts_on_the_previous(
+    tmp_path: Path,
+) -> None:
+    store = await _staged_store(tmp_path, V2)  # 3 layers: the primary cannot load it
+    assert await apply_staged(store, how="boot", emit=Recorder(), keep=True) is not None
+    engines: list[_ConfigReadingEngine] = []
+    hub = EventHub()
+    seen = Recorder()
+    hub.add_listener(seen)
+
+    def make() -> RuntimeManager:
+        primary = _ConfigReadingEngine(tmp_path, "gpu", "gpu")
+        engines.append(primary)
+        return RuntimeManager(primary, FaultyEngine("cpu", "cpu"), hub=hub)
+
+    runtime = await LiveApplier(store, lambda: None, lambda: None, hub).start_runtime(make)
+    try:
+        assert runtime.primary_breaker.state == BreakerState.CLOSED
+        assert not runtime.degraded
+    finally:
+        await runtime.close()
+        await store.aclose()
+    assert [e.loads for e in engines] == [[V2["config.json"]], [V1["config.json"]]]
+    (failed,) = seen.of(ReleaseApplyFailed)
+    assert failed.target_serial == 2 and failed.serial == 1 and "3 layers" in failed.reason
+    for rel, data in V1.items():
+        assert (tmp_path / rel).read_bytes() == data, rel
+    assert trusted_serial(tmp_path) == 1
+    assert not (tmp_path / ".kensho" / "previous").exists()
+    assert Staging(store.state).failed(), "the release is remembered as failed"
+
+
+async def test_boot_confirms_a_release_its_engines_load_and_drops_the_kept_files(
+    tmp_path: Path,
+) -> None:
+    v2 = {**V2, "config.json": V1["config.json"]}  # loads fine
+    store = await _staged_store(tmp_path, v2)
+    assert await apply_staged(store, how="boot", emit=Recorder(), keep=True) is not None
+    assert (tmp_path / ".kensho" / "previous").exists()
+    hub = EventHub()
+    seen = Recorder()
+    hub.add_listener(seen)
+
+    def make() -> RuntimeManager:
+        return RuntimeManager(_ConfigReadingEngine(tmp_path, "gpu", "gpu"), hub=hub)
+
+    runtime = await LiveApplier(store, lambda: None, lambda: None, hub).start_runtime(make)
+    await runtime.close()
+    await store.aclose()
+    assert not seen.of(ReleaseApplyFailed) and trusted_serial(tmp_path) == 2
+    assert not (tmp_path / ".kensho" / "previous").exists()
+
+
+async def test_at_boot_with_no_release_on_trial_an_engine_failure_is_raised(
+    tmp_path: Path,
+) -> None:
+    await install(tmp_path, V1, release(V1, 1))
+    store = manager(tmp_path, [])
+    broken = FaultyEngine("gpu", "gpu")
+    broken.fail_load()
+    with pytest.raises(EngineUnavailableError, match="no inference engine could start"):
+        await LiveApplier(store, lambda: None, lambda: None, EventHub()).start_runtime(
+            lambda: RuntimeManager(broken, hub=EventHub())
+        )
+    await store.aclose()
+    assert trusted_serial(tmp_path) == 1

@@ -24,8 +24,12 @@ import pytest
 from moto.server import ThreadedMotoServer
 
 from _peer_support import sync_store
+from _release_support import Recorder, install, manager, published, release
 from _storage_support import manifest_for
 from kensho.errors import SourceError, SourceUnreachableError
+from kensho.events import ReleaseRefused
+from kensho.storage.channel import ReleaseChannel
+from kensho.storage.prefetch import Prefetcher
 from kensho.storage.sources import MemorySource, ObjectStoreSource, source_from_string
 
 CHUNK = 32_768
@@ -78,6 +82,7 @@ class ProxyState:
     slowdown: int = 0  # answer this many GETs 503 SlowDown first
     deny: bool = False  # answer every request 403 AccessDenied
     ranges: list[str] = field(default_factory=list)
+    calls: list[tuple[str, str]] = field(default_factory=list)  # (method, path)
     statuses: list[int] = field(default_factory=list)
     body_bytes: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -111,6 +116,7 @@ class _Proxy(BaseHTTPRequestHandler):
             elif self.command == "GET" and st.slowdown > 0:
                 st.slowdown -= 1
                 fault = (503, "SlowDown", "Please reduce your request rate.")
+            st.calls.append((self.command, self.path.split("?")[0]))
             if self.command == "GET" and "Range" in self.headers:
                 st.ranges.append(self.headers["Range"])
         if fault is not None:
@@ -316,3 +322,103 @@ async def test_a_scheme_whose_package_is_missing_names_it(url: str, package: str
 def test_an_object_store_url_without_a_bucket_is_refused() -> None:
     with pytest.raises(SourceError, match="names no bucket"):
         ObjectStoreSource("s3:///prefix")
+
+
+# -- the release channel: manifest.json at the prefix root ---------------------------
+
+V1 = {"w.bin": os.urandom(16 * 4096), "config.json": b'{"layers": 2}'}
+V2 = {"w.bin": V1["w.bin"][: 12 * 4096] + os.urandom(4 * 4096), "config.json": V1["config.json"]}
+
+
+def publish(moto: str, prefix: str, files: dict[str, bytes]) -> None:
+    """Upload ``files`` under ``prefix`` as a release pipeline would (boto3, not Kensho)."""
+    client = boto3.client(
+        "s3",
+        endpoint_url=moto,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+    for rel, data in files.items():
+        client.put_object(Bucket=BUCKET, Key=f"{prefix}/{rel}", Body=data)
+
+
+async def test_a_release_in_the_bucket_is_found_staged_and_then_costs_one_head(
+    tmp_path: Path, aws_env: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await install(tmp_path, V1, release(V1, 1))
+    m2 = release(V2, 2)
+    publish(aws_env, "ota-new", published(m2, V2))
+    with s3_proxy(monkeypatch, aws_env) as proxy:
+        store = manager(tmp_path, [s3(f"s3://{BUCKET}/ota-new")])
+        channel = ReleaseChannel(store.sources, store._trust, Recorder())
+        first = await channel.check()
+        polled = len(proxy.calls)
+        second = await channel.check()
+        unchanged_poll = proxy.calls[polled:]
+        staged = await Prefetcher(store, emit=Recorder()).stage(m2)
+        await store.aclose()
+    assert first.result == "new" and first.manifest is not None
+    assert first.manifest.serial == 2 and first.source == f"s3://{BUCKET}/ota-new"
+    assert second.result == "unchanged"
+    assert unchanged_poll == [("HEAD", f"/{BUCKET}/ota-new/manifest.json")], (
+        "an unchanged channel costs one small request"
+    )
+    assert staged.outcome == "staged" and staged.fetched == 4 * 4096  # the changed chunks
+
+
+async def test_a_refused_release_in_the_bucket_is_reported_once_and_never_staged(
+    tmp_path: Path, aws_env: str
+) -> None:
+    await install(tmp_path, V1, release(V1, 1))
+    publish(aws_env, "ota-forged", published(release(V2, 2, key=None), V2))  # unsigned
+    store = manager(tmp_path, [s3(f"s3://{BUCKET}/ota-forged")])
+    seen = Recorder()
+    channel = ReleaseChannel(store.sources, store._trust, seen)
+    results = [await channel.check() for _ in range(2)]
+    await store.aclose()
+    assert [r.result for r in results] == ["refused", "refused"]
+    (refusal,) = seen.of(ReleaseRefused)
+    assert refusal.serial == 2 and "signature" in refusal.reason
+    assert not (tmp_path / ".kensho" / "staging").exists()
+    assert (tmp_path / "w.bin").read_bytes() == V1["w.bin"]
+
+
+async def test_a_prefix_without_manifest_json_publishes_no_release(
+    tmp_path: Path, aws_env: str
+) -> None:
+    await install(tmp_path, V1, release(V1, 1))
+    source = s3()  # the prefix of the sync tests: files, no manifest.json
+    store = manager(tmp_path, [source])
+    result = await ReleaseChannel(store.sources, store._trust, Recorder()).check()
+    await store.aclose()
+    assert result.result == "none"
+    assert "release/manifest.json is not in the bucket" in result.detail
+    assert "publishes no release" in result.detail
+    assert source.abandoned is None, "a poll abandons nothing: the files still come from it"
+
+
+async def test_a_manifest_over_the_limit_is_refused_before_its_body_is_read(
+    tmp_path: Path, aws_env: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await install(tmp_path, V1, release(V1, 1))
+    publish(aws_env, "ota-big", {"manifest.json": b" " * 5000})
+    with s3_proxy(monkeypatch, aws_env) as proxy:
+        store = manager(tmp_path, [s3(f"s3://{BUCKET}/ota-big")])
+        channel = ReleaseChannel(store.sources, store._trust, Recorder(), max_bytes=4096)
+        result = await channel.check()
+        await store.aclose()
+        assert [method for method, _ in proxy.calls] == ["HEAD"]
+    assert result.result == "none" and "larger than 4096 bytes" in result.detail
+
+
+async def test_no_such_bucket_is_a_clear_poll_result_and_abandons_nothing(
+    tmp_path: Path, aws_env: str
+) -> None:
+    await install(tmp_path, V1, release(V1, 1))
+    source = s3("s3://no-such-bucket/ota")
+    store = manager(tmp_path, [source])
+    result = await ReleaseChannel(store.sources, store._trust, Recorder()).check()
+    await store.aclose()
+    assert result.result == "none" and "the bucket 'no-such-bucket' does not exist" in result.detail
+    assert source.abandoned is None

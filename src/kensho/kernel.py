@@ -289,13 +289,9 @@ class Kernel:
             await _drain(self.storage.initialize_and_verify())
         if not self.uses_demo:
             self.release = await self._release_status()
-        integrity = _integrity(self.storage.report, self.storage.offline)
-        primary, fallback = self._make_engines()
-        runtime = RuntimeManager.from_settings(
-            primary, fallback, self.settings.runtime, hub=self.hub
-        )
+        runtime = await self._start_runtime()
         self.runtime = runtime
-        await runtime.start()
+        integrity = _integrity(self.storage.report, self.storage.offline)
         self.executor = TaskExecutor.from_settings(runtime, self.settings.runtime, hub=self.hub)
         server = self.settings.server
         self.context = ServerContext(
@@ -328,6 +324,18 @@ class Kernel:
         )
         return self.context
 
+    def _new_runtime(self) -> RuntimeManager:
+        primary, fallback = self._make_engines()
+        return RuntimeManager.from_settings(primary, fallback, self.settings.runtime, hub=self.hub)
+
+    async def _start_runtime(self) -> RuntimeManager:
+        """Start the engines; the demo has no releases, a store may have one on trial."""
+        if self.uses_demo:
+            runtime = self._new_runtime()
+            await runtime.start()
+            return runtime
+        return await self._applier.start_runtime(self._new_runtime)
+
     # -- over-the-air releases -----------------------------------------------------------
 
     async def _apply_staged_at_boot(self) -> None:
@@ -335,9 +343,10 @@ class Kernel:
 
         Skipped when boot is given a newer manifest than the staged one (that update
         wins). A staged release that fails here is reported and boot goes on with
-        the trusted release.
+        the trusted release. One that applies keeps the previous files until the
+        engines loaded it: if they cannot, :meth:`_start_runtime` puts them back.
         """
-        await apply_staged_at_start(self.storage, how="boot", emit=self.hub.emit)
+        await apply_staged_at_start(self.storage, how="boot", emit=self.hub.emit, keep=True)
 
     async def _release_status(self) -> ReleaseStatus:
         manifest = await self.storage.manifest()

@@ -12,6 +12,11 @@ trust rule the store applies to a manifest given by hand, before anything else:
 - no rollback: a lower serial, or the trusted serial with other content, is refused;
 - it has not expired (an expired release fetches nothing, so it cannot be staged).
 
+Sources that fetch chunks by hash (:class:`~kensho.storage.sources.ChunkAddressed`:
+``peer+http://``) are skipped, explicitly and quietly: a peer is a neighbour holding
+verified chunks, not an authority, and has no ``manifest.json`` to publish. Polling
+it would only fail at every interval; the origin behind it publishes the release.
+
 A refused release is reported once (a :class:`~kensho.events.ReleaseRefused` per
 distinct manifest and source), never staged nor applied; the next poll of the same
 bytes stays quiet. Why the check lives here and not in the prefetch: a release that
@@ -24,12 +29,13 @@ import hashlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeGuard
 
 from kensho.errors import KenshoError, SourceError, SourceUnreachableError
 from kensho.events import Event, ReleaseChecked, ReleaseRefused
 from kensho.storage.manifest import MAX_MANIFEST_BYTES, Manifest, parse_manifest
 from kensho.storage.release import Release, ReleaseTrust
-from kensho.storage.sources import ChannelTag, ReleaseFeed, Source
+from kensho.storage.sources import ChannelTag, ChunkAddressed, ReleaseFeed, Source
 from kensho.telemetry import get_logger
 
 __all__ = ["ChannelResult", "ReleaseChannel"]
@@ -78,7 +84,8 @@ class ReleaseChannel:
     ``trust`` is the store's :class:`ReleaseTrust` (the one its manager uses), so a
     channel release is held to exactly the rules of a ``kensho sync --manifest``.
     ``emit`` receives :class:`ReleaseChecked` after each check and
-    :class:`ReleaseRefused` once per distinct refused manifest.
+    :class:`ReleaseRefused` once per distinct refused manifest. :attr:`skipped`
+    names the sources that publish no release (peers, and kinds without a channel).
     """
 
     def __init__(
@@ -89,7 +96,8 @@ class ReleaseChannel:
         *,
         max_bytes: int = MAX_MANIFEST_BYTES,
     ) -> None:
-        self.feeds = [s for s in sources if isinstance(s, ReleaseFeed)]
+        self.feeds = [s for s in sources if _publishes_releases(s)]
+        self.skipped = [s.name for s in sources if not _publishes_releases(s)]
         self.trust = trust
         self.emit = emit
         self.max_bytes = max_bytes
@@ -101,7 +109,7 @@ class ReleaseChannel:
         """Poll every channel; the best result (the highest new serial first)."""
         trusted = await self.trust.trusted_manifest()
         results = [await self._check_one(feed, trusted) for feed in self.feeds]
-        result = _best(results)
+        result = _best(results, self.skipped)
         self.last = result
         serial = result.manifest.serial if result.manifest is not None else None
         current = trusted.serial if trusted is not None else None
@@ -182,11 +190,20 @@ class ReleaseChannel:
 _RANK = {"new": 0, "current": 1, "unchanged": 2, "refused": 3, "unreachable": 4, "none": 5}
 
 
-def _best(results: Sequence[ChannelResult]) -> ChannelResult:
+def _publishes_releases(source: Source) -> TypeGuard[ReleaseFeed]:
+    """Whether ``source`` has a release channel to poll: a peer never has one, even
+    if a future peer kind also grew a ``fetch_release``."""
+    return isinstance(source, ReleaseFeed) and not isinstance(source, ChunkAddressed)
+
+
+def _best(results: Sequence[ChannelResult], skipped: Sequence[str] = ()) -> ChannelResult:
     """The result that matters most: the newest release, then any trusted answer, then
     a refusal (worth an operator's look), then silence."""
     if not results:
-        return ChannelResult("none", detail="no source publishes releases")
+        detail = "no source publishes releases"
+        if skipped:
+            detail += f" (not polled: {', '.join(skipped)}; peers serve chunks only)"
+        return ChannelResult("none", detail=detail)
 
     def key(r: ChannelResult) -> tuple[int, int]:
         serial = r.manifest.serial if r.manifest is not None else 0

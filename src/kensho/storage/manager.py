@@ -545,14 +545,24 @@ class StorageManager:
         )
         return needed
 
+    def tell_chunk_sources(self, manifest: Manifest) -> None:
+        """Give the sources that fetch by chunk hash (peers) ``manifest``'s chunk lists.
+
+        Why: a peer is asked for byte ranges like any source and must map them onto
+        the chunks of the release *being built*; told another release, it asks its
+        neighbour for the wrong hashes and the origin serves everything. Every run
+        that builds files (a repair, an update, a staging) calls this first.
+        """
+        for source in self.sources:
+            if isinstance(source, ChunkAddressed):
+                source.know(manifest)
+
     def _assembler(self, emit: Emit, manifest: Manifest) -> FileAssembler:
         """The build layer for one repair or update run (shares its distrust list).
 
         Sources that fetch by chunk hash (peers) learn ``manifest``'s chunk lists.
         """
-        for source in self.sources:
-            if isinstance(source, ChunkAddressed):
-                source.know(manifest)
+        self.tell_chunk_sources(manifest)
         return FileAssembler(
             root=self.root,
             tmp_dir=self.state.tmp_dir,

@@ -71,6 +71,7 @@ __all__ = [
     "apply_staged",
     "apply_staged_at_start",
     "forget_previous",
+    "previous_kept",
     "restore_previous",
 ]
 
@@ -289,7 +290,9 @@ class Prefetcher:
         plan = await self._plan(manifest)
         await asyncio.to_thread(self.staging.begin, manifest)
         progress = _Progress(manifest.serial, plan.bytes_to_fetch, self.emit)
-        updater = DeltaUpdater(self._assembler(progress), state=self.manager.state, concurrency=1)
+        updater = DeltaUpdater(
+            self._assembler(progress, manifest), state=self.manager.state, concurrency=1
+        )
         built = await updater.assemble_all(plan)
         required = {f.path for f in manifest.files if f.required}
         failed = {b.plan.entry.path: b.outcome.reason for b in built if not b.outcome.ok}
@@ -327,8 +330,12 @@ class Prefetcher:
         )
         return plan
 
-    def _assembler(self, emit: Callable[[Event], None]) -> FileAssembler:
+    def _assembler(self, emit: Callable[[Event], None], manifest: Manifest) -> FileAssembler:
+        """The update's build layer over the staging folder, for ``manifest``: peers
+        learn its chunk lists (not the running release's), so they serve the new chunks
+        they hold before the origin is asked."""
         manager = self.manager
+        manager.tell_chunk_sources(manifest)
         return FileAssembler(
             root=manager.root,
             tmp_dir=self.staging.dir,
@@ -370,6 +377,8 @@ async def apply_staged(
         async for _ in manager.update(staged):
             pass
     except KenshoError as exc:
+        if keep:  # the store stayed on its release: nothing is on trial
+            await asyncio.to_thread(forget_previous, manager.state)
         emit(ReleaseApplyFailed(target_serial=staged.serial, serial=previous, reason=str(exc)))
         raise
     finally:
@@ -380,18 +389,20 @@ async def apply_staged(
 
 
 async def apply_staged_at_start(
-    manager: StorageManager, *, how: str, emit: Callable[[Event], None]
+    manager: StorageManager, *, how: str, emit: Callable[[Event], None], keep: bool = False
 ) -> Manifest | None:
     """At boot or ``kensho sync``: apply a staged release, unless the run was given a
     newer manifest than it (that update wins). A failure is reported (and logged),
-    not raised: the run goes on with the trusted release.
+    not raised: the run goes on with the trusted release. ``keep`` as for
+    :func:`apply_staged`: a boot keeps the previous files until its engines loaded
+    the new release (:func:`previous_kept`).
     """
     staged = await asyncio.to_thread(Staging(manager.state).complete)
     given = manager.given_manifest
     if staged is None or (given is not None and given.serial > staged.serial):
         return None
     try:
-        return await apply_staged(manager, how=how, emit=emit)
+        return await apply_staged(manager, how=how, emit=emit, keep=keep)
     except KenshoError as exc:
         _log.warning("staged release not applied", serial=staged.serial, reason=str(exc))
         return None
@@ -425,6 +436,13 @@ def _keep_previous(manager: StorageManager, current: Manifest, new: Manifest) ->
         except OSError as exc:  # a file system without hard links: no rollback for it
             _log.warning("cannot keep the previous file", path=entry.path, error=str(exc))
     atomic_write_bytes(folder / "release.json", dump_manifest(current), tmp_dir=folder)
+
+
+def previous_kept(state: StateStore) -> bool:
+    """Whether an apply kept the previous release: the trusted one is then on trial,
+    not yet loaded by the engines (applied at this boot, or by a run killed before
+    its engines loaded it), and :func:`restore_previous` can still put it back."""
+    return (_previous_dir(state) / "release.json").is_file()
 
 
 def forget_previous(state: StateStore) -> None:

@@ -17,6 +17,11 @@ error tree, split like the HTTP source:
 - no such bucket, access denied, no credentials, still throttled after the retries,
   endpoint unreachable: every other file would fail the same way, so the source is
   abandoned for the rest of the run (:class:`~._health.Abandonment`).
+
+The bucket publishes releases as ``manifest.json`` at the prefix root
+(:meth:`ObjectStoreSource.fetch_release`): a poll is one ``HEAD`` request while the
+object's ETag is the one of the last answer, and a poll's failure is mapped like a
+fetch's but abandons nothing (the next poll is the retry, as for the HTTP source).
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from urllib.parse import urlsplit
 
 from kensho.errors import DownloadError, SourceError
 from kensho.storage.sources._base import PIECE, Sink, SourceUnreachableError, size_mismatch
+from kensho.storage.sources._channel import CHANNEL_FILE, ChannelAnswer, ChannelTag, too_large
 from kensho.storage.sources._health import SYSTEM_CLOCK, Abandonment, FirstAnswer, MonotonicClock
 
 __all__ = ["OBJECT_STORE_SCHEMES", "ObjectStoreSource"]
@@ -54,7 +60,7 @@ DEFAULT_PARALLEL = 6
 class FileSystem(Protocol):
     """The part of an fsspec file system this source uses (blocking calls)."""
 
-    def info(self, path: str) -> dict[str, Any]: ...
+    def info(self, path: str, **kwargs: Any) -> dict[str, Any]: ...
 
     def cat_file(self, path: str, start: int | None = None, end: int | None = None) -> bytes: ...
 
@@ -167,6 +173,45 @@ class ObjectStoreSource:
             if probe:
                 self._first.done()
 
+    async def fetch_release(self, tag: ChannelTag | None, max_bytes: int) -> ChannelAnswer:
+        """``manifest.json`` at the prefix root, unless its ETag is still ``tag``'s.
+
+        S3 answers a ``HEAD`` with the object's ETag and size, so an unchanged channel
+        costs that one request and a manifest over ``max_bytes`` is refused before any
+        byte of it is read (a ranged ``GET`` bounds the read if it grew in between).
+        See :class:`~._channel.ReleaseFeed`.
+        """
+        key = self.key_for(CHANNEL_FILE)
+        try:
+            return await asyncio.to_thread(self._read_release, key, tag, max_bytes)
+        except SourceError:
+            raise
+        except Exception as exc:
+            raise self._release_error(key, exc) from exc
+
+    def _read_release(self, key: str, tag: ChannelTag | None, max_bytes: int) -> ChannelAnswer:
+        info = self._filesystem().info(key, refresh=True)  # a HEAD, never a cached listing
+        now = _channel_tag(info)
+        if tag is not None and now.etag is not None and tag.etag == now.etag:
+            return ChannelAnswer(None, now)
+        where = f"{self._protocol}://{key}"
+        size = int(info.get("size") or 0)
+        if size > max_bytes:
+            raise too_large(where, max_bytes)
+        data = self._filesystem().cat_file(key, start=0, end=max_bytes + 1) if size else b""
+        if len(data) > max_bytes:
+            raise too_large(where, max_bytes)
+        return ChannelAnswer(data, now)
+
+    def _release_error(self, key: str, exc: Exception) -> SourceError:
+        """A poll's failure as a source error (the source stays in the run)."""
+        error, _ = self._explain(key, exc)
+        if isinstance(exc, FileNotFoundError) and "bucket" not in str(exc).lower():
+            return SourceError(
+                f"{self._protocol}://{key} is not in the bucket: this source publishes no release"
+            )
+        return error
+
     def _size(self, key: str) -> int:
         if key not in self._sizes:
             self._sizes[key] = int(self._filesystem().info(key)["size"])
@@ -250,3 +295,16 @@ class ObjectStoreSource:
         if kind in {"ReadTimeoutError", "ConnectionClosedError", "TimeoutError"}:
             return DownloadError(f"{where} stopped sending data: {exc}"), True
         return DownloadError(f"download of {where} failed: {kind}: {exc}"), False
+
+
+def _channel_tag(info: Mapping[str, Any]) -> ChannelTag:
+    """What identifies an object's version: its ETag (S3's ``ETag``, gcsfs and adlfs's
+    ``etag``), else its modification time and size."""
+    etag = info.get("ETag") or info.get("etag")
+    modified = info.get("LastModified") or info.get("mtime") or info.get("last_modified")
+    if etag is None and modified is not None:
+        etag = f"{modified}-{info.get('size')}"
+    return ChannelTag(
+        etag=str(etag) if etag is not None else None,
+        modified=str(modified) if modified is not None else None,
+    )
