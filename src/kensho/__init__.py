@@ -96,6 +96,7 @@ def _package_version() -> str:
         return "0.0.0"
 
 
-__getattr__, __dir__ = lazy_exports(
-    __name__, globals(), _EXPORTS, __all__, computed={"__version__": _package_version}
-)
+if not TYPE_CHECKING:  # mypy reads the imports above: a misspelt name stays an error
+    __getattr__, __dir__ = lazy_exports(
+        __name__, globals(), _EXPORTS, __all__, computed={"__version__": _package_version}
+    )

@@ -27,9 +27,10 @@ def lazy_exports(
     ``exports`` maps each public name to the module that defines it, ``computed`` a name
     to the function that makes its value (``__version__``); ``namespace`` is the
     package's ``globals()``, where a loaded name is cached so that ``__getattr__`` runs
-    once per name. Assign the pair (``__getattr__, __dir__ = lazy_exports(...)``) rather
-    than defining ``__getattr__``: mypy then types only the names the package imports
-    under ``TYPE_CHECKING``, and a misspelt name stays an error instead of ``Any``.
+    once per name. Assign the pair under ``if not TYPE_CHECKING:`` (``__getattr__, __dir__
+    = lazy_exports(...)``): a module ``__getattr__`` that mypy sees makes every unknown
+    name ``Any``; hidden from it, mypy types the names the package imports under
+    ``TYPE_CHECKING`` and a misspelt one stays an error.
     """
     makers = dict(computed or {})
     names = sorted({*public, *exports, *makers})

@@ -142,4 +142,5 @@ _EXPORTS: dict[str, str] = {
     "StatRecord": "kensho.storage.state",
 }
 
-__getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS, __all__)
+if not TYPE_CHECKING:  # mypy reads the imports above: a misspelt name stays an error
+    __getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS, __all__)
