@@ -28,6 +28,7 @@ from urllib.parse import unquote, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from kensho._env import CONFIG_FILE_ENV, ENV_PREFIX
 from kensho.errors import ConfigError
 
 __all__ = [
@@ -48,9 +49,7 @@ __all__ = [
     "load_settings",
 ]
 
-ENV_PREFIX = "KENSHO_"
 DEFAULT_CONFIG_FILE = Path("kensho.toml")
-CONFIG_FILE_ENV = "KENSHO_CONFIG"  # the settings file, when --config is not given
 
 LevelName = Literal["debug", "info", "warning", "error", "critical"]
 _LEVEL_ALIASES = {"warn": "warning", "fatal": "critical", "exception": "error"}

@@ -1,4 +1,8 @@
-"""The ``kensho`` command. Each sub-command lives in its own module, imported here."""
+"""The ``kensho`` command. Each sub-command lives in its own module, imported here.
+
+Importing a command module declares its commands only; what a command runs on is
+imported when it runs (docs/architecture.md, "Start-up").
+"""
 
 from __future__ import annotations
 

@@ -1,8 +1,13 @@
 """The ``kensho`` Typer application, its global options and exit codes.
 
 Command modules import :data:`app` and register their commands on it; the package
-``__init__`` imports them. Errors from the library (:class:`KenshoError`) are turned
-into one readable line on stderr and a documented exit code, never a traceback.
+``__init__`` imports them. Start-up cost is paid by every invocation (and every
+end-to-end test), so this module and the command modules import at module level only
+what declaring the commands needs (typer, rich's console); the settings (pydantic),
+logging (structlog) and each command's implementation load when a command runs.
+
+Errors from the library (:class:`KenshoError`) are turned into one readable line on
+stderr and a documented exit code, never a traceback.
 """
 
 from __future__ import annotations
@@ -10,16 +15,16 @@ from __future__ import annotations
 import enum
 import io
 import sys
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Annotated, cast
+from typing import IO, TYPE_CHECKING, Annotated, Any, TypeVar, cast
 
 import typer
 from rich.console import Console
 from rich.text import Text
 
-from kensho import __version__
-from kensho.config import CONFIG_FILE_ENV, LogSettings, Settings, load_settings
+from kensho._env import CONFIG_FILE_ENV
 from kensho.errors import (
     ConfigError,
     DiskSpaceError,
@@ -28,7 +33,9 @@ from kensho.errors import (
     SignatureError,
     StoreBusyError,
 )
-from kensho.telemetry import configure_logging
+
+if TYPE_CHECKING:
+    from kensho.config import LogSettings, Settings
 
 __all__ = [
     "ExitCode",
@@ -39,6 +46,7 @@ __all__ = [
     "main",
     "out_console",
     "plain",
+    "run_async",
     "state",
 ]
 
@@ -79,6 +87,16 @@ def plain(value: object, style: str = "") -> Text:
     return Text(str(value), style=style)
 
 
+_T = TypeVar("_T")
+
+
+def run_async(main: Coroutine[Any, Any, _T]) -> _T:
+    """``asyncio.run(main)``: asyncio loads only for the commands that run a loop."""
+    import asyncio
+
+    return asyncio.run(main)
+
+
 def labelled(label: str, style: str, message: object) -> Text:
     """A styled ``label`` (``error:``) followed by ``message`` as literal text."""
     return Text.assemble((label, style), " ", str(message))
@@ -99,6 +117,8 @@ def state() -> State:
     """The resolved global state; loads defaults if the callback did not run."""
     global _state  # noqa: PLW0603 - one CLI invocation per process
     if _state is None:
+        from kensho.config import load_settings
+
         _state = State(settings=load_settings(), config_path=None)
     return _state
 
@@ -122,6 +142,8 @@ app = typer.Typer(
 
 def _version(value: bool) -> None:
     if value:
+        from kensho import __version__
+
         out_console.print(f"kensho {__version__}")
         raise typer.Exit
 
@@ -155,6 +177,9 @@ def _global(
 ) -> None:
     """Global options apply to every command."""
     global _state  # noqa: PLW0603 - one CLI invocation per process
+    from kensho.config import LogSettings, load_settings
+    from kensho.telemetry import configure_logging
+
     settings = load_settings(config)
     asked = log_level is not None or "level" in settings.log.model_fields_set
     overrides = {

@@ -8,7 +8,6 @@ from typing import Annotated
 import typer
 
 from kensho.cli._app import app, out_console, state
-from kensho.telemetry import REDACTED
 
 __all__ = ["config_app"]
 
@@ -24,6 +23,8 @@ def show(
 
     Secrets such as the API key are shown as [redacted].
     """
+    from kensho.telemetry import REDACTED
+
     data = state().settings.model_dump(mode="json")
     if data.get("server", {}).get("api_key"):
         data["server"]["api_key"] = REDACTED

@@ -8,7 +8,6 @@ a running server's status stream.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import sys
@@ -18,40 +17,41 @@ from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
-import httpx
 import orjson
 import typer
-from pydantic import ValidationError
-from rich.live import Live
-from rich.table import Table
 
-from kensho.cli._app import ExitCode, app, err_console, labelled, out_console, plain, state
-from kensho.cli._storage_cmds import _size, _StorageProgress
-from kensho.config import Settings
-from kensho.errors import ConfigError
-from kensho.events import (
-    BreakerChange,
-    BreakerStateChanged,
-    Event,
-    ReleaseSnapshot,
-    ServerShutdown,
-    StatusSnapshot,
-    StorageDownloadProgress,
-    StorageFileRepaired,
-    StorageRepairStarted,
-    StorageVerifyFinished,
-    decode_event,
+from kensho.cli._app import (
+    ExitCode,
+    app,
+    err_console,
+    labelled,
+    out_console,
+    plain,
+    run_async,
+    state,
 )
-from kensho.runtime.engines.base import GenerationRequest
-from kensho.runtime.executor import Priority
-from kensho.telemetry import get_logger
+from kensho.cli._storage_cmds import _size, _StorageProgress
+from kensho.errors import ConfigError
 
 if TYPE_CHECKING:
+    # Each command loads what it runs on (httpx, the runtime, the kernel) when it runs:
+    # declaring the commands, for any other command or --help, costs none of it.
+    import httpx
+    from rich.table import Table
+
+    from kensho.config import Settings
+    from kensho.events import (
+        BreakerChange,
+        Event,
+        ReleaseSnapshot,
+        StatusSnapshot,
+        StorageRepairStarted,
+    )
     from kensho.kernel import Kernel
+    from kensho.runtime.engines.base import GenerationRequest
+    from kensho.runtime.executor import Priority
 
 __all__ = ["StatusView", "generate", "status", "up"]
-
-_log = get_logger("cli")
 
 _UP_HELP = (
     "Boot Kensho and serve the OpenAI-compatible API.\n\n"
@@ -81,6 +81,10 @@ _UP_HELP = (
 
 def _override(settings: Settings, **sections: dict[str, Any]) -> Settings:
     """Apply command-line values on top of the settings, validated like the file."""
+    from pydantic import ValidationError
+
+    from kensho.config import Settings
+
     data = settings.model_dump()
     for section, values in sections.items():
         data[section].update({k: v for k, v in values.items() if v is not None})
@@ -179,6 +183,8 @@ def up(  # noqa: PLR0917 - Typer maps each parameter to an option
 
 def _run_fast(main: Coroutine[Any, Any, int]) -> int:
     """Run the server on uvloop when it is installed (measured: -0.3 ms per request)."""
+    import asyncio
+
     try:
         import uvloop
     except ImportError:  # pragma: no cover - Windows, or a minimal install
@@ -217,17 +223,22 @@ class _BootProgress(_StorageProgress):
     """
 
     def __init__(self) -> None:
+        from kensho.telemetry import get_logger
+
         super().__init__(as_json=False)
+        self._log = get_logger("cli")
         self.terminal = err_console.is_terminal
         self.first_install = False
         self.install: StorageRepairStarted | None = None
         self.verdict: tuple[bool, dict[str, int]] | None = None
 
     def handle(self, event: Event) -> None:
+        from kensho.events import StorageFileRepaired, StorageVerifyFinished
+
         line = self._line(event)
         if not self.terminal:
             if line is not None:
-                _log.info(line, status=event.kind)
+                self._log.info(line, status=event.kind)
             return
         if line is not None:
             self.progress.console.print(line, highlight=False, markup=False)
@@ -239,6 +250,12 @@ class _BootProgress(_StorageProgress):
 
     def _line(self, event: Event) -> str | None:
         """The human line this event deserves here, if it is one of the boot verdicts."""
+        from kensho.events import (
+            StorageDownloadProgress,
+            StorageRepairStarted,
+            StorageVerifyFinished,
+        )
+
         if isinstance(event, StorageVerifyFinished):
             verdict = (event.ok, dict(event.counts))
             if verdict == self.verdict:
@@ -326,6 +343,9 @@ def generate(  # noqa: PLR0917 - Typer maps each parameter to an option
     source: SourceOpt = None,
     engine: EngineOpt = None,
 ) -> None:
+    from kensho.runtime.engines.base import GenerationRequest
+    from kensho.runtime.executor import Priority
+
     try:
         level = Priority.parse(priority)
     except ValueError as exc:
@@ -339,7 +359,7 @@ def generate(  # noqa: PLR0917 - Typer maps each parameter to an option
         request = GenerationRequest(
             prompt=prompt, max_tokens=max_tokens, temperature=temperature, seed=seed
         )
-    asyncio.run(_generate(settings, request, level))
+    run_async(_generate(settings, request, level))
 
 
 async def _generate(settings: Settings, request: GenerationRequest, priority: Priority) -> None:
@@ -407,13 +427,15 @@ def status(
         ),
     ] = False,
 ) -> None:
+    import httpx
+
     server = state().settings.server
     base = (url or _server_url(server.host, server.port)).rstrip("/")
     key = api_key or server.api_key
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     logging.getLogger("httpx").setLevel(logging.WARNING)  # no request line above the table
     try:
-        asyncio.run(_status(base, headers, once=once, as_json=as_json))
+        run_async(_status(base, headers, once=once, as_json=as_json))
     except httpx.HTTPStatusError as exc:
         hint = " (pass --api-key or set KENSHO_API_KEY)" if exc.response.status_code == 401 else ""
         err_console.print(labelled("error:", "bold red", f"{base} refused: {exc}{hint}"))
@@ -436,6 +458,11 @@ def _server_url(host: str, port: int) -> str:
 
 
 async def _status(url: str, headers: dict[str, str], *, once: bool, as_json: bool) -> None:
+    import httpx
+    from rich.live import Live
+
+    from kensho.events import ServerShutdown, StatusSnapshot, decode_event
+
     view = StatusView()
     timeout = httpx.Timeout(10.0, read=None)
     async with (
@@ -497,6 +524,8 @@ class StatusView:
 
     def update(self, event: Event) -> None:
         """Take in one event of the stream."""
+        from kensho.events import BreakerChange, BreakerStateChanged, StatusSnapshot
+
         if isinstance(event, StatusSnapshot):
             self.snapshot = event
             for b in event.breakers:
@@ -544,6 +573,8 @@ class StatusView:
         return rows
 
     def render(self) -> Table:
+        from rich.table import Table
+
         table = Table("what", "now", title="kensho status", show_lines=False)
         for what, now in self.rows():
             table.add_row(plain(what), plain(now))  # server data, never markup
@@ -568,6 +599,8 @@ def _release_line(release: ReleaseSnapshot) -> str:
 
 
 def _queue_line(snap: StatusSnapshot) -> str:
+    from kensho.runtime.executor import Priority
+
     queue = snap.queue
     order = [p.name for p in sorted(Priority, reverse=True)]  # critical first
     depth = sorted(queue.depth.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 9)

@@ -7,17 +7,12 @@ Other stores fetch from it with ``--source peer+http://HOST:PORT``.
 
 from __future__ import annotations
 
-import asyncio
-import socket
-import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
-import uvicorn
 
-from kensho.cli._app import app, err_console, out_console, plain, state
-from kensho.storage.state import StateStore
+from kensho.cli._app import app, err_console, plain, run_async, state
 
 __all__ = ["share"]
 
@@ -35,31 +30,9 @@ _SHARE_HELP = (
 )
 
 
-class _ShareServer(uvicorn.Server):
-    """uvicorn that says where it listens once it does (``--port 0`` picks the port)."""
-
-    def __init__(self, config: uvicorn.Config, root: Path, chunks: int) -> None:
-        super().__init__(config)
-        self._root = root
-        self._chunks = chunks
-
-    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
-        await super().startup(sockets)
-        if not self.started:
-            return
-        host, port = self.servers[0].sockets[0].getsockname()[:2]
-        shown = f"[{host}]" if ":" in host else host
-        out_console.print(
-            f"kensho share: serving {self._chunks} verified chunks of {self._root} on "
-            f"http://{shown}:{port}",
-            highlight=False,
-            markup=False,
-            soft_wrap=True,
-        )
-        sys.stdout.flush()
-
-
 def _check_store(root: Path) -> None:
+    from kensho.storage.state import StateStore
+
     if not root.is_dir():
         raise typer.BadParameter(f"{root} is not a folder", param_hint="--root")
     if not StateStore(root).manifest_path.is_file():
@@ -85,7 +58,10 @@ def share(
         typer.Option(help="Require this Bearer token (or set KENSHO_API_KEY).", show_default=False),
     ] = None,
 ) -> None:
-    # The server stack (FastAPI) loads only for the commands that serve.
+    # The server stack (FastAPI, uvicorn) loads only for the commands that serve.
+    import uvicorn
+
+    from kensho.cli._share_server import ShareServer
     from kensho.server import ChunkService, create_share_app
     from kensho.server._guard import is_loopback
 
@@ -111,8 +87,8 @@ def share(
             access_log=False,
             lifespan="off",
         )
-        server = _ShareServer(config, root, len(service.shelf))
-        asyncio.run(server.serve())
+        server = ShareServer(config, root, len(service.shelf))
+        run_async(server.serve())
     finally:
         service.close()
     if not server.started:  # uvicorn logged why (the port is taken)

@@ -9,16 +9,6 @@ import typer
 
 from kensho.cli._app import app, err_console, out_console, plain
 from kensho.cli._storage_cmds import manifest_app
-from kensho.storage import dump_manifest, load_manifest
-from kensho.storage._fs import atomic_write_bytes
-from kensho.storage.signing import (
-    generate_private_key,
-    key_id,
-    load_private_key,
-    public_key_hex,
-    save_private_key,
-    sign_manifest,
-)
 
 __all__ = ["keygen", "sign"]
 
@@ -32,6 +22,13 @@ def keygen(
     output: Annotated[Path, typer.Option("--output", "-o", help="Private key file to create.")],
     force: Annotated[bool, typer.Option(help="Overwrite an existing key file.")] = False,
 ) -> None:
+    from kensho.storage.signing import (
+        generate_private_key,
+        key_id,
+        public_key_hex,
+        save_private_key,
+    )
+
     key = generate_private_key()
     save_private_key(output, key, overwrite=force)
     public = key.public_key()
@@ -52,6 +49,10 @@ def sign(
         Path | None, typer.Option("--output", "-o", help="Write here instead of in place.")
     ] = None,
 ) -> None:
+    from kensho.storage import dump_manifest, load_manifest
+    from kensho.storage._fs import atomic_write_bytes
+    from kensho.storage.signing import key_id, load_private_key, sign_manifest
+
     private = load_private_key(key)
     signed = sign_manifest(load_manifest(manifest), private)
     target = output or manifest

@@ -7,52 +7,36 @@ its events: progress bars and a table in a terminal, one JSON object per line wi
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import sys
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import orjson
 import typer
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
-from rich.table import Table
 
-from kensho.cli._app import ExitCode, app, err_console, labelled, out_console, plain, state
-from kensho.events import (
-    Event,
-    StorageDownloadProgress,
-    StorageFileChecked,
-    StorageHashProgress,
-    StorageRepairStarted,
-    StorageUpdateFilePlanned,
-    StorageUpdatePlanned,
-    StorageVerifyStarted,
+from kensho.cli._app import (
+    ExitCode,
+    app,
+    err_console,
+    labelled,
+    out_console,
+    plain,
+    run_async,
+    state,
 )
-from kensho.storage import (
-    DEFAULT_CDC_AVG,
-    DEFAULT_CHUNKING,
-    CdcParams,
-    Chunking,
-    StorageManager,
-    StoreBusyError,
-    VerifyReport,
-    build_manifest,
-    dump_manifest,
-)
-from kensho.storage._fs import atomic_write_bytes
-from kensho.storage.prefetch import apply_staged_at_start
-from kensho.telemetry import span
+from kensho.errors import StoreBusyError
+from kensho.storage._cdc import DEFAULT_CDC_AVG, DEFAULT_CHUNKING
+
+if TYPE_CHECKING:
+    # The store, its events and rich's bars load when a command runs, not to declare it.
+    from rich.progress import TaskID
+    from rich.table import Table
+
+    from kensho.events import Event, StorageUpdateFilePlanned, StorageUpdatePlanned
+    from kensho.storage import Chunking, VerifyReport
 
 __all__ = ["manifest_app"]
 
@@ -95,6 +79,15 @@ class _StorageProgress:
     """Turns events into progress bars and lines (terminal) or JSON lines."""
 
     def __init__(self, as_json: bool) -> None:
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+
         self.as_json = as_json
         self.progress = Progress(
             TextColumn("{task.description}", markup=False),  # descriptions hold paths
@@ -125,6 +118,8 @@ class _StorageProgress:
 
     def _plan(self, event: StorageUpdateFilePlanned | StorageUpdatePlanned) -> None:
         """Collect the plan; in a terminal, show it as one table before the work starts."""
+        from kensho.events import StorageUpdateFilePlanned
+
         if isinstance(event, StorageUpdateFilePlanned):
             self.planned.append(event)
             return
@@ -134,6 +129,16 @@ class _StorageProgress:
             self._task("fetch", "fetch (total)", event.bytes_to_fetch)
 
     def handle(self, event: Event) -> None:
+        from kensho.events import (
+            StorageDownloadProgress,
+            StorageFileChecked,
+            StorageHashProgress,
+            StorageRepairStarted,
+            StorageUpdateFilePlanned,
+            StorageUpdatePlanned,
+            StorageVerifyStarted,
+        )
+
         if isinstance(event, StorageUpdateFilePlanned | StorageUpdatePlanned):
             self._plan(event)
         if self.as_json:
@@ -167,6 +172,8 @@ class _StorageProgress:
 
 
 def _table(report: VerifyReport) -> Table:
+    from rich.table import Table
+
     table = Table("path", "status", "required", "size", "detail", title="store")
     colours = {"ok": "green", "unexpected": "yellow"}
     for f in report.files:
@@ -196,6 +203,8 @@ def _size(n: int) -> str:
 
 
 def _plan_table(files: list[StorageUpdateFilePlanned], total: StorageUpdatePlanned) -> Table:
+    from rich.table import Table
+
     title = f"update plan: serial {total.from_serial} -> {total.to_serial} ({total.version})"
     if total.dry_run:
         title += " — dry run, nothing changed"
@@ -229,6 +238,8 @@ def _plan_table(files: list[StorageUpdateFilePlanned], total: StorageUpdatePlann
 async def _run(events: AsyncIterator[Event], renderer: _StorageProgress, operation: str) -> None:
     """Render ``events`` as they come, inside one trace span named for ``operation``
     (exported with the logs when OTLP export is configured)."""
+    from kensho.telemetry import span
+
     with span(f"kensho.{operation}"), renderer:
         async for event in events:
             renderer.handle(event)
@@ -243,6 +254,8 @@ def verify(
     ] = False,
     as_json: JsonOpt = False,
 ) -> None:
+    from kensho.storage import StorageManager
+
     async def go() -> VerifyReport:
         settings = state().settings
         async with StorageManager.from_settings(
@@ -252,7 +265,7 @@ def verify(
             assert manager.report is not None
             return manager.report
 
-    report = asyncio.run(go())
+    report = run_async(go())
     if not as_json:
         out_console.print(_table(report))
     if not report.ok:
@@ -283,6 +296,9 @@ def sync(  # noqa: PLR0917 - Typer maps each parameter to an option
         ),
     ] = False,
 ) -> None:
+    from kensho.storage import StorageManager
+    from kensho.storage.prefetch import apply_staged_at_start
+
     renderer = _StorageProgress(as_json)
 
     async def go() -> VerifyReport | None:
@@ -306,7 +322,7 @@ def sync(  # noqa: PLR0917 - Typer maps each parameter to an option
             return manager.report
 
     try:
-        report = asyncio.run(go())
+        report = run_async(go())
     except StoreBusyError as exc:
         err_console.print(labelled("busy:", "bold red", exc))
         raise typer.Exit(int(ExitCode.BUSY)) from None
@@ -363,6 +379,9 @@ def build(  # noqa: PLR0917 - Typer maps each parameter to an option
 
     Exit codes: 0 written · 10 a file name breaks a manifest rule (named).
     """
+    from kensho.storage import CdcParams, build_manifest, dump_manifest
+    from kensho.storage._fs import atomic_write_bytes
+
     now = datetime.now(UTC)
     expires = now + timedelta(days=expires_days) if expires_days else None
     scheme: Chunking | None = None
@@ -375,7 +394,7 @@ def build(  # noqa: PLR0917 - Typer maps each parameter to an option
         avg = cdc_avg or chunk_size or DEFAULT_CDC_AVG
         cdc = CdcParams.from_sizes(avg, cdc_min, cdc_max)
         scheme = "cdc"
-    result = asyncio.run(
+    result = run_async(
         build_manifest(
             folder,
             name=name or folder.resolve().name or "store",

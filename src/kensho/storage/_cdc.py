@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from kensho.errors import ManifestError
 
@@ -25,11 +26,21 @@ __all__ = [
     "CDC_AVG_LIMITS",
     "CDC_MAX_LIMITS",
     "CDC_MIN_LIMITS",
+    "CHUNKING_SCHEMES",
     "DEFAULT_CDC_AVG",
+    "DEFAULT_CHUNKING",
     "CdcParams",
+    "Chunking",
     "cdc_ranges",
 ]
 
+#: ``fixed``: chunks of ``chunk_size`` bytes. ``cdc``: content-defined (FastCDC).
+#: Defined here, not in ``builder``, so that ``kensho manifest build --help`` can
+#: name the defaults without loading the hashing and manifest modules.
+Chunking = Literal["fixed", "cdc"]
+CHUNKING_SCHEMES: tuple[Chunking, ...] = ("fixed", "cdc")
+#: Chosen from measurements of delta updates (docs/manifest.md, "Chunking").
+DEFAULT_CHUNKING: Chunking = "cdc"
 #: 1 MiB average: the measured choice (docs/manifest.md, "Chunking").
 DEFAULT_CDC_AVG = 1 << 20
 CDC_AVG_LIMITS = (256, 4 << 20)

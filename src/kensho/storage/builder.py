@@ -14,10 +14,10 @@ import stat
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from kensho.errors import ManifestError
-from kensho.storage._cdc import CdcParams, cdc_ranges
+from kensho.storage._cdc import CHUNKING_SCHEMES, DEFAULT_CHUNKING, CdcParams, Chunking, cdc_ranges
 from kensho.storage.hashing import FileDigest, IOPool, ProgressCallback
 from kensho.storage.manifest import (
     DEFAULT_CHUNK_SIZE,
@@ -29,12 +29,6 @@ from kensho.storage.manifest import (
 )
 
 __all__ = ["CHUNKING_SCHEMES", "DEFAULT_CHUNKING", "Chunking", "build_manifest", "list_files"]
-
-#: ``fixed``: chunks of ``chunk_size`` bytes. ``cdc``: content-defined (FastCDC).
-Chunking = Literal["fixed", "cdc"]
-CHUNKING_SCHEMES: tuple[Chunking, ...] = ("fixed", "cdc")
-#: Chosen from measurements of delta updates (docs/manifest.md, "Chunking").
-DEFAULT_CHUNKING: Chunking = "cdc"
 
 
 def list_files(folder: Path) -> list[str]:
