@@ -47,42 +47,48 @@ class PlainGenerate:
         self.ids = tok(PROMPT, return_tensors="pt", add_special_tokens=False).input_ids.to(device)
         self.kwargs = {"do_sample": False, "pad_token_id": tok.pad_token_id, "eos_token_id": None}
 
-    def _timed(self, n: int) -> tuple[float, int]:
+    def _timed(self, n: int) -> tuple[float, int, float]:
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         with torch.inference_mode():
             out = self.model.generate(self.ids, max_new_tokens=n, min_new_tokens=n, **self.kwargs)
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()
-        return time.perf_counter() - start, out.shape[1] - self.ids.shape[1]
+        count = out.shape[1] - self.ids.shape[1]
+        return time.perf_counter() - start, count, time.process_time() - cpu
 
-    async def round(self, tokens: int) -> tuple[float, float]:
+    async def round(self, tokens: int) -> tuple[float, float, float]:
         ttft = self._timed(1)[0]
-        elapsed, count = self._timed(tokens)
-        return ttft, count / elapsed
+        elapsed, count, cpu = self._timed(tokens)
+        return ttft, count / elapsed, cpu / count
 
 
 class SameThreadLoop:
     """Kensho's decode loop called directly on this thread: no streaming hand-off.
 
     Shows how the streamed paths' cost splits between the loop itself and the
-    per-token hand-off from the worker thread to the event loop.
+    hand-off from the worker thread to the event loop, two ways: the time per token it
+    adds (``1/streamed tokens/s - 1/same-thread tokens/s``, noisy on a shared machine)
+    and the CPU time per token it adds (this process's ``time.process_time``, all
+    threads: the worker's hand-over, the loop's wake-up, the consumer), which load on
+    other cores barely inflates.
     """
 
     def __init__(self, engine: TorchEngine) -> None:
         self.engine = engine
 
-    async def round(self, tokens: int) -> tuple[float, float]:
+    async def round(self, tokens: int) -> tuple[float, float, float]:
         request = GenerationRequest(prompt=PROMPT, max_tokens=tokens, temperature=0)
         times: list[float] = []
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
 
         def put(_: object) -> None:
             times.append(time.perf_counter() - start)
 
         self.engine._decode(request, put, threading.Event())
-        return times[0], len(times) / (time.perf_counter() - start)
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+        return times[0], len(times) / elapsed, cpu / len(times)
 
 
 class Streamed:
@@ -91,21 +97,22 @@ class Streamed:
     def __init__(self, source: TorchEngine | RuntimeManager) -> None:
         self.source = source
 
-    async def round(self, tokens: int) -> tuple[float, float]:
+    async def round(self, tokens: int) -> tuple[float, float, float]:
         request = GenerationRequest(prompt=PROMPT, max_tokens=tokens, temperature=0)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         first = 0.0
         count = 0
         async for _ in self.source.generate(request):
             count += 1
             if count == 1:
                 first = time.perf_counter() - start
-        return first, count / (time.perf_counter() - start)
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+        return first, count / elapsed, cpu / count
 
 
 async def measure(
     model_dir: Path, device: str, tokens: int, rounds: int
-) -> dict[str, tuple[float, float]]:
+) -> dict[str, tuple[float, float, float]]:
     """Rounds interleave the paths, so drift in machine load hits them all alike."""
     engine = TorchEngine(model_dir, device=device)
     await engine.load()
@@ -117,7 +124,7 @@ async def measure(
         "TorchEngine (direct)": Streamed(engine),
         "TorchEngine via RuntimeManager": Streamed(manager),
     }
-    samples: dict[str, list[tuple[float, float]]] = {name: [] for name in paths}
+    samples: dict[str, list[tuple[float, float, float]]] = {name: [] for name in paths}
     for i in range(rounds + 1):
         for name, path in paths.items():
             result = await path.round(tokens)
@@ -125,7 +132,7 @@ async def measure(
                 samples[name].append(result)
     await manager.close()
     return {
-        name: (statistics.median(t for t, _ in runs), statistics.median(s for _, s in runs))
+        name: tuple(statistics.median(run[i] for run in runs) for i in range(3))  # type: ignore[misc]
         for name, runs in samples.items()
     }
 
@@ -147,7 +154,8 @@ def main() -> None:
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     results = asyncio.run(measure(args.model, args.device, args.tokens, args.rounds))
-    base_ttft, base_tps = results["transformers model.generate()"]
+    base_ttft, base_tps, _ = results["transformers model.generate()"]
+    _, loop_tps, loop_cpu = results["Kensho decode loop, same thread (no streaming)"]
     rows = [
         (
             name,
@@ -155,8 +163,10 @@ def main() -> None:
             f"{(ttft / base_ttft - 1) * 100:+.1f}%",
             f"{tps:.0f}",
             f"{(1 - tps / base_tps) * 100:+.1f}%",
+            f"{(1 / tps - 1 / loop_tps) * 1e6:+.0f}" if "TorchEngine" in name else "",
+            f"{(cpu - loop_cpu) * 1e6:+.0f}" if "TorchEngine" in name else "",
         )
-        for name, (ttft, tps) in results.items()
+        for name, (ttft, tps, cpu) in results.items()
     ]
     device = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "CPU"
     print(
@@ -166,7 +176,15 @@ def main() -> None:
     print()
     print(
         markdown_table(
-            ["path", "TTFT (ms)", "TTFT vs generate()", "tokens/s", "overhead vs generate()"],
+            [
+                "path",
+                "TTFT (ms)",
+                "TTFT vs generate()",
+                "tokens/s",
+                "overhead vs generate()",
+                "hand-off µs/token",
+                "hand-off CPU µs/token",
+            ],
             rows,
         )
     )
