@@ -92,7 +92,8 @@ class ThreadHandoff(Generic[T]):
                 if self._items:
                     items = list(self._items)
                     self._items.clear()
-                    self._space.set()
+                    if not self._space.is_set():  # Event.set() takes a lock: only if needed
+                        self._space.set()
                     return items
             self._waiter = self._loop.create_future()
             try:
