@@ -10,6 +10,7 @@ TTFT of plain ``generate`` is the time of ``generate(max_new_tokens=1)``. Median
 rounds. Device: CPU by default; ``--device cuda`` when a GPU is at hand.
 
     .venv/bin/python bench/engine_bench.py [--model DIR] [--device cpu] [--tokens 96]
+        [--handoff-alone]
 """
 
 from __future__ import annotations
@@ -47,42 +48,48 @@ class PlainGenerate:
         self.ids = tok(PROMPT, return_tensors="pt", add_special_tokens=False).input_ids.to(device)
         self.kwargs = {"do_sample": False, "pad_token_id": tok.pad_token_id, "eos_token_id": None}
 
-    def _timed(self, n: int) -> tuple[float, int]:
+    def _timed(self, n: int) -> tuple[float, int, float]:
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         with torch.inference_mode():
             out = self.model.generate(self.ids, max_new_tokens=n, min_new_tokens=n, **self.kwargs)
         if self.device.startswith("cuda"):
             torch.cuda.synchronize()
-        return time.perf_counter() - start, out.shape[1] - self.ids.shape[1]
+        count = out.shape[1] - self.ids.shape[1]
+        return time.perf_counter() - start, count, time.process_time() - cpu
 
-    async def round(self, tokens: int) -> tuple[float, float]:
+    async def round(self, tokens: int) -> tuple[float, float, float]:
         ttft = self._timed(1)[0]
-        elapsed, count = self._timed(tokens)
-        return ttft, count / elapsed
+        elapsed, count, cpu = self._timed(tokens)
+        return ttft, count / elapsed, cpu / count
 
 
 class SameThreadLoop:
     """Kensho's decode loop called directly on this thread: no streaming hand-off.
 
     Shows how the streamed paths' cost splits between the loop itself and the
-    per-token hand-off from the worker thread to the event loop.
+    hand-off from the worker thread to the event loop, two ways: the time per token it
+    adds (``1/streamed tokens/s - 1/same-thread tokens/s``, noisy on a shared machine)
+    and the CPU time per token it adds (this process's ``time.process_time``, all
+    threads: the worker's hand-over, the loop's wake-up, the consumer), which load on
+    other cores barely inflates.
     """
 
     def __init__(self, engine: TorchEngine) -> None:
         self.engine = engine
 
-    async def round(self, tokens: int) -> tuple[float, float]:
+    async def round(self, tokens: int) -> tuple[float, float, float]:
         request = GenerationRequest(prompt=PROMPT, max_tokens=tokens, temperature=0)
         times: list[float] = []
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
 
         def put(_: object) -> None:
             times.append(time.perf_counter() - start)
 
         self.engine._decode(request, put, threading.Event())
-        return times[0], len(times) / (time.perf_counter() - start)
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+        return times[0], len(times) / elapsed, cpu / len(times)
 
 
 class Streamed:
@@ -91,21 +98,100 @@ class Streamed:
     def __init__(self, source: TorchEngine | RuntimeManager) -> None:
         self.source = source
 
-    async def round(self, tokens: int) -> tuple[float, float]:
+    async def round(self, tokens: int) -> tuple[float, float, float]:
         request = GenerationRequest(prompt=PROMPT, max_tokens=tokens, temperature=0)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         first = 0.0
         count = 0
         async for _ in self.source.generate(request):
             count += 1
             if count == 1:
                 first = time.perf_counter() - start
-        return first, count / (time.perf_counter() - start)
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+        return first, count / elapsed, cpu / count
+
+
+def _busy(seconds: float) -> None:
+    """Spin for ``seconds``, holding the GIL: a decode step's Python side, or a consumer's work."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+async def _per_token_calls(items: int, pace: float, work_per_chunk: float) -> None:
+    """The hand-off before ThreadHandoff: one ``call_soon_threadsafe`` per token."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[int | None] = asyncio.Queue()
+
+    def work() -> None:
+        for i in range(items):
+            _busy(pace)
+            loop.call_soon_threadsafe(queue.put_nowait, i)
+        loop.call_soon_threadsafe(queue.put_nowait, None)
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    while await queue.get() is not None:
+        _busy(work_per_chunk)
+    worker.join()
+
+
+async def _thread_handoff(items: int, pace: float, work_per_chunk: float) -> None:
+    """TorchEngine's hand-off: every ready token per loop wake-up."""
+    from kensho.runtime.engines._handoff import ThreadHandoff  # absent before it existed
+    from kensho.runtime.engines.torch_engine import WINDOW
+
+    handoff: ThreadHandoff[int | None] = ThreadHandoff(asyncio.get_running_loop(), window=WINDOW)
+
+    def work() -> None:
+        for i in range(items):
+            _busy(pace)
+            handoff.put(i)
+        handoff.put(None)
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    done = False
+    while not done:
+        for item in await handoff.take():
+            done = item is None
+            if not done:
+                _busy(work_per_chunk)
+    worker.join()
+
+
+async def handoff_alone(items: int = 2000, pace: float = 0.0008, rounds: int = 5) -> list[str]:
+    """Time per token each hand-off adds to a worker that makes a token every ``pace``.
+
+    The worker spins in Python for ``pace`` (holding the GIL, as the Python side of a
+    small model's decode step does), so the loop thread must win the GIL to take each
+    token: the cost is wall time beyond ``pace`` per token. In the second case the
+    consumer spends ``pace / 2`` per chunk too (the server encodes and writes an SSE
+    event), so tokens pile up while it works. Rounds interleave the two hand-offs.
+    """
+    paths = {
+        "one call_soon_threadsafe per token (before)": _per_token_calls,
+        "ThreadHandoff, all ready tokens per wake-up": _thread_handoff,
+    }
+    lines = []
+    for work_per_chunk in (0.0, pace / 2):
+        costs: dict[str, list[float]] = {name: [] for name in paths}
+        for _ in range(rounds):
+            for name, run in paths.items():
+                start = time.perf_counter()
+                await run(items, pace, work_per_chunk)
+                costs[name].append((time.perf_counter() - start) / items - pace)
+        for name, runs in costs.items():
+            lines.append(
+                f"consumer work {work_per_chunk * 1e3:.1f} ms/chunk, {name}: "
+                f"+{statistics.median(runs) * 1e6:.0f} µs/token beyond the worker's own"
+            )
+    return lines
 
 
 async def measure(
     model_dir: Path, device: str, tokens: int, rounds: int
-) -> dict[str, tuple[float, float]]:
+) -> dict[str, tuple[float, float, float]]:
     """Rounds interleave the paths, so drift in machine load hits them all alike."""
     engine = TorchEngine(model_dir, device=device)
     await engine.load()
@@ -117,7 +203,7 @@ async def measure(
         "TorchEngine (direct)": Streamed(engine),
         "TorchEngine via RuntimeManager": Streamed(manager),
     }
-    samples: dict[str, list[tuple[float, float]]] = {name: [] for name in paths}
+    samples: dict[str, list[tuple[float, float, float]]] = {name: [] for name in paths}
     for i in range(rounds + 1):
         for name, path in paths.items():
             result = await path.round(tokens)
@@ -125,7 +211,7 @@ async def measure(
                 samples[name].append(result)
     await manager.close()
     return {
-        name: (statistics.median(t for t, _ in runs), statistics.median(s for _, s in runs))
+        name: tuple(statistics.median(run[i] for run in runs) for i in range(3))  # type: ignore[misc]
         for name, runs in samples.items()
     }
 
@@ -142,12 +228,19 @@ def main() -> None:
         default=1,
         help="torch intra-op threads (1: a tiny model on 2 vCPUs is fastest single-threaded)",
     )
+    parser.add_argument(
+        "--handoff-alone",
+        action="store_true",
+        help="also time the worker-to-loop hand-off alone, before vs ThreadHandoff",
+    )
     args = parser.parse_args()
     configure_logging(level="warning")
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
     results = asyncio.run(measure(args.model, args.device, args.tokens, args.rounds))
-    base_ttft, base_tps = results["transformers model.generate()"]
+    handoffs = asyncio.run(handoff_alone()) if args.handoff_alone else []
+    base_ttft, base_tps, _ = results["transformers model.generate()"]
+    _, loop_tps, loop_cpu = results["Kensho decode loop, same thread (no streaming)"]
     rows = [
         (
             name,
@@ -155,8 +248,10 @@ def main() -> None:
             f"{(ttft / base_ttft - 1) * 100:+.1f}%",
             f"{tps:.0f}",
             f"{(1 - tps / base_tps) * 100:+.1f}%",
+            f"{(1 / tps - 1 / loop_tps) * 1e6:+.0f}" if "TorchEngine" in name else "",
+            f"{(cpu - loop_cpu) * 1e6:+.0f}" if "TorchEngine" in name else "",
         )
-        for name, (ttft, tps) in results.items()
+        for name, (ttft, tps, cpu) in results.items()
     ]
     device = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "CPU"
     print(
@@ -166,10 +261,23 @@ def main() -> None:
     print()
     print(
         markdown_table(
-            ["path", "TTFT (ms)", "TTFT vs generate()", "tokens/s", "overhead vs generate()"],
+            [
+                "path",
+                "TTFT (ms)",
+                "TTFT vs generate()",
+                "tokens/s",
+                "overhead vs generate()",
+                "hand-off µs/token",
+                "hand-off CPU µs/token",
+            ],
             rows,
         )
     )
+    if handoffs:
+        print()
+        print("hand-off alone, a worker making a token every 0.8 ms (medians of 5 x 2000):")
+    for line in handoffs:
+        print(f"- {line}")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,11 @@ same thread count for every contender:
 - raw ``llama_cpp.Llama.generate()`` in this process (the floor: no process boundary);
 - ``LlamaCppEngine`` direct (child process, pipe, event-loop hand-off), F32 and Q8_0;
 - ``LlamaCppEngine`` via ``RuntimeManager`` (breaker, hang detection), as the server;
-- ``TorchEngine`` on the same weights (transformers folder).
+- ``TorchEngine`` on the same weights (transformers folder);
+- with ``--http``: ``kensho up --engine llama`` and llama-cpp-python's own OpenAI server
+  (``python -m llama_cpp.server``), both on the F32 GGUF and read by the same ``openai``
+  client (streamed ``/v1/completions``, same prompt and ``max_tokens``, temperature 0),
+  on llama-cpp-python's default thread counts (see ``_http_contenders``).
 
 The hand-off cost per chunk is measured two ways: (1/engine tokens/s - 1/raw tokens/s),
 what the process boundary and the event loop add per token on top of llama.cpp's own
@@ -15,13 +19,15 @@ decode (noisy on a shared machine), and the server process's own CPU time per ch
 the decode runs in the child and is not in it), which load on other cores does not
 inflate. Rounds interleave the contenders, so drift in load hits them all alike; medians.
 
-    .venv/bin/python bench/llama_bench.py [--tokens 200] [--rounds 11] [--threads 1]
+    .venv/bin/python bench/llama_bench.py [--tokens 200] [--rounds 11] [--threads 1] [--http]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import math
 import statistics
 import sys
 import time
@@ -30,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
+from _http_contenders import THREADS, HttpStream, kensho_server, peer_server
 from _table import machine_line, markdown_table
 from kensho.demo import DEMO_MODEL_DIR
 from kensho.runtime.engines.base import GenerationChunk, GenerationRequest
@@ -39,6 +46,8 @@ from kensho.runtime.manager import RuntimeManager
 from kensho.telemetry import configure_logging
 
 PROMPT = "The GPU"
+KENSHO_HTTP = "Kensho over HTTP, openai client (F32)"
+PEER_HTTP = "llama_cpp.server over HTTP, openai client (F32)"
 Round = Callable[[int], Any]
 
 
@@ -127,7 +136,10 @@ class Streamed:
         return first, count / (time.perf_counter() - start), cpu_per_chunk
 
 
-async def measure(tokens: int, rounds: int, threads: int) -> dict[str, tuple[float, float, float]]:
+async def measure(
+    tokens: int, rounds: int, threads: int, http: bool
+) -> tuple[dict[str, tuple[float, float, float]], list[str]]:
+    """Medians per contender, and notes on the HTTP contenders' texts."""
     import torch
 
     torch.set_num_threads(threads)
@@ -147,19 +159,59 @@ async def measure(tokens: int, rounds: int, threads: int) -> dict[str, tuple[flo
         "LlamaCppEngine direct (Q8_0)": Streamed(llama_q8.generate),
         "TorchEngine direct (safetensors F32)": Streamed(torch_engine.generate),
     }
+    notes: list[str] = []
+    async with contextlib.AsyncExitStack() as servers:
+        if http:
+            kensho_url = await servers.enter_async_context(kensho_server())
+            peer_url = await servers.enter_async_context(peer_server(f32))
+            paths[KENSHO_HTTP] = HttpStream(kensho_url, PROMPT)
+            paths[PEER_HTTP] = HttpStream(peer_url, PROMPT)
+        samples = await interleave(paths, tokens, rounds)
+        if http:
+            notes.append(_compare_texts(paths))
+            await paths[KENSHO_HTTP].close()
+            await paths[PEER_HTTP].close()
+    await manager.close()
+    for engine in (llama, llama_q8, torch_engine):
+        await engine.close()
+    medians = {
+        name: tuple(statistics.median(run[i] for run in runs) for i in range(3))
+        for name, runs in samples.items()
+    }
+    return medians, notes  # type: ignore[return-value]
+
+
+async def interleave(
+    paths: dict[str, Any], tokens: int, rounds: int
+) -> dict[str, list[tuple[float, float, float]]]:
+    """Every round runs every contender once, so drift in load hits them all alike."""
     samples: dict[str, list[tuple[float, float, float]]] = {name: [] for name in paths}
     for i in range(rounds + 1):
         for name, path in paths.items():
             result = await path.round(tokens)
             if i:  # round 0 warms every path up
                 samples[name].append(result)
-    await manager.close()
-    for engine in (llama, llama_q8, torch_engine):
-        await engine.close()
-    return {
-        name: tuple(statistics.median(run[i] for run in runs) for i in range(3))  # type: ignore[misc]
-        for name, runs in samples.items()
-    }
+    return samples
+
+
+def _compare_texts(paths: dict[str, Any]) -> str:
+    """How far the two servers' greedy texts agree, and how many chunks each streamed.
+
+    Both must stream the same number of tokens for the race to be fair; the texts
+    may part late in a long greedy run, where the demo model's top logits nearly tie
+    and llama.cpp's float sums (batch sizes, KV reuse) tip them either way.
+    """
+    ours, peer = (paths[KENSHO_HTTP].texts, paths[PEER_HTTP].texts)
+    a, b = "".join(ours), "".join(peer)
+    same = next(
+        (i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b))
+    )
+    if len(ours) != len(peer):
+        raise SystemExit(f"the HTTP contenders streamed {len(ours)} and {len(peer)} chunks")
+    return (
+        f"HTTP texts: {len(ours)} chunks each; identical for the first {same} of "
+        f"{len(a)} / {len(b)} characters"
+    )
 
 
 def main() -> None:
@@ -167,9 +219,14 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=200)
     parser.add_argument("--rounds", type=int, default=11)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--http",
+        action="store_true",
+        help="also kensho up and llama_cpp.server over HTTP (needs llama-cpp-python[server])",
+    )
     args = parser.parse_args()
     configure_logging(level="warning")
-    results = asyncio.run(measure(args.tokens, args.rounds, args.threads))
+    results, notes = asyncio.run(measure(args.tokens, args.rounds, args.threads, args.http))
     floor = asyncio.run(wake_floor())
     _, raw_tps, _ = results["llama-cpp-python in process (F32)"]
     rows = []
@@ -182,7 +239,7 @@ def main() -> None:
                 f"{tps:.0f}",
                 f"{tps / raw_tps:.2f}x",
                 f"{handoff:+.0f}",
-                f"{cpu * 1e6:.0f}",
+                "" if math.isnan(cpu) else f"{cpu * 1e6:.0f}",
             )
         )
     sizes = {p.name: p.stat().st_size for p in DEMO_MODEL_DIR.glob("*.gguf")}
@@ -208,6 +265,21 @@ def main() -> None:
     print()
     print(
         f"bare asyncio add_reader wake-up, fed by another process: {floor * 1e6:.0f} µs CPU/message"
+    )
+    if args.http:
+        print(_http_verdict(results))
+    for note in notes:
+        print(note)
+
+
+def _http_verdict(results: dict[str, tuple[float, float, float]]) -> str:
+    """(d) against (e): the targets are >= 0.95x the tokens/s and TTFT within 1 ms."""
+    ours_ttft, ours_tps, _ = results[KENSHO_HTTP]
+    peer_ttft, peer_tps, _ = results[PEER_HTTP]
+    return (
+        f"HTTP, {THREADS[0]} decode / {THREADS[1]} prompt thread(s) each: Kensho "
+        f"{ours_tps / peer_tps:.2f}x the tokens/s of llama_cpp.server (target >= 0.95x), "
+        f"TTFT {(ours_ttft - peer_ttft) * 1e3:+.2f} ms (target within 1 ms)"
     )
 
 

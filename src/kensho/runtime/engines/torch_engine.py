@@ -5,7 +5,8 @@ and the folder is expected to come from a verified store (the kernel verifies be
 it loads). Generation is a hand-written decoding loop over the KV cache rather than
 ``model.generate()``, because the runtime needs what ``generate`` does not give:
 
-- one chunk per token, handed to the event loop as soon as it exists;
+- one chunk per token, handed to the event loop as soon as it exists (all the chunks
+  ready at one loop wake-up are taken together, see ``_handoff``);
 - cancellation within one token when the consumer stops reading;
 - stop strings that are never half-emitted;
 - continuation of a stream another engine started (the prompt plus the text already
@@ -42,6 +43,7 @@ from kensho.errors import (
     InvalidRequestError,
 )
 from kensho.runtime.engines._constraints import ConstraintCompiler, Guide
+from kensho.runtime.engines._handoff import ThreadHandoff
 from kensho.runtime.engines._sampling import LogitsProcessor, sampling_scores, top_logprobs
 from kensho.runtime.engines._token_text import TokenText
 from kensho.runtime.engines.base import (
@@ -57,11 +59,15 @@ from kensho.runtime.engines.base import (
 from kensho.runtime.engines.structured import template_messages
 from kensho.telemetry import get_logger
 
-__all__ = ["IncrementalDetokenizer", "StopMatcher", "TorchEngine"]
+__all__ = ["WINDOW", "IncrementalDetokenizer", "StopMatcher", "TorchEngine"]
 
 log = get_logger("runtime.engine.torch")
 
 _DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
+#: Chunks the worker may decode ahead of its consumer before it waits (back-pressure).
+WINDOW = 32
+#: What the worker hands the loop: a chunk, the exception it raised, or None (done).
+_Item = GenerationChunk | BaseException | None
 
 
 class IncrementalDetokenizer:
@@ -184,7 +190,7 @@ class TorchEngine:
         self._stop_ids: frozenset[int] = frozenset()
         self._constraints: ConstraintCompiler | None = None
         self._loading: asyncio.Task[None] | None = None
-        self._active: set[threading.Event] = set()  # cancel flags of running requests
+        self._active: set[ThreadHandoff[_Item]] = set()  # hand-offs of running requests
         self._count_lock = threading.Lock()
         self.tokens_generated = 0
 
@@ -297,8 +303,8 @@ class TorchEngine:
         Running requests are told to stop, and the wait for their current step happens
         in a thread, so closing never blocks the event loop.
         """
-        for flag in tuple(self._active):
-            flag.set()
+        for handoff in tuple(self._active):
+            handoff.cancel()
         pool, self._pool = self._pool, None
         self._model = self._tokenizer = None
         if pool is not None:
@@ -353,12 +359,9 @@ class TorchEngine:
                 f"engine {self.name!r} is not loaded; call load() before generate()"
             )
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[GenerationChunk | BaseException | None] = asyncio.Queue()
-        cancel = threading.Event()
-        self._active.add(cancel)
-
-        def put(item: GenerationChunk | BaseException | None) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
+        handoff: ThreadHandoff[_Item] = ThreadHandoff(loop, window=WINDOW)
+        self._active.add(handoff)
+        put, cancel = handoff.put, handoff.cancelled
 
         def work() -> None:
             try:
@@ -375,15 +378,16 @@ class TorchEngine:
         future = loop.run_in_executor(self._pool, contextvars.copy_context().run, work)
         try:
             while True:
-                item = await queue.get()
-                if item is None:
-                    return
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
+                # Every chunk ready at this wake-up, still yielded one per token.
+                for item in await handoff.take():
+                    if item is None:
+                        return
+                    if isinstance(item, BaseException):
+                        raise item
+                    yield item
         finally:
-            cancel.set()
-            self._active.discard(cancel)
+            handoff.cancel()
+            self._active.discard(handoff)
             await asyncio.shield(future)
 
     def _prepare(self, request: GenerationRequest, model: Any, tokenizer: Any) -> _Prepared:
@@ -441,7 +445,7 @@ class TorchEngine:
     def _decode(
         self,
         request: GenerationRequest,
-        put: Callable[[GenerationChunk | BaseException | None], None],
+        put: Callable[[_Item], None],
         cancel: threading.Event,
     ) -> None:
         import torch
@@ -535,7 +539,7 @@ class TorchEngine:
     def _embed(
         self,
         request: GenerationRequest,
-        put: Callable[[GenerationChunk | BaseException | None], None],
+        put: Callable[[_Item], None],
         cancel: threading.Event,
     ) -> None:
         """One chunk per pending input, carrying its vector and its token count."""
