@@ -29,6 +29,9 @@ V2 = {"weights.bin": OLD[: 8 * CHUNK] + os.urandom(32 * CHUNK) + OLD[40 * CHUNK 
 V2["config.json"] = b'{"layers": 3}'
 
 
+MODEL = release(V1, 1).name  # the served model id: the manifest's name
+
+
 def env(home: Path, **extra: str) -> dict[str, str]:
     return kensho_env(
         home,
@@ -76,7 +79,7 @@ def test_up_stages_a_published_release_and_the_next_boot_applies_it_offline(
         assert server_metric(up.url, 'kensho_release_serial{release="current"}') == 2.0
         r = httpx.post(
             up.url + "/v1/chat/completions",
-            json={"model": "kensho-demo", "messages": [{"role": "user", "content": "hi"}]},
+            json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]},
         )
         assert r.status_code == 200
     assert trusted_serial(root) == 2
@@ -142,7 +145,7 @@ async def _client_loop(url: str, busy: asyncio.Event, stop: asyncio.Event) -> li
     ``busy`` is set once each worker has finished one (steady load reached)."""
     statuses: list[int] = []
     body = {
-        "model": "kensho-demo",
+        "model": MODEL,
         "stream": True,
         "max_tokens": 16,
         "messages": [{"role": "user", "content": "hello"}],
@@ -254,7 +257,7 @@ def test_a_release_that_cannot_load_at_boot_is_rolled_back_and_never_staged_agai
         assert server_metric(up.url, 'kensho_release_serial{release="current"}') == 1.0
         r = httpx.post(
             up.url + "/v1/completions",
-            json={"model": "kensho-demo", "prompt": "The GPU", "max_tokens": 4},
+            json={"model": MODEL, "prompt": "The GPU", "max_tokens": 4},
             timeout=60,
         )
         assert r.status_code == 200, r.text

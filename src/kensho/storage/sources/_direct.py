@@ -71,6 +71,18 @@ class _Connection(http.client.HTTPConnection):
 
     raw: socket.socket | None = None
 
+    def close(self) -> None:
+        """Close the connection *and* the socket it remembers.
+
+        ``http.client`` may have dropped ``sock`` already (a response that closes the
+        connection); without closing ``raw`` here that socket would only be released
+        by the garbage collector, with a ``ResourceWarning``.
+        """
+        super().close()
+        raw, self.raw = self.raw, None
+        if raw is not None:
+            raw.close()
+
 
 class DirectExchange:
     """One request and its response on a connection of a :class:`DirectPool`."""
@@ -174,8 +186,12 @@ class DirectPool:
             while not future.done():
                 with contextlib.suppress(asyncio.CancelledError):
                     await asyncio.wait([future])
-            if not future.cancelled():
-                future.exception()  # retrieved: the cancellation is what the caller sees
+            if not future.cancelled() and future.exception() is None:
+                # The work finished before it saw the shutdown: a response it opened
+                # holds the socket (its file object) and nobody else will close it.
+                result = future.result()
+                if isinstance(result, http.client.HTTPResponse):
+                    result.close()
             raise
         finally:
             self._busy.discard(conn)
