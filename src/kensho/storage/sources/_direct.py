@@ -71,18 +71,6 @@ class _Connection(http.client.HTTPConnection):
 
     raw: socket.socket | None = None
 
-    def close(self) -> None:
-        """Close the connection *and* the socket it remembers.
-
-        ``http.client`` may have dropped ``sock`` already (a response that closes the
-        connection); without closing ``raw`` here that socket would only be released
-        by the garbage collector, with a ``ResourceWarning``.
-        """
-        super().close()
-        raw, self.raw = self.raw, None
-        if raw is not None:
-            raw.close()
-
 
 class DirectExchange:
     """One request and its response on a connection of a :class:`DirectPool`."""
