@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from llguidance import LLMatcher
 from transformers import AutoTokenizer
 
+from _schema_support import ADD, PERSON, TOOLS, WEATHER
 from kensho.demo import DEMO_MODEL_DIR
 from kensho.errors import InvalidRequestError
 from kensho.runtime.engines._constraints import grammar_for
@@ -31,51 +32,6 @@ from kensho.runtime.engines.structured import (
 )
 from kensho.runtime.engines.torch_engine import TorchEngine
 from kensho.server._tools import ParsedAnswer
-
-PERSON = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 8},
-        "age": {"type": "integer", "minimum": 0, "maximum": 120},
-        "color": {"enum": ["red", "green", "blue"]},
-        "tags": {"type": "array", "items": {"type": "string", "maxLength": 5}, "maxItems": 2},
-        "address": {
-            "type": "object",
-            "properties": {"city": {"type": "string", "maxLength": 6}, "zip": {"type": "integer"}},
-            "required": ["city"],
-            "additionalProperties": False,
-        },
-    },
-    "required": ["name", "age", "color", "tags", "address"],
-    "additionalProperties": False,
-}
-WEATHER = ToolSpec(
-    "get_weather",
-    "The weather in a city",
-    {
-        "type": "object",
-        "properties": {
-            "city": {"type": "string", "maxLength": 10},
-            "unit": {"enum": ["C", "F"]},
-        },
-        "required": ["city", "unit"],
-        "additionalProperties": False,
-    },
-)
-ADD = ToolSpec(
-    "add",
-    "Add two integers",
-    {
-        "type": "object",
-        "properties": {
-            "a": {"type": "integer", "minimum": -99, "maximum": 99},
-            "b": {"type": "integer", "minimum": -99, "maximum": 99},
-        },
-        "required": ["a", "b"],
-        "additionalProperties": False,
-    },
-)
-TOOLS = (WEATHER, ADD)
 
 
 @pytest.fixture(scope="module")

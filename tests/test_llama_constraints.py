@@ -12,6 +12,7 @@ import jsonschema
 import pytest
 import pytest_asyncio
 
+from _schema_support import ADD, PERSON, TOOLS, WEATHER
 from kensho.demo import DEMO_MODEL_DIR
 from kensho.errors import InvalidRequestError
 from kensho.runtime.engines.base import GenerationChunk, GenerationRequest
@@ -32,51 +33,6 @@ if importlib.util.find_spec("llama_cpp") is None:
     pytest.skip("llama-cpp-python is not installed (extra `llama`)", allow_module_level=True)
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
-
-PERSON = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 8},
-        "age": {"type": "integer", "minimum": 0, "maximum": 120},
-        "color": {"enum": ["red", "green", "blue"]},
-        "tags": {"type": "array", "items": {"type": "string", "maxLength": 5}, "maxItems": 2},
-        "address": {
-            "type": "object",
-            "properties": {"city": {"type": "string", "maxLength": 6}, "zip": {"type": "integer"}},
-            "required": ["city"],
-            "additionalProperties": False,
-        },
-    },
-    "required": ["name", "age", "color", "tags", "address"],
-    "additionalProperties": False,
-}
-WEATHER = ToolSpec(
-    "get_weather",
-    "The weather in a city",
-    {
-        "type": "object",
-        "properties": {
-            "city": {"type": "string", "maxLength": 10},
-            "unit": {"enum": ["C", "F"]},
-        },
-        "required": ["city", "unit"],
-        "additionalProperties": False,
-    },
-)
-ADD = ToolSpec(
-    "add",
-    "Add two integers",
-    {
-        "type": "object",
-        "properties": {
-            "a": {"type": "integer", "minimum": -99, "maximum": 99},
-            "b": {"type": "integer", "minimum": -99, "maximum": 99},
-        },
-        "required": ["a", "b"],
-        "additionalProperties": False,
-    },
-)
-TOOLS = (WEATHER, ADD)
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
