@@ -21,6 +21,7 @@ from kensho.runtime.engines import (
     GenerationRequest,
     MockGPUEngine,
 )
+from kensho.runtime.engines.base import TokenLogprob, merge_chunks
 from kensho.runtime.executor import Priority, TaskExecutor, TaskHandle, TaskOutcome, TaskState
 from kensho.runtime.manager import RuntimeManager
 from kensho.runtime.task import ChunkChannel
@@ -713,3 +714,30 @@ async def test_the_chunk_channel_waits_for_space_then_gives_up_on_a_gone_reader(
     await clock.advance(2.0)
     assert await third is False  # nothing read for consumer_timeout: the reader is gone
     assert len(channel) == 1
+
+
+async def test_a_reader_that_fell_behind_gets_the_waiting_chunks_as_one() -> None:
+    channel = ChunkChannel(8, clock=VirtualClock(), consumer_timeout=None)
+    lp = [TokenLogprob(token=t, logprob=-0.5, token_bytes=t.encode()) for t in ("a", "b", "c")]
+    for i, text in enumerate("abc"):
+        chunk = GenerationChunk(
+            text=text, index=i, engine="gpu", prompt_tokens=4 if i == 0 else None, logprobs=(lp[i],)
+        )
+        assert channel.send_nowait(chunk)
+    assert channel.send_nowait(GenerationChunk(text="d", index=3, engine="cpu"))  # a failover
+    merged = channel.take()
+    assert merged == GenerationChunk(
+        text="abc", index=2, engine="gpu", prompt_tokens=4, logprobs=tuple(lp), tokens=3
+    )
+    assert channel.take() == GenerationChunk(text="d", index=3, engine="cpu")
+    assert channel.take() is None
+    alone = GenerationChunk(text="e", index=4, engine="cpu", finish_reason="length")
+    assert channel.send_nowait(alone)
+    assert channel.take() is alone  # a reader that keeps up: one chunk per token
+
+
+def test_embedding_vectors_are_never_merged() -> None:
+    vectors = [
+        GenerationChunk(text="", index=i, engine="cpu", embedding=(float(i),)) for i in range(3)
+    ]
+    assert merge_chunks(vectors) == vectors

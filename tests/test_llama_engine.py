@@ -15,6 +15,7 @@ import gguf
 import pytest
 import pytest_asyncio
 
+from _chunk_support import head_tokens, token_indices, tokens_of
 from kensho.demo import DEMO_MODEL_DIR
 from kensho.errors import (
     EngineCrashedError,
@@ -82,7 +83,7 @@ async def test_greedy_text_equals_the_torch_engine_on_the_f32_file(
     llama = await collect(engine, request)
     torch = await collect(torch_engine, request)
     assert text_of(llama) == text_of(torch)
-    assert [c.index for c in llama] == [c.index for c in torch]
+    assert token_indices(llama) == token_indices(torch)
     assert llama[-1].finish_reason == torch[-1].finish_reason
 
 
@@ -98,12 +99,12 @@ async def test_chat_uses_the_gguf_template_like_transformers(
     assert llama[-1].finish_reason == "stop"  # the template's <|endoftext|> ends the turn
 
 
-async def test_streams_one_chunk_per_token_with_indices(engine: LlamaCppEngine) -> None:
+async def test_streams_every_token_once_with_its_index(engine: LlamaCppEngine) -> None:
     chunks = await collect(
         engine, GenerationRequest(prompt="The CPU", max_tokens=12, temperature=0)
     )
-    assert [c.index for c in chunks] == list(range(12))
-    assert [c.finish_reason for c in chunks] == [None] * 11 + ["length"]
+    assert token_indices(chunks) == list(range(12))
+    assert [c.finish_reason for c in chunks] == [None] * (len(chunks) - 1) + ["length"]
     assert {c.engine for c in chunks} == {"cpu"}
 
 
@@ -132,10 +133,11 @@ async def test_seeded_sampling_is_reproducible(engine: LlamaCppEngine) -> None:
 async def test_continuation_is_identical_to_an_uninterrupted_run(engine: LlamaCppEngine) -> None:
     request = GenerationRequest(prompt="The GPU", max_tokens=30, temperature=0)
     whole = await collect(engine, request)
-    head = whole[:11]
-    rest = await collect(engine, request.continued(text_of(head), len(head)))
+    head = head_tokens(whole, 11)
+    done = tokens_of(head)
+    rest = await collect(engine, request.continued(text_of(head), done))
     assert text_of(head) + text_of(rest) == text_of(whole)
-    assert [c.index for c in rest] == [c.index for c in whole[11:]]
+    assert token_indices(rest) == token_indices(whole)[done:]
 
 
 async def test_a_departed_consumer_stops_the_child_within_its_window(
@@ -149,7 +151,7 @@ async def test_a_departed_consumer_stops_the_child_within_its_window(
     decoded = engine.tokens_generated - before
     assert decoded <= 1 + WINDOW + 1
     chunks = await collect(engine, GenerationRequest(prompt="The", max_tokens=3, temperature=0))
-    assert len(chunks) == 3  # the child is free for the next request
+    assert tokens_of(chunks) == 3  # the child is free for the next request
 
 
 async def test_a_cancelled_prompt_is_aborted_during_its_prefill(engine: LlamaCppEngine) -> None:
@@ -177,7 +179,7 @@ async def test_prompt_longer_than_the_context_is_a_client_error(engine: LlamaCpp
     with pytest.raises(InvalidRequestError, match="context") as info:
         await collect(engine, GenerationRequest(prompt="word " * 400, max_tokens=4))
     assert info.value.code == "context_length_exceeded"
-    assert len(await collect(engine, GenerationRequest(prompt="The", max_tokens=2))) == 2
+    assert tokens_of(await collect(engine, GenerationRequest(prompt="The", max_tokens=2))) == 2
 
 
 async def test_a_chat_the_template_refuses_is_a_client_error(tmp_path: Path) -> None:
@@ -193,7 +195,7 @@ async def test_a_chat_the_template_refuses_is_a_client_error(tmp_path: Path) -> 
         with pytest.raises(InvalidRequestError, match=r"template refused.*user first"):
             await collect(eng, GenerationRequest.chat([("assistant", "hi")], max_tokens=4))
         ok = GenerationRequest.chat([("user", "Where did they eat?")], max_tokens=4)
-        assert len(await collect(eng, ok)) == 4
+        assert tokens_of(await collect(eng, ok)) == 4
     finally:
         await eng.close()
 
@@ -213,7 +215,7 @@ async def test_sigkill_of_the_child_is_a_crash_and_the_next_call_starts_a_new_on
         chunks = await collect(
             eng, GenerationRequest(prompt="The GPU", max_tokens=5, temperature=0)
         )
-        assert len(chunks) == 5
+        assert tokens_of(chunks) == 5
         assert eng.pid not in (None, first_pid)
         assert eng.processes_started == 2
     finally:
@@ -240,7 +242,7 @@ async def test_corrupted_gguf_is_refused_until_repaired(tmp_path: Path) -> None:
     shutil.copyfile(GGUF, path)  # the store repairs it
     await eng.load()
     try:
-        assert len(await collect(eng, GenerationRequest(prompt="The", max_tokens=2))) == 2
+        assert tokens_of(await collect(eng, GenerationRequest(prompt="The", max_tokens=2))) == 2
     finally:
         await eng.close()
 
@@ -280,7 +282,7 @@ async def test_quantized_file_serves_too() -> None:
         chunks = await collect(
             eng, GenerationRequest(prompt="The GPU", max_tokens=8, temperature=0)
         )
-        assert len(chunks) == 8 and text_of(chunks).strip()
+        assert tokens_of(chunks) == 8 and text_of(chunks).strip()
     finally:
         await eng.close()
 
@@ -322,4 +324,23 @@ async def test_a_stop_string_past_the_window_frees_the_child_for_the_next_reques
     chunks = await collect(engine, request)
     assert chunks[-1].finish_reason == "stop"
     after = await collect(engine, GenerationRequest(prompt="The GPU", max_tokens=3, temperature=0))
-    assert len(after) == 3
+    assert tokens_of(after) == 3
+
+
+async def test_tokens_that_queued_while_the_consumer_was_away_come_as_one_chunk(
+    engine: LlamaCppEngine,
+) -> None:
+    request = GenerationRequest(prompt="The GPU", max_tokens=20, temperature=0)
+    reference = await collect(engine, request)
+    before = engine.tokens_generated
+    stream = engine.generate(request)
+    first = await anext(stream)
+    # The consumer is away while 10 more tokens arrive. sleep(0) sleeps no time: it
+    # only yields to the pipe reader, whose own counter is the condition.
+    while engine.tokens_generated < before + 11:  # noqa: ASYNC110
+        await asyncio.sleep(0)
+    behind = await anext(stream)
+    rest = [first, behind] + [chunk async for chunk in stream]
+    assert behind.tokens >= 10
+    assert text_of(rest) == text_of(reference)
+    assert token_indices(rest) == list(range(20))

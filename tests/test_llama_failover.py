@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 
 import pytest
 
+from _chunk_support import token_indices, tokens_of
 from kensho.demo import DEMO_MODEL_DIR
 from kensho.runtime.breaker import BreakerState, CircuitBreaker
 from kensho.runtime.clock import VirtualClock
@@ -69,7 +70,7 @@ async def test_sigkill_mid_stream_completes_on_the_fallback_then_a_probe_restart
         if len(chunks) == 5:
             os.kill(first_pid, signal.SIGKILL)
     assert "".join(c.text for c in chunks) == reference
-    assert [c.index for c in chunks] == list(range(len(chunks)))
+    assert token_indices(chunks) == list(range(tokens_of(chunks)))
     engines = [c.engine for c in chunks]
     switch = engines.index("cpu")
     assert switch >= 5 and set(engines[:switch]) == {"gpu"} and set(engines[switch:]) == {"cpu"}
@@ -106,7 +107,8 @@ async def test_a_penalised_stream_with_logprobs_survives_a_sigkill_unchanged(rig
             os.kill(pid, signal.SIGKILL)
     assert "".join(c.text for c in chunks) == "".join(c.text for c in reference)
     assert {c.engine for c in chunks} == {"gpu", "cpu"}
-    assert [len(c.logprobs) for c in chunks] == [len(c.logprobs) for c in reference]
+    assert [len(c.logprobs) for c in chunks] == [c.tokens for c in chunks]
+    assert tokens_of(chunks) == tokens_of(reference)
     assert manager.metrics().continued_mid_stream == 1
 
 

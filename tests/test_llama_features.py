@@ -12,6 +12,7 @@ import pytest
 import pytest_asyncio
 from transformers import AutoTokenizer
 
+from _chunk_support import head_tokens, token_indices, tokens_of
 from kensho.demo import DEMO_MODEL_DIR
 from kensho.errors import InvalidRequestError
 from kensho.runtime.engines.base import (
@@ -85,7 +86,7 @@ async def test_first_chunk_counts_the_prompt_like_torch(
     ours, theirs = await collect(llama, request_), await collect(torch, request_)
     assert ours[0].prompt_tokens == theirs[0].prompt_tokens
     assert ours[0].prompt_tokens is not None and ours[0].prompt_tokens > 1
-    assert [c.prompt_tokens for c in ours[1:]] == [None, None]
+    assert tokens_of(ours) == 3 and all(c.prompt_tokens is None for c in ours[1:])
 
 
 async def test_a_continued_request_counts_the_prompt_without_the_continuation(
@@ -94,7 +95,7 @@ async def test_a_continued_request_counts_the_prompt_without_the_continuation(
     request = GenerationRequest(prompt=PROMPT, max_tokens=8, temperature=0).continued(" is", 1)
     ours, theirs = await collect(llama, request), await collect(torch, request)
     assert ours[0].prompt_tokens == theirs[0].prompt_tokens == 2
-    assert ours[0].index == theirs[0].index == 1
+    assert token_indices(ours)[0] == token_indices(theirs)[0] == 1
 
 
 async def test_greedy_logprobs_are_close_to_torchs(
@@ -105,10 +106,11 @@ async def test_greedy_logprobs_are_close_to_torchs(
     )
     ours, theirs = await collect(llama, request), await collect(torch, request)
     assert text_of(ours) == text_of(theirs)
-    assert len(ours) == len(theirs) == 12
-    for mine, reference in zip(ours, theirs, strict=True):
-        (entry,) = mine.logprobs
-        (expected,) = reference.logprobs
+    assert [len(c.logprobs) for c in ours] == [c.tokens for c in ours]
+    mine = [e for c in ours for e in c.logprobs]
+    expected_entries = [e for c in theirs for e in c.logprobs]
+    assert len(mine) == len(expected_entries) == 12
+    for entry, expected in zip(mine, expected_entries, strict=True):
         assert (entry.token, entry.token_bytes) == (expected.token, expected.token_bytes)
         assert entry.logprob == pytest.approx(expected.logprob, abs=LOGPROB_ABS, rel=LOGPROB_REL)
         assert entry.logprob <= 0
@@ -158,8 +160,8 @@ async def test_penalties_count_the_continuation_like_an_uninterrupted_run(
         prompt="1 2 3", max_tokens=30, temperature=0, frequency_penalty=2.0, presence_penalty=1.5
     )
     whole = await collect(llama, request)
-    head = whole[:10]
-    rest = await collect(llama, request.continued(text_of(head), len(head)))
+    head = head_tokens(whole, 10)
+    rest = await collect(llama, request.continued(text_of(head), tokens_of(head)))
     assert text_of(head) + text_of(rest) == text_of(whole)
     # The head as part of the prompt instead: its tokens are not penalised, and the
     # rest differs, so the continued request did count them.

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from _chunk_support import tokens_of
 from kensho.config import ModelSettings, Settings, StorageSettings, load_settings
 from kensho.errors import ConfigError
 from kensho.kernel import Kernel
@@ -71,6 +72,6 @@ async def test_demo_boot_on_llama_verifies_the_gguf_files_and_serves(tmp_path: P
         assert {f.path for f in report.files} >= {"model.gguf", "model-q8_0.gguf"}
         request = GenerationRequest(prompt="The GPU", max_tokens=6, temperature=0)
         chunks = [c async for c in runtime.generate(request)]
-        assert len(chunks) == 6 and {c.engine for c in chunks} == {runtime.active_engine.name}
+        assert tokens_of(chunks) == 6 and {c.engine for c in chunks} == {runtime.active_engine.name}
     finally:
         await kernel.shutdown()

@@ -599,3 +599,17 @@ async def test_cut_off_responses_get_the_grace_to_write_their_end() -> None:
         request.__exit__(None, None, None)  # it wrote its error event and [DONE]
         await clock.advance(0)
         assert finishing.done() and finishing.result() is False
+
+
+async def test_a_stream_read_behind_its_engine_counts_every_token(stack: Stack) -> None:
+    # The mock engine never waits, so its tokens pile up in the task's buffer before
+    # the response reads them: they go out merged, in fewer events, none lost.
+    payload = {**CHAT, "max_tokens": 40, "stream": True, "stream_options": {"include_usage": True}}
+    r = await stack.client.post("/v1/chat/completions", json=payload)
+    events = [json.loads(d) for d in sse_data(r.text)[:-1]]
+    deltas = [e["choices"][0]["delta"].get("content", "") for e in events if e["choices"]]
+    whole = await stack.client.post("/v1/chat/completions", json={**CHAT, "max_tokens": 40})
+    assert "".join(deltas) == whole.json()["choices"][0]["message"]["content"]
+    assert events[-1]["usage"]["completion_tokens"] == 40
+    assert whole.json()["usage"]["completion_tokens"] == 40
+    assert len(deltas) < 40  # merged: one event per token read, not per token made

@@ -371,7 +371,7 @@ async def _generate(settings: Settings, request: GenerationRequest, priority: Pr
         engines: set[str] = set()
         async with kernel.executor.submit(request, priority=priority) as handle:
             async for chunk in handle:
-                tokens += 1
+                tokens += chunk.tokens
                 engines.add(chunk.engine)
                 sys.stdout.write(chunk.text)
                 sys.stdout.flush()

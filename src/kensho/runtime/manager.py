@@ -420,7 +420,7 @@ class RuntimeManager:
                     async for chunk in chunks:
                         if first_token is None:
                             first_token = self.clock.monotonic() - started
-                        produced += 1
+                        produced += chunk.tokens
                         produced_text += chunk.text
                         yield chunk
             except Exception as exc:
@@ -566,7 +566,7 @@ class RuntimeManager:
             attempt_chunks = self._attempt(engine, request, permit, is_primary=is_primary)
             async with aclosing(attempt_chunks) as chunks:  # stopped early: the engine now
                 async for chunk in chunks:
-                    tokens += 1
+                    tokens += chunk.tokens
                     yield chunk
         except Exception as exc:
             attempt.end(exc, **{"kensho.tokens": tokens})

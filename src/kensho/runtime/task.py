@@ -25,7 +25,7 @@ from types import TracebackType
 from typing import Protocol
 
 from kensho.runtime.clock import Clock, TimerHandle, timeout
-from kensho.runtime.engines.base import GenerationChunk, GenerationRequest
+from kensho.runtime.engines.base import GenerationChunk, GenerationRequest, merge_chunks
 from kensho.telemetry import OpenSpan, start_span
 
 __all__ = [
@@ -136,10 +136,20 @@ class ChunkChannel:
         _resolve(self._readable)
 
     def take(self) -> GenerationChunk | None:
-        """The oldest unread chunk, or None when none is buffered now."""
-        if not self._buffer:
+        """The oldest unread chunk, or None when none is buffered now.
+
+        A reader that finds several chunks waiting is behind: it gets them merged
+        into one (:func:`~kensho.runtime.engines.base.merge_chunks`), so catching up
+        costs it one step rather than one per token.
+        """
+        buffer = self._buffer
+        if not buffer:
             return None
-        chunk = self._buffer.popleft()
+        if len(buffer) > 1:
+            merged = merge_chunks(buffer)
+            buffer.clear()
+            buffer.extend(merged)
+        chunk = buffer.popleft()
         _resolve(self._space)
         return chunk
 

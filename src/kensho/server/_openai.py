@@ -301,7 +301,7 @@ class CompletionRunner:
             await handle.aclose()
         for chunk in chunks:
             if chunk.embedding is None:
-                self.metrics.tokens.labels(chunk.engine).inc()
+                self.metrics.tokens.labels(chunk.engine).inc(chunk.tokens)
         self.metrics.latency.labels(timing.endpoint).observe(time.perf_counter() - timing.started)
         return chunks
 
@@ -357,8 +357,8 @@ class CompletionRunner:
             yield sse_event({**opening, "usage": None} if include_usage else opening)
             chunk = first
             while chunk is not None:
-                count += 1
-                self.metrics.tokens.labels(chunk.engine).inc()
+                count += chunk.tokens
+                self.metrics.tokens.labels(chunk.engine).inc(chunk.tokens)
                 shape.count(chunk)
                 for event in shape.deltas(chunk):
                     yield sse_event({**event, "usage": None} if include_usage else event)
@@ -506,7 +506,8 @@ class OpenAIShaper:
                 "finish_reason": finish or "stop",
             }
             base = self._base("text_completion")
-        return {**base, "choices": [choice], "usage": usage(self.prompt_tokens, len(chunks))}
+        tokens = sum(c.tokens for c in chunks)
+        return {**base, "choices": [choice], "usage": usage(self.prompt_tokens, tokens)}
 
 
 Shaper = OpenAIShaper | ToolShaper

@@ -48,6 +48,7 @@ __all__ = [
     "TokenLogprob",
     "common_features",
     "features_of",
+    "merge_chunks",
 ]
 
 EngineKind = Literal["gpu", "cpu", "remote", "other"]
@@ -211,6 +212,10 @@ class GenerationChunk:
     is the length of the prompt in the model's tokens; ``logprobs`` the tokens this
     chunk stands for, when the request asked; ``embedding`` the vector of input
     ``index`` of an embedding request.
+
+    A chunk is one token, except when its consumer fell behind: then the tokens that
+    piled up meanwhile come as one chunk (see :func:`merge_chunks`), ``tokens`` says
+    how many, and ``index`` is the last one's. Count ``tokens``, never chunks.
     """
 
     text: str
@@ -220,6 +225,49 @@ class GenerationChunk:
     prompt_tokens: int | None = None
     logprobs: tuple[TokenLogprob, ...] = ()
     embedding: tuple[float, ...] | None = None
+    tokens: int = 1
+
+
+def merge_chunks(chunks: Sequence[GenerationChunk]) -> list[GenerationChunk]:
+    """Chunks that waited for a consumer, as few chunks as their meaning allows.
+
+    A slow reader (a client on a slow link, a loop that was busy) would otherwise pay
+    one hand-off, one SSE event and one socket write per token it is behind, and fall
+    further behind. Tokens of one engine merge into one chunk: their texts joined,
+    their logprob entries in order, the first ``prompt_tokens``, the last ``index``
+    and ``finish_reason``. Embedding vectors (one input each) and a change of engine
+    (a failover mid-stream) stay apart. A single chunk is returned as it is.
+    """
+    if len(chunks) < 2:
+        return list(chunks)
+    merged: list[GenerationChunk] = []
+    run: list[GenerationChunk] = []
+    for chunk in chunks:
+        if run and (chunk.embedding is not None or chunk.engine != run[0].engine):
+            merged.append(_joined(run))
+            run = []
+        if chunk.embedding is not None:
+            merged.append(chunk)
+        else:
+            run.append(chunk)
+    if run:
+        merged.append(_joined(run))
+    return merged
+
+
+def _joined(run: list[GenerationChunk]) -> GenerationChunk:
+    if len(run) == 1:
+        return run[0]
+    last = run[-1]
+    return GenerationChunk(
+        text="".join(c.text for c in run),
+        index=last.index,
+        engine=last.engine,
+        finish_reason=last.finish_reason,
+        prompt_tokens=next((c.prompt_tokens for c in run if c.prompt_tokens is not None), None),
+        logprobs=tuple(entry for c in run for entry in c.logprobs),
+        tokens=sum(c.tokens for c in run),
+    )
 
 
 @runtime_checkable

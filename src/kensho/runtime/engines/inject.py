@@ -79,7 +79,7 @@ class FaultInjector:
                 raise EngineError(f"engine {self.name!r} failed before the first token (injected)")
             async for chunk in chunks:
                 yield dataclasses.replace(chunk, engine=self.name)  # logprobs, usage kept
-                produced += 1
+                produced += chunk.tokens
                 if after is not None and produced >= after and chunk.finish_reason is None:
                     self.failures += 1
                     raise EngineError(

@@ -62,6 +62,7 @@ import ctypes
 import os
 import pickle
 import random
+import select
 import socket
 import struct
 import sys
@@ -69,27 +70,46 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Inbox", "main"]
+__all__ = ["Channel", "main"]
 
 _GGUF_MAGIC = b"GGUF"
 _ABORTED = "llama_decode returned 2"
 _EMBED_CONTEXT_MAX = 8192  # tokens: a pooled input must fit one micro-batch
 _CACHED_GRAMMARS = 64  # compiled grammars kept (least recently used dropped)
+_SHORT = struct.Struct("!i")
+_LONG = struct.Struct("!iQ")
 
 
-class Inbox:
-    """The reading side of a ``multiprocessing`` connection, without blocking or polls.
+class Channel:
+    """One end of the pipe between the engine and its child, framed as ``Connection``.
 
-    ``Connection.poll()`` builds a selector per call (tens of µs); here one
-    ``recv(MSG_DONTWAIT)`` takes whatever has arrived and every complete frame in it is
-    decoded (frames as ``Connection.send`` writes them: a 4-byte big-endian length, or
-    -1 then 8 bytes, then the pickle). Both sides of the pipe use it; it reads a
-    duplicate of the descriptor, so the connection stays blocking for writes.
+    Frames are what ``multiprocessing.connection.Connection.send`` writes (a 4-byte
+    big-endian length, or -1 then 8 bytes, then the pickle), so either end may still
+    use a plain ``Connection``. Both directions are hot (one message per token), and
+    the standard calls are slow for it: ``Connection.send`` builds a ``ForkingPickler``
+    per message, ``Connection.poll()`` a selector per call, and a ``recv`` that finds
+    nothing raises. Here a send is one ``pickle.dumps`` and one ``send``;
+    :meth:`ready` is one ``poll(0)`` on a poller made once (under a microsecond);
+    :meth:`take` decodes every complete frame one ``recv`` brings. It works on a
+    duplicate of the descriptor, left blocking (``MSG_DONTWAIT`` per non-blocking read).
     """
 
     def __init__(self, conn: Connection) -> None:
         self._sock = socket.fromfd(conn.fileno(), socket.AF_UNIX, socket.SOCK_STREAM)
         self._buf = bytearray()
+        self._poller = select.poll()
+        self._poller.register(self._sock.fileno(), select.POLLIN)
+
+    def send(self, message: tuple[Any, ...]) -> None:
+        """Write one message (blocks while the pipe is full: the reader is behind)."""
+        data = pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
+        size = len(data)
+        head = _SHORT.pack(size) if size < 0x7FFFFFFF else _LONG.pack(-1, size)
+        self._sock.sendall(head + data)
+
+    def ready(self) -> bool:
+        """Whether a read would find something (a message, or the other end gone)."""
+        return bool(self._buf) or bool(self._poller.poll(0))
 
     def take(self, *, block: bool) -> list[tuple[Any, ...]] | None:
         """Messages ready now (with ``block``: wait for at least one); None at EOF."""
@@ -111,7 +131,7 @@ class Inbox:
         out: list[tuple[Any, ...]] = []
         buf = self._buf
         while len(buf) >= 4:
-            (size,) = struct.unpack_from("!i", buf)
+            (size,) = _SHORT.unpack_from(buf)
             start = 4
             if size == -1:
                 if len(buf) < 12:
@@ -256,7 +276,7 @@ def _logprob_of(
 class _Child:
     def __init__(self, conn: Connection) -> None:
         self.conn = conn
-        self.inbox = Inbox(conn)
+        self.channel = Channel(conn)
         self.jobs: collections.deque[tuple[str, dict[str, Any]]] = collections.deque()
         self.cancelled: set[str] = set()
         self.credit: dict[str, int] = {}
@@ -281,7 +301,9 @@ class _Child:
         ``recv``), while waiting for work or credit, and from the abort callback
         during a prefill. No reader thread means no thread switch before a first token.
         """
-        messages = self.inbox.take(block=block)
+        if not block and not self.channel.ready():
+            return  # the common case, between two tokens: one poll(0), nothing to read
+        messages = self.channel.take(block=block)
         if messages is None:  # the parent is gone (or closed the pipe): nobody to serve
             os._exit(0)
         for message in messages:
@@ -417,9 +439,9 @@ class _Child:
                 else:
                     self.generate(rid, params)
             except _Invalid as exc:
-                self.conn.send(("err", rid, "invalid:" + exc.code, str(exc), exc.param))
+                self.channel.send(("err", rid, "invalid:" + exc.code, str(exc), exc.param))
             except Exception as exc:  # an engine fault: the parent's breaker counts it
-                self.conn.send(("err", rid, "engine", f"{type(exc).__name__}: {exc}", None))
+                self.channel.send(("err", rid, "engine", f"{type(exc).__name__}: {exc}", None))
             finally:
                 self.current = None
                 self.cancelled.discard(rid)
@@ -487,7 +509,7 @@ class _Child:
 
         is_eog = llama_cpp.llama_vocab_is_eog
         utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        send = self.conn.send
+        send = self.channel.send
         produced = 0
         self.arm_abort(True)
         try:
@@ -621,7 +643,7 @@ class _Child:
         for offset, ids in enumerate(encoded):
             self.pump(block=False)
             if rid in self.cancelled:
-                self.conn.send(("cancelled", rid, False))
+                self.channel.send(("cancelled", rid, False))
                 return
             batch.reset()
             context.kv_cache_clear()
@@ -631,7 +653,7 @@ class _Child:
             vector = np.ctypeslib.as_array(pointer, shape=(n_embd,)).astype(np.float32)
             vector /= np.float32(max(float(np.linalg.norm(vector)), 1e-12))
             last = offset == len(encoded) - 1
-            self.conn.send(("emb", rid, first + offset, len(ids), vector.tobytes(), last))
+            self.channel.send(("emb", rid, first + offset, len(ids), vector.tobytes(), last))
 
     def embedding_ids(self, item: str | tuple[int, ...], limit: int) -> list[int]:
         """The token ids of one input; bad input is the client's (``input``)."""
@@ -693,28 +715,28 @@ class _LoadFailure(Exception):
 def main(argv: list[str]) -> int:
     conn = Connection(int(argv[1]))
     child = _Child(conn)
-    batch = child.inbox.take(block=True) or [("eof",)]
+    batch = child.channel.take(block=True) or [("eof",)]
     first = batch[0]
     for message in batch[1:]:
         child.handle(message)
     if first[0] != "load":
-        conn.send(("fail", "protocol", f"expected a load message, got {first[0]!r}"))
+        child.channel.send(("fail", "protocol", f"expected a load message, got {first[0]!r}"))
         return 2
     try:
         child.load(first[1])
     except _LoadFailure as exc:
-        conn.send(("fail", exc.kind, str(exc)))
+        child.channel.send(("fail", exc.kind, str(exc)))
         return 1
     except OSError as exc:
-        conn.send(("fail", "file", f"{first[1]['path']}: {exc.strerror or exc}"))
+        child.channel.send(("fail", "file", f"{first[1]['path']}: {exc.strerror or exc}"))
         return 1
     except ImportError as exc:
-        conn.send(("fail", "import", f"llama-cpp-python is not installed ({exc})"))
+        child.channel.send(("fail", "import", f"llama-cpp-python is not installed ({exc})"))
         return 1
     except Exception as exc:  # anything else llama-cpp-python raises while loading
-        conn.send(("fail", "load", f"{first[1]['path']}: {type(exc).__name__}: {exc}"))
+        child.channel.send(("fail", "load", f"{first[1]['path']}: {type(exc).__name__}: {exc}"))
         return 1
-    conn.send(("ready", child.info()))
+    child.channel.send(("ready", child.info()))
     child.serve()
     return 0
 

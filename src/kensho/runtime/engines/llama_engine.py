@@ -11,8 +11,11 @@ child. The server itself never goes down with the model.
 
 The hand-off is kept cheap: the event loop watches the pipe with ``add_reader`` and, at
 each wake-up, drains every message that is ready, so a burst of tokens costs one
-wake-up rather than one loop callback per token. Each token is still its own chunk
-(the runtime counts chunks as tokens, for usage and for continuation).
+wake-up rather than one loop callback per token. Each token is its own chunk while
+the consumer keeps up; tokens that queued up while it was away come as one chunk
+(``GenerationChunk.tokens`` says how many). The child frames its messages itself
+(:class:`~kensho.runtime.engines.llama_child.Channel`): per token it costs one
+``poll(0)``, one ``pickle.dumps`` and one ``send``.
 
 The child serves one request at a time, in arrival order; a cancelled request (the
 consumer stopped reading) stops within one token, and a cancelled prompt stops during
@@ -64,7 +67,7 @@ from kensho.runtime.engines.base import (
     GenerationRequest,
     TokenLogprob,
 )
-from kensho.runtime.engines.llama_child import Inbox
+from kensho.runtime.engines.llama_child import Channel
 from kensho.runtime.engines.structured import template_messages
 from kensho.runtime.engines.torch_engine import StopMatcher
 from kensho.telemetry import get_logger
@@ -115,7 +118,7 @@ class _Child:
     def __init__(self, proc: subprocess.Popen[bytes], conn: Connection) -> None:
         self.proc = proc
         self.conn = conn
-        self.inbox = Inbox(conn)
+        self.channel = Channel(conn)
         self.streams: dict[str, _Stream] = {}
         self.hello: asyncio.Future[tuple[Any, ...]] = asyncio.get_running_loop().create_future()
         self.stderr = bytearray()
@@ -218,7 +221,7 @@ class LlamaCppEngine:
         self._add_readers(child)
         self.processes_started += 1
         try:
-            child.conn.send(("load", self._options))
+            child.channel.send(("load", self._options))
             answer = await child.hello
         except BaseException:
             await self._reap(child)
@@ -267,7 +270,7 @@ class LlamaCppEngine:
     def _on_messages(self, child: _Child) -> None:
         """Drain every message that is ready: one event-loop wake-up for a burst."""
         try:
-            messages = child.inbox.take(block=False)
+            messages = child.channel.take(block=False)
         except OSError:
             messages = None
         if messages is None:
@@ -333,7 +336,7 @@ class LlamaCppEngine:
         """Close the pipe (the child exits by itself), then make sure it is gone."""
         child.alive = False
         self._stop_reading(child)
-        child.inbox.close()
+        child.channel.close()
         child.conn.close()
         try:
             await asyncio.to_thread(child.proc.wait, 5.0)
@@ -426,31 +429,64 @@ class LlamaCppEngine:
     async def _read(
         self, child: _Child, rid: str, stream: _Stream, request: GenerationRequest
     ) -> AsyncGenerator[GenerationChunk, None]:
-        """The chunks of one request's messages; returns once its last message is read."""
+        """The chunks of one request's messages; returns once its last message is read.
+
+        One chunk per token while the consumer keeps up; the tokens that arrived while
+        it was away (queued in ``stream``) come as one chunk.
+        """
         stops = StopMatcher(request.stop)
-        read = 0
+        unreturned = 0  # tokens read whose credit the child has not been given back
         while True:
             message = await stream.get()
             kind = message[0]
-            if kind == "tok":
-                text, stopped = stops.feed(message[2])
-                yield self._chunk(message, text, "stop" if stopped else None)
-                if stopped:
+            if kind in ("tok", "end"):
+                batch = [message]
+                queued = stream.messages
+                while kind == "tok" and queued and queued[0][0] in ("tok", "end"):
+                    message = queued.popleft()
+                    kind = message[0]
+                    batch.append(message)
+                chunk = self._tokens(batch, stops)
+                yield chunk
+                if chunk.finish_reason is not None:
                     return
-                read += 1
-                if read % (WINDOW // 2) == 0:
-                    self._send(child, ("credit", rid, WINDOW // 2))
-            elif kind == "end":
-                text, stopped = stops.feed(message[2])
-                finish: FinishReason = "stop" if stopped else message[6]
-                yield self._chunk(message, text if stopped else text + stops.flush(), finish)
-                return
+                unreturned += chunk.tokens
+                if unreturned >= WINDOW // 2:
+                    self._send(child, ("credit", rid, unreturned))
+                    unreturned = 0
             elif kind == "emb":
                 yield self._vector(message)
                 if message[5]:
                     return
             else:
                 raise await self._stream_error(child, message, request)
+
+    def _tokens(self, batch: list[tuple[Any, ...]], stops: StopMatcher) -> GenerationChunk:
+        """``tok`` messages (maybe an ``end`` last) as one chunk, cut at a stop string."""
+        texts: list[str] = []
+        finish: FinishReason | None = None
+        taken = 0
+        for message in batch:
+            taken += 1
+            text, stopped = stops.feed(message[2])
+            texts.append(text)
+            if stopped:
+                finish = "stop"
+                break
+            if message[0] == "end":
+                texts.append(stops.flush())
+                finish = message[6]
+        used = batch[:taken]
+        last = used[-1]
+        return GenerationChunk(
+            text="".join(texts),
+            index=last[3],
+            engine=self.name,
+            finish_reason=finish,
+            prompt_tokens=next((m[4] for m in used if m[4] is not None), None),
+            logprobs=tuple(_token_logprob(m[5]) for m in used if m[5] is not None),
+            tokens=taken,
+        )
 
     def _grammar(self, request: GenerationRequest) -> str | None:
         """The Lark grammar the answer must follow (None: free), its schemas checked once
@@ -470,7 +506,7 @@ class LlamaCppEngine:
     def _send(self, child: _Child, message: tuple[Any, ...]) -> None:
         """A write to a child that just died is its death (the streams hear of it)."""
         try:
-            child.conn.send(message)
+            child.channel.send(message)
         except OSError:
             self._on_death(child)
 
@@ -483,20 +519,6 @@ class LlamaCppEngine:
         except asyncio.CancelledError:
             stream.abandoned = True  # the child still ends it; nobody reads it now
             raise
-
-    def _chunk(
-        self, message: tuple[Any, ...], text: str, finish: FinishReason | None
-    ) -> GenerationChunk:
-        """A ``tok``/``end`` message as a chunk (its logprob entry, if any, decoded)."""
-        entry = message[5]
-        return GenerationChunk(
-            text=text,
-            index=message[3],
-            engine=self.name,
-            finish_reason=finish,
-            prompt_tokens=message[4],
-            logprobs=() if entry is None else (_token_logprob(entry),),
-        )
 
     def _vector(self, message: tuple[Any, ...]) -> GenerationChunk:
         """An ``emb`` message: the vector of one input, float32 on the pipe."""

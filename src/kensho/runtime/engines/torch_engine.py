@@ -6,7 +6,8 @@ it loads). Generation is a hand-written decoding loop over the KV cache rather t
 ``model.generate()``, because the runtime needs what ``generate`` does not give:
 
 - one chunk per token, handed to the event loop as soon as it exists (all the chunks
-  ready at one loop wake-up are taken together, see ``_handoff``);
+  ready at one loop wake-up are taken together, see ``_handoff``, and yielded as one
+  chunk: the loop was behind);
 - cancellation within one token when the consumer stops reading;
 - stop strings that are never half-emitted;
 - continuation of a stream another engine started (the prompt plus the text already
@@ -55,6 +56,7 @@ from kensho.runtime.engines.base import (
     GenerationChunk,
     GenerationRequest,
     TokenLogprob,
+    merge_chunks,
 )
 from kensho.runtime.engines.structured import template_messages
 from kensho.telemetry import get_logger
@@ -378,13 +380,17 @@ class TorchEngine:
         future = loop.run_in_executor(self._pool, contextvars.copy_context().run, work)
         try:
             while True:
-                # Every chunk ready at this wake-up, still yielded one per token.
-                for item in await handoff.take():
-                    if item is None:
-                        return
-                    if isinstance(item, BaseException):
-                        raise item
-                    yield item
+                # Every chunk ready at this wake-up: several mean the loop was behind,
+                # and they go on as one chunk (merge_chunks).
+                # The worker's end (None or its error) is always its last item.
+                items = await handoff.take()
+                for chunk in merge_chunks([i for i in items if isinstance(i, GenerationChunk)]):
+                    yield chunk
+                last = items[-1]
+                if last is None:
+                    return
+                if isinstance(last, BaseException):
+                    raise last
         finally:
             handoff.cancel()
             self._active.discard(handoff)
