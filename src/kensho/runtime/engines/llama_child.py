@@ -290,6 +290,7 @@ class _Child:
         self.ll_tokenizer: Any = None  # llguidance's, made on the first constrained request
         self.grammars: collections.OrderedDict[str, Any] = collections.OrderedDict()
         self.pieces: dict[int, bytes] = {}
+        self.spoken: dict[int, bytes | None] = {}  # see speak()
         self._callbacks: list[Any] = []  # ctypes callbacks must outlive their use
 
     # -- messages from the parent ------------------------------------------------------
@@ -504,10 +505,7 @@ class _Child:
             repeat_penalty=1.0,
             logits_processor=None if scores is None else [scores],
         )
-        vocab = llm._model.vocab
-        import llama_cpp
-
-        is_eog = llama_cpp.llama_vocab_is_eog
+        spoken, speak = self.spoken, self.speak
         utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         send = self.channel.send
         produced = 0
@@ -520,7 +518,8 @@ class _Child:
                 index = start + produced - 1
                 if produced > 1:
                     prompt_tokens = None
-                if is_eog(vocab, token):  # its logprob is not reported: no text (as torch)
+                piece = spoken[token] if token in spoken else speak(token)
+                if piece is None:  # end of generation: its logprob is not reported (as torch)
                     send(
                         (
                             "end",
@@ -534,7 +533,7 @@ class _Child:
                     )
                     return
                 logprob = None if scores is None else self.follow(scores, token, params)
-                text = utf8.decode(llm.detokenize([token], special=False))
+                text = utf8.decode(piece)
                 finish = _finish(scores, produced, max_tokens)
                 if finish is not None:
                     text += utf8.decode(b"", final=True)
@@ -619,6 +618,18 @@ class _Child:
             return None
         n = int(params.get("top_logprobs") or 0)
         return _logprob_of(scores.last, token, n, float(params["temperature"]), self.piece)
+
+    def speak(self, token_id: int) -> bytes | None:
+        """What a token adds to the answer's text (special tokens: nothing), None for an
+        end-of-generation token; cached, as the two ctypes calls cost more per token
+        than the rest of the loop."""
+        import llama_cpp
+
+        if llama_cpp.llama_vocab_is_eog(self.llm._model.vocab, token_id):
+            self.spoken[token_id] = None
+        else:
+            self.spoken[token_id] = bytes(self.llm.detokenize([token_id], special=False))
+        return self.spoken[token_id]
 
     def piece(self, token_id: int) -> bytes:
         """A token's exact bytes (special tokens as their text), cached per id."""
