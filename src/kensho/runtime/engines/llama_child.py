@@ -1,9 +1,10 @@
 """The child process of :class:`~kensho.runtime.engines.llama_engine.LlamaCppEngine`.
 
-Run as ``python -I llama_child.py FD``: a script, not a module of the package, so the
-child imports the standard library and ``llama_cpp`` only (it starts in a fraction of
-a second and nothing of the server is duplicated in it). ``FD`` is one end of a
-``multiprocessing`` pipe; messages are small pickled tuples.
+Run as ``python -I llama_child.py FD FLAGS``: a script, not a module of the package,
+so the child imports the standard library and ``llama_cpp`` only (it starts in a
+fraction of a second and nothing of the server is duplicated in it). ``FD`` is one
+end of a ``multiprocessing`` pipe; messages are small pickled tuples. ``FLAGS`` is a
+file of :class:`AbortFlags` both processes map.
 
 parent -> child::
 
@@ -11,7 +12,7 @@ parent -> child::
     ("gen", rid, {"prompt"|"messages"|"embed", "continuation", "max_tokens",
                   "temperature", "top_p", "seed", "window", "logprobs", "top_logprobs",
                   "frequency_penalty", "presence_penalty", "logit_bias", "embed_first",
-                  "tools", "grammar", "grammar_param"})
+                  "tools", "grammar", "grammar_param", "abort_slot"})
     ("credit", rid, n)      the consumer read n more tokens: n more may be sent
     ("cancel", rid)
 
@@ -28,8 +29,8 @@ the request asked for it: ``(token_bytes, logprob, ((bytes, logprob), ...))``, t
 alternatives most likely first. Every request ends with exactly one of ``end``, a last
 ``emb``, ``cancelled`` or ``err``. Requests are
 served one at a time (a ``Llama`` object is not thread-safe) by one thread, which
-reads the pipe between tokens, so a stream stops within one token, and from
-llama.cpp's abort callback, so a long prefill is cut short. A request runs at most
+reads the pipe between tokens, so a stream stops within one token; a prefill is cut
+short by llama.cpp's abort callback, which reads the request's abort flag. A request runs at most
 ``window`` tokens ahead of what its consumer has read (credits, as in HTTP/2 flow
 control): a slow or departed client never has hundreds of tokens decoded for nothing.
 When the parent's end of the pipe closes (the server died), the child exits at once.
@@ -59,6 +60,7 @@ from __future__ import annotations
 import codecs
 import collections
 import ctypes
+import mmap
 import os
 import pickle
 import random
@@ -66,11 +68,12 @@ import select
 import socket
 import struct
 import sys
+import tempfile
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Channel", "main"]
+__all__ = ["AbortFlags", "Channel", "main"]
 
 _GGUF_MAGIC = b"GGUF"
 _ABORTED = "llama_decode returned 2"
@@ -146,6 +149,55 @@ class Channel:
 
     def close(self) -> None:
         self._sock.close()
+
+
+class AbortFlags:
+    """One byte per request slot, in a file both processes map: a prefill's abort switch.
+
+    llama.cpp calls its abort callback after every graph node of a prefill. A Python
+    callback costs about 2 µs a call (a third of the demo model's first token); this
+    one is C: libc's ``strlen`` on the request's slot, a byte the parent sets to 1 to
+    cancel followed by a byte that stays 0, so it returns exactly 0 or 1. (The
+    callback's type is ``bool (*)(void *)``; a ``size_t`` of 0 or 1 is that bool in
+    every C ABI that llama.cpp builds for.) The parent raises the flag before it
+    sends the ``cancel`` message, so a prefill stops at its next node without waiting
+    for the child to read its pipe.
+    """
+
+    SLOTS = 1024
+    SIZE = 2 * SLOTS
+
+    def __init__(self, fd: int) -> None:
+        self._map = mmap.mmap(fd, self.SIZE)
+        self._view: Any = None  # the C view the child's callback reads (see address)
+
+    @classmethod
+    def create(cls) -> tuple[AbortFlags, int]:
+        """A new, unlinked file of flags (all 0), and its descriptor for the child."""
+        with tempfile.TemporaryFile(prefix="kensho-abort-") as file:
+            os.ftruncate(file.fileno(), cls.SIZE)
+            fd = os.dup(file.fileno())
+        return cls(fd), fd
+
+    def address(self, slot: int) -> int:
+        """Where a slot's byte is in this process (the child's callback argument)."""
+        if self._view is None:
+            self._view = ctypes.c_char.from_buffer(self._map)
+        return ctypes.addressof(self._view) + 2 * slot
+
+    def close(self) -> None:
+        """Unmap (the parent's side; the child's lives as long as the child)."""
+        if self._view is None:
+            self._map.close()
+
+    def raise_flag(self, slot: int) -> None:
+        self._map[2 * slot] = 1
+
+    def clear(self, slot: int) -> None:
+        self._map[2 * slot] = 0
+
+    def is_raised(self, slot: int) -> bool:
+        return bool(self._map[2 * slot])
 
 
 class _Invalid(Exception):
@@ -274,9 +326,10 @@ def _logprob_of(
 
 
 class _Child:
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: Connection, flags: AbortFlags) -> None:
         self.conn = conn
         self.channel = Channel(conn)
+        self.flags = flags
         self.jobs: collections.deque[tuple[str, dict[str, Any]]] = collections.deque()
         self.cancelled: set[str] = set()
         self.credit: dict[str, int] = {}
@@ -298,9 +351,9 @@ class _Child:
     def pump(self, *, block: bool) -> None:
         """Take in what the parent sent; with ``block``, wait for at least one message.
 
-        One thread does everything: it reads the pipe between tokens (one non-blocking
-        ``recv``), while waiting for work or credit, and from the abort callback
-        during a prefill. No reader thread means no thread switch before a first token.
+        One thread does everything: it reads the pipe between tokens (a ``poll(0)``,
+        then a ``recv`` only when something came) and while waiting for work or credit.
+        No reader thread means no thread switch before a first token.
         """
         if not block and not self.channel.ready():
             return  # the common case, between two tokens: one poll(0), nothing to read
@@ -316,7 +369,9 @@ class _Child:
         elif message[0] == "credit":
             self.credit[message[1]] = self.credit.get(message[1], 0) + message[2]
         elif message[0] == "cancel":
-            self.cancelled.add(message[1])
+            rid = message[1]
+            if rid == self.current or any(job[0] == rid for job in self.jobs):
+                self.cancelled.add(rid)  # not one that ended before the cancel came
 
     def may_send(self, rid: str) -> bool:
         """Wait for the consumer's credit; False once the request is cancelled."""
@@ -411,20 +466,24 @@ class _Child:
     def _set_abort(self, llama_cpp: Any) -> None:
         """Abort a prefill whose request was cancelled (llama_decode then returns 2).
 
-        The callback runs after every graph node (a Python call each time), so it is
-        armed only while a prompt is being read; between tokens, the decode loop checks
-        for cancellation itself at no cost.
+        Armed while a prompt is read, on the request's :class:`AbortFlags` slot (no
+        slot: not abortable, a rare case, see the engine); between tokens the decode
+        loop reads its pipe itself.
         """
-
-        @llama_cpp.ggml_abort_callback  # type: ignore[untyped-decorator]
-        def should_abort(_data: Any) -> bool:
-            self.pump(block=False)
-            return self.current is not None and self.current in self.cancelled
-
-        self._callbacks.append(should_abort)
-        ctx, set_callback, none = self.llm._ctx.ctx, llama_cpp.llama_set_abort_callback, None
+        strlen = ctypes.cast(ctypes.CDLL(None).strlen, ctypes.c_void_p).value
+        check = llama_cpp.ggml_abort_callback(strlen)
+        self._callbacks.append(check)
+        ctx, set_callback = self.llm._ctx.ctx, llama_cpp.llama_set_abort_callback
         off = llama_cpp.ggml_abort_callback()  # a NULL function pointer
-        self.arm_abort = lambda on: set_callback(ctx, should_abort if on else off, none)
+        address = self.flags.address
+
+        def arm(slot: int | None) -> None:
+            if slot is None or slot < 0:
+                set_callback(ctx, off, None)
+            else:
+                set_callback(ctx, check, ctypes.c_void_p(address(slot)))
+
+        self.arm_abort = arm
 
     # -- generation -----------------------------------------------------------------------
 
@@ -509,11 +568,12 @@ class _Child:
         utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         send = self.channel.send
         produced = 0
-        self.arm_abort(True)
+        slot = int(params.get("abort_slot", -1))
+        self.arm_abort(slot)
         try:
             for token in stream:
                 if not produced:
-                    self.arm_abort(False)
+                    self.arm_abort(None)
                 produced += 1
                 index = start + produced - 1
                 if produced > 1:
@@ -544,13 +604,13 @@ class _Child:
                     return
                 send(("tok", rid, text, index, prompt_tokens, logprob))
         except RuntimeError as exc:
-            if _ABORTED in str(exc) and rid in self.cancelled:
+            if _ABORTED in str(exc) and (rid in self.cancelled or self.flags.is_raised(slot)):
                 send(("cancelled", rid, True))
                 return
             raise
         finally:
             if not produced:
-                self.arm_abort(False)
+                self.arm_abort(None)
             stream.close()
 
     def follow(self, scores: _Scores, token: int, params: dict[str, Any]) -> Any:
@@ -725,7 +785,7 @@ class _LoadFailure(Exception):
 
 def main(argv: list[str]) -> int:
     conn = Connection(int(argv[1]))
-    child = _Child(conn)
+    child = _Child(conn, AbortFlags(int(argv[2])))
     batch = child.channel.take(block=True) or [("eof",)]
     first = batch[0]
     for message in batch[1:]:

@@ -67,7 +67,7 @@ from kensho.runtime.engines.base import (
     GenerationRequest,
     TokenLogprob,
 )
-from kensho.runtime.engines.llama_child import Channel
+from kensho.runtime.engines.llama_child import AbortFlags, Channel
 from kensho.runtime.engines.structured import template_messages
 from kensho.runtime.engines.torch_engine import StopMatcher
 from kensho.telemetry import get_logger
@@ -89,12 +89,13 @@ _ids = itertools.count(1)
 class _Stream:
     """Messages for one request, from the pipe reader to the request's consumer."""
 
-    __slots__ = ("abandoned", "messages", "waiter")
+    __slots__ = ("abandoned", "messages", "slot", "waiter")
 
-    def __init__(self) -> None:
+    def __init__(self, slot: int) -> None:
         self.messages: collections.deque[tuple[Any, ...]] = collections.deque()
         self.waiter: asyncio.Future[None] | None = None
         self.abandoned = False
+        self.slot = slot  # its AbortFlags slot, -1 for none
 
     def push(self, message: tuple[Any, ...]) -> None:
         self.messages.append(message)
@@ -115,10 +116,12 @@ class _Stream:
 class _Child:
     """One running child process: its pipe, its requests, the tail of its stderr."""
 
-    def __init__(self, proc: subprocess.Popen[bytes], conn: Connection) -> None:
+    def __init__(self, proc: subprocess.Popen[bytes], conn: Connection, flags: AbortFlags) -> None:
         self.proc = proc
         self.conn = conn
         self.channel = Channel(conn)
+        self.flags = flags
+        self.free_slots = list(range(AbortFlags.SLOTS - 1, -1, -1))
         self.streams: dict[str, _Stream] = {}
         self.hello: asyncio.Future[tuple[Any, ...]] = asyncio.get_running_loop().create_future()
         self.stderr = bytearray()
@@ -216,8 +219,8 @@ class LlamaCppEngine:
                 f"engine {self.name!r}: {self.model_path} does not exist; run `kensho verify` "
                 "on the store, or point [model] gguf at the file"
             )
-        proc, conn = await asyncio.to_thread(self._spawn)
-        child = _Child(proc, conn)
+        proc, conn, flags = await asyncio.to_thread(self._spawn)
+        child = _Child(proc, conn, flags)
         self._add_readers(child)
         self.processes_started += 1
         try:
@@ -241,12 +244,21 @@ class LlamaCppEngine:
             gpu_offload=child.info.get("gpu_offload"),
         )
 
-    def _spawn(self) -> tuple[subprocess.Popen[bytes], Connection]:
+    def _spawn(self) -> tuple[subprocess.Popen[bytes], Connection, AbortFlags]:
         parent_end, child_end = Pipe(duplex=True)
         try:
+            flags, flags_fd = AbortFlags.create()
+        except OSError as exc:
+            parent_end.close()
+            child_end.close()
+            raise EngineUnavailableError(
+                f"engine {self.name!r}: cannot make its abort flags file: {exc}"
+            ) from exc
+        argv = [sys.executable, "-I", str(_CHILD_SCRIPT), str(child_end.fileno()), str(flags_fd)]
+        try:
             proc = subprocess.Popen(  # noqa: S603 - our interpreter, our script
-                [sys.executable, "-I", str(_CHILD_SCRIPT), str(child_end.fileno())],
-                pass_fds=(child_end.fileno(),),
+                argv,
+                pass_fds=(child_end.fileno(), flags_fd),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.PIPE,
@@ -258,7 +270,8 @@ class LlamaCppEngine:
             ) from exc
         finally:
             child_end.close()
-        return proc, parent_end
+            os.close(flags_fd)  # the parent's map holds its own reference
+        return proc, parent_end, flags
 
     def _add_readers(self, child: _Child) -> None:
         loop = asyncio.get_running_loop()
@@ -287,7 +300,10 @@ class LlamaCppEngine:
             return
         stream = child.streams.get(message[1])
         if _is_final(message):
-            child.streams.pop(message[1], None)
+            if stream is not None:
+                del child.streams[message[1]]
+                if stream.slot >= 0:
+                    child.free_slots.append(stream.slot)  # the child is done with it
             if kind == "end":
                 self.tokens_generated += 1
             elif kind == "cancelled" and message[2]:
@@ -338,6 +354,7 @@ class LlamaCppEngine:
         self._stop_reading(child)
         child.channel.close()
         child.conn.close()
+        child.flags.close()
         try:
             await asyncio.to_thread(child.proc.wait, 5.0)
         except subprocess.TimeoutExpired:
@@ -413,7 +430,13 @@ class LlamaCppEngine:
         assert child is not None
         params = _params(request, self._grammar(request))  # bad input raises here
         rid = f"{request.request_id}#{next(_ids)}"
-        stream = _Stream()
+        # No free slot (a thousand requests queued in one child): its prefill cannot
+        # be cut short, the rest works the same.
+        slot = child.free_slots.pop() if child.free_slots else -1
+        if slot >= 0:
+            child.flags.clear(slot)
+        params["abort_slot"] = slot
+        stream = _Stream(slot)
         child.streams[rid] = stream
         self._send(child, ("gen", rid, params))
         try:
@@ -511,7 +534,12 @@ class LlamaCppEngine:
             self._on_death(child)
 
     async def _cancel(self, child: _Child, rid: str, stream: _Stream) -> None:
-        """Tell the child to stop this request, and wait until it has (one token at most)."""
+        """Tell the child to stop this request, and wait until it has (one token at most).
+
+        The abort flag first: a prefill under way stops at its next graph node.
+        """
+        if stream.slot >= 0:
+            child.flags.raise_flag(stream.slot)
         self._send(child, ("cancel", rid))
         try:
             while not _is_final(await stream.get()):
