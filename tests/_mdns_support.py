@@ -1,0 +1,107 @@
+"""mDNS for the tests: real DNS-SD announcements on the loopback interface.
+
+:func:`announced` registers a service the way another device's ``kensho share
+--announce`` does (python-zeroconf's own thread and sockets, TXT from
+:func:`~kensho.storage.sources.mdns.txt_record`), so this process's browses hear a
+peer that is not its own. :func:`service_type` gives each test a DNS-SD type of its
+own, so tests running side by side never hear each other's announcements.
+:class:`Watcher` follows a type and records every service added or removed.
+"""
+
+from __future__ import annotations
+
+import queue
+import secrets
+from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from zeroconf import IPVersion, ServiceBrowser, ServiceInfo, ServiceStateChange, Zeroconf
+
+from kensho.storage.sources.mdns import txt_record
+
+LOOPBACK = ["127.0.0.1"]
+
+
+def service_type() -> str:
+    """A DNS-SD service type no other test uses."""
+    return f"_kt-{secrets.token_hex(5)}._tcp.local."
+
+
+@contextmanager
+def announced(
+    port: int,
+    kind: str,
+    *,
+    auth: bool = False,
+    properties: Mapping[str, str] | None = None,
+    address: str = "127.0.0.1",
+) -> Iterator[ServiceInfo]:
+    """A chunk server at ``address``:``port`` announced as another device would.
+
+    The registration runs on a thread of its own (zeroconf's blocking API refuses an
+    event loop's thread), so async tests can announce too.
+    """
+    instance = secrets.token_hex(8)
+    info = ServiceInfo(
+        kind,
+        f"other-{instance}.{kind}",
+        port=port,
+        parsed_addresses=[address],
+        properties=dict(properties or txt_record(auth=auth, instance_id=instance)),
+        server=f"other-{instance}.local.",
+    )
+    with ThreadPoolExecutor(1, thread_name_prefix="mdns-peer") as pool:
+        zc = pool.submit(Zeroconf, interfaces=LOOPBACK, ip_version=IPVersion.V4Only).result()
+        try:
+            # The name is random: no probing for a conflict (the product's announcements do).
+            pool.submit(zc.register_service, info, cooperating_responders=True).result()
+            yield info
+        finally:
+            pool.submit(zc.close).result()  # unregisters (goodbyes) and closes
+
+
+@dataclass
+class Watcher:
+    """Every (change, name) seen for one service type, in order."""
+
+    events: queue.Queue[tuple[ServiceStateChange, str]] = field(default_factory=queue.Queue)
+    zc: Zeroconf | None = None
+
+    def wait_for(
+        self, change: ServiceStateChange, match: str | None = None, timeout: float = 20.0
+    ) -> str:
+        """Block until a service whose name contains ``match`` has ``change``; its name."""
+        while True:
+            try:
+                seen, name = self.events.get(timeout=timeout)
+            except queue.Empty:
+                raise AssertionError(f"no service {change.name} in {timeout:g} s") from None
+            if seen is change and (match is None or match in name):
+                return name
+
+    def info(self, kind: str, name: str) -> ServiceInfo:
+        assert self.zc is not None
+        info = self.zc.get_service_info(kind, name, timeout=3000)
+        assert info is not None, name
+        return info
+
+
+@contextmanager
+def watching(kind: str) -> Iterator[Watcher]:
+    """Follow ``kind`` on every interface (loopback included) until the block ends."""
+    watcher = Watcher()
+    watcher.zc = Zeroconf(ip_version=IPVersion.V4Only)
+
+    def on_change(
+        zeroconf: Zeroconf, service_type: str, name: str, state_change: ServiceStateChange
+    ) -> None:
+        watcher.events.put((state_change, name))
+
+    browser = ServiceBrowser(watcher.zc, kind, handlers=[on_change])
+    try:
+        yield watcher
+    finally:
+        browser.cancel()
+        watcher.zc.close()
