@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import queue
 import secrets
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -70,16 +70,28 @@ class Watcher:
     zc: Zeroconf | None = None
 
     def wait_for(
-        self, change: ServiceStateChange, match: str | None = None, timeout: float = 20.0
+        self,
+        change: ServiceStateChange,
+        match: Callable[[str], bool] = lambda name: True,
+        timeout: float = 20.0,
     ) -> str:
-        """Block until a service whose name contains ``match`` has ``change``; its name."""
+        """Block until a service ``match`` accepts has ``change``; its name."""
         while True:
             try:
                 seen, name = self.events.get(timeout=timeout)
             except queue.Empty:
                 raise AssertionError(f"no service {change.name} in {timeout:g} s") from None
-            if seen is change and (match is None or match in name):
+            if seen is change and match(name):
                 return name
+
+    def wait_for_port(self, kind: str, port: int, timeout: float = 20.0) -> ServiceInfo:
+        """Block until a service announcing ``port`` is added; its records."""
+
+        def on_port(name: str) -> bool:
+            info = self.zc.get_service_info(kind, name, timeout=3000) if self.zc else None
+            return info is not None and info.port == port
+
+        return self.info(kind, self.wait_for(ServiceStateChange.Added, on_port, timeout))
 
     def info(self, kind: str, name: str) -> ServiceInfo:
         assert self.zc is not None
@@ -90,18 +102,23 @@ class Watcher:
 
 @contextmanager
 def watching(kind: str) -> Iterator[Watcher]:
-    """Follow ``kind`` on every interface (loopback included) until the block ends."""
+    """Follow ``kind`` on every interface (loopback included) until the block ends.
+
+    zeroconf runs on a thread of its own; from an async test, call the watcher's
+    blocking methods through ``asyncio.to_thread``.
+    """
     watcher = Watcher()
-    watcher.zc = Zeroconf(ip_version=IPVersion.V4Only)
 
     def on_change(
         zeroconf: Zeroconf, service_type: str, name: str, state_change: ServiceStateChange
     ) -> None:
         watcher.events.put((state_change, name))
 
-    browser = ServiceBrowser(watcher.zc, kind, handlers=[on_change])
-    try:
-        yield watcher
-    finally:
-        browser.cancel()
-        watcher.zc.close()
+    with ThreadPoolExecutor(1, thread_name_prefix="mdns-watch") as pool:
+        watcher.zc = pool.submit(Zeroconf, ip_version=IPVersion.V4Only).result()
+        browser = ServiceBrowser(watcher.zc, kind, handlers=[on_change])
+        try:
+            yield watcher
+        finally:
+            browser.cancel()
+            pool.submit(watcher.zc.close).result()

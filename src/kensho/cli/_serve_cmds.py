@@ -16,6 +16,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
+from urllib.parse import urlsplit
 
 import orjson
 import typer
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
     import httpx
     from rich.table import Table
 
+    from kensho.cli._announce import Announcement
     from kensho.config import Settings
     from kensho.events import (
         BreakerChange,
@@ -133,7 +135,8 @@ SourceOpt = Annotated[
     typer.Option(
         "--source",
         "-s",
-        help="Repair source: folder, file://, http(s)://, s3:// or peer+http:// URL.",
+        help="Repair source: folder, file://, http(s)://, s3://, peer+http:// URL or "
+        "peer+mdns:// (peers on the LAN).",
     ),
 ]
 ModelIdOpt = Annotated[
@@ -177,6 +180,9 @@ def up(  # noqa: PLR0917 - Typer maps each parameter to an option
         api_key=api_key,
         model_id=model_id,
     )
+    from kensho.cli._announce import check_announce
+
+    check_announce(settings)  # [share] announce: refused before booting if it cannot be
     code = _run_fast(_up(settings))
     raise typer.Exit(code)
 
@@ -277,6 +283,25 @@ class _BootProgress(_StorageProgress):
         return None
 
 
+class _Announcer:
+    """``[share] announce``: on the LAN from the moment ``kensho up`` listens to its stop."""
+
+    def __init__(self) -> None:
+        self.announcement: Announcement | None = None
+
+    def start(self, settings: Settings, port: int | None) -> None:
+        if settings.share.announce and port is not None:
+            from kensho.cli._announce import Announcement
+
+            key = bool(settings.server.api_key)
+            self.announcement = Announcement(settings.server.host, port, api_key_required=key)
+            self.announcement.start_soon()
+
+    async def stop(self) -> None:
+        if self.announcement is not None:
+            await self.announcement.stop()
+
+
 async def _up(settings: Settings) -> int:
     try:
         kernel = await _booted(settings, listen=True)
@@ -306,13 +331,16 @@ async def _up(settings: Settings) -> int:
             soft_wrap=True,
         )
         sys.stdout.flush()
+        lan.start(settings, urlsplit(url).port)
 
+    lan = _Announcer()
     try:
         forced_by = await kernel.serve(on_listening=listening)
     except OSError as exc:
         err_console.print(labelled("error:", "bold red", exc))
         return int(ExitCode.ERROR)
     finally:
+        await lan.stop()
         await kernel.shutdown()
     # Cut short: the shell's convention for "killed by this signal" (130, 143).
     return int(ExitCode.OK) if forced_by is None else 128 + int(forced_by)
