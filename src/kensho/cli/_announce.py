@@ -122,6 +122,7 @@ class Announcement:
         self._zc: AsyncZeroconf | None = None
         self._info: AsyncServiceInfo | None = None
         self._task: asyncio.Task[None] | None = None
+        self._registered = False
 
     def start_soon(self) -> None:
         """Register from a task of the running loop; a failure is logged, serving goes on."""
@@ -149,6 +150,7 @@ class Announcement:
             server=f"kensho-{self.instance_id}.local.",
         )
         await (await self._zc.async_register_service(self._info, allow_name_change=True))
+        self._registered = True
         _log.info(
             "announced on the LAN",
             service=self._info.name,
@@ -160,9 +162,7 @@ class Announcement:
     async def _start_logged(self) -> None:
         try:
             await self.start()
-        except (OSError, SourceError) as exc:
-            _log.warning("cannot announce on the LAN; serving without it", reason=str(exc))
-        except Exception as exc:  # zeroconf's own errors (a name conflict it cannot fix)
+        except Exception as exc:  # no address, no socket, zeroconf's own errors
             _log.warning("cannot announce on the LAN; serving without it", reason=repr(exc))
 
     async def stop(self) -> None:
@@ -173,13 +173,14 @@ class Announcement:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         zc, self._zc = self._zc, None
+        registered, self._registered = self._registered, False
         try:
             if zc is not None:
                 await zc.async_close()  # unregisters what it registered: the goodbyes
         finally:
             own_ids.discard(self.instance_id)
-            if zc is not None:
-                _log.info("announcement withdrawn", service=self.name)
+        if registered:
+            _log.info("announcement withdrawn", service=self.name)
 
 
 def check_announce(settings: Settings) -> None:

@@ -100,7 +100,8 @@ def share(
         err_console.print(
             plain(
                 f"warning: sharing on {bind} without an API key: anyone who can reach this "
-                "port can download the store's files (set --api-key)",
+                "port can download the store's files (set --api-key)"
+                + ("; --announce tells the whole LAN where it is" if wanted else ""),
                 style="yellow",
             )
         )

@@ -172,22 +172,20 @@ async def _asyncio_sleep(seconds: float) -> None:
 class ZeroconfBrowser:
     """Browses :data:`SERVICE_TYPE` with python-zeroconf on the LAN (IPv4 multicast).
 
-    ``interfaces``: the addresses to listen on (default: every interface, loopback
-    included, so announcements of stores on this machine are heard too).
-    ``sleep`` is how long the browse listens, on which clock: inject a virtual one
-    (``kensho.runtime.clock.VirtualClock.sleep``) to test the timeout without waiting.
+    It listens on every interface, loopback included, so announcements of stores on
+    this machine are heard too. ``sleep`` is how the browse waits out its window, on
+    which clock: inject a virtual one (``kensho.runtime.clock.VirtualClock.sleep``) to
+    test the timeout without waiting.
     ``service_type`` lets tests browse a type of their own.
     """
 
     def __init__(
         self,
         *,
-        interfaces: Sequence[str] | None = None,
         service_type: str = SERVICE_TYPE,
         sleep: Callable[[float], Awaitable[None]] = _asyncio_sleep,
     ) -> None:
         require_zeroconf(MDNS_SPEC)
-        self.interfaces = list(interfaces) if interfaces is not None else None
         self.service_type = service_type
         self._sleep = sleep
 
@@ -204,9 +202,7 @@ class ZeroconfBrowser:
                 heard.append(name)
 
         try:
-            aiozc = AsyncZeroconf(
-                interfaces=self.interfaces or InterfaceChoice.All, ip_version=IPVersion.V4Only
-            )
+            aiozc = AsyncZeroconf(interfaces=InterfaceChoice.All, ip_version=IPVersion.V4Only)
         except OSError as exc:
             raise SourceUnreachableError(f"{MDNS_SPEC} cannot listen on the LAN: {exc}") from exc
         try:
