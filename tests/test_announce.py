@@ -74,6 +74,24 @@ async def test_an_announcement_is_heard_with_its_records_and_withdrawn_by_its_go
     await announcement.stop()  # twice is harmless
 
 
+async def test_an_announcement_started_until_an_event_is_withdrawn_when_it_is_set() -> None:
+    """``kensho up`` withdraws at the start of its drain, not after it."""
+    kind = service_type()
+    draining = asyncio.Event()
+    with watching(kind) as watcher:
+        announcement = Announcement("127.0.0.1", 8714, api_key_required=False, service_type=kind)
+        announcement.start_soon(until=draining)
+        try:
+            info = await asyncio.to_thread(watcher.wait_for_port, kind, 8714)
+            draining.set()
+            await asyncio.to_thread(
+                watcher.wait_for, ServiceStateChange.Removed, lambda n: n == info.name, 10.0
+            )
+        finally:
+            await announcement.stop()  # the usual stop afterwards: waits for the same close
+    assert announcement.instance_id not in own_ids
+
+
 async def test_a_process_hears_its_own_announcement_but_never_asks_itself() -> None:
     kind = service_type()
     announcement = Announcement("127.0.0.1", 8712, api_key_required=False, service_type=kind)

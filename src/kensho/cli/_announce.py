@@ -122,11 +122,16 @@ class Announcement:
         self._zc: AsyncZeroconf | None = None
         self._info: AsyncServiceInfo | None = None
         self._task: asyncio.Task[None] | None = None
+        self._closing: asyncio.Task[None] | None = None
         self._registered = False
 
-    def start_soon(self) -> None:
-        """Register from a task of the running loop; a failure is logged, serving goes on."""
-        self._task = asyncio.get_running_loop().create_task(self._start_logged())
+    def start_soon(self, *, until: asyncio.Event | None = None) -> None:
+        """Register from a task of the running loop; a failure is logged, serving goes on.
+
+        ``until``: withdraw as soon as it is set (``kensho up``'s drain begins: from
+        then on its chunk route answers 503, which would get it distrusted).
+        """
+        self._task = asyncio.get_running_loop().create_task(self._run(until))
 
     async def start(self) -> None:
         """Register now (returns once the name is probed and announced)."""
@@ -153,34 +158,42 @@ class Announcement:
         self._registered = True
         _log.info(
             "announced on the LAN",
-            service=self._info.name,
+            instance=self._info.name,
             addresses=list(self.reach.addresses),
             port=self.port,
             auth=self.properties["auth"],
         )
 
-    async def _start_logged(self) -> None:
+    async def _run(self, until: asyncio.Event | None) -> None:
         try:
             await self.start()
         except Exception as exc:  # no address, no socket, zeroconf's own errors
             _log.warning("cannot announce on the LAN; serving without it", reason=repr(exc))
+            return
+        if until is not None:
+            await until.wait()
+            await self.stop()
 
     async def stop(self) -> None:
-        """Withdraw the announcement (goodbye packets) and close the sockets. Safe twice."""
+        """Withdraw the announcement (goodbye packets) and close the sockets. Safe twice,
+        and from its own task: a second caller waits for the same withdrawal."""
         task, self._task = self._task, None
-        if task is not None and not task.done():
+        if task is not None and task is not asyncio.current_task() and not task.done():
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        zc, self._zc = self._zc, None
-        registered, self._registered = self._registered, False
+        if self._closing is None:
+            self._closing = asyncio.get_running_loop().create_task(self._close())
+        await asyncio.shield(self._closing)
+
+    async def _close(self) -> None:
         try:
-            if zc is not None:
-                await zc.async_close()  # unregisters what it registered: the goodbyes
+            if self._zc is not None:
+                await self._zc.async_close()  # unregisters what it registered: the goodbyes
         finally:
             own_ids.discard(self.instance_id)
-        if registered:
-            _log.info("announcement withdrawn", service=self.name)
+        if self._registered:
+            _log.info("announcement withdrawn", instance=self.name)
 
 
 def check_announce(settings: Settings) -> None:

@@ -37,6 +37,8 @@ from kensho.errors import ConfigError
 if TYPE_CHECKING:
     # Each command loads what it runs on (httpx, the runtime, the kernel) when it runs:
     # declaring the commands, for any other command or --help, costs none of it.
+    import asyncio
+
     import httpx
     from rich.table import Table
 
@@ -284,18 +286,19 @@ class _BootProgress(_StorageProgress):
 
 
 class _Announcer:
-    """``[share] announce``: on the LAN from the moment ``kensho up`` listens to its stop."""
+    """``[share] announce``: on the LAN from the moment ``kensho up`` listens until it
+    begins to drain (or stops)."""
 
     def __init__(self) -> None:
         self.announcement: Announcement | None = None
 
-    def start(self, settings: Settings, port: int | None) -> None:
+    def start(self, settings: Settings, port: int | None, draining: asyncio.Event) -> None:
         if settings.share.announce and port is not None:
             from kensho.cli._announce import Announcement
 
             key = bool(settings.server.api_key)
             self.announcement = Announcement(settings.server.host, port, api_key_required=key)
-            self.announcement.start_soon()
+            self.announcement.start_soon(until=draining)  # peers stop asking at the drain
 
     async def stop(self) -> None:
         if self.announcement is not None:
@@ -331,7 +334,7 @@ async def _up(settings: Settings) -> int:
             soft_wrap=True,
         )
         sys.stdout.flush()
-        lan.start(settings, urlsplit(url).port)
+        lan.start(settings, urlsplit(url).port, ctx.drain.stopping)
 
     lan = _Announcer()
     try:

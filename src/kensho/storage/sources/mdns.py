@@ -147,7 +147,7 @@ def peer_ad(
     elif port is None or not 0 < port < 65536:
         why = f"announces port {port}"
     if why is not None:
-        _log.debug("skipping an mDNS announcement", service=name, reason=why)
+        _log.debug("skipping an mDNS announcement", instance=name, reason=why)
         return None
     return PeerAd(
         name=name,
@@ -221,7 +221,7 @@ class ZeroconfBrowser:
 
         info = AsyncServiceInfo(self.service_type, name)
         if not await info.async_request(zc, _RESOLVE_MS):
-            _log.debug("an mDNS announcement vanished before it resolved", service=name)
+            _log.debug("an mDNS announcement vanished before it resolved", instance=name)
             return None
         return peer_ad(name, info.parsed_addresses(), info.port, info.properties)
 
