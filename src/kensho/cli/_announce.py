@@ -114,7 +114,8 @@ class Announcement:
     ) -> None:
         require_zeroconf("announcing on the LAN")
         self.instance_id = secrets.token_hex(8)
-        self.reach = reach_of(host)
+        self.host = host
+        self.reach = Reach((), None)  # found at start (a name may not resolve then)
         self.port = port
         self.service_type = service_type
         self.name = f"kensho-{self.instance_id}.{service_type}"
@@ -138,6 +139,7 @@ class Announcement:
         from zeroconf import InterfaceChoice, IPVersion
         from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
 
+        self.reach = reach_of(self.host)
         if not self.reach.addresses:
             raise SourceError("this machine has no address to announce on the LAN")
         v4_only = all(ipaddress.ip_address(a).version == 4 for a in self.reach.addresses)

@@ -2,7 +2,8 @@
 
 The same route ``kensho up`` serves (``GET /v1/kensho/chunks/{sha256}``), for a
 device that only keeps a store: a cache box on the site, a laptop that synced first.
-Other stores fetch from it with ``--source peer+http://HOST:PORT``.
+Other stores fetch from it with ``--source peer+http://HOST:PORT``, or find it on
+the LAN with ``--source peer+mdns://`` when it announces itself (``--announce``).
 """
 
 from __future__ import annotations
@@ -29,9 +30,10 @@ _SHARE_HELP = (
     "\b\nExamples:\n"
     '  kensho share --root /srv/models --host 0.0.0.0 --port 8700 --api-key "$KEY"\n'
     "  kensho sync -m manifest.json --root ./store -s peer+http://10.0.0.5:8700 -s https://origin/\n"
-    "  kensho share --root /srv/models --host 0.0.0.0 --announce\n\n"
-    "Exit codes: 0 stopped by a signal · 2 the folder holds no synced store · 10 the "
-    "port is taken."
+    '  kensho share --root /srv/models --host 0.0.0.0 --api-key "$KEY" --announce\n'
+    "  kensho sync -m manifest.json --root ./store -s peer+mdns:// -s https://origin/\n\n"
+    "Exit codes: 0 stopped by a signal · 2 the folder holds no synced store, or "
+    "--announce without the mdns extra · 10 the port is taken."
 )
 
 

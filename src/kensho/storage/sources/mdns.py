@@ -287,7 +287,8 @@ class MdnsPeers:
         async with self._lock:
             if not self._fresh:
                 ads = await self.browser.browse(self.timeout)
-                self._live = [self._peer(ad.url) for ad in ads if self._usable(ad)]
+                urls = dict.fromkeys(ad.url for ad in ads if self._usable(ad))  # heard twice: once
+                self._live = [self._peer(url) for url in urls]
                 self._fresh = True
                 if self._live:
                     _log.info("peers found on the LAN", source=MDNS_SPEC, peers=self.peers)
