@@ -12,6 +12,7 @@ import json
 import os
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -106,6 +107,19 @@ def test_kensho_share_announce_is_heard_on_the_lan_and_withdrawn_at_sigterm(
             assert server.stop(signal.SIGTERM) == 0
         watcher.wait_for(ServiceStateChange.Removed, lambda name: name == info.name, 10.0)
     assert any("announcement withdrawn" in line for line in server.stderr)
+
+
+def test_kensho_share_announce_on_a_taken_port_never_announces(tmp_path: Path) -> None:
+    with http_server(FILES) as (origin, _):
+        assert sync(tmp_path, tmp_path / "seed", origin).returncode == 0
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        args = ["share", "--root", str(tmp_path / "seed"), "--port", port, "--announce"]
+        r = run_kensho(*args, env=kensho_env(tmp_path / "data", port=None), cwd=tmp_path)
+    assert r.returncode == 10, r.stderr
+    assert "announc" not in r.stderr  # the whole log of the run: it never started announcing
 
 
 def test_kensho_sync_finds_the_announced_share_and_skips_the_origin(tmp_path: Path) -> None:

@@ -139,7 +139,7 @@ class Announcement:
         from zeroconf import InterfaceChoice, IPVersion
         from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
 
-        self.reach = reach_of(self.host)
+        self.reach = await asyncio.to_thread(reach_of, self.host)  # a name may ask DNS
         if not self.reach.addresses:
             raise SourceError("this machine has no address to announce on the LAN")
         v4_only = all(ipaddress.ip_address(a).version == 4 for a in self.reach.addresses)

@@ -119,7 +119,11 @@ def share(
         )
         announce_at = partial(Announcement, bind, api_key_required=bool(key)) if wanted else None
         server = ShareServer(config, root, len(service.shelf), announce=announce_at)
-        run_async(server.serve())
+        try:
+            run_async(server.serve())
+        except SystemExit:  # uvicorn's own exit (3) when it cannot listen
+            if server.started:
+                raise
     finally:
         service.close()
     if not server.started:  # uvicorn logged why (the port is taken)
