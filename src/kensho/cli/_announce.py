@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
     from kensho.config import Settings
 
-__all__ = ["Announcement", "Reach", "check_announce", "reach_of"]
+__all__ = ["Announcement", "Reach", "UpAnnouncer", "check_announce", "reach_of"]
 
 _log = get_logger("share")
 
@@ -196,6 +196,25 @@ class Announcement:
             own_ids.discard(self.instance_id)
         if self._registered:
             _log.info("announcement withdrawn", instance=self.name)
+
+
+class UpAnnouncer:
+    """``kensho up``'s ``[share] announce``: on the LAN from the moment it listens until
+    it begins to drain (or stops); nothing when the setting is off."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.announcement: Announcement | None = None
+
+    def start(self, port: int | None, draining: asyncio.Event) -> None:
+        if self.settings.share.announce and port is not None:
+            key = bool(self.settings.server.api_key)
+            self.announcement = Announcement(self.settings.server.host, port, api_key_required=key)
+            self.announcement.start_soon(until=draining)  # peers stop asking at the drain
+
+    async def stop(self) -> None:
+        if self.announcement is not None:
+            await self.announcement.stop()
 
 
 def check_announce(settings: Settings) -> None:

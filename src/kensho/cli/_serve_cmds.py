@@ -37,12 +37,9 @@ from kensho.errors import ConfigError
 if TYPE_CHECKING:
     # Each command loads what it runs on (httpx, the runtime, the kernel) when it runs:
     # declaring the commands, for any other command or --help, costs none of it.
-    import asyncio
-
     import httpx
     from rich.table import Table
 
-    from kensho.cli._announce import Announcement
     from kensho.config import Settings
     from kensho.events import (
         BreakerChange,
@@ -285,27 +282,10 @@ class _BootProgress(_StorageProgress):
         return None
 
 
-class _Announcer:
-    """``[share] announce``: on the LAN from the moment ``kensho up`` listens until it
-    begins to drain (or stops)."""
-
-    def __init__(self) -> None:
-        self.announcement: Announcement | None = None
-
-    def start(self, settings: Settings, port: int | None, draining: asyncio.Event) -> None:
-        if settings.share.announce and port is not None:
-            from kensho.cli._announce import Announcement
-
-            key = bool(settings.server.api_key)
-            self.announcement = Announcement(settings.server.host, port, api_key_required=key)
-            self.announcement.start_soon(until=draining)  # peers stop asking at the drain
-
-    async def stop(self) -> None:
-        if self.announcement is not None:
-            await self.announcement.stop()
-
-
 async def _up(settings: Settings) -> int:
+    from kensho.cli._announce import UpAnnouncer
+
+    lan = UpAnnouncer(settings)  # [share] announce: from listening to the drain
     try:
         kernel = await _booted(settings, listen=True)
     except OSError as exc:  # the port is taken
@@ -334,9 +314,8 @@ async def _up(settings: Settings) -> int:
             soft_wrap=True,
         )
         sys.stdout.flush()
-        lan.start(settings, urlsplit(url).port, ctx.drain.stopping)
+        lan.start(urlsplit(url).port, ctx.drain.stopping)
 
-    lan = _Announcer()
     try:
         forced_by = await kernel.serve(on_listening=listening)
     except OSError as exc:
