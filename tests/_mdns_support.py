@@ -17,7 +17,14 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from zeroconf import IPVersion, ServiceBrowser, ServiceInfo, ServiceStateChange, Zeroconf
+from zeroconf import (
+    DNSQuestionType,
+    IPVersion,
+    ServiceBrowser,
+    ServiceInfo,
+    ServiceStateChange,
+    Zeroconf,
+)
 
 from kensho.storage.sources.mdns import txt_record
 
@@ -88,14 +95,14 @@ class Watcher:
         """Block until a service announcing ``port`` is added; its records."""
 
         def on_port(name: str) -> bool:
-            info = self.zc.get_service_info(kind, name, timeout=3000) if self.zc else None
+            info = self.info(kind, name) if self.zc else None
             return info is not None and info.port == port
 
         return self.info(kind, self.wait_for(ServiceStateChange.Added, on_port, timeout))
 
     def info(self, kind: str, name: str) -> ServiceInfo:
         assert self.zc is not None
-        info = self.zc.get_service_info(kind, name, timeout=3000)
+        info = self.zc.get_service_info(kind, name, timeout=3000, question_type=DNSQuestionType.QM)
         assert info is not None, name
         return info
 
@@ -116,7 +123,10 @@ def watching(kind: str) -> Iterator[Watcher]:
 
     with ThreadPoolExecutor(1, thread_name_prefix="mdns-watch") as pool:
         watcher.zc = pool.submit(Zeroconf, ip_version=IPVersion.V4Only).result()
-        browser = ServiceBrowser(watcher.zc, kind, handlers=[on_change])
+        # Multicast answers only: a unicast one may reach another process's socket.
+        browser = ServiceBrowser(
+            watcher.zc, kind, handlers=[on_change], question_type=DNSQuestionType.QM
+        )
         try:
             yield watcher
         finally:

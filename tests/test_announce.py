@@ -18,7 +18,12 @@ from zeroconf import ServiceStateChange
 from _mdns_support import service_type, watching
 from kensho.cli._announce import Announcement, reach_of
 from kensho.errors import SourceError
-from kensho.storage.sources.mdns import MdnsPeers, ZeroconfBrowser, own_ids
+from kensho.storage.sources.mdns import (
+    DEFAULT_DISCOVERY_TIMEOUT,
+    MdnsPeers,
+    ZeroconfBrowser,
+    own_ids,
+)
 
 
 def test_a_loopback_bind_is_announced_on_the_loopback_interface_only() -> None:
@@ -97,9 +102,9 @@ async def test_a_process_hears_its_own_announcement_but_never_asks_itself() -> N
     announcement = Announcement("127.0.0.1", 8712, api_key_required=False, service_type=kind)
     await announcement.start()
     try:
-        heard = await ZeroconfBrowser(service_type=kind).browse(1.0)
+        heard = await ZeroconfBrowser(service_type=kind).browse(DEFAULT_DISCOVERY_TIMEOUT)
         assert [ad.url for ad in heard] == ["peer+http://127.0.0.1:8712"]
-        peers = MdnsPeers(ZeroconfBrowser(service_type=kind), timeout=1.0)
+        peers = MdnsPeers(ZeroconfBrowser(service_type=kind))
         assert await peers.discover() == []
     finally:
         await announcement.stop()

@@ -25,6 +25,7 @@ from kensho.errors import SourceError, SourceUnreachableError
 from kensho.runtime.clock import VirtualClock
 from kensho.storage.sources import PEER_API_KEY_ENV, HttpSource, source_from_string
 from kensho.storage.sources.mdns import (
+    DEFAULT_DISCOVERY_TIMEOUT,
     MdnsPeers,
     PeerAd,
     ZeroconfBrowser,
@@ -43,7 +44,7 @@ def port_of(url: str) -> int:
     return int(url.rsplit(":", 1)[1])
 
 
-def lan_peers(kind: str, timeout: float = 1.0) -> MdnsPeers:
+def lan_peers(kind: str, timeout: float = DEFAULT_DISCOVERY_TIMEOUT) -> MdnsPeers:
     return MdnsPeers(ZeroconfBrowser(service_type=kind), timeout=timeout)
 
 
@@ -134,7 +135,7 @@ async def test_the_browse_listens_for_its_whole_window_and_no_longer() -> None:
 async def test_a_peer_announced_on_the_lan_is_heard_with_its_address_port_and_txt() -> None:
     kind = service_type()
     with announced(8701, kind, auth=True) as info:
-        ads = await ZeroconfBrowser(service_type=kind).browse(1.0)
+        ads = await ZeroconfBrowser(service_type=kind).browse(DEFAULT_DISCOVERY_TIMEOUT)
     assert [(ad.name, ad.url, ad.auth) for ad in ads] == [
         (info.name, "peer+http://127.0.0.1:8701", True)
     ]
@@ -278,7 +279,7 @@ def test_a_range_one_peer_holds_only_the_start_of_is_finished_by_the_next(
 async def test_a_new_release_browses_again_and_keeps_the_peers_heard_before() -> None:
     kind = service_type()
     with announced(8702, kind):
-        peers = lan_peers(kind, timeout=0.5)
+        peers = lan_peers(kind)
         peers.know(MANIFEST)
         assert await peers.discover() == ["peer+http://127.0.0.1:8702"]
         with announced(8703, kind):
