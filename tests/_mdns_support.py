@@ -95,14 +95,18 @@ class Watcher:
         """Block until a service announcing ``port`` is added; its records."""
 
         def on_port(name: str) -> bool:
-            info = self.info(kind, name) if self.zc else None
+            info = self.lookup(kind, name)
             return info is not None and info.port == port
 
         return self.info(kind, self.wait_for(ServiceStateChange.Added, on_port, timeout))
 
-    def info(self, kind: str, name: str) -> ServiceInfo:
+    def lookup(self, kind: str, name: str) -> ServiceInfo | None:
+        """The records of ``name``, or ``None`` if it is gone (another test's, withdrawn)."""
         assert self.zc is not None
-        info = self.zc.get_service_info(kind, name, timeout=3000, question_type=DNSQuestionType.QM)
+        return self.zc.get_service_info(kind, name, timeout=3000, question_type=DNSQuestionType.QM)
+
+    def info(self, kind: str, name: str) -> ServiceInfo:
+        info = self.lookup(kind, name)
         assert info is not None, name
         return info
 
