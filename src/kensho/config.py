@@ -125,6 +125,9 @@ class StorageSettings(_Section):
     update_interval: float = Field(default=0.0, ge=0)
     prefetch_rate: int = Field(default=0, ge=0)
     auto_apply: bool = False
+    # ``peer+mdns://`` (docs/storage.md): how long a repair or sync that needs bytes
+    # listens for peers announcing themselves on the LAN before asking them.
+    discovery_timeout: float = Field(default=1.5, gt=0, le=30)
 
 
 class ShareSettings(_Section):
@@ -134,11 +137,14 @@ class ShareSettings(_Section):
     (``kensho share`` always does). At most ``max_transfers`` chunks are sent at once
     (more get 429, and the peer asks its next source), at most ``rate_limit`` bytes/s
     in all (0: no limit), so that a fleet syncing from one device cannot starve it.
+    ``announce`` (off by default: it tells the whole LAN the store is here) registers
+    the chunk server over mDNS/DNS-SD, for stores that list ``peer+mdns://``.
     """
 
     enabled: bool = True
     max_transfers: int = Field(default=8, ge=1, le=1024)
     rate_limit: int = Field(default=0, ge=0)
+    announce: bool = False
 
 
 class ServerSettings(_Section):

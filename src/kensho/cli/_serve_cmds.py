@@ -16,6 +16,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
+from urllib.parse import urlsplit
 
 import orjson
 import typer
@@ -133,7 +134,8 @@ SourceOpt = Annotated[
     typer.Option(
         "--source",
         "-s",
-        help="Repair source: folder, file://, http(s)://, s3:// or peer+http:// URL.",
+        help="Repair source: folder, file://, http(s)://, s3://, peer+http:// URL or "
+        "peer+mdns:// (peers on the LAN).",
     ),
 ]
 ModelIdOpt = Annotated[
@@ -177,6 +179,9 @@ def up(  # noqa: PLR0917 - Typer maps each parameter to an option
         api_key=api_key,
         model_id=model_id,
     )
+    from kensho.cli._announce import check_announce
+
+    check_announce(settings)  # [share] announce: refused before booting if it cannot be
     code = _run_fast(_up(settings))
     raise typer.Exit(code)
 
@@ -278,6 +283,9 @@ class _BootProgress(_StorageProgress):
 
 
 async def _up(settings: Settings) -> int:
+    from kensho.cli._announce import UpAnnouncer
+
+    lan = UpAnnouncer(settings)  # [share] announce: from listening to the drain
     try:
         kernel = await _booted(settings, listen=True)
     except OSError as exc:  # the port is taken
@@ -306,6 +314,7 @@ async def _up(settings: Settings) -> int:
             soft_wrap=True,
         )
         sys.stdout.flush()
+        lan.start(urlsplit(url).port, ctx.drain.stopping)
 
     try:
         forced_by = await kernel.serve(on_listening=listening)
@@ -313,6 +322,7 @@ async def _up(settings: Settings) -> int:
         err_console.print(labelled("error:", "bold red", exc))
         return int(ExitCode.ERROR)
     finally:
+        await lan.stop()
         await kernel.shutdown()
     # Cut short: the shell's convention for "killed by this signal" (130, 143).
     return int(ExitCode.OK) if forced_by is None else 128 + int(forced_by)

@@ -281,8 +281,8 @@ def sync(  # noqa: PLR0917 - Typer maps each parameter to an option
         typer.Option(
             "--source",
             "-s",
-            help="A folder, file://, http(s)://, s3:// (gs://, az://) or peer+http:// URL; "
-            "repeat for fallbacks. Default: storage.sources.",
+            help="A folder, file://, http(s)://, s3:// (gs://, az://) or peer+http:// URL, "
+            "or peer+mdns:// (peers on the LAN); repeat for fallbacks. Default: storage.sources.",
         ),
     ] = None,
     as_json: JsonOpt = False,

@@ -9,6 +9,7 @@ from kensho.config import StorageSettings
 from kensho.errors import SourceError
 from kensho.storage.sources._base import Source
 from kensho.storage.sources.http import HttpSource
+from kensho.storage.sources.mdns import DEFAULT_DISCOVERY_TIMEOUT, MDNS_SCHEME, mdns_source
 from kensho.storage.sources.mirror import MirrorSource
 from kensho.storage.sources.object_store import OBJECT_STORE_SCHEMES, ObjectStoreSource
 from kensho.storage.sources.peer import PeerSource
@@ -55,7 +56,8 @@ def source_from_string(
 ) -> Source:
     """``http(s)://...`` gives an :class:`HttpSource`; a path or ``file://`` a mirror;
     ``s3://``, ``gs://``, ``az://`` an :class:`ObjectStoreSource`; ``peer+http://`` a
-    :class:`PeerSource`.
+    :class:`PeerSource`; ``peer+mdns://`` the peers that announce themselves on the LAN
+    (:class:`~kensho.storage.sources.mdns.MdnsPeers`, the ``mdns`` extra).
 
     An HTTP source takes its timeouts, retries and minimum rate from ``settings``
     (``[storage]``) when given; explicit ``options`` win over both. Object stores
@@ -74,11 +76,14 @@ def source_from_string(
         )
     if scheme in {"peer+http", "peer+https"}:
         return _peer(spec, settings)
+    if scheme == MDNS_SCHEME:
+        timeout = settings.discovery_timeout if settings else DEFAULT_DISCOVERY_TIMEOUT
+        return mdns_source(spec, timeout=timeout, make_peer=lambda url: _peer(url, settings))
     if scheme in {"", "file"} or len(scheme) == 1:  # one letter: a Windows drive
         return MirrorSource(spec)
     raise SourceError(
         f"unsupported source {spec!r}: use a folder, file://, http(s)://, s3://, gs://, "
-        "az:// or peer+http://"
+        "az://, peer+http:// or peer+mdns://"
     )
 
 
