@@ -9,9 +9,10 @@ Every completion goes through the :class:`~kensho.runtime.executor.TaskExecutor`
 is answered early and explicitly (429 with ``Retry-After``) instead of by a request
 that hangs. :class:`CompletionRunner` waits for the first token *before* the response
 starts, so queue-phase failures still get their proper status code (429, 503, 504)
-rather than a 200 with an error inside; a client that goes away cancels its task and
-frees its slot; at a drain's cut-off a stream ends with an error event, a whole answer
-with a 503. :class:`OpenAIShaper` builds the OpenAI response objects.
+rather than a 200 with an error inside; a client that goes away (seen by the request's
+:class:`~kensho.server._sse.ClientWatch`) cancels its task and frees its slot; at a
+drain's cut-off a stream ends with an error event, a whole answer with a 503.
+:class:`OpenAIShaper` builds the OpenAI response objects.
 """
 
 from __future__ import annotations
@@ -19,12 +20,12 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
 from kensho.errors import KenshoError, QueueFullError
 from kensho.runtime.engines.base import (
@@ -41,7 +42,14 @@ from kensho.server._fields import audit_chat, audit_completion
 from kensho.server._logprobs import TextOffsets, chat_logprobs, text_logprobs
 from kensho.server._metrics import ServerMetrics
 from kensho.server._schemas import ChatCompletionRequest, CompletionRequest
-from kensho.server._sse import SSE_DONE, SSE_HEADERS, sse_event
+from kensho.server._sse import (
+    SSE_DONE,
+    SSE_HEADERS,
+    ClientGoneError,
+    ClientWatch,
+    EventStream,
+    sse_event,
+)
 from kensho.server._tools import ToolShaper, chat_messages, structured_options
 from kensho.telemetry import bound_context, get_logger
 
@@ -60,15 +68,6 @@ log = get_logger("server")
 
 PRIORITY_HEADER = "x-kensho-priority"
 TIMEOUT_HEADER = "x-kensho-timeout"
-_T = TypeVar("_T")
-
-
-class _ClientGoneError(Exception):
-    """The client went away before its answer was ready.
-
-    A private signal inside this module (answered with the 499 access-log status),
-    never raised to a caller: that is why it is not part of :mod:`kensho.errors`.
-    """
 
 
 def _priority(request: Request) -> Priority:
@@ -95,28 +94,6 @@ def _timeout(request: Request, default: float | None) -> float | None:
             param=TIMEOUT_HEADER,
         )  # fmt: skip
     return value
-
-
-async def _until_disconnected(request: Request) -> None:
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
-async def _unless_disconnected(request: Request, work: Coroutine[Any, Any, _T]) -> _T:
-    """Run ``work``; if the client disconnects first, cancel it and raise."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_until_disconnected(request))
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        if not task.done():
-            task.cancel()
-        watcher.cancel()
-    if not task.done():
-        raise _ClientGoneError
-    return task.result()  # a task the server cancelled raises CancelledError here
 
 
 def _cancelled_by_server() -> bool:
@@ -233,25 +210,26 @@ class CompletionRunner:
         request: Request,
     ) -> Response:
         timing = _Timing("chat" if kind == "chat" else "completions", time.perf_counter())
+        watch = ClientWatch(request.receive)
+        handed_over = False  # to the streamed response, which closes the watch
         with bound_context(request_id=gen.request_id):
             try:
-                handle, first = await self._start(timing, body.model, gen, request)
-            except _ClientGoneError:
+                handle, first = await self._start(timing, body.model, gen, request, watch)
+                echo = gen.prompt if isinstance(body, CompletionRequest) and body.echo else None
+                plain = OpenAIShaper(kind, body.model, logprobs=gen.logprobs, echo=echo)
+                calling = bool(gen.tools) and gen.tool_choice != "none"
+                shape: Shaper = ToolShaper(plain) if calling else plain
+                if body.stream:
+                    usage = bool(body.stream_options and body.stream_options.include_usage)
+                    stream = self._stream_answer(handle, first, shape, timing, usage)
+                    handed_over = True
+                    return EventStream(stream, watch, headers=SSE_HEADERS)
+                chunks = await self._finish(timing, handle, first, watch)
+            except ClientGoneError:
                 return Response(status_code=499)
-            echo = gen.prompt if isinstance(body, CompletionRequest) and body.echo else None
-            plain = OpenAIShaper(kind, body.model, logprobs=gen.logprobs, echo=echo)
-            calling = bool(gen.tools) and gen.tool_choice != "none"
-            shape: Shaper = ToolShaper(plain) if calling else plain
-            if body.stream:
-                usage = bool(body.stream_options and body.stream_options.include_usage)
-                stream = self._stream_answer(handle, first, shape, timing, usage)
-                return StreamingResponse(
-                    stream, media_type="text/event-stream", headers=SSE_HEADERS
-                )
-            try:
-                chunks = await self._finish(timing, handle, first, request)
-            except _ClientGoneError:
-                return Response(status_code=499)
+            finally:
+                if not handed_over:
+                    watch.close()
             return JSONResponse(shape.whole(chunks))
 
     async def run_whole(
@@ -260,17 +238,25 @@ class CompletionRunner:
         """Every chunk of ``gen`` run through the executor like a completion (priority,
         deadline, drain, breakers); ``None`` when the client went away first."""
         timing = _Timing(endpoint, time.perf_counter())
+        watch = ClientWatch(request.receive)
         with bound_context(request_id=gen.request_id):
             try:
-                handle, first = await self._start(timing, model, gen, request)
-                return await self._finish(timing, handle, first, request)
-            except _ClientGoneError:
+                handle, first = await self._start(timing, model, gen, request, watch)
+                return await self._finish(timing, handle, first, watch)
+            except ClientGoneError:
                 return None
+            finally:
+                watch.close()
 
     async def _start(
-        self, timing: _Timing, model: str, gen: GenerationRequest, request: Request
+        self,
+        timing: _Timing,
+        model: str,
+        gen: GenerationRequest,
+        request: Request,
+        watch: ClientWatch,
     ) -> tuple[TaskHandle, GenerationChunk | None]:
-        """Admit ``gen`` and wait for its first chunk (raises ``_ClientGoneError``)."""
+        """Admit ``gen`` and wait for its first chunk (raises ``ClientGoneError``)."""
         ctx = self.ctx
         check_model(ctx, model)
         if ctx.draining:
@@ -282,7 +268,7 @@ class CompletionRunner:
         except QueueFullError as exc:
             raise self._refuse(exc) from None
         ctx.drain.admit(handle)
-        first = await self._first_token(handle, request)
+        first = await self._first_token(handle, watch)
         self.metrics.ttft.labels(timing.endpoint).observe(time.perf_counter() - timing.started)
         return handle, first
 
@@ -291,11 +277,11 @@ class CompletionRunner:
         timing: _Timing,
         handle: TaskHandle,
         first: GenerationChunk | None,
-        request: Request,
+        watch: ClientWatch,
     ) -> list[GenerationChunk]:
         """The rest of a whole answer; the task is released whatever happens."""
         try:
-            chunks = await self._whole_answer(handle, first, request)
+            chunks = await self._whole_answer(handle, first, watch)
         finally:
             self.ctx.drain.release(handle)
             await handle.aclose()
@@ -305,10 +291,14 @@ class CompletionRunner:
         self.metrics.latency.labels(timing.endpoint).observe(time.perf_counter() - timing.started)
         return chunks
 
-    async def _first_token(self, handle: TaskHandle, request: Request) -> GenerationChunk | None:
-        """The first chunk, before the response starts: failures keep their status."""
+    async def _first_token(self, handle: TaskHandle, watch: ClientWatch) -> GenerationChunk | None:
+        """The first chunk, before the response starts: failures keep their status.
+
+        Awaited in the request's own task (no task of its own: the first token is
+        handed straight to the response).
+        """
         try:
-            first = await _unless_disconnected(request, _first_chunk(handle))
+            first = await watch.until_gone(anext(handle, None))
         except BaseException as exc:
             self.ctx.drain.release(handle)
             await handle.aclose()
@@ -329,11 +319,11 @@ class CompletionRunner:
         return exc
 
     async def _whole_answer(
-        self, handle: TaskHandle, first: GenerationChunk | None, request: Request
+        self, handle: TaskHandle, first: GenerationChunk | None, watch: ClientWatch
     ) -> list[GenerationChunk]:
         """Every chunk of a whole (non-streamed) answer."""
         try:
-            return await _unless_disconnected(request, _all_chunks(handle, first))
+            return await watch.until_gone(_all_chunks(handle, first))
         except asyncio.CancelledError:
             if _cancelled_by_server():  # cut off at the end of a drain
                 raise shutting_down(
@@ -350,19 +340,25 @@ class CompletionRunner:
         shape: Shaper,
         timing: _Timing,
         include_usage: bool,
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncGenerator[bytes, None]:
+        """The stream's events; the opening one goes out with the first token's, in one
+        write (one segment for the client to read before it sees the first token)."""
         count = 0
         try:
             opening = shape.opening()
-            yield sse_event({**opening, "usage": None} if include_usage else opening)
+            pending = sse_event({**opening, "usage": None} if include_usage else opening)
             chunk = first
             while chunk is not None:
                 count += 1
                 self.metrics.tokens.labels(chunk.engine).inc()
                 shape.count(chunk)
                 for event in shape.deltas(chunk):
-                    yield sse_event({**event, "usage": None} if include_usage else event)
+                    pending += sse_event({**event, "usage": None} if include_usage else event)
+                yield pending
+                pending = b""
                 chunk = await anext(handle, None)
+            if pending:  # no token at all
+                yield pending
             if include_usage:
                 yield sse_event(shape.usage_chunk(count, shape.prompt_tokens))
             yield SSE_DONE
@@ -399,10 +395,6 @@ def _api_error(exc: KenshoError | ValueError) -> APIError:
     if isinstance(exc, ValueError) and not isinstance(exc, KenshoError):
         return APIError(400, str(exc))
     return error_for_exception(exc) or APIError(500, str(exc), type="server_error")
-
-
-async def _first_chunk(handle: TaskHandle) -> GenerationChunk | None:
-    return await anext(handle, None)
 
 
 async def _all_chunks(handle: TaskHandle, first: GenerationChunk | None) -> list[GenerationChunk]:
