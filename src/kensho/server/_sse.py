@@ -47,26 +47,30 @@ class ClientGoneError(Exception):
 class ClientWatch:
     """Notices that a request's client disconnected, and interrupts what it waits for.
 
-    One task reads the request's ``receive`` until ``http.disconnect``. While the
-    request's task is inside :meth:`until_gone` (waiting for its first token, its
-    whole answer, or sending a stream) the disconnect cancels it there, and
+    One task (from the first wait on) reads the request's ``receive`` until
+    ``http.disconnect``. While the request's task is inside :meth:`until_gone`
+    (waiting for its first token, its whole answer, or sending a stream) the
+    disconnect cancels it there, and
     :meth:`until_gone` turns that cancellation into :class:`ClientGoneError`; outside
     it the disconnect is only noted (:attr:`gone`), so it never lands in framework
     code between two waits. A cancellation that the watch did not make (the server
     exiting, a task the executor cancelled) goes through unchanged.
     """
 
-    __slots__ = ("_armed", "_fired", "_task", "_watcher", "gone")
+    __slots__ = ("_armed", "_fired", "_receive", "_task", "_watcher", "gone")
 
     def __init__(self, receive: Receive) -> None:
         task = asyncio.current_task()
         if task is None:  # pragma: no cover - requests always run in a task
             raise RuntimeError("a ClientWatch needs the request's task")
         self._task = task
+        self._receive = receive
         self._armed = False
         self._fired = False
         self.gone = False
-        self._watcher = asyncio.get_running_loop().create_task(self._watch(receive))
+        # Started at the first wait, after the request was submitted: the executor's
+        # runner task, which hands the request to the engine, goes first.
+        self._watcher: asyncio.Task[None] | None = None
 
     async def _watch(self, receive: Receive) -> None:
         while (await receive())["type"] != "http.disconnect":
@@ -80,6 +84,8 @@ class ClientWatch:
         """Await ``work`` in this task; :class:`ClientGoneError` once the client left."""
         if self.gone:
             raise ClientGoneError
+        if self._watcher is None:
+            self._watcher = asyncio.get_running_loop().create_task(self._watch(self._receive))
         self._armed = True
         try:
             return await work
@@ -95,7 +101,8 @@ class ClientWatch:
     def close(self) -> None:
         """The response is over: stop watching."""
         self._armed = False
-        self._watcher.cancel()
+        if self._watcher is not None:
+            self._watcher.cancel()
 
 
 class EventStream(Response):
