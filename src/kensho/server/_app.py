@@ -45,6 +45,10 @@ def create_app(ctx: ServerContext) -> FastAPI:
         version=__version__,
         docs_url=None,  # the interactive docs load scripts from a CDN: useless offline
         redoc_url=None,
+        # Spans, metrics and logs come from Kensho's own telemetry (TracingMiddleware,
+        # /metrics, the log service); FastAPI's native OpenTelemetry would only look up
+        # the global providers on every request (or trace each request twice).
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     metrics = ServerMetrics(ctx)
     app.state.context = ctx
