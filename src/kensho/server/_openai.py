@@ -18,6 +18,7 @@ drain's cut-off a stream ends with an error event, a whole answer with a 503.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable
@@ -73,6 +74,7 @@ log = get_logger("server")
 PRIORITY_HEADER = "x-kensho-priority"
 TIMEOUT_HEADER = "x-kensho-timeout"
 _Body = TypeVar("_Body", bound=BaseModel)
+_P = TypeVar("_P")
 
 
 def _priority(request: Request) -> Priority:
@@ -250,14 +252,12 @@ class CompletionRunner:
         handed_over = False  # to the streamed response, which closes the watch
         with bound_context(request_id=gen.request_id):
             try:
-                handle, first = await self._start(timing, body.model, gen, request, watch)
-                echo = gen.prompt if isinstance(body, CompletionRequest) and body.echo else None
-                plain = OpenAIShaper(kind, body.model, logprobs=gen.logprobs, echo=echo)
-                calling = bool(gen.tools) and gen.tool_choice != "none"
-                shape: Shaper = ToolShaper(plain) if calling else plain
+                prepare = functools.partial(_prepare_answer, kind, body, gen)
+                handle, first, answer = await self._start(
+                    timing, body.model, gen, request, watch, meanwhile=prepare
+                )
                 if body.stream:
-                    usage = bool(body.stream_options and body.stream_options.include_usage)
-                    stream = self._stream_answer(handle, first, shape, timing, usage)
+                    stream = self._stream_answer(handle, first, answer, timing)
                     handed_over = True
                     return EventStream(stream, watch, headers=SSE_HEADERS)
                 chunks = await self._finish(timing, handle, first, watch)
@@ -266,7 +266,7 @@ class CompletionRunner:
             finally:
                 if not handed_over:
                     watch.close()
-            return JSONResponse(shape.whole(chunks))
+            return JSONResponse(answer.shape.whole(chunks))
 
     async def run_whole(
         self, endpoint: str, model: str, gen: GenerationRequest, request: Request
@@ -277,7 +277,9 @@ class CompletionRunner:
         watch = ClientWatch(request.receive)
         with bound_context(request_id=gen.request_id):
             try:
-                handle, first = await self._start(timing, model, gen, request, watch)
+                handle, first, _ = await self._start(
+                    timing, model, gen, request, watch, meanwhile=_nothing
+                )
                 return await self._finish(timing, handle, first, watch)
             except ClientGoneError:
                 return None
@@ -291,8 +293,11 @@ class CompletionRunner:
         gen: GenerationRequest,
         request: Request,
         watch: ClientWatch,
-    ) -> tuple[TaskHandle, GenerationChunk | None]:
-        """Admit ``gen`` and wait for its first chunk (raises ``ClientGoneError``)."""
+        *,
+        meanwhile: Callable[[], _P],
+    ) -> tuple[TaskHandle, GenerationChunk | None, _P]:
+        """Admit ``gen`` and wait for its first chunk (raises ``ClientGoneError``);
+        ``meanwhile()`` runs while the engine reads the prompt (:meth:`_first_token`)."""
         ctx = self.ctx
         check_model(ctx, model)
         if ctx.draining:
@@ -304,9 +309,9 @@ class CompletionRunner:
         except QueueFullError as exc:
             raise self._refuse(exc) from None
         ctx.drain.admit(handle)
-        first = await self._first_token(handle, watch)
+        first, prepared = await self._first_token(handle, watch, meanwhile)
         self.metrics.ttft.labels(timing.endpoint).observe(time.perf_counter() - timing.started)
-        return handle, first
+        return handle, first, prepared
 
     async def _finish(
         self,
@@ -327,13 +332,20 @@ class CompletionRunner:
         self.metrics.latency.labels(timing.endpoint).observe(time.perf_counter() - timing.started)
         return chunks
 
-    async def _first_token(self, handle: TaskHandle, watch: ClientWatch) -> GenerationChunk | None:
+    async def _first_token(
+        self, handle: TaskHandle, watch: ClientWatch, meanwhile: Callable[[], _P]
+    ) -> tuple[GenerationChunk | None, _P]:
         """The first chunk, before the response starts: failures keep their status.
 
         Awaited in the request's own task (no task of its own: the first token is
-        handed straight to the response).
+        handed straight to the response). The yield first lets the executor's runner
+        task (created by ``submit``) hand the request to the engine; ``meanwhile``
+        then prepares what does not depend on the token while the engine reads the
+        prompt, so that after the token only the token's own event is left to build.
         """
         try:
+            await asyncio.sleep(0)
+            prepared = meanwhile()
             first = await watch.until_gone(anext(handle, None))
         except BaseException as exc:
             self.ctx.drain.release(handle)
@@ -343,7 +355,7 @@ class CompletionRunner:
                 raise
             raise err from None
         self.ctx.drain.producing(handle)  # released when its response ends
-        return first
+        return first, prepared
 
     def _not_started(self, exc: BaseException) -> BaseException:
         """What to raise for a task that failed before its first token."""
@@ -373,16 +385,15 @@ class CompletionRunner:
         self,
         handle: TaskHandle,
         first: GenerationChunk | None,
-        shape: Shaper,
+        answer: _Answer,
         timing: _Timing,
-        include_usage: bool,
     ) -> AsyncGenerator[bytes, None]:
         """The stream's events; the opening one goes out with the first token's, in one
         write (one segment for the client to read before it sees the first token)."""
+        shape, include_usage = answer.shape, answer.include_usage
         count = 0
+        pending = answer.opening
         try:
-            opening = shape.opening()
-            pending = sse_event({**opening, "usage": None} if include_usage else opening)
             chunk = first
             while chunk is not None:
                 count += 1
@@ -418,6 +429,36 @@ class CompletionRunner:
             self.ctx.drain.release(handle)
             handle.cancel("the response ended")  # no-op once the task has ended
             await handle.aclose()
+
+
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    """What an answer needs before its first token: its shaper and, for a stream, the
+    encoded opening event and whether usage comes at the end."""
+
+    shape: Shaper
+    opening: bytes = b""
+    include_usage: bool = False
+
+
+def _prepare_answer(
+    kind: Literal["chat", "text"],
+    body: ChatCompletionRequest | CompletionRequest,
+    gen: GenerationRequest,
+) -> _Answer:
+    echo = gen.prompt if isinstance(body, CompletionRequest) and body.echo else None
+    plain = OpenAIShaper(kind, body.model, logprobs=gen.logprobs, echo=echo)
+    calling = bool(gen.tools) and gen.tool_choice != "none"
+    shape: Shaper = ToolShaper(plain) if calling else plain
+    if not body.stream:
+        return _Answer(shape)
+    opening = shape.opening()
+    usage = bool(body.stream_options and body.stream_options.include_usage)
+    return _Answer(shape, sse_event({**opening, "usage": None} if usage else opening), usage)
+
+
+def _nothing() -> None:
+    return None
 
 
 @dataclass(frozen=True, slots=True)
