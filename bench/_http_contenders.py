@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -26,7 +27,7 @@ from pathlib import Path
 import httpx
 import openai
 
-__all__ = ["THREADS", "HttpStream", "kensho_server", "peer_server"]
+__all__ = ["THREADS", "HttpStream", "kensho_server", "peer_server", "ttft_spread"]
 
 BOOT_TIMEOUT = 120.0
 #: (decode, prompt) threads: llama-cpp-python's defaults, which ``kensho up`` uses.
@@ -121,6 +122,7 @@ class HttpStream:
         self.prompt = prompt
         self.model = ""
         self.texts: list[str] = []  # the last round's text, to check the contenders agree
+        self.ttfts: list[float] = []  # every round's, the warm-up round first
 
     async def round(self, tokens: int) -> tuple[float, float, float]:
         """TTFT (first chunk with text), chunks/s over the whole stream, and no CPU figure."""
@@ -140,7 +142,29 @@ class HttpStream:
             if count == 1:
                 first = time.perf_counter() - start
         self.texts = texts
+        self.ttfts.append(first)
         return first, count / (time.perf_counter() - start), float("nan")
 
     async def close(self) -> None:
         await self.client.close()
+
+
+def ttft_spread(ours: HttpStream, peer: HttpStream) -> str:
+    """The TTFT spread of both servers over the rounds, and their difference per round.
+
+    Rounds interleave the contenders, so a burst of load on the machine hits both in
+    the same round: the per-round difference is steadier than either median. The
+    warm-up round is left out, as in the table.
+    """
+    a, b = ours.ttfts[1:], peer.ttfts[1:]
+    diffs = sorted((x - y) * 1e3 for x, y in zip(a, b, strict=True))
+
+    def span(values: list[float]) -> str:
+        ms = sorted(v * 1e3 for v in values)
+        return f"{ms[0]:.2f}-{ms[-1]:.2f} ms"
+
+    return (
+        f"HTTP TTFT over {len(a)} rounds: Kensho {span(a)}, llama_cpp.server {span(b)}; "
+        f"Kensho minus llama_cpp.server per round: median {statistics.median(diffs):+.2f} ms, "
+        f"range {diffs[0]:+.2f} to {diffs[-1]:+.2f} ms"
+    )

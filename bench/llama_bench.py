@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _http_contenders import THREADS, HttpStream, kensho_server, peer_server
+from _http_contenders import THREADS, HttpStream, kensho_server, peer_server, ttft_spread
 from _table import machine_line, markdown_table
 from kensho.demo import DEMO_MODEL_DIR
 from kensho.runtime.engines.base import GenerationChunk, GenerationRequest
@@ -169,6 +169,7 @@ async def measure(
         samples = await interleave(paths, tokens, rounds)
         if http:
             notes.append(_compare_texts(paths))
+            notes.append(ttft_spread(paths[KENSHO_HTTP], paths[PEER_HTTP]))
             await paths[KENSHO_HTTP].close()
             await paths[PEER_HTTP].close()
     await manager.close()

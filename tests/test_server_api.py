@@ -16,7 +16,7 @@ import httpx
 import pytest
 from starlette.types import ASGIApp, Message
 
-from _http_support import assert_shutting_down, sse_data
+from _http_support import assert_shutting_down, metric, sse_data
 from _otlp_support import Collector
 from kensho.config import LogSettings, TelemetrySettings
 from kensho.runtime.clock import VirtualClock
@@ -511,18 +511,18 @@ async def test_wrong_method_is_405_with_allow(stack: Stack) -> None:
     assert r.headers["allow"] == "POST"
 
 
-class StatusClient:
-    """A status-stream client on the app itself (ASGI): httpx over ASGI would wait for
-    the end of a stream that never ends, and this one can hang up when it likes."""
+class AsgiCall:
+    """One request straight to the app (ASGI), recording what it sends; it can hang up
+    when it likes (httpx over ASGI waits for the end of a response first)."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, method: str, path: str, body: object = None) -> None:
         self.sent: asyncio.Queue[Message] = asyncio.Queue()
         self.gone = asyncio.Event()
+        self._body = b"" if body is None else json.dumps(body).encode()
         self._asked = False
-        path = "/v1/kensho/status"
         scope = {
             "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
-            "method": "GET", "scheme": "http", "path": path, "raw_path": path.encode(),
+            "method": method, "scheme": "http", "path": path, "raw_path": path.encode(),
             "query_string": b"", "root_path": "", "headers": [(b"host", b"localhost")],
             "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 8000),
         }  # fmt: skip
@@ -531,9 +531,20 @@ class StatusClient:
     async def _receive(self) -> Message:
         if not self._asked:
             self._asked = True
-            return {"type": "http.request", "body": b"", "more_body": False}
+            return {"type": "http.request", "body": self._body, "more_body": False}
         await self.gone.wait()
         return {"type": "http.disconnect"}
+
+    async def hang_up(self) -> None:
+        self.gone.set()
+        await self.task  # the app ends the request without an error
+
+
+class StatusClient(AsgiCall):
+    """A status-stream client on the app itself."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        super().__init__(app, "GET", "/v1/kensho/status")
 
     async def next_event(self, kind: str) -> dict[str, object]:
         """The data of the next event of ``kind`` (earlier ones are skipped)."""
@@ -543,9 +554,68 @@ class StatusClient:
             if body.startswith(f"event: {kind}\n"):
                 return json.loads(sse_data(body)[0])  # type: ignore[no-any-return]
 
-    async def hang_up(self) -> None:
-        self.gone.set()
-        await self.task
+
+async def test_stream_opening_event_goes_out_with_the_first_token(stack: Stack) -> None:
+    stack.gpu.time_per_token = 1.0  # virtual seconds: only the first token comes now
+    body = {"model": MODEL, "prompt": "hi", "max_tokens": 3, "stream": True}
+    call = AsgiCall(stack.app, "POST", "/v1/completions", body)
+    start = await call.sent.get()
+    assert start["type"] == "http.response.start"
+    assert start["status"] == 200
+    first = sse_data((await call.sent.get())["body"].decode())
+    assert [json.loads(d)["choices"][0]["text"] for d in first] == ["", "token "]
+    await call.hang_up()
+
+
+async def test_client_leaving_mid_stream_cancels_its_task_and_frees_the_slot(
+    stack: Stack,
+) -> None:
+    stack.gpu.time_per_token = 1.0
+    long = {**CHAT, "max_tokens": 100, "stream": True}
+    call = AsgiCall(stack.app, "POST", "/v1/chat/completions", long)
+    assert (await call.sent.get())["status"] == 200
+    await call.sent.get()  # the opening event and the first token
+    await call.hang_up()
+    await stack.clock.settle()
+    stats = stack.ctx.executor.statistics()
+    assert (stats.cancelled, stats.completed, stats.in_flight_total) == (1, 0, 0)
+    assert stack.ctx.drain._requests == 0
+    stack.gpu.time_per_token = 0
+    r = await stack.client.post("/v1/chat/completions", json=CHAT)  # the slot is free
+    assert r.status_code == 200
+
+
+async def test_client_leaving_before_its_first_token_cancels_its_queued_task(
+    stack: Stack,
+) -> None:
+    stack.gpu.time_per_token = 1.0
+    long = {**CHAT, "max_tokens": 100, "stream": True}
+    running = AsgiCall(stack.app, "POST", "/v1/chat/completions", long)
+    assert (await running.sent.get())["status"] == 200
+    waiting = AsgiCall(stack.app, "POST", "/v1/chat/completions", {**CHAT, "stream": True})
+    await stack.clock.settle()
+    assert stack.ctx.executor.statistics().queued_total == 1
+    await waiting.hang_up()
+    assert (await waiting.sent.get())["status"] == 499  # in the access log; nobody reads it
+    stats = stack.ctx.executor.statistics()
+    assert (stats.queued_total, stats.cancelled, stats.in_flight_total) == (0, 1, 1)
+    text = (await stack.client.get("/metrics")).text
+    gone = 'kensho_http_requests_total{endpoint="/v1/chat/completions",status="499"}'
+    assert metric(text, gone) == 1
+    await running.hang_up()
+
+
+async def test_client_leaving_a_whole_answer_cancels_its_task(stack: Stack) -> None:
+    stack.gpu.time_per_token = 1.0
+    call = AsgiCall(stack.app, "POST", "/v1/chat/completions", {**CHAT, "max_tokens": 100})
+    await stack.clock.settle()
+    assert stack.ctx.executor.statistics().in_flight_total == 1
+    await call.hang_up()
+    await stack.clock.settle()
+    stats = stack.ctx.executor.statistics()
+    assert (stats.cancelled, stats.in_flight_total) == (1, 0)
+    start = await call.sent.get()
+    assert start["status"] == 499  # in the access log and metrics; nobody reads it
 
 
 async def test_status_stream_replays_follows_and_unsubscribes_when_the_client_leaves(

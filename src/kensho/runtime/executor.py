@@ -301,8 +301,8 @@ class TaskExecutor:
                 raise self.admission.refuse_full(priority, capacity, self._queued)
             self._shed_task(victim, priority)
         handle = self._enqueue(request, tid, priority)
-        self._arm_deadlines(handle, queue_timeout, deadline)
         self._pump()
+        self._arm_deadlines(handle, queue_timeout, deadline)  # no time passed since
         return handle
 
     def capacity(self) -> int:
@@ -445,7 +445,8 @@ class TaskExecutor:
         wait = self.max_queue_wait
         if queue_timeout is not None:  # may only lower the executor's bound (as Triton)
             wait = queue_timeout if wait is None else min(wait, queue_timeout)
-        if wait is not None:
+        # A task that started at once never waits: no queue timer to arm and cancel.
+        if wait is not None and handle.state is TaskState.QUEUED:
             timer = self.clock.call_later(wait, lambda: self._expire(handle, "queue", wait))
             handle.set_timer("queue", timer)
         if deadline is not None:

@@ -23,7 +23,7 @@ from kensho.errors import KenshoError
 from kensho.server._chunks import add_chunk_routes
 from kensho.server._context import ServerContext
 from kensho.server._dashboard import add_dashboard_routes
-from kensho.server._errors import APIError, error_response
+from kensho.server._errors import APIError, error_response, invalid_body
 from kensho.server._guard import AccessGuard, is_loopback
 from kensho.server._metrics import CONTENT_TYPE, ServerMetrics
 from kensho.server._openai import add_openai_routes
@@ -45,6 +45,10 @@ def create_app(ctx: ServerContext) -> FastAPI:
         version=__version__,
         docs_url=None,  # the interactive docs load scripts from a CDN: useless offline
         redoc_url=None,
+        # Spans, metrics and logs come from Kensho's own telemetry (TracingMiddleware,
+        # /metrics, the log service); FastAPI's native OpenTelemetry would only look up
+        # the global providers on every request (or trace each request twice).
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     metrics = ServerMetrics(ctx)
     app.state.context = ctx
@@ -70,15 +74,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> Response:
-        errors = exc.errors()
-        first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
-        loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-        if first.get("type") == "json_invalid":
-            return error_response(APIError(400, f"request body is not valid JSON: {first['msg']}"))
-        field = ".".join(loc) or None
-        message = f"{field}: {first['msg']}" if field else str(first["msg"])
-        # 400, as OpenAI answers invalid parameters (its client raises BadRequestError).
-        return error_response(APIError(400, message, param=field))
+        return error_response(invalid_body(exc.errors()))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> Response:

@@ -18,6 +18,8 @@ official ``openai`` client turns into its typed exceptions.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from fastapi.responses import JSONResponse
 
@@ -29,7 +31,7 @@ from kensho.errors import (
     TaskTimeoutError,
 )
 
-__all__ = ["APIError", "error_body", "error_for_exception", "error_response"]
+__all__ = ["APIError", "error_body", "error_for_exception", "error_response", "invalid_body"]
 
 
 class APIError(Exception):
@@ -65,6 +67,22 @@ def error_response(err: APIError) -> JSONResponse:
     if err.retry_after is not None:
         headers["Retry-After"] = str(max(1, math.ceil(err.retry_after)))
     return JSONResponse(error_body(err), status_code=err.status, headers=headers)
+
+
+def invalid_body(errors: Sequence[Mapping[str, Any]]) -> APIError:
+    """The 400 for a body that failed validation, naming its first bad field.
+
+    ``errors`` are pydantic's (``loc`` may start with FastAPI's ``"body"``). A body
+    that is not JSON says so, with the parser's reason. 400, as OpenAI answers invalid
+    parameters (its client raises ``BadRequestError``).
+    """
+    first: Mapping[str, Any] = errors[0] if errors else {"msg": "invalid request"}
+    if first.get("type") == "json_invalid":
+        why = first.get("ctx", {}).get("error") or first["msg"]
+        return APIError(400, f"request body is not valid JSON: {why}")
+    field = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
+    message = f"{field}: {first['msg']}" if field else str(first["msg"])
+    return APIError(400, message, param=field)
 
 
 def error_for_exception(exc: BaseException) -> APIError | None:

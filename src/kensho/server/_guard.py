@@ -10,6 +10,7 @@ request, for ``/metrics`` and for the drain.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import ipaddress
 
@@ -158,8 +159,10 @@ def bearer_ok(scope: Scope, key: str) -> bool:
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
+    """The first value of header ``name`` (ASGI servers lowercase header names, and
+    Starlette relies on it too: no case folding per header and request here)."""
     for key, value in scope.get("headers", []):
-        if key.lower() == name:
+        if key == name:
             return bytes(value).decode("latin-1")
     return None
 
@@ -172,7 +175,7 @@ def _read_as_json(scope: Scope) -> None:
     not JSON still gets a 400 that says so). The scope is changed in place: the router
     records the matched route in it, which the request metrics read afterwards.
     """
-    headers = [(k, v) for k, v in scope.get("headers", []) if k.lower() != b"content-type"]
+    headers = [(k, v) for k, v in scope.get("headers", []) if k != b"content-type"]
     scope["headers"] = [*headers, (b"content-type", b"application/json")]
 
 
@@ -201,8 +204,13 @@ async def _send_error(send: Send, err: APIError) -> None:
     await send({"type": "http.response.body", "body": response.body})
 
 
+@functools.lru_cache(maxsize=256)
 def is_loopback(host: str) -> bool:
-    """``localhost``, ``127.x.y.z`` or ``::1`` (brackets allowed)."""
+    """``localhost``, ``127.x.y.z`` or ``::1`` (brackets allowed).
+
+    Cached: every keyless request asks it of the same few ``Host`` values, and parsing
+    an address costs more than the rest of the origin check.
+    """
     host = host.strip("[]").lower()
     if host == "localhost" or host.endswith(".localhost"):
         return True

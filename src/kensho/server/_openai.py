@@ -9,22 +9,27 @@ Every completion goes through the :class:`~kensho.runtime.executor.TaskExecutor`
 is answered early and explicitly (429 with ``Retry-After``) instead of by a request
 that hangs. :class:`CompletionRunner` waits for the first token *before* the response
 starts, so queue-phase failures still get their proper status code (429, 503, 504)
-rather than a 200 with an error inside; a client that goes away cancels its task and
-frees its slot; at a drain's cut-off a stream ends with an error event, a whole answer
-with a 503. :class:`OpenAIShaper` builds the OpenAI response objects.
+rather than a 200 with an error inside; a client that goes away (seen by the request's
+:class:`~kensho.server._sse.ClientWatch`) cancels its task and frees its slot; at a
+drain's cut-off a stream ends with an error event, a whole answer with a 503.
+:class:`OpenAIShaper` builds the OpenAI response objects.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 import uuid
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ValidationError
+from starlette.routing import Match, Route
+from starlette.types import Scope
 
 from kensho.errors import KenshoError, QueueFullError
 from kensho.runtime.engines.base import (
@@ -36,12 +41,19 @@ from kensho.runtime.engines.base import (
 from kensho.runtime.executor import Priority, TaskHandle
 from kensho.server._context import ServerContext
 from kensho.server._drain import shutting_down
-from kensho.server._errors import APIError, error_body, error_for_exception
+from kensho.server._errors import APIError, error_body, error_for_exception, invalid_body
 from kensho.server._fields import audit_chat, audit_completion
 from kensho.server._logprobs import TextOffsets, chat_logprobs, text_logprobs
 from kensho.server._metrics import ServerMetrics
 from kensho.server._schemas import ChatCompletionRequest, CompletionRequest
-from kensho.server._sse import SSE_DONE, SSE_HEADERS, sse_event
+from kensho.server._sse import (
+    SSE_DONE,
+    SSE_HEADERS,
+    ClientGoneError,
+    ClientWatch,
+    EventStream,
+    sse_event,
+)
 from kensho.server._tools import ToolShaper, chat_messages, structured_options
 from kensho.telemetry import bound_context, get_logger
 
@@ -52,6 +64,7 @@ __all__ = [
     "OpenAIShaper",
     "add_openai_routes",
     "check_model",
+    "parse_body",
     "served_features",
     "usage",
 ]
@@ -60,15 +73,8 @@ log = get_logger("server")
 
 PRIORITY_HEADER = "x-kensho-priority"
 TIMEOUT_HEADER = "x-kensho-timeout"
-_T = TypeVar("_T")
-
-
-class _ClientGoneError(Exception):
-    """The client went away before its answer was ready.
-
-    A private signal inside this module (answered with the 499 access-log status),
-    never raised to a caller: that is why it is not part of :mod:`kensho.errors`.
-    """
+_Body = TypeVar("_Body", bound=BaseModel)
+_P = TypeVar("_P")
 
 
 def _priority(request: Request) -> Priority:
@@ -95,28 +101,6 @@ def _timeout(request: Request, default: float | None) -> float | None:
             param=TIMEOUT_HEADER,
         )  # fmt: skip
     return value
-
-
-async def _until_disconnected(request: Request) -> None:
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
-async def _unless_disconnected(request: Request, work: Coroutine[Any, Any, _T]) -> _T:
-    """Run ``work``; if the client disconnects first, cancel it and raise."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_until_disconnected(request))
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        if not task.done():
-            task.cancel()
-        watcher.cancel()
-    if not task.done():
-        raise _ClientGoneError
-    return task.result()  # a task the server cancelled raises CancelledError here
 
 
 def _cancelled_by_server() -> bool:
@@ -168,8 +152,8 @@ def add_openai_routes(app: FastAPI, ctx: ServerContext, metrics: ServerMetrics) 
 
     add_embedding_route(app, ctx, runner)
 
-    @app.post("/v1/chat/completions", response_model=None)
-    async def chat(body: ChatCompletionRequest, request: Request) -> Response:
+    async def chat(request: Request) -> Response:
+        body = await parse_body(request, ChatCompletionRequest)
         check_model(ctx, body.model)
         audit_chat(body, served_features(ctx))
         gen = GenerationRequest(
@@ -188,8 +172,8 @@ def add_openai_routes(app: FastAPI, ctx: ServerContext, metrics: ServerMetrics) 
         )
         return await runner.complete("chat", body, gen, request)
 
-    @app.post("/v1/completions", response_model=None)
-    async def completions(body: CompletionRequest, request: Request) -> Response:
+    async def completions(request: Request) -> Response:
+        body = await parse_body(request, CompletionRequest)
         check_model(ctx, body.model)
         audit_completion(body, served_features(ctx))
         try:
@@ -210,6 +194,37 @@ def add_openai_routes(app: FastAPI, ctx: ServerContext, metrics: ServerMetrics) 
             logit_bias=body.logit_bias_pairs(),
         )
         return await runner.complete("text", body, gen, request)
+
+    # Matched first, and served by Starlette without FastAPI's per-request machinery
+    # (dependency solving, a second JSON pass, exit stacks): on the path of every
+    # token's first byte, that machinery cost more than the rest of the route.
+    app.router.routes[:0] = [
+        _HotRoute("/v1/chat/completions", chat),
+        _HotRoute("/v1/completions", completions),
+    ]
+
+
+class _HotRoute(Route):
+    """A plain Starlette ``POST`` route that names itself in the scope (as FastAPI's do)
+    for the request metrics, which are labelled by route."""
+
+    def __init__(self, path: str, endpoint: Callable[[Request], Awaitable[Response]]) -> None:
+        super().__init__(path, endpoint, methods=["POST"], include_in_schema=False)
+
+    def matches(self, scope: Scope) -> tuple[Match, Scope]:
+        match, child = super().matches(scope)
+        if match is not Match.NONE:
+            child["route"] = self
+        return match, child
+
+
+async def parse_body(request: Request, model: type[_Body]) -> _Body:
+    """The request's JSON body as ``model``, parsed and validated in one pass; a 400
+    naming the first bad field (or saying it is not JSON) otherwise."""
+    try:
+        return model.model_validate_json(await request.body())
+    except ValidationError as exc:
+        raise invalid_body(exc.errors(include_url=False)) from None
 
 
 class CompletionRunner:
@@ -233,26 +248,25 @@ class CompletionRunner:
         request: Request,
     ) -> Response:
         timing = _Timing("chat" if kind == "chat" else "completions", time.perf_counter())
+        watch = ClientWatch(request.receive)
+        handed_over = False  # to the streamed response, which closes the watch
         with bound_context(request_id=gen.request_id):
             try:
-                handle, first = await self._start(timing, body.model, gen, request)
-            except _ClientGoneError:
-                return Response(status_code=499)
-            echo = gen.prompt if isinstance(body, CompletionRequest) and body.echo else None
-            plain = OpenAIShaper(kind, body.model, logprobs=gen.logprobs, echo=echo)
-            calling = bool(gen.tools) and gen.tool_choice != "none"
-            shape: Shaper = ToolShaper(plain) if calling else plain
-            if body.stream:
-                usage = bool(body.stream_options and body.stream_options.include_usage)
-                stream = self._stream_answer(handle, first, shape, timing, usage)
-                return StreamingResponse(
-                    stream, media_type="text/event-stream", headers=SSE_HEADERS
+                prepare = functools.partial(_prepare_answer, kind, body, gen)
+                handle, first, answer = await self._start(
+                    timing, body.model, gen, request, watch, meanwhile=prepare
                 )
-            try:
-                chunks = await self._finish(timing, handle, first, request)
-            except _ClientGoneError:
+                if body.stream:
+                    stream = self._stream_answer(handle, first, answer, timing)
+                    handed_over = True
+                    return EventStream(stream, watch, headers=SSE_HEADERS)
+                chunks = await self._finish(timing, handle, first, watch)
+            except ClientGoneError:
                 return Response(status_code=499)
-            return JSONResponse(shape.whole(chunks))
+            finally:
+                if not handed_over:
+                    watch.close()
+            return JSONResponse(answer.shape.whole(chunks))
 
     async def run_whole(
         self, endpoint: str, model: str, gen: GenerationRequest, request: Request
@@ -260,17 +274,30 @@ class CompletionRunner:
         """Every chunk of ``gen`` run through the executor like a completion (priority,
         deadline, drain, breakers); ``None`` when the client went away first."""
         timing = _Timing(endpoint, time.perf_counter())
+        watch = ClientWatch(request.receive)
         with bound_context(request_id=gen.request_id):
             try:
-                handle, first = await self._start(timing, model, gen, request)
-                return await self._finish(timing, handle, first, request)
-            except _ClientGoneError:
+                handle, first, _ = await self._start(
+                    timing, model, gen, request, watch, meanwhile=_nothing
+                )
+                return await self._finish(timing, handle, first, watch)
+            except ClientGoneError:
                 return None
+            finally:
+                watch.close()
 
     async def _start(
-        self, timing: _Timing, model: str, gen: GenerationRequest, request: Request
-    ) -> tuple[TaskHandle, GenerationChunk | None]:
-        """Admit ``gen`` and wait for its first chunk (raises ``_ClientGoneError``)."""
+        self,
+        timing: _Timing,
+        model: str,
+        gen: GenerationRequest,
+        request: Request,
+        watch: ClientWatch,
+        *,
+        meanwhile: Callable[[], _P],
+    ) -> tuple[TaskHandle, GenerationChunk | None, _P]:
+        """Admit ``gen`` and wait for its first chunk (raises ``ClientGoneError``);
+        ``meanwhile()`` runs while the engine reads the prompt (:meth:`_first_token`)."""
         ctx = self.ctx
         check_model(ctx, model)
         if ctx.draining:
@@ -282,20 +309,20 @@ class CompletionRunner:
         except QueueFullError as exc:
             raise self._refuse(exc) from None
         ctx.drain.admit(handle)
-        first = await self._first_token(handle, request)
+        first, prepared = await self._first_token(handle, watch, meanwhile)
         self.metrics.ttft.labels(timing.endpoint).observe(time.perf_counter() - timing.started)
-        return handle, first
+        return handle, first, prepared
 
     async def _finish(
         self,
         timing: _Timing,
         handle: TaskHandle,
         first: GenerationChunk | None,
-        request: Request,
+        watch: ClientWatch,
     ) -> list[GenerationChunk]:
         """The rest of a whole answer; the task is released whatever happens."""
         try:
-            chunks = await self._whole_answer(handle, first, request)
+            chunks = await self._whole_answer(handle, first, watch)
         finally:
             self.ctx.drain.release(handle)
             await handle.aclose()
@@ -305,10 +332,21 @@ class CompletionRunner:
         self.metrics.latency.labels(timing.endpoint).observe(time.perf_counter() - timing.started)
         return chunks
 
-    async def _first_token(self, handle: TaskHandle, request: Request) -> GenerationChunk | None:
-        """The first chunk, before the response starts: failures keep their status."""
+    async def _first_token(
+        self, handle: TaskHandle, watch: ClientWatch, meanwhile: Callable[[], _P]
+    ) -> tuple[GenerationChunk | None, _P]:
+        """The first chunk, before the response starts: failures keep their status.
+
+        Awaited in the request's own task (no task of its own: the first token is
+        handed straight to the response). The yield first lets the executor's runner
+        task (created by ``submit``) hand the request to the engine; ``meanwhile``
+        then prepares what does not depend on the token while the engine reads the
+        prompt, so that after the token only the token's own event is left to build.
+        """
         try:
-            first = await _unless_disconnected(request, _first_chunk(handle))
+            await asyncio.sleep(0)
+            prepared = meanwhile()
+            first = await watch.until_gone(anext(handle, None))
         except BaseException as exc:
             self.ctx.drain.release(handle)
             await handle.aclose()
@@ -317,7 +355,7 @@ class CompletionRunner:
                 raise
             raise err from None
         self.ctx.drain.producing(handle)  # released when its response ends
-        return first
+        return first, prepared
 
     def _not_started(self, exc: BaseException) -> BaseException:
         """What to raise for a task that failed before its first token."""
@@ -329,11 +367,11 @@ class CompletionRunner:
         return exc
 
     async def _whole_answer(
-        self, handle: TaskHandle, first: GenerationChunk | None, request: Request
+        self, handle: TaskHandle, first: GenerationChunk | None, watch: ClientWatch
     ) -> list[GenerationChunk]:
         """Every chunk of a whole (non-streamed) answer."""
         try:
-            return await _unless_disconnected(request, _all_chunks(handle, first))
+            return await watch.until_gone(_all_chunks(handle, first))
         except asyncio.CancelledError:
             if _cancelled_by_server():  # cut off at the end of a drain
                 raise shutting_down(
@@ -347,22 +385,27 @@ class CompletionRunner:
         self,
         handle: TaskHandle,
         first: GenerationChunk | None,
-        shape: Shaper,
+        answer: _Answer,
         timing: _Timing,
-        include_usage: bool,
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncGenerator[bytes, None]:
+        """The stream's events; the opening one goes out with the first token's, in one
+        write (one segment for the client to read before it sees the first token)."""
+        shape, include_usage = answer.shape, answer.include_usage
         count = 0
+        pending = answer.opening
         try:
-            opening = shape.opening()
-            yield sse_event({**opening, "usage": None} if include_usage else opening)
             chunk = first
             while chunk is not None:
                 count += chunk.tokens
                 self.metrics.tokens.labels(chunk.engine).inc(chunk.tokens)
                 shape.count(chunk)
                 for event in shape.deltas(chunk):
-                    yield sse_event({**event, "usage": None} if include_usage else event)
+                    pending += sse_event({**event, "usage": None} if include_usage else event)
+                yield pending
+                pending = b""
                 chunk = await anext(handle, None)
+            if pending:  # no token at all
+                yield pending
             if include_usage:
                 yield sse_event(shape.usage_chunk(count, shape.prompt_tokens))
             yield SSE_DONE
@@ -389,6 +432,36 @@ class CompletionRunner:
 
 
 @dataclass(frozen=True, slots=True)
+class _Answer:
+    """What an answer needs before its first token: its shaper and, for a stream, the
+    encoded opening event and whether usage comes at the end."""
+
+    shape: Shaper
+    opening: bytes = b""
+    include_usage: bool = False
+
+
+def _prepare_answer(
+    kind: Literal["chat", "text"],
+    body: ChatCompletionRequest | CompletionRequest,
+    gen: GenerationRequest,
+) -> _Answer:
+    echo = gen.prompt if isinstance(body, CompletionRequest) and body.echo else None
+    plain = OpenAIShaper(kind, body.model, logprobs=gen.logprobs, echo=echo)
+    calling = bool(gen.tools) and gen.tool_choice != "none"
+    shape: Shaper = ToolShaper(plain) if calling else plain
+    if not body.stream:
+        return _Answer(shape)
+    opening = shape.opening()
+    usage = bool(body.stream_options and body.stream_options.include_usage)
+    return _Answer(shape, sse_event({**opening, "usage": None} if usage else opening), usage)
+
+
+def _nothing() -> None:
+    return None
+
+
+@dataclass(frozen=True, slots=True)
 class _Timing:
     endpoint: str
     started: float
@@ -399,10 +472,6 @@ def _api_error(exc: KenshoError | ValueError) -> APIError:
     if isinstance(exc, ValueError) and not isinstance(exc, KenshoError):
         return APIError(400, str(exc))
     return error_for_exception(exc) or APIError(500, str(exc), type="server_error")
-
-
-async def _first_chunk(handle: TaskHandle) -> GenerationChunk | None:
-    return await anext(handle, None)
 
 
 async def _all_chunks(handle: TaskHandle, first: GenerationChunk | None) -> list[GenerationChunk]:
