@@ -122,28 +122,42 @@ class HttpStream:
         self.prompt = prompt
         self.model = ""
         self.texts: list[str] = []  # the last round's text, to check the contenders agree
+        self.tokens = 0  # the last round's tokens
         self.ttfts: list[float] = []  # every round's, the warm-up round first
 
     async def round(self, tokens: int) -> tuple[float, float, float]:
-        """TTFT (first chunk with text), chunks/s over the whole stream, and no CPU figure."""
+        """TTFT (first chunk with text), tokens/s over the whole stream, no CPU figure.
+
+        Tokens are the server's ``usage`` when it sends one (Kensho merges the tokens
+        that wait for a slow reader into one event), else one per text event
+        (llama_cpp.server sends every token as its own event and has no
+        ``stream_options``; it ignores the field).
+        """
         if not self.model:
             self.model = (await self.client.models.list()).data[0].id
         start = time.perf_counter()
-        first, count, texts = 0.0, 0, []
+        first, texts, usage = 0.0, [], None
         stream = await self.client.completions.create(
-            model=self.model, prompt=self.prompt, max_tokens=tokens, temperature=0, stream=True
+            model=self.model,
+            prompt=self.prompt,
+            max_tokens=tokens,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
         )
         async for chunk in stream:
+            usage = chunk.usage or usage
             text = chunk.choices[0].text if chunk.choices else ""
             if not text:
                 continue
-            count += 1
             texts.append(text)
-            if count == 1:
+            if len(texts) == 1:
                 first = time.perf_counter() - start
+        elapsed = time.perf_counter() - start
         self.texts = texts
+        self.tokens = usage.completion_tokens if usage is not None else len(texts)
         self.ttfts.append(first)
-        return first, count / (time.perf_counter() - start), float("nan")
+        return first, self.tokens / elapsed, float("nan")
 
     async def close(self) -> None:
         await self.client.close()

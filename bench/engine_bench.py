@@ -103,10 +103,10 @@ class Streamed:
         start, cpu = time.perf_counter(), time.process_time()
         first = 0.0
         count = 0
-        async for _ in self.source.generate(request):
-            count += 1
-            if count == 1:
+        async for chunk in self.source.generate(request):
+            if not count:
                 first = time.perf_counter() - start
+            count += chunk.tokens  # a chunk is several tokens when this loop was behind
         elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
         return first, count / elapsed, cpu / count
 

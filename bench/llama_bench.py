@@ -128,12 +128,12 @@ class Streamed:
         request = GenerationRequest(prompt=PROMPT, max_tokens=tokens, temperature=0)
         start, cpu = time.perf_counter(), time.process_time()
         first, count = 0.0, 0
-        async for _ in self.generate(request):
-            count += 1
-            if count == 1:
+        async for chunk in self.generate(request):
+            if not count:
                 first = time.perf_counter() - start
-        cpu_per_chunk = (time.process_time() - cpu) / count
-        return first, count / (time.perf_counter() - start), cpu_per_chunk
+            count += chunk.tokens  # a chunk is several tokens when this loop was behind
+        cpu_per_token = (time.process_time() - cpu) / count
+        return first, count / (time.perf_counter() - start), cpu_per_token
 
 
 async def measure(
@@ -196,21 +196,22 @@ async def interleave(
 
 
 def _compare_texts(paths: dict[str, Any]) -> str:
-    """How far the two servers' greedy texts agree, and how many chunks each streamed.
+    """How far the two servers' greedy texts agree, and how many tokens each streamed.
 
     Both must stream the same number of tokens for the race to be fair; the texts
     may part late in a long greedy run, where the demo model's top logits nearly tie
     and llama.cpp's float sums (batch sizes, KV reuse) tip them either way.
     """
-    ours, peer = (paths[KENSHO_HTTP].texts, paths[PEER_HTTP].texts)
-    a, b = "".join(ours), "".join(peer)
+    ours, peer = paths[KENSHO_HTTP], paths[PEER_HTTP]
+    a, b = "".join(ours.texts), "".join(peer.texts)
     same = next(
         (i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b))
     )
-    if len(ours) != len(peer):
-        raise SystemExit(f"the HTTP contenders streamed {len(ours)} and {len(peer)} chunks")
+    if ours.tokens != peer.tokens:
+        raise SystemExit(f"the HTTP contenders streamed {ours.tokens} and {peer.tokens} tokens")
     return (
-        f"HTTP texts: {len(ours)} chunks each; identical for the first {same} of "
+        f"HTTP texts: {ours.tokens} tokens each (Kensho in {len(ours.texts)} events, "
+        f"llama_cpp.server in {len(peer.texts)}); identical for the first {same} of "
         f"{len(a)} / {len(b)} characters"
     )
 

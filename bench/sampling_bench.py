@@ -50,8 +50,8 @@ async def tokens_per_second(engine: TorchEngine, tokens: int, options: dict[str,
     request = GenerationRequest(prompt=PROMPT, max_tokens=tokens, temperature=0, **options)
     start = time.perf_counter()
     produced = 0
-    async for _ in engine.generate(request):
-        produced += 1
+    async for chunk in engine.generate(request):
+        produced += chunk.tokens
     return produced / (time.perf_counter() - start)
 
 

@@ -227,10 +227,10 @@ async def via_runtime(kernel: Kernel, tokens: int) -> Sample:
     request = _request(tokens)
     start = time.perf_counter()
     first, count = 0.0, 0
-    async for _ in kernel.runtime.generate(request):
-        count += 1
-        if count == 1:
+    async for chunk in kernel.runtime.generate(request):
+        if not count:
             first = time.perf_counter()
+        count += chunk.tokens
     return _sample(start, first, count)
 
 
@@ -239,10 +239,10 @@ async def via_executor(kernel: Kernel, tokens: int) -> Sample:
     request = _request(tokens)
     start = time.perf_counter()
     first, count = 0.0, 0
-    async for _ in kernel.executor.submit(request):
-        count += 1
-        if count == 1:
+    async for chunk in kernel.executor.submit(request):
+        if not count:
             first = time.perf_counter()
+        count += chunk.tokens
     return _sample(start, first, count)
 
 
@@ -256,13 +256,15 @@ def _body(model_id: str, tokens: int, *, stream: bool) -> dict[str, object]:
         "max_tokens": tokens,
         "temperature": 0,
         "stream": stream,
+        **({"stream_options": {"include_usage": True}} if stream else {}),
     }
 
 
 def via_httpx(client: httpx.Client, model_id: str, tokens: int) -> Sample:
-    """Raw SSE: the first ``data:`` line is the opening chunk, each next one a token."""
+    """Raw SSE: TTFT at the first event with text, tokens from the closing ``usage``
+    (tokens that waited for this reader come merged into one event)."""
     start = time.perf_counter()
-    first, events = 0.0, 0
+    first, count = 0.0, 0
     body = _body(model_id, tokens, stream=True)
     with client.stream("POST", "/v1/chat/completions", json=body) as response:
         response.raise_for_status()
@@ -271,10 +273,12 @@ def via_httpx(client: httpx.Client, model_id: str, tokens: int) -> Sample:
                 continue
             if line == "data: [DONE]":
                 break
-            events += 1
-            if events == 2:
+            event = orjson.loads(line[6:])
+            if event.get("usage"):
+                count = event["usage"]["completion_tokens"]
+            elif not first and event["choices"] and event["choices"][0]["delta"].get("content"):
                 first = time.perf_counter()
-    return _sample(start, first, events - 1)
+    return _sample(start, first, count)
 
 
 def via_openai(client: openai.OpenAI, model_id: str, tokens: int) -> Sample:
@@ -286,13 +290,14 @@ def via_openai(client: openai.OpenAI, model_id: str, tokens: int) -> Sample:
         max_tokens=tokens,
         temperature=0,
         stream=True,
+        stream_options={"include_usage": True},
     )
     with stream:
         for chunk in stream:
-            if chunk.choices and chunk.choices[0].delta.role is None:
-                count += 1
-                if count == 1:
-                    first = time.perf_counter()
+            if chunk.usage is not None:
+                count = chunk.usage.completion_tokens
+            elif not first and chunk.choices and chunk.choices[0].delta.content:
+                first = time.perf_counter()
     return _sample(start, first, count)
 
 
@@ -305,13 +310,14 @@ async def via_async_openai(client: openai.AsyncOpenAI, model_id: str, tokens: in
         max_tokens=tokens,
         temperature=0,
         stream=True,
+        stream_options={"include_usage": True},
     )
     async with stream:
         async for chunk in stream:
-            if chunk.choices and chunk.choices[0].delta.role is None:
-                count += 1
-                if count == 1:
-                    first = time.perf_counter()
+            if chunk.usage is not None:
+                count = chunk.usage.completion_tokens
+            elif not first and chunk.choices and chunk.choices[0].delta.content:
+                first = time.perf_counter()
     return _sample(start, first, count)
 
 
