@@ -14,7 +14,8 @@ append it to the prompt and keep sampling); one that cannot, says so, and the st
 then ends with a clear :class:`~kensho.errors.EngineError` instead.
 
 What an engine can honour beyond plain sampling is declared in its ``features`` set
-(:data:`FEATURES`): logprobs, penalties, logit bias, embeddings. The server refuses a
+(:data:`FEATURES`): logprobs, penalties, logit bias, embeddings, constraints
+(structured output and tool calls by constrained decoding). The server refuses a
 request field that the engines behind it cannot honour (400 naming the field) rather
 than ignoring it; an engine without a ``features`` attribute honours none of them
 (:func:`features_of`). An embedding request travels the same road as a completion
@@ -53,8 +54,10 @@ __all__ = [
 
 EngineKind = Literal["gpu", "cpu", "remote", "other"]
 FinishReason = Literal["stop", "length"]
-Feature = Literal["logprobs", "penalties", "logit_bias", "embeddings"]
-FEATURES: frozenset[Feature] = frozenset({"logprobs", "penalties", "logit_bias", "embeddings"})
+Feature = Literal["logprobs", "penalties", "logit_bias", "embeddings", "constraints"]
+FEATURES: frozenset[Feature] = frozenset(
+    {"logprobs", "penalties", "logit_bias", "embeddings", "constraints"}
+)
 MAX_TOP_LOGPROBS = 20
 EmbeddingInput = str | tuple[int, ...]
 """One input to embed: text, or token ids of the served model's tokenizer."""
@@ -107,8 +110,8 @@ class GenerationRequest:
     presence_penalty: float = 0.0
     logit_bias: tuple[tuple[int, float], ...] = ()
     embed: tuple[EmbeddingInput, ...] = ()
-    # Structured output (see kensho.runtime.engines.structured): only engines that
-    # declare supports_constraints may serve a request that sets these.
+    # Structured output (see kensho.runtime.engines.structured): only engines whose
+    # features hold "constraints" may serve a request that sets these.
     response_format: ResponseFormat | None = None
     tools: tuple[ToolSpec, ...] = ()
     tool_choice: ToolChoice = "auto"

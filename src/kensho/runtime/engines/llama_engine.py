@@ -144,7 +144,6 @@ class LlamaCppEngine:
     """
 
     supports_continuation = True
-    supports_constraints = True
     features: frozenset[Feature] = FEATURES
     #: A ``Llama`` object serves one sequence at a time: the executor never gives this
     #: engine more than one slot, whatever ``[runtime] concurrency`` says, so queued

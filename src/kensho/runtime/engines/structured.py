@@ -3,7 +3,7 @@
 A :class:`~kensho.runtime.engines.base.GenerationRequest` may carry a
 :class:`ResponseFormat` (JSON mode or a JSON schema) and :class:`ToolSpec` s with a
 tool choice. An engine that can *constrain* decoding to them declares
-``supports_constraints = True`` (see :func:`supports_constraints`); any other engine
+``"constraints"`` in its ``features`` (see :func:`supports_constraints`); any other engine
 must refuse such a request, never ignore it — an application asking for JSON that
 gets prose breaks silently.
 
@@ -117,13 +117,9 @@ def tool_call_prefix(name: str) -> str:
 
 
 def supports_constraints(engine: object) -> bool:
-    """Whether ``engine`` declares it can constrain decoding (JSON schemas, tool calls).
-
-    Declared by ``supports_constraints = True``, or by ``"constraints"`` in a
-    ``features`` set; an engine that declares nothing cannot.
+    """Whether ``engine`` declares it can constrain decoding (JSON schemas, tool calls):
+    ``"constraints"`` in its ``features`` set; an engine that declares nothing cannot.
     """
-    if getattr(engine, "supports_constraints", False) is True:
-        return True
     return "constraints" in getattr(engine, "features", ())
 
 

@@ -164,7 +164,6 @@ class TorchEngine:
 
     supports_continuation = True
     features: frozenset[Feature] = FEATURES
-    supports_constraints = True
 
     def __init__(
         self,
