@@ -1,4 +1,4 @@
-"""Reading streams by token, whatever their chunking.
+"""Reading engine streams in tests: whole, as text, and by token whatever their chunking.
 
 A chunk is one token while its consumer keeps up and several when the consumer fell
 behind (``GenerationChunk.tokens``), which a test on a loaded machine cannot control.
@@ -7,11 +7,34 @@ Tests about tokens (their indices, a continuation after the first n) read them h
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import TypeVar
 
-from kensho.runtime.engines import GenerationChunk
+from kensho.runtime.engines import Engine, GenerationChunk, GenerationRequest
 
-__all__ = ["head_tokens", "token_indices", "tokens_of"]
+__all__ = ["collect", "head_tokens", "loaded", "text_of", "token_indices", "tokens_of"]
+
+E = TypeVar("E", bound=Engine)
+
+
+@asynccontextmanager
+async def loaded(engine: E) -> AsyncIterator[E]:
+    """``engine`` loaded for the block, closed after it (a module fixture's body)."""
+    await engine.load()
+    try:
+        yield engine
+    finally:
+        await engine.close()
+
+
+async def collect(engine: Engine, request: GenerationRequest) -> list[GenerationChunk]:
+    """Every chunk of one request."""
+    return [chunk async for chunk in engine.generate(request)]
+
+
+def text_of(chunks: Sequence[GenerationChunk]) -> str:
+    return "".join(c.text for c in chunks)
 
 
 def tokens_of(chunks: Sequence[GenerationChunk]) -> int:

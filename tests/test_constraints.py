@@ -17,11 +17,12 @@ from hypothesis import strategies as st
 from llguidance import LLMatcher
 from transformers import AutoTokenizer
 
+from _chunk_support import collect, text_of
 from _schema_support import ADD, PERSON, TOOLS, WEATHER
 from kensho.demo import DEMO_MODEL_DIR
 from kensho.errors import InvalidRequestError
 from kensho.runtime.engines._constraints import grammar_for
-from kensho.runtime.engines.base import ChatMessage, GenerationChunk, GenerationRequest
+from kensho.runtime.engines.base import ChatMessage, GenerationRequest
 from kensho.runtime.engines.faulty import MockCPUEngine
 from kensho.runtime.engines.structured import (
     NamedTool,
@@ -42,17 +43,9 @@ def engine() -> Iterator[TorchEngine]:
     asyncio.run(eng.close())
 
 
-async def collect(eng: object, request: GenerationRequest) -> list[GenerationChunk]:
-    return [chunk async for chunk in eng.generate(request)]  # type: ignore[attr-defined]
-
-
 def ask(**kwargs: Any) -> GenerationRequest:
     options: dict[str, Any] = {"max_tokens": 150, "temperature": 1.0, **kwargs}
     return GenerationRequest.chat([("user", "Tell me about it.")], **options)
-
-
-def text_of(chunks: list[GenerationChunk]) -> str:
-    return "".join(c.text for c in chunks)
 
 
 def check_calls(text: str, allowed: tuple[ToolSpec, ...]) -> list[ToolCall]:

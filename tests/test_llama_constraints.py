@@ -12,10 +12,11 @@ import jsonschema
 import pytest
 import pytest_asyncio
 
+from _chunk_support import collect, loaded, text_of
 from _schema_support import ADD, PERSON, TOOLS, WEATHER
 from kensho.demo import DEMO_MODEL_DIR
 from kensho.errors import InvalidRequestError
-from kensho.runtime.engines.base import GenerationChunk, GenerationRequest
+from kensho.runtime.engines.base import GenerationRequest
 from kensho.runtime.engines.llama_engine import LlamaCppEngine
 from kensho.runtime.engines.structured import (
     NamedTool,
@@ -37,33 +38,19 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def llama() -> AsyncIterator[LlamaCppEngine]:
-    eng = LlamaCppEngine(DEMO_MODEL_DIR / "model.gguf", n_threads=1)
-    await eng.load()
-    yield eng
-    await eng.close()
+    async with loaded(LlamaCppEngine(DEMO_MODEL_DIR / "model.gguf", n_threads=1)) as eng:
+        yield eng
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def torch() -> AsyncIterator[TorchEngine]:
-    eng = TorchEngine(DEMO_MODEL_DIR, name="torch")
-    await eng.load()
-    yield eng
-    await eng.close()
-
-
-async def collect(
-    eng: LlamaCppEngine | TorchEngine, request: GenerationRequest
-) -> list[GenerationChunk]:
-    return [chunk async for chunk in eng.generate(request)]
+    async with loaded(TorchEngine(DEMO_MODEL_DIR, name="torch")) as eng:
+        yield eng
 
 
 def ask(**kwargs: Any) -> GenerationRequest:
     options: dict[str, Any] = {"max_tokens": 150, "temperature": 1.0, **kwargs}
     return GenerationRequest.chat([("user", "Tell me about it.")], **options)
-
-
-def text_of(chunks: list[GenerationChunk]) -> str:
-    return "".join(c.text for c in chunks)
 
 
 def check_calls(text: str, allowed: tuple[ToolSpec, ...]) -> list[ToolCall]:

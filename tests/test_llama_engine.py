@@ -15,7 +15,7 @@ import gguf
 import pytest
 import pytest_asyncio
 
-from _chunk_support import head_tokens, token_indices, tokens_of
+from _chunk_support import collect, head_tokens, loaded, text_of, token_indices, tokens_of
 from kensho.demo import DEMO_MODEL_DIR
 from kensho.errors import (
     EngineCrashedError,
@@ -23,7 +23,7 @@ from kensho.errors import (
     InvalidRequestError,
     ModelFileError,
 )
-from kensho.runtime.engines.base import GenerationChunk, GenerationRequest
+from kensho.runtime.engines.base import GenerationRequest
 from kensho.runtime.engines.llama_engine import WINDOW, LlamaCppEngine
 from kensho.runtime.engines.torch_engine import TorchEngine
 
@@ -51,28 +51,14 @@ GGUF_Q8 = DEMO_MODEL_DIR / "model-q8_0.gguf"
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def engine() -> AsyncIterator[LlamaCppEngine]:
-    eng = LlamaCppEngine(GGUF, n_threads=1)
-    await eng.load()
-    yield eng
-    await eng.close()
+    async with loaded(LlamaCppEngine(GGUF, n_threads=1)) as eng:
+        yield eng
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def torch_engine() -> AsyncIterator[TorchEngine]:
-    eng = TorchEngine(DEMO_MODEL_DIR, name="torch")
-    await eng.load()
-    yield eng
-    await eng.close()
-
-
-async def collect(
-    eng: LlamaCppEngine | TorchEngine, request: GenerationRequest
-) -> list[GenerationChunk]:
-    return [chunk async for chunk in eng.generate(request)]
-
-
-def text_of(chunks: list[GenerationChunk]) -> str:
-    return "".join(c.text for c in chunks)
+    async with loaded(TorchEngine(DEMO_MODEL_DIR, name="torch")) as eng:
+        yield eng
 
 
 @pytest.mark.parametrize("prompt", ["The GPU", "Kensho is", "The café"])

@@ -12,12 +12,11 @@ import pytest
 import pytest_asyncio
 from transformers import AutoTokenizer
 
-from _chunk_support import head_tokens, token_indices, tokens_of
+from _chunk_support import collect, head_tokens, loaded, text_of, token_indices, tokens_of
 from kensho.demo import DEMO_MODEL_DIR
 from kensho.errors import InvalidRequestError
 from kensho.runtime.engines.base import (
     FEATURES,
-    GenerationChunk,
     GenerationRequest,
     common_features,
     features_of,
@@ -40,28 +39,14 @@ LOGPROB_ABS, LOGPROB_REL = 1e-3, 1e-3  # F32 both sides; the kernels sum differe
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def llama() -> AsyncIterator[LlamaCppEngine]:
-    eng = LlamaCppEngine(GGUF, n_threads=1)
-    await eng.load()
-    yield eng
-    await eng.close()
+    async with loaded(LlamaCppEngine(GGUF, n_threads=1)) as eng:
+        yield eng
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def torch() -> AsyncIterator[TorchEngine]:
-    eng = TorchEngine(DEMO_MODEL_DIR, name="torch")
-    await eng.load()
-    yield eng
-    await eng.close()
-
-
-async def collect(
-    eng: LlamaCppEngine | TorchEngine, request: GenerationRequest
-) -> list[GenerationChunk]:
-    return [chunk async for chunk in eng.generate(request)]
-
-
-def text_of(chunks: list[GenerationChunk]) -> str:
-    return "".join(c.text for c in chunks)
+    async with loaded(TorchEngine(DEMO_MODEL_DIR, name="torch")) as eng:
+        yield eng
 
 
 async def test_declares_every_feature_and_a_mixed_pair_honours_the_common_set(

@@ -12,9 +12,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from _chunk_support import collect, text_of
 from kensho.demo import DEMO_MODEL_DIR
 from kensho.errors import EngineUnavailableError, InvalidRequestError
-from kensho.runtime.engines.base import GenerationChunk, GenerationRequest
+from kensho.runtime.engines.base import GenerationRequest
 from kensho.runtime.engines.torch_engine import IncrementalDetokenizer, StopMatcher, TorchEngine
 from kensho.runtime.manager import RuntimeManager
 
@@ -27,14 +28,6 @@ def engine() -> Iterator[TorchEngine]:
     asyncio.run(eng.load())
     yield eng
     asyncio.run(eng.close())
-
-
-async def collect(eng: TorchEngine, request: GenerationRequest) -> list[GenerationChunk]:
-    return [chunk async for chunk in eng.generate(request)]
-
-
-def text_of(chunks: list[GenerationChunk]) -> str:
-    return "".join(c.text for c in chunks)
 
 
 def reference_greedy(prompt: str, max_new_tokens: int) -> str:

@@ -12,9 +12,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from _chunk_support import collect
 from kensho.demo import DEMO_MODEL_DIR
 from kensho.errors import InvalidRequestError
-from kensho.runtime.engines.base import FEATURES, GenerationChunk, GenerationRequest, features_of
+from kensho.runtime.engines.base import FEATURES, GenerationRequest, features_of
 from kensho.runtime.engines.faulty import MockCPUEngine
 from kensho.runtime.engines.inject import FaultInjector
 from kensho.runtime.engines.torch_engine import TorchEngine
@@ -35,10 +36,6 @@ def reference() -> tuple[Any, Any]:
     tok = AutoTokenizer.from_pretrained(DEMO_MODEL_DIR, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(DEMO_MODEL_DIR, local_files_only=True).eval()
     return tok, model
-
-
-async def collect(eng: TorchEngine, request: GenerationRequest) -> list[GenerationChunk]:
-    return [chunk async for chunk in eng.generate(request)]
 
 
 def next_logits(model: Any, ids: list[int]) -> torch.Tensor:
