@@ -273,19 +273,37 @@ def test_file_sink_with_zero_backups_truncates(tmp_path: Path) -> None:
 
 
 def test_stdlib_logging_goes_through_the_same_renderer(stream: PipeStream) -> None:
-    logging.getLogger("httpx").info("HTTP Request: %s %s", "GET", "http://127.0.0.1/")
+    logging.getLogger("fsspec.http").info("HTTP Request: %s %s", "GET", "http://127.0.0.1/")
     try:
         raise OSError("connection reset")
     except OSError:
         logging.getLogger("uvicorn.error").exception("worker crashed")
     first, second = lines(stream)
-    assert first["service"] == "httpx"
+    assert first["service"] == "fsspec.http"
     assert first["event"] == "HTTP Request: GET http://127.0.0.1/"
     assert first["level"] == "info"
     assert TIMESTAMP.match(first["timestamp"])
     assert second["service"] == "uvicorn.error"
     assert second["level"] == "error"
     assert second["error"]["type"] == "OSError"
+
+
+@pytest.mark.parametrize(
+    ("level", "levels", "kept"),
+    [
+        ("info", {}, ["slow"]),  # a line per HTTP request is not news at info
+        ("info", {"httpx": "info"}, ["GET 206", "slow"]),  # unless asked for by name
+        ("debug", {}, ["GET 206", "slow"]),
+    ],
+)
+def test_httpx_request_lines_are_quiet_unless_asked_for(
+    level: str, levels: dict[str, str], kept: list[str]
+) -> None:
+    out = PipeStream()
+    configure_logging(stream=out, format="json", level=level, levels=levels)
+    logging.getLogger("httpx").info("GET 206")
+    logging.getLogger("httpx").warning("slow")
+    assert [e["event"] for e in lines(out)] == kept
 
 
 def test_stdlib_loggers_follow_per_service_levels() -> None:

@@ -187,6 +187,7 @@ class OpenSpan:
 
 
 _NO_SPAN = OpenSpan()
+_CHATTY = ("httpx", "httpcore")  # libraries whose INFO is a line per request
 
 
 class LoggerService:
@@ -333,6 +334,13 @@ class LoggerService:
         if self._bridge is None:
             return  # stdlib logging is the application's until configure_logging() says
         logging.getLogger().setLevel(LEVELS[level])
+        for name in _CHATTY:
+            # One INFO line per HTTP request (a sync makes one per chunk): kept for
+            # [log] levels that name them, or a debug run.
+            if name not in self._levels:
+                logging.getLogger(name).setLevel(
+                    LEVELS[level] if level == "debug" else logging.WARNING
+                )
         for name, value in self._levels.items():
             logging.getLogger(name).setLevel(LEVELS[value])
 
