@@ -137,6 +137,11 @@ class WholeDigest:
         for i in final:
             self._final[i] = 1
 
+    @property
+    def complete(self) -> bool:
+        """Whether every byte is hashed: :meth:`hexdigest` then reads nothing."""
+        return self.pos == self.size
+
     def add(self, verified: range, start: int, views: Sequence[memoryview]) -> None:
         """Chunks ``verified`` matched; ``views`` hold their bytes from ``start`` on.
 

@@ -48,6 +48,7 @@ __all__ = [
     "mismatches_in",
     "read_into",
     "run_bounded",
+    "run_by_size",
     "sha256_range",
     "thread_buffer",
 ]
@@ -274,6 +275,70 @@ async def run_bounded(
 
     await gather_to_completion(worker() for _ in range(min(limit, len(items))))
     return [slots[k] for k in range(len(items))]
+
+
+class _ByteBudget:
+    """Bytes that jobs may hold at once, granted strictly in the order asked for."""
+
+    def __init__(self, total: int) -> None:
+        self.free = total
+        self._turn = asyncio.Lock()  # FIFO: a large request is not overtaken for ever
+        self._freed = asyncio.Event()
+
+    async def take(self, weigh: Callable[[], int]) -> int:
+        """Wait for room, then hold ``weigh()`` bytes (asked again after each change)."""
+        async with self._turn:  # only the holder waits on _freed
+            while self.free < (n := weigh()):
+                self._freed.clear()
+                await self._freed.wait()
+            self.free -= n
+            return n
+
+    def give(self, n: int) -> None:
+        self.free += n
+        self._freed.set()
+
+
+async def run_by_size(
+    items: Sequence[_I],
+    job: Callable[[_I], Awaitable[_T]],
+    size: Callable[[_I], int],
+    *,
+    limit: int,
+    slot_bytes: int,
+    most: int,
+) -> list[_T]:
+    """:func:`run_bounded`, bounded by bytes in flight rather than by count.
+
+    Each item weighs its ``size``, at most ``slot_bytes``: ``limit`` large items run at
+    once, as with ``run_bounded(items, job, limit)``, while small ones share those
+    slots, up to ``most`` items in all, as long as their weights fit in ``limit *
+    slot_bytes``. Why: building a small file is mostly waiting (a request, an fsync,
+    a rename, a folder fsync), so two at a time left the disk and the network idle
+    between files; two large files at a time already keep both busy.
+
+    Until the first job has returned, every item weighs a whole slot (``limit`` at
+    a time): a run whose sources are slow or failing learns it from ``limit``
+    requests, as before, not from ``most`` (each source is judged, and abandoned if
+    it must be, by the time a job returns). Items start in order. Errors and
+    cancellation behave as in :func:`gather_to_completion`.
+    """
+    budget = _ByteBudget(max(1, limit) * slot_bytes)
+    proven = False
+
+    async def weighed(item: _I) -> _T:
+        nonlocal proven
+        weight = await budget.take(
+            lambda: min(max(size(item), 1), slot_bytes) if proven else slot_bytes
+        )
+        try:
+            result = await job(item)
+        finally:
+            budget.give(weight)
+        proven = True
+        return result
+
+    return await run_bounded(items, weighed, max(limit, most))
 
 
 class IOPool:

@@ -192,6 +192,10 @@ class HttpSource:
             if transport is None
             else None
         )
+        # Read from the environment once, as httpx reads its proxies when a client is
+        # made: every URL of this source shares the base URL's scheme and host, and
+        # looking the proxies up again per request cost a scan of os.environ per file.
+        self._direct_ok = self._direct is not None and direct_capable(self.base_url)
 
     @property
     def name(self) -> str:
@@ -332,7 +336,7 @@ class HttpSource:
 
     async def _request(self, t: _Transfer) -> None:
         url = t.url
-        if self._direct is not None and direct_capable(url):
+        if self._direct is not None and self._direct_ok:
             try:
                 await self._request_direct(t, self._direct)
                 return
