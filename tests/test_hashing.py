@@ -194,23 +194,35 @@ async def test_run_by_size_lets_small_items_share_the_slots_once_a_job_returned(
     assert tally.started == list(range(40))
 
 
-async def test_run_by_size_keeps_the_bytes_in_flight_within_its_slots() -> None:
-    """A large item holds a whole slot; small ones fill only what is left, and a large
-    item waiting for room is not overtaken by the small ones behind it."""
-    sizes = [5, 1000, 1000, 60, 60, 60, 1000, 5, 5]
-    held: list[int] = []
-    peak_bytes = 0
+async def test_run_by_size_runs_small_items_beside_the_large_ones_within_their_bytes() -> None:
+    """Large items keep to ``limit`` at once; small ones run beside them, as many as fit
+    in one slot's bytes together; each kind starts in order."""
+    sizes = [5, 1000, 1000, 60, 60, 60, 1000, 5, 5, 1000]
+    large: list[int] = []
+    small: list[int] = []
+    peaks = {"large": 0, "small bytes": 0, "small beside two large": 0}
     tally = _Tally()
 
     async def job(n: int) -> int:
-        nonlocal peak_bytes
-        held.append(min(sizes[n], 100))
-        peak_bytes = max(peak_bytes, sum(held))
+        held = large if sizes[n] >= 100 else small
+        held.append(n)
+        peaks["large"] = max(peaks["large"], len(large))
+        peaks["small bytes"] = max(peaks["small bytes"], sum(sizes[i] for i in small))
+        if len(large) == 2:
+            peaks["small beside two large"] = max(peaks["small beside two large"], len(small))
         try:
             return await tally.job(n)
         finally:
-            held.remove(min(sizes[n], 100))
+            held.remove(n)
 
-    await run_by_size(list(range(9)), job, sizes.__getitem__, limit=2, slot_bytes=100, most=8)
-    assert peak_bytes <= 200
-    assert tally.started == list(range(9))  # in order: item 6 (large) before 7 and 8
+    got = await run_by_size(
+        list(range(len(sizes))), job, sizes.__getitem__, limit=2, slot_bytes=100, most=8
+    )
+    assert got == [-n for n in range(len(sizes))]
+    assert peaks["large"] == 2
+    assert peaks["small bytes"] <= 100
+    assert peaks["small beside two large"] >= 1
+    started_large = [n for n in tally.started if sizes[n] >= 100]
+    started_small = [n for n in tally.started if sizes[n] < 100]
+    assert started_large == sorted(started_large)
+    assert started_small == sorted(started_small)

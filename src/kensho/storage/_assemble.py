@@ -83,8 +83,8 @@ __all__ = [
 _log = get_logger("storage")
 _T = TypeVar("_T")
 _I = TypeVar("_I")
-#: A file this large or larger takes one of a run's ``concurrency`` slots on its own;
-#: smaller files share a slot (see :func:`build_each`)...
+#: A file this large or larger takes one of a run's ``concurrency`` slots; smaller
+#: files are built beside them, this many bytes of them at once (:func:`build_each`)...
 SLOT_BYTES = 32 << 20
 #: ... up to this many files in flight in all (the HTTP source's thread count).
 MAX_FILES_IN_FLIGHT = 16
@@ -95,12 +95,12 @@ async def build_each(
     items: Sequence[_I], job: Callable[[_I], Awaitable[_T]], size: Callable[[_I], int], limit: int
 ) -> list[_T]:
     """``await job(item)`` for every file to build: ``limit`` large files at a time,
-    small ones sharing those slots (:func:`~.hashing.run_by_size`); results in order.
+    small ones beside them (:func:`~.hashing.run_by_size`); results in order.
 
-    The one scheduling rule of repair and update runs: a file of :data:`SLOT_BYTES`
-    or more weighs a slot, so memory and connections stay bounded as before, while a
-    set of small files keeps up to :data:`MAX_FILES_IN_FLIGHT` requests, fsyncs and
-    renames going instead of two.
+    The one scheduling rule of repair and update runs: files of :data:`SLOT_BYTES`
+    or more keep to ``limit`` at a time, so memory and connections stay bounded as
+    before, while small files, up to :data:`SLOT_BYTES` of them together, keep up to
+    :data:`MAX_FILES_IN_FLIGHT` requests, fsyncs and renames going meanwhile.
     """
     return await run_by_size(
         items, job, size, limit=limit, slot_bytes=SLOT_BYTES, most=MAX_FILES_IN_FLIGHT

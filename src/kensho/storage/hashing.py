@@ -278,21 +278,19 @@ async def run_bounded(
 
 
 class _ByteBudget:
-    """Bytes that jobs may hold at once, granted strictly in the order asked for."""
+    """Bytes (or items) that jobs may hold at once, granted in the order asked for."""
 
     def __init__(self, total: int) -> None:
         self.free = total
         self._turn = asyncio.Lock()  # FIFO: a large request is not overtaken for ever
         self._freed = asyncio.Event()
 
-    async def take(self, weigh: Callable[[], int]) -> int:
-        """Wait for room, then hold ``weigh()`` bytes (asked again after each change)."""
+    async def take(self, n: int) -> None:
         async with self._turn:  # only the holder waits on _freed
-            while self.free < (n := weigh()):
+            while self.free < n:
                 self._freed.clear()
                 await self._freed.wait()
             self.free -= n
-            return n
 
     def give(self, n: int) -> None:
         self.free += n
@@ -308,34 +306,41 @@ async def run_by_size(
     slot_bytes: int,
     most: int,
 ) -> list[_T]:
-    """:func:`run_bounded`, bounded by bytes in flight rather than by count.
+    """:func:`run_bounded` with large and small items bounded apart, small ones by bytes.
 
-    Each item weighs its ``size``, at most ``slot_bytes``: ``limit`` large items run at
-    once, as with ``run_bounded(items, job, limit)``, while small ones share those
-    slots, up to ``most`` items in all, as long as their weights fit in ``limit *
-    slot_bytes``. Why: building a small file is mostly waiting (a request, an fsync,
-    a rename, a folder fsync), so two at a time left the disk and the network idle
-    between files; two large files at a time already keep both busy.
+    Items of ``slot_bytes`` or more run ``limit`` at a time, as with
+    ``run_bounded(items, job, limit)``; smaller ones run beside them, as many as
+    fit in ``slot_bytes`` together, up to ``most`` items in flight in all. Why:
+    building a small file is mostly waiting (a request, an fsync, a rename, a
+    folder fsync) and CPU per file, a large one mostly disk and hashing; two at a
+    time, or small files only once the large ones are done, left one of them idle
+    while the other worked.
 
-    Until the first job has returned, every item weighs a whole slot (``limit`` at
-    a time): a run whose sources are slow or failing learns it from ``limit``
-    requests, as before, not from ``most`` (each source is judged, and abandoned if
-    it must be, by the time a job returns). Items start in order. Errors and
-    cancellation behave as in :func:`gather_to_completion`.
+    Until the first job has returned, only ``limit`` items start: a run whose
+    sources are slow or failing learns it from ``limit`` requests, as before, not
+    from ``most`` (each source is judged, and abandoned if it must be, by the time
+    a job returns). Items of each kind start in order. Errors and cancellation
+    behave as in :func:`gather_to_completion`.
     """
-    budget = _ByteBudget(max(1, limit) * slot_bytes)
-    proven = False
+    large, small = _ByteBudget(max(1, limit)), _ByteBudget(slot_bytes)
+    admission = asyncio.Lock()  # FIFO: items pass the warm-up gate in order
+    returned = asyncio.Event()
+    started = 0
 
     async def weighed(item: _I) -> _T:
-        nonlocal proven
-        weight = await budget.take(
-            lambda: min(max(size(item), 1), slot_bytes) if proven else slot_bytes
-        )
+        nonlocal started
+        async with admission:
+            if started >= limit and not returned.is_set():
+                await returned.wait()
+            started += 1
+        n = size(item)
+        budget, weight = (large, 1) if n >= slot_bytes else (small, max(n, 1))
+        await budget.take(weight)
         try:
             result = await job(item)
         finally:
             budget.give(weight)
-        proven = True
+        returned.set()
         return result
 
     return await run_bounded(items, weighed, max(limit, most))
