@@ -17,9 +17,14 @@ delta, not eight) and wall time.
 **S3.** One file from moto's S3 server on 127.0.0.1: ``kensho sync`` from ``s3://``
 vs boto3's ``download_file`` (what ``aws s3 cp`` does: a new client, 8 MiB parts, 10
 threads) plus its SHA-256 and fsync, vs ``kensho sync`` of the same file from a local
-HTTP server. Best of 2 runs each, same run; moto runs in the same process.
+HTTP server. ``--s3-runs`` interleaved rounds (after one untimed warm-up round),
+median and spread; moto runs in the same process. Each Kensho sync makes a new
+source (a new botocore session, as each ``kensho sync`` process does) and each
+boto3 download a new client, as each ``aws`` process does; both reuse the process's
+botocore data loader after the first.
 
     .venv/bin/python bench/fleet_bench.py [--model-mib 64] [--delta-mib 8] [--s3-mib 64]
+        [--s3-runs 5] [--s3-only]
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import hashlib
 import logging
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -218,7 +224,7 @@ def boto3_download(bucket: str, key: str, dest: Path, sha: str) -> float:
     return time.perf_counter() - started
 
 
-async def s3_throughput(work: Path, size_mib: int) -> list[list[object]]:
+async def s3_throughput(work: Path, size_mib: int, runs: int) -> list[list[object]]:
     folder = work / "s3src"
     folder.mkdir()
     (folder / "blob.bin").write_bytes(os.urandom(size_mib * MiB))
@@ -242,7 +248,7 @@ async def s3_throughput(work: Path, size_mib: int) -> list[list[object]]:
         sha = manifest.files[0].sha256
         times: dict[str, list[float]] = {"s3": [], "boto3": [], "http": []}
         with serve(folder) as (origin, _):
-            for _ in range(2):
+            for _ in range(runs + 1):  # the first round warms up: imports, caches
                 times["s3"].append(
                     await kensho_sync(
                         work / "s3dst", manifest, source_from_string("s3://bench/rel")
@@ -261,7 +267,16 @@ async def s3_throughput(work: Path, size_mib: int) -> list[list[object]]:
         "boto3": "boto3 download_file + SHA-256 + fsync (moto)",
         "http": "kensho sync from http:// (local server)",
     }
-    return [[label[k], f"{min(v):.2f}", f"{size_mib / min(v):.0f}"] for k, v in times.items()]
+    rows: list[list[object]] = []
+    for key, values in times.items():
+        timed = values[1:]
+        mid = statistics.median(timed)
+        rows.append(
+            [label[key], f"{mid:.2f} ({min(timed):.2f}-{max(timed):.2f})", f"{size_mib / mid:.0f}"]
+        )
+    ratio = statistics.median(times["boto3"][1:]) / statistics.median(times["s3"][1:])
+    rows.append(["kensho s3:// / boto3 speed", "", f"{ratio:.2f}x"])
+    return rows
 
 
 def main() -> None:
@@ -269,25 +284,34 @@ def main() -> None:
     parser.add_argument("--model-mib", type=int, default=64)
     parser.add_argument("--delta-mib", type=int, default=8)
     parser.add_argument("--s3-mib", type=int, default=64)
+    parser.add_argument("--s3-runs", type=int, default=5)
+    parser.add_argument("--s3-only", action="store_true", help="skip the fleet simulation")
     args = parser.parse_args()
     configure_logging(level="error")
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's request lines
     with tempfile.TemporaryDirectory(prefix="kensho-fleet-") as tmp:
         work = Path(tmp)
-        write_releases(work, args.model_mib, args.delta_mib)
-        m1, m2 = asyncio.run(manifests(work))
-        rows = asyncio.run(fleet(work, m1, m2))
-        s3_rows = asyncio.run(s3_throughput(work, args.s3_mib))
-    delta = sum(f.size for f in m2.files) - _reused(m1, m2)
-    print(f"\nKensho fleet update: {machine_line()}")
+        if not args.s3_only:
+            write_releases(work, args.model_mib, args.delta_mib)
+            m1, m2 = asyncio.run(manifests(work))
+            rows = asyncio.run(fleet(work, m1, m2))
+        s3_rows = asyncio.run(s3_throughput(work, args.s3_mib, args.s3_runs))
+    if not args.s3_only:
+        delta = sum(f.size for f in m2.files) - _reused(m1, m2)
+        print(f"\nKensho fleet update: {machine_line()}")
+        print(
+            f"{STORES} stores, release of {sum(f.size for f in m2.files) / MiB:.0f} MiB, "
+            f"delta {delta / MiB:.1f} MiB ({CHUNK // MiB} MiB chunks)\n"
+        )
+        print(
+            markdown_table(
+                ["update", "origin served (MiB)", "copies of the delta", "wall (s)"], rows
+            )
+        )
     print(
-        f"{STORES} stores, release of {sum(f.size for f in m2.files) / MiB:.0f} MiB, "
-        f"delta {delta / MiB:.1f} MiB ({CHUNK // MiB} MiB chunks)\n"
+        f"\nS3 source throughput, {args.s3_mib} MiB file: {machine_line()}, "
+        f"medians of {args.s3_runs} interleaved runs (min-max)\n"
     )
-    print(
-        markdown_table(["update", "origin served (MiB)", "copies of the delta", "wall (s)"], rows)
-    )
-    print(f"\nS3 source throughput, {args.s3_mib} MiB file, best of 2\n")
     print(markdown_table(["download", "seconds", "MiB/s"], s3_rows))
 
 

@@ -17,6 +17,7 @@ from kensho.storage.hashing import (
     BUFFER_SIZE,
     chunk_batches,
     run_bounded,
+    run_by_size,
     sha256_range,
 )
 from kensho.storage.manifest import Chunk
@@ -143,3 +144,85 @@ async def test_run_bounded_keeps_order_and_never_exceeds_its_limit() -> None:
     assert await run_bounded(list(range(100)), job, 3) == [n * n for n in range(100)]
     assert peak == 3
     assert await run_bounded([], job, 3) == []
+
+
+class _Tally:
+    """Jobs running now, the most at once, and the order they started in."""
+
+    def __init__(self) -> None:
+        self.running: list[int] = []
+        self.started: list[int] = []
+        self.returned = 0
+        self.peak_before_a_return = 0
+        self.peak = 0
+
+    async def job(self, n: int) -> int:
+        self.running.append(n)
+        self.started.append(n)
+        self.peak = max(self.peak, len(self.running))
+        if not self.returned:
+            self.peak_before_a_return = max(self.peak_before_a_return, len(self.running))
+        for _ in range(50):  # yield: let the other workers start if they may
+            await asyncio.sleep(0)
+        self.running.remove(n)
+        self.returned += 1
+        return -n
+
+
+async def test_run_by_size_runs_limit_large_items_at_a_time() -> None:
+    tally = _Tally()
+    sizes = [1000] * 12  # each larger than a slot
+    got = await run_by_size(
+        list(range(12)), tally.job, sizes.__getitem__, limit=2, slot_bytes=100, most=8
+    )
+    assert got == [-n for n in range(12)]
+    assert tally.peak == 2
+    assert tally.started == list(range(12))
+
+
+async def test_run_by_size_lets_small_items_share_the_slots_once_a_job_returned() -> None:
+    """Small items: ``most`` at once, but only ``limit`` until the first one returned
+    (a failing source is judged by two requests, not by ``most``)."""
+    tally = _Tally()
+    sizes = [10] * 40  # 20 fit in the two slots of 100 bytes; ``most`` caps at 8
+    got = await run_by_size(
+        list(range(40)), tally.job, sizes.__getitem__, limit=2, slot_bytes=100, most=8
+    )
+    assert got == [-n for n in range(40)]
+    assert tally.peak_before_a_return == 2
+    assert tally.peak == 8
+    assert tally.started == list(range(40))
+
+
+async def test_run_by_size_runs_small_items_beside_the_large_ones_within_their_bytes() -> None:
+    """Large items keep to ``limit`` at once; small ones run beside them, as many as fit
+    in one slot's bytes together; each kind starts in order."""
+    sizes = [5, 1000, 1000, 60, 60, 60, 1000, 5, 5, 1000]
+    large: list[int] = []
+    small: list[int] = []
+    peaks = {"large": 0, "small bytes": 0, "small beside two large": 0}
+    tally = _Tally()
+
+    async def job(n: int) -> int:
+        held = large if sizes[n] >= 100 else small
+        held.append(n)
+        peaks["large"] = max(peaks["large"], len(large))
+        peaks["small bytes"] = max(peaks["small bytes"], sum(sizes[i] for i in small))
+        if len(large) == 2:
+            peaks["small beside two large"] = max(peaks["small beside two large"], len(small))
+        try:
+            return await tally.job(n)
+        finally:
+            held.remove(n)
+
+    got = await run_by_size(
+        list(range(len(sizes))), job, sizes.__getitem__, limit=2, slot_bytes=100, most=8
+    )
+    assert got == [-n for n in range(len(sizes))]
+    assert peaks["large"] == 2
+    assert peaks["small bytes"] <= 100
+    assert peaks["small beside two large"] >= 1
+    started_large = [n for n in tally.started if sizes[n] >= 100]
+    started_small = [n for n in tally.started if sizes[n] < 100]
+    assert started_large == sorted(started_large)
+    assert started_small == sorted(started_small)

@@ -303,6 +303,25 @@ async def test_missing_credentials_are_a_clear_error(
     assert source.abandoned is not None
 
 
+async def test_sources_share_the_botocore_loader_but_read_credentials_each_anew(
+    aws_env: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The service models are parsed once per process; the credentials chain is not
+    cached with them: a source made after the credentials went away says so."""
+    first = s3(attempts=1)
+    assert await _fetch_all(first, "tok.json", len(FILES["tok.json"])) == FILES["tok.json"]
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    second = s3(attempts=1)
+    with pytest.raises(SourceError, match="no usable credentials for s3://kensho-models"):
+        await _fetch_all(second, "tok.json", len(FILES["tok.json"]))
+    loaders = {
+        id(src._filesystem().session.get_component("data_loader"))  # type: ignore[attr-defined]
+        for src in (first, second)
+    }
+    assert len(loaders) == 1
+
+
 async def test_an_endpoint_that_is_down_is_unreachable(
     aws_env: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from kensho.storage import (
     StoreBusyError,
     dump_manifest,
 )
+from kensho.storage._assemble import MAX_FILES_IN_FLIGHT
 from kensho.storage._lock import StoreLock
 from kensho.storage.sources import Sink, SourceUnreachableError
 from kensho.telemetry.testing import capture_logs
@@ -571,3 +573,50 @@ def test_state_folder_leading_outside_the_root_is_refused_before_writing(
         assert f"{root / link} is a symbolic link leading outside the store root" in done.stderr
         assert list(outside.iterdir()) == []
         assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*")) == before
+
+
+async def test_small_files_are_built_many_at_once_on_reused_writer_threads(
+    tmp_path: Path,
+) -> None:
+    """Small files share the ``repair_concurrency`` slots, so more than two are in
+    flight once a first file is done, and their bytes go through a few writer threads
+    lent from file to file, not one new thread per file."""
+    files = {f"small/{i:03d}.bin": os.urandom(3000 + i) for i in range(40)}
+    manifest = manifest_for(files, CHUNK)
+    first_two = {f.path for f in manifest.files[:2]}
+    want = 6
+
+    class Gated(MemorySource):
+        """Holds each fetch after the first two until ``want`` are under way at once."""
+
+        active = peak = 0
+        gate = asyncio.Event()
+
+        async def fetch(
+            self, path: str, offset: int, length: int, file_size: int, sink: Sink
+        ) -> None:
+            if path in first_two:
+                return await super().fetch(path, offset, length, file_size, sink)
+            self.active += 1
+            self.peak = max(self.peak, self.active)
+            if self.active >= want:
+                self.gate.set()
+            try:
+                await asyncio.wait_for(self.gate.wait(), 10)  # two at a time: never
+                await super().fetch(path, offset, length, file_size, sink)
+            finally:
+                self.active -= 1
+
+    writers: set[threading.Thread] = set()
+
+    class Recording(PartWriter):
+        def write_pieces(self, fd: int, pieces: list[bytes], offset: int) -> None:
+            writers.add(threading.current_thread())
+            super().write_pieces(fd, pieces, offset)
+
+    source = Gated(files)
+    manager, _ = await sync(tmp_path, manifest, [source], part_writer=Recording())
+    assert manager.report is not None and manager.report.ok
+    assert_tree(tmp_path, files)
+    assert source.peak >= want
+    assert len(writers) <= MAX_FILES_IN_FLIGHT < len(files)

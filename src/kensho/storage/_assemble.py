@@ -31,10 +31,11 @@ import errno
 import hashlib
 import os
 import shutil
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from kensho.errors import (
     DiskSpaceError,
@@ -52,25 +53,58 @@ from kensho.storage._chunk_io import (
     WholeDigest,
     consecutive_runs,
 )
-from kensho.storage._fs import resolve_inside
+from kensho.storage._fs import PathGuard
 from kensho.storage._verify import Emit
-from kensho.storage.hashing import IOPool, chunks_within, gather_to_completion, run_to_completion
+from kensho.storage.hashing import (
+    IOPool,
+    chunks_within,
+    gather_to_completion,
+    run_by_size,
+    run_to_completion,
+)
 from kensho.storage.manifest import FileEntry
 from kensho.storage.sources import Source
 from kensho.storage.state import StatRecord
 from kensho.telemetry import get_logger
 
 __all__ = [
+    "MAX_FILES_IN_FLIGHT",
+    "SLOT_BYTES",
     "BuildOutcome",
     "Built",
     "FileAssembler",
+    "WriterLanes",
+    "build_each",
     "bytes_to_write",
     "check_free_space",
     "part_path",
 ]
 
 _log = get_logger("storage")
+_T = TypeVar("_T")
+_I = TypeVar("_I")
+#: A file this large or larger takes one of a run's ``concurrency`` slots; smaller
+#: files are built beside them, this many bytes of them at once (:func:`build_each`)...
+SLOT_BYTES = 32 << 20
+#: ... up to this many files in flight in all (the HTTP source's thread count).
+MAX_FILES_IN_FLIGHT = 16
 _DISTRUSTED = "skipped, it sent wrong bytes earlier in this run"
+
+
+async def build_each(
+    items: Sequence[_I], job: Callable[[_I], Awaitable[_T]], size: Callable[[_I], int], limit: int
+) -> list[_T]:
+    """``await job(item)`` for every file to build: ``limit`` large files at a time,
+    small ones beside them (:func:`~.hashing.run_by_size`); results in order.
+
+    The one scheduling rule of repair and update runs: files of :data:`SLOT_BYTES`
+    or more keep to ``limit`` at a time, so memory and connections stay bounded as
+    before, while small files, up to :data:`SLOT_BYTES` of them together, keep up to
+    :data:`MAX_FILES_IN_FLIGHT` requests, fsyncs and renames going meanwhile.
+    """
+    return await run_by_size(
+        items, job, size, limit=limit, slot_bytes=SLOT_BYTES, most=MAX_FILES_IN_FLIGHT
+    )
 
 
 def part_path(tmp_dir: Path, entry: FileEntry) -> Path:
@@ -151,6 +185,42 @@ class Built:
     in_place: bool = False
 
 
+class WriterLanes:
+    """Single-thread executors, each lent to one file's build at a time.
+
+    Why: a file's writes and hashes must run in order on one thread (its running
+    digests need no lock), but starting a thread per file cost more than a small
+    file's fsync; a lane is given back when its build ends and lent to the next
+    file. As many lanes exist as files were ever built at once. Used from the event
+    loop only.
+    """
+
+    def __init__(self) -> None:
+        self._idle: list[ThreadPoolExecutor] = []
+
+    @contextlib.contextmanager
+    def lend(self) -> Iterator[Executor]:
+        """A lane for one build; back to the idle ones when the block ends.
+
+        The caller's jobs on it are over by then (they run to completion).
+        """
+        lane = self._idle.pop() if self._idle else _new_lane()
+        try:
+            yield lane
+        finally:
+            self._idle.append(lane)
+
+    def close(self) -> None:
+        """Stop the idle lanes' threads (they end as soon as they see it)."""
+        lanes, self._idle = self._idle, []
+        for lane in lanes:
+            lane.shutdown(wait=False)
+
+
+def _new_lane() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(1, thread_name_prefix="kensho-write")
+
+
 @dataclass
 class FileAssembler:
     """Builds files of one store from local chunks and an ordered list of sources.
@@ -175,6 +245,17 @@ class FileAssembler:
     distrusted: set[str] = field(default_factory=set)
     #: Chunks rejected per source during this run.
     rejected: dict[str, int] = field(default_factory=dict)
+    #: The writer threads, one per file being built (see :class:`WriterLanes`).
+    lanes: WriterLanes = field(default_factory=WriterLanes, repr=False)
+    _guard: PathGuard = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        # One guard per run: each parent folder is checked once, not once per file.
+        self._guard = PathGuard(self.root)
+
+    def close(self) -> None:
+        """Stop the idle writer threads (a dropped assembler's end on their own)."""
+        self.lanes.close()
 
     async def build(
         self,
@@ -192,13 +273,25 @@ class FileAssembler:
         (the partial file is deleted, the final path untouched); any other failure
         is the outcome's reason.
         """
+        with self.lanes.lend() as lane:
+            return await self._build_on(lane, entry, local, place, already_there)
+
+    async def _build_on(
+        self,
+        lane: Executor,
+        entry: FileEntry,
+        local: LocalCopy | None,
+        place: bool,
+        already_there: Callable[[Path], Awaitable[bool]] | None,
+    ) -> Built:
+        """:meth:`build`, every blocking step of this file on its own ``lane``."""
         part = part_path(self.tmp_dir, entry)
         try:
-            dest = await asyncio.to_thread(resolve_inside, self.root, entry.path)
+            dest = await run_to_completion(lane, self._guard.resolve, entry.path)
             if already_there is not None and await already_there(dest):
                 await asyncio.to_thread(part.unlink, missing_ok=True)
                 return Built(part, dest, BuildOutcome(True), entry.size, in_place=True)
-            fd, before = await run_to_completion(None, _open_part, part, entry.size)
+            fd, before = await run_to_completion(lane, _open_part, part, entry.size)
         except UnsafePathError as exc:
             return Built(part, None, BuildOutcome(False, str(exc)))
         except OSError as exc:
@@ -213,11 +306,13 @@ class FileAssembler:
             pending = set(todo)
             final = (i for i in range(len(entry.chunks)) if i not in pending)
             whole = WholeDigest(fd, entry.chunks, final)
-            outcome = await self._fetch(entry, fd, todo, whole)
+            outcome = await self._fetch(entry, fd, todo, whole, lane)
             if outcome.ok:
                 outcome = await self._check_whole(entry, fd, part, outcome, whole)
-            if outcome.ok and place:
-                outcome.record = await self.place(part, dest)
+            if outcome.ok:
+                outcome.record = await run_to_completion(
+                    lane, self._sync_and_place, fd, part, dest if place else None
+                )
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
                 raise self._disk_full(entry, part, dest) from exc
@@ -227,6 +322,16 @@ class FileAssembler:
         finally:
             os.close(fd)
         return Built(part, dest, outcome, reused)
+
+    def _sync_and_place(self, fd: int, part: Path, dest: Path | None) -> StatRecord | None:
+        """fsync the built file, then swap it in at ``dest`` (if given); one thread job.
+
+        Why one job: for a small file the hops between the event loop and a thread
+        cost more than the fsync and the rename themselves. The order is the
+        guarantee: the file's bytes are durable before its name moves over ``dest``.
+        """
+        os.fsync(fd)
+        return None if dest is None else self.writer.place(part, dest)
 
     async def place(self, part: Path, dest: Path) -> StatRecord:
         """Swap a built partial file in at ``dest``; its new record."""
@@ -241,12 +346,17 @@ class FileAssembler:
         chunk list, but a manifest whose chunk list and ``sha256`` disagree cannot be
         told at parse time without the data (and a new release may come from another
         chunker). Such a manifest is refused instead of placed, and the partial file,
-        proven wrong, is deleted. Also fsyncs the partial file, while the digest
-        reads back whatever it has not seen yet (local chunks).
+        proven wrong, is deleted. When the digest must read bytes back (local or
+        resumed chunks), the file is fsynced meanwhile, so the disk works while the
+        CPU hashes (the fsync before placing then finds nothing left to write); a
+        file whose every byte was hashed on the way in costs no thread job here.
         """
-        _, digest = await gather_to_completion(
-            [self.io.run(os.fsync, fd), self.io.run(whole.hexdigest)]
-        )
+        if whole.complete:
+            digest = whole.hexdigest()
+        else:
+            _, digest = await gather_to_completion(
+                [self.io.run(os.fsync, fd), self.io.run(whole.hexdigest)]
+            )
         if digest == entry.sha256:
             return outcome
         await asyncio.to_thread(part.unlink, missing_ok=True)
@@ -300,8 +410,13 @@ class FileAssembler:
         return sorted([i for i in todo if i not in held] + missed)
 
     async def _fetch(
-        self, entry: FileEntry, fd: int, todo: list[int], whole: WholeDigest
+        self, entry: FileEntry, fd: int, todo: list[int], whole: WholeDigest, pool: Executor
     ) -> BuildOutcome:
+        """Fetch the chunks of ``todo``, source after source (failover).
+
+        ``pool`` is the file's lane: one writer thread, so its runs are written and
+        hashed one after the other, in order.
+        """
         if not todo:
             return BuildOutcome(True)
         if not self.sources:
@@ -313,39 +428,37 @@ class FileAssembler:
         used: list[str] = []
         errors: list[str] = []
         unreachable = True
-        # One writer thread for the whole file: its runs are fetched one after the other.
-        with ThreadPoolExecutor(1, thread_name_prefix="kensho-write") as pool:
-            for n, source in enumerate(self.sources):
-                nxt = self.sources[n + 1].name if n + 1 < len(self.sources) else None
-                if source.name in self.distrusted:
-                    errors.append(f"{source.name}: {_DISTRUSTED}")
-                    continue
+        for n, source in enumerate(self.sources):
+            nxt = self.sources[n + 1].name if n + 1 < len(self.sources) else None
+            if source.name in self.distrusted:
+                errors.append(f"{source.name}: {_DISTRUSTED}")
+                continue
 
-                def on_chunks(run: range, src: Source = source) -> None:  # once per write job
-                    done[run.start : run.stop] = b"\x01" * len(run)
-                    fetched[0] += chunks[run[-1]].end - chunks[run.start].offset
-                    self.emit(
-                        StorageDownloadProgress(
-                            path=entry.path, source=src.name, done=fetched[0], total=total
-                        )
+            def on_chunks(run: range, src: Source = source) -> None:  # once per write job
+                done[run.start : run.stop] = b"\x01" * len(run)
+                fetched[0] += chunks[run[-1]].end - chunks[run.start].offset
+                self.emit(
+                    StorageDownloadProgress(
+                        path=entry.path, source=src.name, done=fetched[0], total=total
                     )
-
-                error = await self._from_source(
-                    entry, fd, source, todo, done=done, on_chunks=on_chunks, pool=pool, whole=whole
                 )
-                finished = all(done[i] for i in todo)
-                if finished or error is None:
-                    used.append(source.name)
-                if error is not None:
-                    unreachable = unreachable and isinstance(error, SourceUnreachableError)
-                    errors.append(f"{source.name}: {error}")
-                    self.emit(
-                        StorageSourceFailed(
-                            path=entry.path, source=source.name, error=str(error), next_source=nxt
-                        )
+
+            error = await self._from_source(
+                entry, fd, source, todo, done=done, on_chunks=on_chunks, pool=pool, whole=whole
+            )
+            finished = all(done[i] for i in todo)
+            if finished or error is None:
+                used.append(source.name)
+            if error is not None:
+                unreachable = unreachable and isinstance(error, SourceUnreachableError)
+                errors.append(f"{source.name}: {error}")
+                self.emit(
+                    StorageSourceFailed(
+                        path=entry.path, source=source.name, error=str(error), next_source=nxt
                     )
-                if finished:
-                    return BuildOutcome(True, fetched=fetched[0], sources=used)
+                )
+            if finished:
+                return BuildOutcome(True, fetched=fetched[0], sources=used)
         reason = "; ".join(errors) or "no source could deliver it"
         return BuildOutcome(False, reason, unreachable, fetched[0], sources=used)
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kensho.errors import DownloadError, UnsafePathError
-from kensho.storage._fs import PathGuard, fsync_dir, start_writeback
+from kensho.storage._fs import FOLDER_SYNC, PathGuard, start_writeback
 from kensho.storage.hashing import (
     BATCH_BYTES,
     BUFFER_SIZE,
@@ -102,10 +102,14 @@ class PartWriter:
 
     def place(self, part: Path, dest: Path) -> StatRecord:
         """Move a built (fsynced) partial file over ``dest``, fsync the folder; the
-        new file's record."""
+        new file's record.
+
+        The folder fsync is shared with the renames done in the same folder before it
+        started (:class:`~._fs.FolderSync`): this rename is durable when it returns.
+        """
         dest.parent.mkdir(parents=True, exist_ok=True)
         part.replace(dest)
-        fsync_dir(dest.parent)
+        FOLDER_SYNC.sync(dest.parent)
         return StatRecord.of(dest.lstat())
 
 
@@ -136,6 +140,11 @@ class WholeDigest:
         self._final = bytearray(len(chunks))  # 1: the chunk's bytes in the file are good
         for i in final:
             self._final[i] = 1
+
+    @property
+    def complete(self) -> bool:
+        """Whether every byte is hashed: :meth:`hexdigest` then reads nothing."""
+        return self.pos == self.size
 
     def add(self, verified: range, start: int, views: Sequence[memoryview]) -> None:
         """Chunks ``verified`` matched; ``views`` hold their bytes from ``start`` on.

@@ -40,6 +40,7 @@ from kensho.events import (
 from kensho.storage._assemble import (
     BuildOutcome,
     FileAssembler,
+    build_each,
     bytes_to_write,
     check_free_space,
 )
@@ -47,7 +48,7 @@ from kensho.storage._chunk_io import donor_copy
 from kensho.storage._fs import PathGuard
 from kensho.storage._placement import Placement, clear_obstacles, placement_error
 from kensho.storage._plan import FilePlan, UpdatePlan
-from kensho.storage.hashing import run_bounded, sha256_range
+from kensho.storage.hashing import sha256_range
 from kensho.storage.manifest import dump_manifest
 from kensho.storage.state import StateStore, StatRecord
 from kensho.telemetry import get_logger
@@ -129,7 +130,7 @@ class DeltaUpdater:
 
     assembler: FileAssembler
     state: StateStore
-    concurrency: int = 2
+    concurrency: int = 2  # large files at a time (small ones share: build_each)
     #: Set by :meth:`assemble_all`, carried out by :meth:`swap_all`.
     _placement: Placement = field(default_factory=Placement, init=False)
 
@@ -148,7 +149,12 @@ class DeltaUpdater:
             )
         self._placement = plan.placement
         guard = PathGuard(self.assembler.root)
-        return await run_bounded(plan.files, lambda fp: self.assemble(fp, guard), self.concurrency)
+        return await build_each(
+            plan.files,
+            lambda fp: self.assemble(fp, guard),
+            lambda fp: fp.entry.size,
+            self.concurrency,
+        )
 
     def _drop_journal_of(self, plan: UpdatePlan) -> None:
         if self.state.load_pending_manifest() == dump_manifest(plan.target):

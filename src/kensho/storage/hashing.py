@@ -48,6 +48,7 @@ __all__ = [
     "mismatches_in",
     "read_into",
     "run_bounded",
+    "run_by_size",
     "sha256_range",
     "thread_buffer",
 ]
@@ -274,6 +275,75 @@ async def run_bounded(
 
     await gather_to_completion(worker() for _ in range(min(limit, len(items))))
     return [slots[k] for k in range(len(items))]
+
+
+class _ByteBudget:
+    """Bytes (or items) that jobs may hold at once, granted in the order asked for."""
+
+    def __init__(self, total: int) -> None:
+        self.free = total
+        self._turn = asyncio.Lock()  # FIFO: a large request is not overtaken for ever
+        self._freed = asyncio.Event()
+
+    async def take(self, n: int) -> None:
+        async with self._turn:  # only the holder waits on _freed
+            while self.free < n:
+                self._freed.clear()
+                await self._freed.wait()
+            self.free -= n
+
+    def give(self, n: int) -> None:
+        self.free += n
+        self._freed.set()
+
+
+async def run_by_size(
+    items: Sequence[_I],
+    job: Callable[[_I], Awaitable[_T]],
+    size: Callable[[_I], int],
+    *,
+    limit: int,
+    slot_bytes: int,
+    most: int,
+) -> list[_T]:
+    """:func:`run_bounded` with large and small items bounded apart, small ones by bytes.
+
+    Items of ``slot_bytes`` or more run ``limit`` at a time, as with
+    ``run_bounded(items, job, limit)``; smaller ones run beside them, as many as
+    fit in ``slot_bytes`` together, up to ``most`` items in flight in all. Why:
+    building a small file is mostly waiting (a request, an fsync, a rename, a
+    folder fsync) and CPU per file, a large one mostly disk and hashing; two at a
+    time, or small files only once the large ones are done, left one of them idle
+    while the other worked.
+
+    Until the first job has returned, only ``limit`` items start: a run whose
+    sources are slow or failing learns it from ``limit`` requests, as before, not
+    from ``most`` (each source is judged, and abandoned if it must be, by the time
+    a job returns). Items of each kind start in order. Errors and cancellation
+    behave as in :func:`gather_to_completion`.
+    """
+    large, small = _ByteBudget(max(1, limit)), _ByteBudget(slot_bytes)
+    admission = asyncio.Lock()  # FIFO: items pass the warm-up gate in order
+    returned = asyncio.Event()
+    started = 0
+
+    async def weighed(item: _I) -> _T:
+        nonlocal started
+        async with admission:
+            if started >= limit and not returned.is_set():
+                await returned.wait()
+            started += 1
+        n = size(item)
+        budget, weight = (large, 1) if n >= slot_bytes else (small, max(n, 1))
+        await budget.take(weight)
+        try:
+            result = await job(item)
+        finally:
+            budget.give(weight)
+        returned.set()
+        return result
+
+    return await run_bounded(items, weighed, max(limit, most))
 
 
 class IOPool:

@@ -38,6 +38,7 @@ from kensho.hub import EventHub
 from kensho.storage._assemble import (
     BuildOutcome,
     FileAssembler,
+    build_each,
     bytes_to_write,
     check_free_space,
     part_path,
@@ -48,7 +49,7 @@ from kensho.storage._plan import UpdatePlan, plan_update
 from kensho.storage._repair import FileRepairer
 from kensho.storage._update import DeltaUpdater, check_update_space, plan_events
 from kensho.storage._verify import Emit, verify_store
-from kensho.storage.hashing import IOPool, run_bounded
+from kensho.storage.hashing import IOPool
 from kensho.storage.manifest import Manifest, dump_manifest, load_manifest, parse_manifest
 from kensho.storage.release import Release, ReleaseTrust
 from kensho.storage.report import FileReport, FileStatus, VerifyReport
@@ -358,12 +359,12 @@ class StorageManager:
         await check_update_space(
             self.root, plan, self.state.tmp_dir, margin=self.space_margin, free=free
         )
-        updater = DeltaUpdater(
-            self._assembler(emit, plan.target),
-            state=self.state,
-            concurrency=self.repair_concurrency,
-        )
-        built = await updater.assemble_all(plan)
+        assembler = self._assembler(emit, plan.target)
+        updater = DeltaUpdater(assembler, state=self.state, concurrency=self.repair_concurrency)
+        try:
+            built = await updater.assemble_all(plan)
+        finally:
+            assembler.close()
         problems = {b.plan.entry.path: b.outcome.reason for b in built if not b.outcome.ok}
         required = {f.path for f in plan.target.files if f.required}
         blocking = {p: r for p, r in problems.items() if p in required}
@@ -580,7 +581,8 @@ class StorageManager:
         needed = await self._precheck_space(manifest, bad)
         free = await asyncio.to_thread(self.disk_free, self.state.tmp_dir)
         emit(StorageRepairStarted(files=len(bad), bytes_needed=needed, bytes_free=free))
-        repairer = FileRepairer(self._assembler(emit, manifest))
+        assembler = self._assembler(emit, manifest)
+        repairer = FileRepairer(assembler)
 
         async def one(file_report: FileReport) -> BuildOutcome:
             entry = manifest.file(file_report.path)
@@ -588,7 +590,12 @@ class StorageManager:
             return await repairer.repair(entry, file_report)
 
         # One failure (ENOSPC) cancels the other files and is raised alone.
-        results = await run_bounded(bad, one, self.repair_concurrency)
+        try:
+            results = await build_each(
+                bad, one, lambda f: f.expected_size or 0, self.repair_concurrency
+            )
+        finally:
+            assembler.close()
         outcomes = {f.path: o for f, o in zip(bad, results, strict=True)}
         good: list[tuple[str, str, StatRecord]] = []
         self._failures = {}

@@ -290,10 +290,12 @@ class Prefetcher:
         plan = await self._plan(manifest)
         await asyncio.to_thread(self.staging.begin, manifest)
         progress = _Progress(manifest.serial, plan.bytes_to_fetch, self.emit)
-        updater = DeltaUpdater(
-            self._assembler(progress, manifest), state=self.manager.state, concurrency=1
-        )
-        built = await updater.assemble_all(plan)
+        assembler = self._assembler(progress, manifest)
+        updater = DeltaUpdater(assembler, state=self.manager.state, concurrency=1)
+        try:
+            built = await updater.assemble_all(plan)
+        finally:
+            assembler.close()
         required = {f.path for f in manifest.files if f.required}
         failed = {b.plan.entry.path: b.outcome.reason for b in built if not b.outcome.ok}
         fetched = sum(b.outcome.fetched for b in built if b.outcome.ok)

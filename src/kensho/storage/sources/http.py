@@ -33,6 +33,7 @@ import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import quote
 
 import httpx
@@ -124,6 +125,16 @@ def _retry_hook(exc: Exception) -> bool | float:
     return isinstance(exc, httpx.TransportError | _Truncated)
 
 
+def _client_headers(headers: Mapping[str, str]) -> httpx.Headers:
+    """The headers an httpx client made with ``headers`` sends: httpx's defaults
+    (``User-Agent``, ``Accept``, ...) with ``headers`` over them, so the thread path
+    sends what httpx would. The client made to learn them has a do-nothing transport
+    and ignores the environment: no TLS context, no proxy, nothing to close."""
+    return httpx.AsyncClient(
+        headers=headers, transport=httpx.AsyncBaseTransport(), trust_env=False
+    ).headers
+
+
 @dataclass(slots=True)
 class _Transfer:
     """One :meth:`HttpSource.fetch`: where it stands, across all its retries."""
@@ -176,22 +187,41 @@ class HttpSource:
         self.clock = clock
         self._abandonment = Abandonment(self.base_url, clock)
         self._first = FirstAnswer()
-        self._client = httpx.AsyncClient(
-            follow_redirects=True,
-            max_redirects=_MAX_REDIRECTS,
-            timeout=httpx.Timeout(read_timeout, connect=connect_timeout),
-            transport=transport,
-            headers={"Accept-Encoding": "identity", **(headers or {})},
-        )
+        sent = {"Accept-Encoding": "identity", **(headers or {})}
+        self._client_options: dict[str, Any] = {
+            "follow_redirects": True,
+            "max_redirects": _MAX_REDIRECTS,
+            "timeout": httpx.Timeout(read_timeout, connect=connect_timeout),
+            "transport": transport,
+            "headers": sent,
+        }
+        self._httpx: httpx.AsyncClient | None = None
         self._direct = (
             DirectPool(
                 connect_timeout=connect_timeout,
                 read_timeout=read_timeout,
-                headers=self._client.headers,
+                headers=_client_headers(sent),
             )
             if transport is None
             else None
         )
+        # Read from the environment once, as httpx reads its proxies when a client is
+        # made: every URL of this source shares the base URL's scheme and host, and
+        # looking the proxies up again per request cost a scan of os.environ per file.
+        self._direct_ok = self._direct is not None and direct_capable(self.base_url)
+
+    @property
+    def _client(self) -> httpx.AsyncClient:
+        """The httpx client (HTTPS, proxies, an injected transport, the release
+        channel), made on first use.
+
+        Why lazily: making one builds its TLS context from certifi's bundle, 30-70 ms
+        of CPU per source, which a sync from a plain ``http://`` server (the thread
+        path) never uses.
+        """
+        if self._httpx is None:
+            self._httpx = httpx.AsyncClient(**self._client_options)
+        return self._httpx
 
     @property
     def name(self) -> str:
@@ -208,7 +238,8 @@ class HttpSource:
     async def aclose(self) -> None:
         if self._direct is not None:
             await asyncio.to_thread(self._direct.close)
-        await self._client.aclose()
+        if self._httpx is not None:
+            await self._httpx.aclose()
 
     async def fetch_release(self, tag: ChannelTag | None, max_bytes: int) -> ChannelAnswer:
         """``GET manifest.json`` at the base URL, conditional on ``tag`` (one request,
@@ -332,7 +363,7 @@ class HttpSource:
 
     async def _request(self, t: _Transfer) -> None:
         url = t.url
-        if self._direct is not None and direct_capable(url):
+        if self._direct is not None and self._direct_ok:
             try:
                 await self._request_direct(t, self._direct)
                 return

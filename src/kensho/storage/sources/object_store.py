@@ -30,6 +30,7 @@ import asyncio
 import errno
 import importlib.util
 import math
+import threading
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -77,6 +78,8 @@ def _filesystem(
     import fsspec
 
     kwargs: dict[str, Any] = {"skip_instance_cache": True, **options}
+    if protocol == "s3" and "session" not in kwargs:
+        kwargs["session"] = _s3_session(kwargs)
     if protocol == "s3":
         kwargs.setdefault(
             "config_kwargs",
@@ -90,6 +93,46 @@ def _filesystem(
     if hasattr(fs, "retries"):  # s3fs's own retry of SlowDown and dropped connections
         fs.retries = attempts
     return fs  # type: ignore[no-any-return]
+
+
+#: Session options s3fs hands to the ``AioSession`` it makes (its leftover keywords).
+_SESSION_OPTIONS = ("profile", "session_vars", "event_hooks", "include_builtin_handlers")
+_shared_loader: Any = None  # botocore's Loader, made once per process (lazily)
+_loader_lock = threading.Lock()
+
+
+def _botocore_loader() -> Any:
+    """The process's one botocore data loader (service models, endpoints), made lazily.
+
+    Why: each new botocore session parses the S3 service model and the endpoint
+    rules again (a few hundred ms of CPU), while boto3 reuses its default session's
+    loader, so every ``s3://`` source after the first paid for what boto3 had
+    cached. The loader only reads botocore's bundled, immutable data files (its
+    cache is per file), so sharing it shares nothing a run may change.
+    """
+    global _shared_loader  # noqa: PLW0603 - one immutable-data cache per process
+    with _loader_lock:
+        if _shared_loader is None:
+            from botocore.loaders import create_loader
+
+            _shared_loader = create_loader()
+        return _shared_loader
+
+
+def _s3_session(options: Mapping[str, Any]) -> Any:
+    """A new aiobotocore session, as s3fs would make it, on the shared loader.
+
+    Only the loader is shared: credentials, profile, region and endpoint are read
+    by this new session from the environment and config files as they are now
+    (the standard chain, every time), as they were when s3fs made its own session.
+    A ``data_path`` set in the AWS config (extra models) keeps a loader of its own.
+    """
+    from aiobotocore.session import AioSession
+
+    session = AioSession(**{k: options[k] for k in _SESSION_OPTIONS if k in options})
+    if session.get_config_variable("data_path") is None:
+        session.register_component("data_loader", _botocore_loader())
+    return session
 
 
 class ObjectStoreSource:
