@@ -7,62 +7,15 @@ up`` serves the chunks of its (demo) store behind its API key.
 
 from __future__ import annotations
 
-import json
-import os
-import queue
-import subprocess
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
 
-from _server_support import kensho_env, kensho_popen, kensho_up, run_kensho
-from _storage_support import http_server, signed_for
+from _server_support import kensho_env, kensho_up, run_kensho
+from _share_support import FILES, kensho_share, sync
+from _storage_support import http_server
 from kensho.demo import DEMO_MANIFEST, DEMO_MODEL_DIR
 from kensho.storage import load_manifest
-
-FILES = {"models/w.bin": os.urandom(200_000), "tok.json": os.urandom(30_000)}
-
-
-def sync(tmp_path: Path, root: Path, *sources: str) -> subprocess.CompletedProcess[str]:
-    manifest = tmp_path / "manifest.json"
-    manifest.write_text(json.dumps({"signed": signed_for(FILES, 16_384), "signatures": []}))
-    args: list[str] = ["sync", "-m", str(manifest), "-r", str(root)]
-    for url in sources:
-        args += ["-s", url]
-    env = kensho_env(tmp_path / "data", port=None, COLUMNS="300")
-    return run_kensho(*args, env=env, cwd=tmp_path, timeout=50)
-
-
-@contextmanager
-def kensho_share(tmp_path: Path, root: Path) -> Iterator[str]:
-    """Run ``kensho share --root ROOT --port 0``; yield its URL once it listens."""
-    process = kensho_popen(
-        "share",
-        "--root",
-        root,
-        "--port",
-        "0",
-        env=kensho_env(tmp_path / "data", port=None),
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    lines: queue.Queue[str] = queue.Queue()
-    assert process.stdout is not None
-    reader = threading.Thread(target=lambda: [lines.put(x) for x in process.stdout], daemon=True)
-    reader.start()
-    try:
-        line = lines.get(timeout=60)
-        assert line.startswith("kensho share: serving "), line
-        yield line.split()[-1]
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-        process.stdout.close()
 
 
 def test_kensho_share_serves_a_synced_store_and_the_next_store_skips_the_origin(
@@ -73,7 +26,8 @@ def test_kensho_share_serves_a_synced_store_and_the_next_store_skips_the_origin(
         assert first.returncode == 0, first.stderr
         from_origin = st.bytes_served
         assert from_origin == sum(map(len, FILES.values()))
-        with kensho_share(tmp_path, tmp_path / "seed") as url:
+        with kensho_share(tmp_path, tmp_path / "seed") as share:
+            url = share.url
             second = sync(tmp_path, tmp_path / "next", f"peer+{url}", origin)
         assert second.returncode == 0, second.stderr
         assert st.bytes_served == from_origin  # not one byte more from the origin

@@ -9,15 +9,10 @@ it started, and a sync that hears a stranger's store only gets its 404s.
 from __future__ import annotations
 
 import json
-import os
-import queue
 import signal
 import socket
 import subprocess
 import sys
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -25,71 +20,16 @@ from zeroconf import ServiceStateChange
 
 from _mdns_support import watching
 from _server_support import (
-    Server,
-    _pump,
     clean_env,
     kensho_env,
-    kensho_popen,
     kensho_up,
     run_kensho,
 )
-from _storage_support import http_server, signed_for
+from _share_support import FILES, kensho_share, sync
+from _storage_support import http_server
 from kensho.storage.sources.mdns import SERVICE_TYPE
 
 pytestmark = pytest.mark.slow
-
-FILES = {"models/w.bin": os.urandom(200_000), "tok.json": os.urandom(30_000)}
-
-
-def sync(tmp_path: Path, root: Path, *sources: str) -> subprocess.CompletedProcess[str]:
-    manifest = tmp_path / "manifest.json"
-    manifest.write_text(json.dumps({"signed": signed_for(FILES, 16_384), "signatures": []}))
-    args: list[str] = ["sync", "-m", str(manifest), "-r", str(root)]
-    for url in sources:
-        args += ["-s", url]
-    env = kensho_env(tmp_path / "data", port=None, COLUMNS="300")
-    return run_kensho(*args, env=env, cwd=tmp_path, timeout=50)
-
-
-@contextmanager
-def kensho_share(tmp_path: Path, root: Path, *flags: str) -> Iterator[tuple[int, Server]]:
-    """Run ``kensho share --root ROOT --port 0 FLAGS``; yield its port once it listens."""
-    process = kensho_popen(
-        "share",
-        "--root",
-        root,
-        "--port",
-        "0",
-        *flags,
-        env=kensho_env(tmp_path / "data", port=None),
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    server = Server(process, url="")
-    out: queue.Queue[str | None] = queue.Queue()
-    threads = [
-        threading.Thread(target=_pump, args=(stream, sink, lines), daemon=True)
-        for stream, sink, lines in [
-            (process.stdout, server.stdout, out),
-            (process.stderr, server.stderr, server.stderr_lines),
-        ]
-    ]
-    for thread in threads:
-        thread.start()
-    try:
-        line = out.get(timeout=60)
-        assert line is not None and line.startswith("kensho share: serving "), server.stderr
-        server.url = line.split()[-1]
-        yield int(server.url.rsplit(":", 1)[1]), server
-    finally:
-        server.stop()
-        for thread in threads:
-            thread.join(timeout=10)
-        for pipe in (process.stdout, process.stderr):
-            if pipe is not None:
-                pipe.close()
 
 
 def test_kensho_share_announce_is_heard_on_the_lan_and_withdrawn_at_sigterm(
@@ -98,7 +38,8 @@ def test_kensho_share_announce_is_heard_on_the_lan_and_withdrawn_at_sigterm(
     with http_server(FILES) as (origin, _):
         assert sync(tmp_path, tmp_path / "seed", origin).returncode == 0
     with watching(SERVICE_TYPE) as watcher:
-        with kensho_share(tmp_path, tmp_path / "seed", "--announce") as (port, server):
+        with kensho_share(tmp_path, tmp_path / "seed", "--announce") as server:
+            port = int(server.url.rsplit(":", 1)[1])
             info = watcher.wait_for_port(SERVICE_TYPE, port)
             assert info.parsed_addresses() == ["127.0.0.1"]  # bound to loopback: heard here only
             assert info.properties[b"v"] == b"1"
@@ -128,8 +69,9 @@ def test_kensho_sync_finds_the_announced_share_and_skips_the_origin(tmp_path: Pa
         from_origin = st.bytes_served
         with (
             watching(SERVICE_TYPE) as watcher,
-            kensho_share(tmp_path, tmp_path / "seed", "--announce") as (port, _),
+            kensho_share(tmp_path, tmp_path / "seed", "--announce") as share,
         ):
+            port = int(share.url.rsplit(":", 1)[1])
             watcher.wait_for_port(SERVICE_TYPE, port)  # announced: a browse now hears it
             second = sync(tmp_path, tmp_path / "next", "peer+mdns://", origin)
         assert second.returncode == 0, second.stderr
