@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
-from kensho.runtime.engines.structured import ToolSpec
+import jsonschema
 
-__all__ = ["ADD", "PERSON", "TOOLS", "WEATHER"]
+from kensho.runtime.engines.base import GenerationRequest
+from kensho.runtime.engines.structured import ToolCall, ToolSpec
+from kensho.server._tools import ParsedAnswer
+
+__all__ = ["ADD", "PERSON", "TOOLS", "WEATHER", "ask", "check_calls"]
 
 PERSON: dict[str, Any] = {
     "type": "object",
@@ -52,3 +57,19 @@ ADD = ToolSpec(
     },
 )
 TOOLS = (WEATHER, ADD)
+
+
+def ask(**kwargs: Any) -> GenerationRequest:
+    options: dict[str, Any] = {"max_tokens": 150, "temperature": 1.0, **kwargs}
+    return GenerationRequest.chat([("user", "Tell me about it.")], **options)
+
+
+def check_calls(text: str, allowed: tuple[ToolSpec, ...]) -> list[ToolCall]:
+    """Every call in ``text`` names an allowed tool and its arguments fit its schema."""
+    parsed = ParsedAnswer.of(text)
+    assert parsed.content == ""
+    assert parsed.calls
+    by_name = {tool.name: tool for tool in allowed}
+    for call in parsed.calls:
+        jsonschema.validate(json.loads(call.arguments), dict(by_name[call.name].parameters))
+    return parsed.calls

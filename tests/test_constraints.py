@@ -18,7 +18,7 @@ from llguidance import LLMatcher
 from transformers import AutoTokenizer
 
 from _chunk_support import collect, text_of
-from _schema_support import ADD, PERSON, TOOLS, WEATHER
+from _schema_support import ADD, PERSON, TOOLS, WEATHER, ask, check_calls
 from kensho.demo import DEMO_MODEL_DIR
 from kensho.errors import InvalidRequestError
 from kensho.runtime.engines._constraints import grammar_for
@@ -41,22 +41,6 @@ def engine() -> Iterator[TorchEngine]:
     asyncio.run(eng.load())
     yield eng
     asyncio.run(eng.close())
-
-
-def ask(**kwargs: Any) -> GenerationRequest:
-    options: dict[str, Any] = {"max_tokens": 150, "temperature": 1.0, **kwargs}
-    return GenerationRequest.chat([("user", "Tell me about it.")], **options)
-
-
-def check_calls(text: str, allowed: tuple[ToolSpec, ...]) -> list[ToolCall]:
-    """Every call in ``text`` names an allowed tool and its arguments fit its schema."""
-    parsed = ParsedAnswer.of(text)
-    assert parsed.content == ""
-    assert parsed.calls
-    by_name = {tool.name: tool for tool in allowed}
-    for call in parsed.calls:
-        jsonschema.validate(json.loads(call.arguments), dict(by_name[call.name].parameters))
-    return parsed.calls
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

@@ -6,27 +6,23 @@ from __future__ import annotations
 import importlib.util
 import json
 from collections.abc import AsyncIterator
-from typing import Any
 
 import jsonschema
 import pytest
 import pytest_asyncio
 
 from _chunk_support import collect, loaded, text_of
-from _schema_support import ADD, PERSON, TOOLS, WEATHER
+from _schema_support import ADD, PERSON, TOOLS, WEATHER, ask, check_calls
 from kensho.demo import DEMO_MODEL_DIR
 from kensho.errors import InvalidRequestError
-from kensho.runtime.engines.base import GenerationRequest
 from kensho.runtime.engines.llama_engine import LlamaCppEngine
 from kensho.runtime.engines.structured import (
     NamedTool,
     ResponseFormat,
-    ToolCall,
     ToolSpec,
     supports_constraints,
 )
 from kensho.runtime.engines.torch_engine import TorchEngine
-from kensho.server._tools import ParsedAnswer
 
 # Not imported here: importing llama_cpp leaks a /dev/null handle (a ResourceWarning);
 # the engines import it in their own processes.
@@ -46,22 +42,6 @@ async def llama() -> AsyncIterator[LlamaCppEngine]:
 async def torch() -> AsyncIterator[TorchEngine]:
     async with loaded(TorchEngine(DEMO_MODEL_DIR, name="torch")) as eng:
         yield eng
-
-
-def ask(**kwargs: Any) -> GenerationRequest:
-    options: dict[str, Any] = {"max_tokens": 150, "temperature": 1.0, **kwargs}
-    return GenerationRequest.chat([("user", "Tell me about it.")], **options)
-
-
-def check_calls(text: str, allowed: tuple[ToolSpec, ...]) -> list[ToolCall]:
-    """Every call in ``text`` names an allowed tool and its arguments fit its schema."""
-    parsed = ParsedAnswer.of(text)
-    assert parsed.content == ""
-    assert parsed.calls
-    by_name = {tool.name: tool for tool in allowed}
-    for call in parsed.calls:
-        jsonschema.validate(json.loads(call.arguments), dict(by_name[call.name].parameters))
-    return parsed.calls
 
 
 async def test_the_llama_engine_declares_constraints(llama: LlamaCppEngine) -> None:

@@ -447,6 +447,13 @@ class TorchEngine:
             guide.advance(produced)
         return guide
 
+    def _weights(self) -> tuple[Any, Any]:
+        """The model and tokenizer a worker decodes with (gone: closed mid-request)."""
+        model, tokenizer = self._model, self._tokenizer
+        if model is None or tokenizer is None:
+            raise EngineUnavailableError(f"engine {self.name!r} was closed during a request")
+        return model, tokenizer
+
     def _decode(
         self,
         request: GenerationRequest,
@@ -456,9 +463,7 @@ class TorchEngine:
         import torch
         from transformers import DynamicCache
 
-        model, tokenizer = self._model, self._tokenizer
-        if model is None or tokenizer is None:
-            raise EngineUnavailableError(f"engine {self.name!r} was closed during a request")
+        model, tokenizer = self._weights()
         prepared = self._prepare(request, model, tokenizer)
         ids, max_tokens, start, generator, processor, guide = prepared
         prompt_tokens = int(ids.shape[1]) - start
@@ -550,9 +555,7 @@ class TorchEngine:
         """One chunk per pending input, carrying its vector and its token count."""
         import torch
 
-        model, tokenizer = self._model, self._tokenizer
-        if model is None or tokenizer is None:
-            raise EngineUnavailableError(f"engine {self.name!r} was closed during a request")
+        model, tokenizer = self._weights()
         inputs = request.pending_embeddings
         first = len(request.embed) - len(inputs)
         encoded = [_embedding_ids(item, tokenizer, model) for item in inputs]  # all checked
