@@ -53,7 +53,9 @@ def test_demo_model_with_the_openai_client(tmp_path: Path) -> None:
             stream=True,
         )
         pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
-        assert len(pieces) > 5
+        # The opening delta, the first token alone (time to first token), then the
+        # rest as fast as this client reads: tokens that wait for it come merged.
+        assert len(pieces) >= 3 and pieces[0] == ""
         assert "".join(pieces) == " In the café by the river. They had crème brûlée."
         text = client.completions.create(model=DEMO, prompt="The GPU", max_tokens=8, temperature=0)
         assert text.choices[0].text.startswith(" is fast.")
