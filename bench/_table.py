@@ -7,9 +7,10 @@ import platform
 import statistics
 import timeit
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
-__all__ = ["machine_line", "markdown_table", "median_per_call"]
+__all__ = ["machine_line", "markdown_table", "median_per_call", "process_cpu"]
 
 
 def median_per_call(stmt: str, namespace: dict[str, Any], *, calls: int, rounds: int) -> float:
@@ -31,3 +32,15 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> 
 def machine_line() -> str:
     implementation = f"{platform.python_implementation()} {platform.python_version()}"
     return f"{implementation}, {os.cpu_count()} CPUs, {platform.machine()}"
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds every thread of process ``pid`` has run (``/proc/PID/task/*/schedstat``,
+    in ns; a child engine's decode runs on a worker thread)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += int((task / "schedstat").read_text().split()[0])
+        except FileNotFoundError:  # a thread that ended meanwhile
+            continue
+    return total / 1e9

@@ -1,10 +1,14 @@
-"""TorchEngine through the RuntimeManager vs plain ``model.generate()``, same model and prompt.
+"""TorchEngine, in the server's process and in its own, vs plain ``model.generate()``.
 
 Measures time to first token (TTFT) and decode speed (tokens/s) of:
 
 - ``model.generate()`` — transformers' own loop, greedy, no streaming;
 - ``TorchEngine`` directly — Kensho's streaming KV-cache loop in a worker thread;
-- ``RuntimeManager`` — the same engine behind the circuit breaker, as the server uses it.
+- ``TorchProcessEngine`` directly — the same loop in a child process (the server's
+  default, ``[model] isolate = true``), tokens over a pipe;
+- ``RuntimeManager`` — either engine behind the circuit breaker, as the server uses it.
+
+The CPU columns of the child-process paths count the child's threads too.
 
 TTFT of plain ``generate`` is the time of ``generate(max_new_tokens=1)``. Medians over
 rounds. Device: CPU by default; ``--device cuda`` when a GPU is at hand.
@@ -27,10 +31,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _table import machine_line, markdown_table
+from _table import machine_line, markdown_table, process_cpu
 from kensho.demo import DEMO_MODEL_DIR
 from kensho.runtime.engines.base import GenerationRequest
 from kensho.runtime.engines.torch_engine import TorchEngine
+from kensho.runtime.engines.torch_process import TorchProcessEngine
 from kensho.runtime.manager import RuntimeManager
 from kensho.telemetry import configure_logging
 
@@ -93,21 +98,34 @@ class SameThreadLoop:
 
 
 class Streamed:
-    """One streamed request through ``source``: TTFT and tokens/s of the whole stream."""
+    """One streamed request through ``source``: TTFT and tokens/s of the whole stream.
 
-    def __init__(self, source: TorchEngine | RuntimeManager) -> None:
+    With ``child`` (a TorchProcessEngine), the CPU per token adds the child's.
+    """
+
+    def __init__(
+        self,
+        source: TorchEngine | TorchProcessEngine | RuntimeManager,
+        child: TorchProcessEngine | None = None,
+    ) -> None:
         self.source = source
+        self.child = child
+
+    def _cpu(self) -> float:
+        own = time.process_time()
+        pid = self.child.pid if self.child is not None else None
+        return own + (process_cpu(pid) if pid is not None else 0.0)
 
     async def round(self, tokens: int) -> tuple[float, float, float]:
         request = GenerationRequest(prompt=PROMPT, max_tokens=tokens, temperature=0)
-        start, cpu = time.perf_counter(), time.process_time()
+        start, cpu = time.perf_counter(), self._cpu()
         first = 0.0
         count = 0
         async for chunk in self.source.generate(request):
             if not count:
                 first = time.perf_counter() - start
             count += chunk.tokens  # a chunk is several tokens when this loop was behind
-        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+        elapsed, cpu = time.perf_counter() - start, self._cpu() - cpu
         return first, count / elapsed, cpu / count
 
 
@@ -190,18 +208,24 @@ async def handoff_alone(items: int = 2000, pace: float = 0.0008, rounds: int = 5
 
 
 async def measure(
-    model_dir: Path, device: str, tokens: int, rounds: int
+    model_dir: Path, device: str, tokens: int, rounds: int, threads: int
 ) -> dict[str, tuple[float, float, float]]:
     """Rounds interleave the paths, so drift in machine load hits them all alike."""
     engine = TorchEngine(model_dir, device=device)
     await engine.load()
     manager = RuntimeManager(engine)
     await manager.start()
+    child = TorchProcessEngine(model_dir, device=device, threads=threads)
+    await child.load()
+    child_manager = RuntimeManager(child)
+    await child_manager.start()
     paths = {
         "transformers model.generate()": PlainGenerate(model_dir, device),
         "Kensho decode loop, same thread (no streaming)": SameThreadLoop(engine),
         "TorchEngine (direct)": Streamed(engine),
         "TorchEngine via RuntimeManager": Streamed(manager),
+        "TorchProcessEngine (direct)": Streamed(child, child),
+        "TorchProcessEngine via RuntimeManager": Streamed(child_manager, child),
     }
     samples: dict[str, list[tuple[float, float, float]]] = {name: [] for name in paths}
     for i in range(rounds + 1):
@@ -210,6 +234,7 @@ async def measure(
             if i:  # round 0 warms every path up
                 samples[name].append(result)
     await manager.close()
+    await child_manager.close()
     return {
         name: tuple(statistics.median(run[i] for run in runs) for i in range(3))  # type: ignore[misc]
         for name, runs in samples.items()
@@ -237,7 +262,7 @@ def main() -> None:
     configure_logging(level="warning")
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-    results = asyncio.run(measure(args.model, args.device, args.tokens, args.rounds))
+    results = asyncio.run(measure(args.model, args.device, args.tokens, args.rounds, args.threads))
     handoffs = asyncio.run(handoff_alone()) if args.handoff_alone else []
     base_ttft, base_tps, _ = results["transformers model.generate()"]
     _, loop_tps, loop_cpu = results["Kensho decode loop, same thread (no streaming)"]
@@ -248,8 +273,8 @@ def main() -> None:
             f"{(ttft / base_ttft - 1) * 100:+.1f}%",
             f"{tps:.0f}",
             f"{(1 - tps / base_tps) * 100:+.1f}%",
-            f"{(1 / tps - 1 / loop_tps) * 1e6:+.0f}" if "TorchEngine" in name else "",
-            f"{(cpu - loop_cpu) * 1e6:+.0f}" if "TorchEngine" in name else "",
+            f"{(1 / tps - 1 / loop_tps) * 1e6:+.0f}" if "Engine" in name else "",
+            f"{(cpu - loop_cpu) * 1e6:+.0f}" if "Engine" in name else "",
         )
         for name, (ttft, tps, cpu) in results.items()
     ]

@@ -14,6 +14,7 @@ from kensho.kernel import Kernel
 from kensho.runtime.engines.base import GenerationRequest
 from kensho.runtime.engines.llama_engine import LlamaCppEngine
 from kensho.runtime.engines.torch_engine import TorchEngine
+from kensho.runtime.engines.torch_process import TorchProcessEngine
 
 
 def settings(root: Path, **model: object) -> Settings:
@@ -48,9 +49,17 @@ def test_each_engine_gets_its_file_of_the_store(tmp_path: Path) -> None:
 def test_a_mixed_pair_torch_primary_llama_fallback(tmp_path: Path) -> None:
     kernel = Kernel(settings(tmp_path, engine="torch", fallback_engine="llama"))
     primary, fallback = kernel._make_engines()
-    assert isinstance(primary, TorchEngine) and primary.kind == "gpu"
+    assert isinstance(primary, TorchProcessEngine) and primary.kind == "gpu"
     assert isinstance(fallback, LlamaCppEngine) and fallback.kind == "cpu"
     assert fallback.model_path == kernel.storage.root.resolve() / "model.gguf"
+
+
+def test_torch_engines_run_in_child_processes_unless_isolate_is_off(tmp_path: Path) -> None:
+    isolated = Kernel(settings(tmp_path, engine="torch"))._make_engines()
+    assert all(isinstance(engine, TorchProcessEngine) for engine in isolated)
+    inline = Kernel(settings(tmp_path, engine="torch", isolate=False))._make_engines()
+    assert all(isinstance(engine, TorchEngine) for engine in inline)
+    assert [engine.kind for engine in inline] == ["gpu", "cpu"]
 
 
 @pytest.mark.parametrize("name", ["../elsewhere.gguf", "/etc/passwd", "."])

@@ -180,7 +180,11 @@ class ModelSettings(_Section):
     the same file). ``fallback_engine`` mixes kinds (``engine = "torch"`` with
     ``fallback_engine = "llama"``); empty means the same as ``engine``. ``"mock"``
     serves the fault-injecting engines instead (demos, load tests), with the given
-    latencies. ``dir`` is the store holding the model; empty means the embedded demo.
+    latencies. ``isolate`` (default true) runs each torch engine in its own child
+    process too, as llama engines always are: its decode loop then shares no GIL with
+    the server's event loop, and a CUDA fault or a SIGKILL costs that process only
+    (false: in the server's process, one torch import and no pipe; for debugging).
+    ``dir`` is the store holding the model; empty means the embedded demo.
     ``id`` is the model name clients send (``model`` in OpenAI requests, listed by
     ``GET /v1/models``); empty means the store's manifest ``name`` (the demo's is
     ``kensho-demo``), so one manifest names its model everywhere.
@@ -190,6 +194,7 @@ class ModelSettings(_Section):
     dir: Path | None = None
     engine: Literal["torch", "llama", "mock"] = "torch"
     fallback_engine: Literal["torch", "llama"] | None = None
+    isolate: bool = True
     gguf: str = Field(default="model.gguf", min_length=1, max_length=4096)
     fallback_gguf: str | None = Field(default=None, min_length=1, max_length=4096)
     primary_device: str = "cuda"

@@ -57,6 +57,7 @@ from kensho.runtime.engines.base import Engine
 from kensho.runtime.engines.faulty import MockCPUEngine, MockGPUEngine
 from kensho.runtime.engines.llama_engine import LlamaCppEngine
 from kensho.runtime.engines.torch_engine import TorchEngine
+from kensho.runtime.engines.torch_process import TorchProcessEngine
 from kensho.runtime.executor import TaskExecutor
 from kensho.runtime.manager import RuntimeManager
 from kensho.server import ChunkService, Drain, IntegrityState, ServerContext, create_app
@@ -236,12 +237,13 @@ class Kernel:
             )
             return primary, fallback
         fallback_kind = model.fallback_engine or model.engine
+        torch_engine = TorchProcessEngine if model.isolate else TorchEngine
         if model.engine == "llama":
             primary = LlamaCppEngine(
                 self._store_file(model.gguf, "model.gguf"), device=model.primary_device, name="gpu"
             )
         else:
-            primary = TorchEngine(
+            primary = torch_engine(
                 self.storage.root, device=model.primary_device, dtype=model.dtype, name="gpu"
             )
         if fallback_kind == "llama":
@@ -257,7 +259,7 @@ class Kernel:
                 self._store_file(file, key), device=model.fallback_device, name="cpu"
             )
         else:
-            fallback = TorchEngine(self.storage.root, device=model.fallback_device, name="cpu")
+            fallback = torch_engine(self.storage.root, device=model.fallback_device, name="cpu")
         return primary, fallback
 
     def _store_file(self, name: str, key: str) -> Path:

@@ -33,7 +33,8 @@ reads the pipe between tokens, so a stream stops within one token; a prefill is 
 short by llama.cpp's abort callback, which reads the request's abort flag. A request runs at most
 ``window`` tokens ahead of what its consumer has read (credits, as in HTTP/2 flow
 control): a slow or departed client never has hundreds of tokens decoded for nothing.
-When the parent's end of the pipe closes (the server died), the child exits at once.
+When the parent's end of the pipe closes (the server died), the child exits at once;
+SIGINT and SIGTERM are ignored (the server drains first, then closes the pipe).
 
 Stop strings are matched in the parent (with the same matcher as TorchEngine), which
 then cancels the rest: the child stays a thin loop over llama.cpp.
@@ -65,6 +66,7 @@ import os
 import pickle
 import random
 import select
+import signal
 import socket
 import struct
 import sys
@@ -784,6 +786,10 @@ class _LoadFailure(Exception):
 
 
 def main(argv: list[str]) -> int:
+    # Ctrl-C in a terminal and a service manager's SIGTERM reach the whole process group:
+    # the server drains its requests first, then closes the pipe, which ends this child.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     conn = Connection(int(argv[1]))
     child = _Child(conn, AbortFlags(int(argv[2])))
     batch = child.channel.take(block=True) or [("eof",)]

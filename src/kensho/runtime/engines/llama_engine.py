@@ -39,18 +39,15 @@ import collections
 import contextlib
 import itertools
 import os
-import signal
 import subprocess
 import sys
 from array import array
-from collections.abc import AsyncGenerator, AsyncIterator
-from multiprocessing import Pipe
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
 from kensho.errors import (
-    EngineCrashedError,
     EngineError,
     EngineOutOfMemoryError,
     EngineUnavailableError,
@@ -58,6 +55,7 @@ from kensho.errors import (
     ModelFileError,
 )
 from kensho.runtime.engines._constraints import check_schemas, grammar_for
+from kensho.runtime.engines._process import ChildProcess, Stream
 from kensho.runtime.engines.base import (
     FEATURES,
     EngineKind,
@@ -67,7 +65,7 @@ from kensho.runtime.engines.base import (
     GenerationRequest,
     TokenLogprob,
 )
-from kensho.runtime.engines.llama_child import AbortFlags, Channel
+from kensho.runtime.engines.llama_child import AbortFlags
 from kensho.runtime.engines.structured import template_messages
 from kensho.runtime.engines.torch_engine import StopMatcher
 from kensho.telemetry import get_logger
@@ -77,8 +75,6 @@ __all__ = ["WINDOW", "LlamaCppEngine"]
 log = get_logger("runtime.engine.llama")
 
 _CHILD_SCRIPT = Path(__file__).with_name("llama_child.py")
-_STDERR_TAIL = 2000  # bytes of the child's stderr kept for crash messages
-_DEAD: tuple[str] = ("dead",)
 _FINAL = frozenset({"end", "cancelled", "err", "dead"})
 #: Tokens the child may decode ahead of the consumer; credit is returned in halves.
 WINDOW = 32
@@ -86,51 +82,25 @@ _CHECKED_GRAMMARS = 64  # grammars whose schemas passed check_schemas (LRU)
 _ids = itertools.count(1)
 
 
-class _Stream:
-    """Messages for one request, from the pipe reader to the request's consumer."""
+class _Child(ChildProcess):
+    """One running llama.cpp child, with the abort flags of its requests."""
 
-    __slots__ = ("abandoned", "messages", "slot", "waiter")
-
-    def __init__(self, slot: int) -> None:
-        self.messages: collections.deque[tuple[Any, ...]] = collections.deque()
-        self.waiter: asyncio.Future[None] | None = None
-        self.abandoned = False
-        self.slot = slot  # its AbortFlags slot, -1 for none
-
-    def push(self, message: tuple[Any, ...]) -> None:
-        self.messages.append(message)
-        waiter = self.waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    async def get(self) -> tuple[Any, ...]:
-        while not self.messages:
-            self.waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self.waiter
-            finally:
-                self.waiter = None
-        return self.messages.popleft()
-
-
-class _Child:
-    """One running child process: its pipe, its requests, the tail of its stderr."""
-
-    def __init__(self, proc: subprocess.Popen[bytes], conn: Connection, flags: AbortFlags) -> None:
-        self.proc = proc
-        self.conn = conn
-        self.channel = Channel(conn)
+    def __init__(
+        self,
+        proc: subprocess.Popen[bytes],
+        conn: Connection,
+        flags: AbortFlags,
+        *,
+        engine: str,
+        dispatch: Callable[[ChildProcess, tuple[Any, ...]], None],
+    ) -> None:
         self.flags = flags
         self.free_slots = list(range(AbortFlags.SLOTS - 1, -1, -1))
-        self.streams: dict[str, _Stream] = {}
-        self.hello: asyncio.Future[tuple[Any, ...]] = asyncio.get_running_loop().create_future()
-        self.stderr = bytearray()
-        self.alive = True
-        self.info: dict[str, Any] = {}
+        super().__init__(proc, conn, engine=engine, what="llama.cpp process", dispatch=dispatch)
 
-    def stderr_tail(self) -> str:
-        text = bytes(self.stderr[-_STDERR_TAIL:]).decode("utf-8", "replace").strip()
-        return text.splitlines()[-1] if text else ""
+    async def reap(self) -> None:
+        await super().reap()
+        self.flags.close()
 
 
 class LlamaCppEngine:
@@ -212,24 +182,23 @@ class LlamaCppEngine:
     async def _start(self) -> None:
         old, self._child = self._child, None
         if old is not None:
-            await self._reap(old)
+            await old.reap()
         if not self.model_path.is_file():
             raise EngineUnavailableError(
                 f"engine {self.name!r}: {self.model_path} does not exist; run `kensho verify` "
                 "on the store, or point [model] gguf at the file"
             )
         proc, conn, flags = await asyncio.to_thread(self._spawn)
-        child = _Child(proc, conn, flags)
-        self._add_readers(child)
+        child = _Child(proc, conn, flags, engine=self.name, dispatch=self._dispatch)
         self.processes_started += 1
         try:
             child.channel.send(("load", self._options))
             answer = await child.hello
         except BaseException:
-            await self._reap(child)
+            await child.reap()
             raise
         if answer[0] != "ready":
-            await self._reap(child)
+            await child.reap()
             raise await self._load_error(answer, child)
         child.info = dict(answer[1])
         self._child = child
@@ -244,59 +213,29 @@ class LlamaCppEngine:
         )
 
     def _spawn(self) -> tuple[subprocess.Popen[bytes], Connection, AbortFlags]:
-        parent_end, child_end = Pipe(duplex=True)
         try:
             flags, flags_fd = AbortFlags.create()
         except OSError as exc:
-            parent_end.close()
-            child_end.close()
             raise EngineUnavailableError(
                 f"engine {self.name!r}: cannot make its abort flags file: {exc}"
             ) from exc
-        argv = [sys.executable, "-I", str(_CHILD_SCRIPT), str(child_end.fileno()), str(flags_fd)]
         try:
-            proc = subprocess.Popen(  # noqa: S603 - our interpreter, our script
-                argv,
-                pass_fds=(child_end.fileno(), flags_fd),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
+            proc, conn = ChildProcess.spawn(
+                lambda fd: [sys.executable, "-I", str(_CHILD_SCRIPT), str(fd), str(flags_fd)],
+                engine=self.name,
+                what="llama.cpp process",
+                pass_fds=(flags_fd,),
             )
-        except OSError as exc:
-            parent_end.close()
-            raise EngineUnavailableError(
-                f"engine {self.name!r}: cannot start its llama.cpp process: {exc}"
-            ) from exc
+        except BaseException:
+            flags.close()
+            raise
         finally:
-            child_end.close()
             os.close(flags_fd)  # the parent's map holds its own reference
-        return proc, parent_end, flags
+        return proc, conn, flags
 
-    def _add_readers(self, child: _Child) -> None:
-        loop = asyncio.get_running_loop()
-        loop.add_reader(child.conn.fileno(), self._on_messages, child)
-        assert child.proc.stderr is not None
-        os.set_blocking(child.proc.stderr.fileno(), False)
-        loop.add_reader(child.proc.stderr.fileno(), self._on_stderr, child)
-
-    def _on_messages(self, child: _Child) -> None:
-        """Drain every message that is ready: one event-loop wake-up for a burst."""
-        try:
-            messages = child.channel.take(block=False)
-        except OSError:
-            messages = None
-        if messages is None:
-            self._on_death(child)
-            return
-        for message in messages:
-            self._dispatch(child, message)
-
-    def _dispatch(self, child: _Child, message: tuple[Any, ...]) -> None:
+    def _dispatch(self, child: ChildProcess, message: tuple[Any, ...]) -> None:
+        assert isinstance(child, _Child)
         kind = message[0]
-        if kind in ("ready", "fail"):
-            if not child.hello.done():
-                child.hello.set_result(message)
-            return
         stream = child.streams.get(message[1])
         if _is_final(message):
             if stream is not None:
@@ -312,65 +251,12 @@ class LlamaCppEngine:
         if stream is not None and not stream.abandoned:
             stream.push(message)
 
-    def _on_stderr(self, child: _Child) -> None:
-        assert child.proc.stderr is not None
-        try:
-            data = os.read(child.proc.stderr.fileno(), 65536)
-        except BlockingIOError:
-            return
-        except OSError:
-            data = b""
-        if not data:
-            self._stop_reading(child, stderr_only=True)
-            return
-        child.stderr += data
-        del child.stderr[: -_STDERR_TAIL * 2]
-
-    def _on_death(self, child: _Child) -> None:
-        if not child.alive:
-            return
-        child.alive = False
-        self._stop_reading(child)
-        if not child.hello.done():
-            child.hello.set_result(_DEAD)
-        for stream in child.streams.values():
-            stream.push(_DEAD)
-        child.streams.clear()
-        log.warning("engine process died", engine=self.name, pid=child.proc.pid)
-
-    def _stop_reading(self, child: _Child, *, stderr_only: bool = False) -> None:
-        loop = asyncio.get_running_loop()
-        if child.proc.stderr is not None:
-            with contextlib.suppress(ValueError, OSError):
-                loop.remove_reader(child.proc.stderr.fileno())
-        if not stderr_only:
-            with contextlib.suppress(ValueError, OSError):
-                loop.remove_reader(child.conn.fileno())
-
-    async def _reap(self, child: _Child) -> None:
-        """Close the pipe (the child exits by itself), then make sure it is gone."""
-        child.alive = False
-        self._stop_reading(child)
-        child.channel.close()
-        child.conn.close()
-        child.flags.close()
-        try:
-            await asyncio.to_thread(child.proc.wait, 5.0)
-        except subprocess.TimeoutExpired:
-            child.proc.kill()
-            await asyncio.to_thread(child.proc.wait)
-        if child.proc.stderr is not None:
-            child.proc.stderr.close()
-
     async def close(self) -> None:
         """Stop the child; ``load()`` may start a new one later."""
         child, self._child = self._child, None
         self._loading = None
         if child is not None:
-            for stream in child.streams.values():
-                stream.push(_DEAD)
-            child.streams.clear()
-            await self._reap(child)
+            await child.reap()
 
     async def health(self) -> bool:
         return self.loaded
@@ -380,7 +266,7 @@ class LlamaCppEngine:
     async def _load_error(self, answer: tuple[Any, ...], child: _Child) -> EngineError:
         where = f"engine {self.name!r}"
         if answer[0] == "dead":
-            return await self._crash_error(child, "while loading " + str(self.model_path))
+            return await child.crash_error("while loading " + str(self.model_path))
         kind, message = str(answer[1]), str(answer[2])
         if kind in ("format", "architecture", "context", "load"):
             return ModelFileError(f"{where}: cannot serve {message}", path=self.model_path)
@@ -394,26 +280,6 @@ class LlamaCppEngine:
             )
             return EngineUnavailableError(f"{where}: {message}; {hint}", permanent=True)
         return EngineUnavailableError(f"{where}: {message}")
-
-    async def _crash_error(self, child: _Child, during: str) -> EngineCrashedError:
-        """The pipe closed: wait (briefly) for the exit status, to say how it died."""
-        try:
-            code: int | None = await asyncio.to_thread(child.proc.wait, 2.0)
-        except subprocess.TimeoutExpired:
-            code = None
-        how = ""
-        if code is not None and code < 0:
-            with contextlib.suppress(ValueError):
-                how = f" (killed by {signal.Signals(-code).name})"
-        elif code is not None:
-            how = f" (exit status {code})"
-        tail = child.stderr_tail()
-        said = f"; it said: {tail}" if tail else ""
-        return EngineCrashedError(
-            f"engine {self.name!r}: its llama.cpp process (pid {child.proc.pid}) died{how} "
-            f"{during}{said}; a new process starts on the next request",
-            exit_code=code,
-        )
 
     # -- generation ----------------------------------------------------------------------
 
@@ -435,9 +301,9 @@ class LlamaCppEngine:
         if slot >= 0:
             child.flags.clear(slot)
         params["abort_slot"] = slot
-        stream = _Stream(slot)
+        stream = Stream(slot)
         child.streams[rid] = stream
-        self._send(child, ("gen", rid, params))
+        child.send(("gen", rid, params))
         try:
             async with contextlib.aclosing(self._read(child, rid, stream, request)) as chunks:
                 async for chunk in chunks:
@@ -449,7 +315,7 @@ class LlamaCppEngine:
                 await self._cancel(child, rid, stream)
 
     async def _read(
-        self, child: _Child, rid: str, stream: _Stream, request: GenerationRequest
+        self, child: _Child, rid: str, stream: Stream, request: GenerationRequest
     ) -> AsyncGenerator[GenerationChunk, None]:
         """The chunks of one request's messages; returns once its last message is read.
 
@@ -474,7 +340,7 @@ class LlamaCppEngine:
                     return
                 unreturned += chunk.tokens
                 if unreturned >= WINDOW // 2:
-                    self._send(child, ("credit", rid, unreturned))
+                    child.send(("credit", rid, unreturned))
                     unreturned = 0
             elif kind == "emb":
                 yield self._vector(message)
@@ -525,21 +391,14 @@ class LlamaCppEngine:
                 self._checked.popitem(last=False)
         return grammar
 
-    def _send(self, child: _Child, message: tuple[Any, ...]) -> None:
-        """A write to a child that just died is its death (the streams hear of it)."""
-        try:
-            child.channel.send(message)
-        except OSError:
-            self._on_death(child)
-
-    async def _cancel(self, child: _Child, rid: str, stream: _Stream) -> None:
+    async def _cancel(self, child: _Child, rid: str, stream: Stream) -> None:
         """Tell the child to stop this request, and wait until it has (one token at most).
 
         The abort flag first: a prefill under way stops at its next graph node.
         """
         if stream.slot >= 0:
             child.flags.raise_flag(stream.slot)
-        self._send(child, ("cancel", rid))
+        child.send(("cancel", rid))
         try:
             while not _is_final(await stream.get()):
                 pass
@@ -562,7 +421,7 @@ class LlamaCppEngine:
         self, child: _Child, message: tuple[Any, ...], request: GenerationRequest
     ) -> Exception:
         if message[0] == "dead":
-            return await self._crash_error(child, f"during request {request.request_id}")
+            return await child.crash_error(f"during request {request.request_id}")
         if message[0] == "cancelled":
             return EngineError(f"engine {self.name!r}: request {request.request_id} was cancelled")
         kind, text = str(message[2]), str(message[3])

@@ -219,7 +219,7 @@ class TorchEngine:
             max_workers=self._max_concurrency, thread_name_prefix=f"kensho-{self.name}"
         )
         try:
-            await asyncio.get_running_loop().run_in_executor(pool, self._load_sync)
+            await asyncio.get_running_loop().run_in_executor(pool, self.load_blocking)
         except BaseException:
             pool.shutdown(wait=False)
             raise
@@ -232,7 +232,8 @@ class TorchEngine:
             model_dir=str(self.model_dir),
         )
 
-    def _load_sync(self) -> None:
+    def load_blocking(self) -> None:
+        """What :meth:`load` runs in a worker thread (``torch_child`` calls it directly)."""
         try:
             import torch
             import transformers
@@ -366,10 +367,7 @@ class TorchEngine:
 
         def work() -> None:
             try:
-                if request.embed:
-                    self._embed(request, put, cancel)
-                else:
-                    self._decode(request, put, cancel)
+                self.run_blocking(request, put, cancel)
             except BaseException as exc:  # handed to the consumer, re-raised there
                 put(exc)
             else:
@@ -394,6 +392,23 @@ class TorchEngine:
             handoff.cancel()
             self._active.discard(handoff)
             await asyncio.shield(future)
+
+    def run_blocking(
+        self,
+        request: GenerationRequest,
+        put: Callable[[GenerationChunk], None],
+        cancel: threading.Event,
+    ) -> None:
+        """One request on this thread: each chunk to ``put`` as it exists; raises what fails.
+
+        Returns after the last chunk, or within one token once ``cancel`` is set. The
+        streaming :meth:`generate` runs it in the engine's worker threads;
+        ``torch_child`` runs it in a child process.
+        """
+        if request.embed:
+            self._embed(request, put, cancel)
+        else:
+            self._decode(request, put, cancel)
 
     def _prepare(self, request: GenerationRequest, model: Any, tokenizer: Any) -> _Prepared:
         """Tokens in, token budget, first chunk index and RNG; bad input is the client's."""
@@ -457,7 +472,7 @@ class TorchEngine:
     def _decode(
         self,
         request: GenerationRequest,
-        put: Callable[[_Item], None],
+        put: Callable[[GenerationChunk], None],
         cancel: threading.Event,
     ) -> None:
         import torch
@@ -549,7 +564,7 @@ class TorchEngine:
     def _embed(
         self,
         request: GenerationRequest,
-        put: Callable[[_Item], None],
+        put: Callable[[GenerationChunk], None],
         cancel: threading.Event,
     ) -> None:
         """One chunk per pending input, carrying its vector and its token count."""

@@ -1,0 +1,311 @@
+"""TorchProcessEngine: a TorchEngine in its own child process, the server's default.
+
+Why a process, for an engine whose errors Python can catch:
+
+- **The GIL.** transformers' decode step is mostly interpreter time on small and
+  mid-sized models, and in the server's process it shares one GIL with the event
+  loop, which wakes for every token (to stream it) and for every other request. Each
+  wake-up then waits for the decode thread to let go of the GIL, and the decode thread
+  waits for the loop: on the demo model that cost 80 to 750 µs a token. In a child, the
+  decode loop has its process to itself and hands each token over with one pickle and
+  one pipe write; the server reads on its own core. vLLM's V1 engine split its
+  engine core from the API server for the same reason.
+- **CUDA.** A device-side assert or an illegal memory access leaves the process's CUDA
+  context unusable until the process ends. In a child, that is an engine failure like
+  any other (:class:`~kensho.errors.EngineCrashedError` once the child exits): the
+  breaker counts it, the fallback absorbs it, and the next probe starts a new process
+  with a fresh context. A SIGKILL by the OOM killer is the same.
+
+The child (``torch_child.py``) runs the very same :class:`TorchEngine` code, so the
+text, logprobs, embeddings and constrained answers are identical to the in-process
+engine's (``[model] isolate = false`` keeps it in the server's process). Tokens that
+queued up while the consumer was away come as one chunk; a consumer that stops reading
+stops the decode within one token (and the child never runs more than ``WINDOW``
+chunks ahead of its reader).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import sys
+from array import array
+from collections.abc import AsyncGenerator, AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from kensho.errors import EngineUnavailableError
+from kensho.runtime.engines._process import ChildProcess, Stream
+from kensho.runtime.engines.base import (
+    FEATURES,
+    EngineKind,
+    Feature,
+    GenerationChunk,
+    GenerationRequest,
+)
+from kensho.telemetry import get_logger
+
+__all__ = ["WINDOW", "TorchProcessEngine"]
+
+log = get_logger("runtime.engine.torch")
+
+#: Chunks the child may send ahead of the consumer; credit is returned in halves.
+WINDOW = 32
+_DTYPES = ("float32", "float16", "bfloat16")
+_WHAT = "torch process"
+#: The child's first line: the server's own ``sys.path`` (so it imports the same
+#: Kensho, torch and transformers, whatever the working directory holds), then serve.
+_BOOT = (
+    "import json, sys; sys.path[:] = json.loads(sys.argv[1]); "
+    "from kensho.runtime.engines.torch_child import main; sys.exit(main(sys.argv[2:]))"
+)
+#: Device nodes of the GPU drivers torch's CUDA (or ROCm) build can use; with none of
+#: them, no CUDA device can exist, and no child needs to import torch to find out.
+_GPU_NODES = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/dxg")
+_ids = itertools.count(1)
+
+
+class TorchProcessEngine:
+    """A Hugging Face causal LM folder served by :class:`TorchEngine` in a child process.
+
+    Same arguments as :class:`~kensho.runtime.engines.torch_engine.TorchEngine`, plus
+    ``threads`` (torch's intra-op threads in the child; None: torch's default).
+    """
+
+    supports_continuation = True
+    features: frozenset[Feature] = FEATURES
+
+    def __init__(
+        self,
+        model_dir: Path,
+        *,
+        device: str = "cpu",
+        dtype: str | None = None,
+        name: str | None = None,
+        max_concurrency: int = 4,
+        threads: int | None = None,
+    ) -> None:
+        if dtype is not None and dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        self.model_dir = Path(model_dir)
+        self.device = device
+        self.kind: EngineKind = "gpu" if device.startswith("cuda") else "cpu"
+        self.name = name or self.kind
+        self.dtype_name = dtype
+        self._options: dict[str, Any] = {
+            "model_dir": str(self.model_dir),
+            "device": device,
+            "dtype": dtype,
+            "name": self.name,
+            "max_concurrency": max_concurrency,
+            "threads": threads,
+        }
+        self._child: ChildProcess | None = None
+        self._loading: asyncio.Task[None] | None = None
+        self.tokens_generated = 0
+        self.processes_started = 0
+
+    @property
+    def loaded(self) -> bool:
+        return self._child is not None and self._child.alive
+
+    @property
+    def pid(self) -> int | None:
+        """The child's process id while one runs (tests kill it to show failover)."""
+        return self._child.pid if self.loaded and self._child is not None else None
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def load(self) -> None:
+        """Start the child and load the model in it; single-flight, cancellation-safe."""
+        if self.loaded:
+            return
+        if self._loading is None or self._loading.done():
+            self._loading = asyncio.ensure_future(self._start())
+        await asyncio.shield(self._loading)
+
+    async def _start(self) -> None:
+        old, self._child = self._child, None
+        if old is not None:
+            await old.reap()
+        self._check_before_spawn()
+        proc, conn = await asyncio.to_thread(
+            ChildProcess.spawn,
+            lambda fd: [sys.executable, "-I", "-c", _BOOT, json.dumps(sys.path), str(fd)],
+            engine=self.name,
+            what=_WHAT,
+        )
+        child = ChildProcess(proc, conn, engine=self.name, what=_WHAT, dispatch=self._dispatch)
+        self.processes_started += 1
+        try:
+            child.send(("load", self._options))
+            answer = await child.hello
+        except BaseException:
+            await child.reap()
+            raise
+        if answer[0] != "ready":
+            error = (
+                await child.crash_error(f"while loading {self.model_dir}")
+                if answer[0] == "dead"
+                else answer[1]
+            )
+            await child.reap()
+            raise error
+        child.info = dict(answer[1])
+        self.dtype_name = child.info.get("dtype", self.dtype_name)
+        self._child = child
+        log.info(
+            "engine loaded",
+            engine=self.name,
+            device=self.device,
+            dtype=self.dtype_name,
+            model_dir=str(self.model_dir),
+            pid=child.pid,
+        )
+
+    def _check_before_spawn(self) -> None:
+        """What the server can tell without a child (one costs seconds: it imports torch)."""
+        if self.kind == "gpu" and sys.platform == "linux":
+            if not any(Path(node).exists() for node in _GPU_NODES):
+                raise EngineUnavailableError(
+                    f"engine {self.name!r}: no GPU device on this machine (none of "
+                    f"{', '.join(_GPU_NODES)}); the CPU fallback will serve instead",
+                    permanent=True,
+                )
+        if not (self.model_dir / "config.json").is_file():
+            raise EngineUnavailableError(
+                f"engine {self.name!r}: {self.model_dir} is not a model folder "
+                "(config.json is missing); run `kensho verify` on the store"
+            )
+
+    async def close(self) -> None:
+        """Stop the child (requests in flight end); ``load()`` may start a new one later."""
+        child, self._child = self._child, None
+        self._loading = None
+        if child is not None:
+            await child.reap()
+
+    async def health(self) -> bool:
+        return self.loaded
+
+    def _dispatch(self, child: ChildProcess, message: tuple[Any, ...]) -> None:
+        kind = message[0]
+        if kind == "tok":
+            self.tokens_generated += 1
+        stream = child.streams.get(message[1])
+        if _is_final(message):
+            child.streams.pop(message[1], None)
+        if stream is not None and not stream.abandoned:
+            stream.push(message)
+
+    # -- generation ----------------------------------------------------------------------
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        """Stream one chunk per token; a dead child is restarted here (the probe)."""
+        if self._child is None or not self._child.alive:
+            if self._child is None and self._loading is None:
+                raise EngineUnavailableError(
+                    f"engine {self.name!r} is not loaded; call load() before generate()"
+                )
+            await self.load()
+        child = self._child
+        assert child is not None
+        rid = f"{request.request_id}#{next(_ids)}"
+        stream = Stream()
+        child.streams[rid] = stream
+        child.send(("gen", rid, request, WINDOW))
+        try:
+            async with contextlib.aclosing(self._read(child, rid, stream, request)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+        finally:
+            # Still listed: its last message has not come (the consumer left), so the
+            # child is told to stop it.
+            if child.alive and rid in child.streams:
+                await self._cancel(child, rid, stream)
+
+    async def _read(
+        self, child: ChildProcess, rid: str, stream: Stream, request: GenerationRequest
+    ) -> AsyncGenerator[GenerationChunk, None]:
+        """The chunks of one request's messages; returns once its last message is read."""
+        unreturned = 0  # chunks read whose credit the child has not been given back
+        while True:
+            message = await stream.get()
+            kind = message[0]
+            if kind == "tok":
+                batch = [message]
+                queued = stream.messages
+                while message[4] is None and queued and queued[0][0] == "tok":
+                    message = queued.popleft()
+                    batch.append(message)
+                chunk = self._tokens(batch)
+            elif kind == "emb":
+                chunk = self._vector(message)
+            elif kind == "end":
+                return
+            elif kind == "err":
+                raise message[2]
+            else:
+                raise await child.crash_error(f"during request {request.request_id}")
+            yield chunk
+            if chunk.finish_reason is not None:
+                return
+            unreturned += chunk.tokens
+            if unreturned >= WINDOW // 2:
+                child.send(("credit", rid, unreturned))
+                unreturned = 0
+
+    def _tokens(self, batch: list[tuple[Any, ...]]) -> GenerationChunk:
+        """``tok`` messages as one chunk (several: the consumer was behind)."""
+        last = batch[-1]
+        if len(batch) == 1:
+            return GenerationChunk(
+                text=last[2],
+                index=last[3],
+                engine=self.name,
+                finish_reason=last[4],
+                prompt_tokens=last[5],
+                logprobs=last[6],
+            )
+        return GenerationChunk(
+            text="".join(m[2] for m in batch),
+            index=last[3],
+            engine=self.name,
+            finish_reason=last[4],
+            prompt_tokens=next((m[5] for m in batch if m[5] is not None), None),
+            logprobs=tuple(entry for m in batch for entry in m[6]),
+            tokens=len(batch),
+        )
+
+    def _vector(self, message: tuple[Any, ...]) -> GenerationChunk:
+        """An ``emb`` message: the vector of one input, float32 on the pipe."""
+        return GenerationChunk(
+            text="",
+            index=message[2],
+            engine=self.name,
+            finish_reason=message[5],
+            prompt_tokens=message[3],
+            embedding=tuple(array("f", message[4])),
+        )
+
+    async def _cancel(self, child: ChildProcess, rid: str, stream: Stream) -> None:
+        """Tell the child to stop this request, and wait until it has (one token at most)."""
+        child.send(("cancel", rid))
+        try:
+            while not _is_final(await stream.get()):
+                pass
+        except asyncio.CancelledError:
+            stream.abandoned = True  # the child still ends it; nobody reads it now
+            raise
+
+
+def _is_final(message: tuple[Any, ...]) -> bool:
+    """Whether ``message`` is the last one of its request (see ``torch_child.py``)."""
+    kind = message[0]
+    if kind == "tok":
+        return message[4] is not None
+    if kind == "emb":
+        return message[5] is not None
+    return kind in ("end", "err", "dead")
