@@ -663,3 +663,31 @@ async def test_breaker_transitions_reach_the_given_hub_as_the_breaker_made_them(
     rerouted = [e for e in logs if e.get("status") == "runtime.request_rerouted"]
     assert len(rerouted) == 3
     assert all(e["service"] == "events" for e in rerouted)
+
+
+class _Steps(MockCPUEngine):
+    """A mock engine whose load takes a few loop turns and notes when it began and ended."""
+
+    def __init__(self, name: str, order: list[str]) -> None:
+        super().__init__(name=name)
+        self.order = order
+
+    async def load(self) -> None:
+        self.order.append(f"{self.name} begins")
+        for _ in range(3):
+            await asyncio.sleep(0)  # a turn of the loop, as a child's import would give
+        await super().load()
+        self.order.append(f"{self.name} ends")
+
+
+async def test_both_engines_load_at_once_and_are_reported_in_order() -> None:
+    # A child-process engine takes seconds to start: the fallback must not wait for it.
+    order: list[str] = []
+    manager = RuntimeManager(_Steps("gpu", order), _Steps("cpu", order), clock=VirtualClock())
+    await manager.start()
+    try:
+        assert order[:2] == ["gpu begins", "cpu begins"]
+        assert sorted(order[2:]) == ["cpu ends", "gpu ends"]
+        assert not manager.degraded
+    finally:
+        await manager.close()

@@ -28,6 +28,7 @@ is announced too ("CPU recovered ... serving on CPU", or "GPU restored").
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
@@ -199,10 +200,21 @@ class RuntimeManager:
         """
         primary_label, fallback_label = self._labels
         problems: list[str] = []
+        # Both load at once: a child-process engine spends seconds importing its
+        # framework, and the two need not wait for each other. What each load meant is
+        # then said in order, the primary's first.
+        engines = [self.primary] if self.fallback is None else [self.primary, self.fallback]
+        loads = [asyncio.ensure_future(_load(engine)) for engine in engines]
         try:
-            await self.primary.load()
+            outcomes = await asyncio.gather(*loads)
+        except BaseException:  # cancelled, or a fault that is no EngineError: stop both
+            for load in loads:
+                load.cancel()
+            await asyncio.gather(*loads, return_exceptions=True)
+            raise
+        if (exc := outcomes[0]) is None:
             self._primary_ready = True
-        except EngineError as exc:
+        else:
             problems.append(f"{primary_label}: {exc}")
             log.warning("primary engine unavailable at start", engine=self.primary.name)
             if isinstance(exc, EngineUnavailableError) and exc.permanent:
@@ -212,13 +224,12 @@ class RuntimeManager:
                 self.primary_breaker.force_open(f"{primary_label} unavailable: {exc}")
             else:
                 self.primary_breaker.trip(f"{primary_label} unavailable at start: {exc}")
-        if self.fallback is not None and self.fallback_breaker is not None:
-            try:
-                await self.fallback.load()
+        if len(outcomes) == 2 and self.fallback_breaker is not None:
+            if (failure := outcomes[1]) is None:
                 self._fallback_ready = True
-            except EngineError as exc:
-                problems.append(f"{fallback_label}: {exc}")
-                self.fallback_breaker.trip(f"{fallback_label} unavailable at start: {exc}")
+            else:
+                problems.append(f"{fallback_label}: {failure}")
+                self.fallback_breaker.trip(f"{fallback_label} unavailable at start: {failure}")
         if not self._primary_ready and not self._fallback_ready:
             raise EngineUnavailableError(
                 "no inference engine could start (" + "; ".join(problems) + "); "
@@ -629,3 +640,12 @@ def _min(a: float | None, b: float | None) -> float | None:
     if b is None:
         return a
     return min(a, b)
+
+
+async def _load(engine: Engine) -> EngineError | None:
+    """Load ``engine``; its EngineError is returned to be reported, anything else raised."""
+    try:
+        await engine.load()
+    except EngineError as exc:
+        return exc
+    return None

@@ -68,6 +68,10 @@ log = get_logger("runtime.engine.torch")
 _DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
 #: Chunks the worker may decode ahead of its consumer before it waits (back-pressure).
 WINDOW = 32
+#: One model load at a time per process: ``from_pretrained`` is not thread-safe (it
+#: builds the model on torch's "meta" device by switching process-wide defaults), and
+#: the runtime loads its two engines at once.
+_LOAD_LOCK = threading.Lock()
 #: What the worker hands the loop: a chunk, the exception it raised, or None (done).
 _Item = GenerationChunk | BaseException | None
 
@@ -264,14 +268,15 @@ class TorchEngine:
                 self.dtype_name = "float32"
         dtype = getattr(torch, self.dtype_name)
         try:
-            tokenizer: Any = transformers.AutoTokenizer.from_pretrained(
-                self.model_dir, local_files_only=True
-            )
-            model: Any = transformers.AutoModelForCausalLM.from_pretrained(
-                self.model_dir, local_files_only=True, dtype=dtype
-            )
-            model.to(self.device)
-            model.eval()
+            with _LOAD_LOCK:
+                tokenizer: Any = transformers.AutoTokenizer.from_pretrained(
+                    self.model_dir, local_files_only=True
+                )
+                model: Any = transformers.AutoModelForCausalLM.from_pretrained(
+                    self.model_dir, local_files_only=True, dtype=dtype
+                )
+                model.to(self.device)
+                model.eval()
         except torch.cuda.OutOfMemoryError as exc:
             torch.cuda.empty_cache()
             raise EngineOutOfMemoryError(
