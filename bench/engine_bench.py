@@ -118,7 +118,8 @@ class Streamed:
 
     async def round(self, tokens: int) -> tuple[float, float, float]:
         request = GenerationRequest(prompt=PROMPT, max_tokens=tokens, temperature=0)
-        start, cpu = time.perf_counter(), self._cpu()
+        cpu = self._cpu()  # first: reading /proc takes a while
+        start = time.perf_counter()
         first = 0.0
         count = 0
         async for chunk in self.source.generate(request):
@@ -178,6 +179,54 @@ async def _thread_handoff(items: int, pace: float, work_per_chunk: float) -> Non
     worker.join()
 
 
+_PIPE_WORKER = """
+import sys, time
+sys.path[:] = sys.argv[4:]
+from multiprocessing.connection import Connection
+from kensho.runtime.engines.llama_child import Channel
+channel = Channel(Connection(int(sys.argv[1])))
+items, pace = int(sys.argv[2]), float(sys.argv[3])
+channel.send(("ready", {}))
+channel.take(block=True)  # go
+for i in range(items):
+    end = time.perf_counter() + pace
+    while time.perf_counter() < end:
+        pass
+    channel.send(("tok", "r", " x", i, "length" if i == items - 1 else None, None, ()))
+channel.take(block=True)  # until the parent closes the pipe
+"""
+
+
+async def _pipe_handoff(items: int, pace: float, work_per_chunk: float) -> float:
+    """The child-process engines' hand-off: a worker in its own process, the pipe, the
+    event loop's reader (``_process.ChildProcess``), every ready token per wake-up."""
+    from kensho.runtime.engines._process import ChildProcess, Stream
+
+    stream = Stream()
+
+    def argv(fd: int) -> list[str]:
+        return [sys.executable, "-I", "-c", _PIPE_WORKER, str(fd), str(items), str(pace), *sys.path]
+
+    proc, conn = await asyncio.to_thread(ChildProcess.spawn, argv, engine="bench", what="worker")
+    child = ChildProcess(
+        proc, conn, engine="bench", what="worker", dispatch=lambda _, m: stream.push(m)
+    )
+    try:
+        await child.hello  # its imports done
+        start = time.perf_counter()
+        child.send(("go",))
+        done = False
+        while not done:
+            message = await stream.get()
+            batch = [message, *stream.messages]
+            stream.messages.clear()
+            done = batch[-1][4] is not None
+            _busy(work_per_chunk)
+        return time.perf_counter() - start
+    finally:
+        await child.reap()
+
+
 async def handoff_alone(items: int = 2000, pace: float = 0.0008, rounds: int = 5) -> list[str]:
     """Time per token each hand-off adds to a worker that makes a token every ``pace``.
 
@@ -185,11 +234,14 @@ async def handoff_alone(items: int = 2000, pace: float = 0.0008, rounds: int = 5
     small model's decode step does), so the loop thread must win the GIL to take each
     token: the cost is wall time beyond ``pace`` per token. In the second case the
     consumer spends ``pace / 2`` per chunk too (the server encodes and writes an SSE
-    event), so tokens pile up while it works. Rounds interleave the two hand-offs.
+    event), so tokens pile up while it works. Rounds interleave the hand-offs. The
+    pipe's worker spins in its own process (its GIL is its own): only the pipe and the
+    loop's reader are between it and the consumer.
     """
     paths = {
         "one call_soon_threadsafe per token (before)": _per_token_calls,
         "ThreadHandoff, all ready tokens per wake-up": _thread_handoff,
+        "pipe from a child process (TorchProcessEngine, LlamaCppEngine)": _pipe_handoff,
     }
     lines = []
     for work_per_chunk in (0.0, pace / 2):
@@ -197,20 +249,30 @@ async def handoff_alone(items: int = 2000, pace: float = 0.0008, rounds: int = 5
         for _ in range(rounds):
             for name, run in paths.items():
                 start = time.perf_counter()
-                await run(items, pace, work_per_chunk)
-                costs[name].append((time.perf_counter() - start) / items - pace)
+                timed = await run(items, pace, work_per_chunk)
+                elapsed = timed if timed is not None else time.perf_counter() - start
+                costs[name].append(elapsed / items - pace)
         for name, runs in costs.items():
             lines.append(
                 f"consumer work {work_per_chunk * 1e3:.1f} ms/chunk, {name}: "
-                f"+{statistics.median(runs) * 1e6:.0f} µs/token beyond the worker's own"
+                f"{statistics.median(runs) * 1e6:+.0f} µs/token beyond the worker's own"
             )
     return lines
 
 
+Row = tuple[float, float, float, float, float]
+_LOOP = "Kensho decode loop, same thread (no streaming)"
+
+
 async def measure(
     model_dir: Path, device: str, tokens: int, rounds: int, threads: int
-) -> dict[str, tuple[float, float, float]]:
-    """Rounds interleave the paths, so drift in machine load hits them all alike."""
+) -> dict[str, Row]:
+    """Rounds interleave the paths, so drift in machine load hits them all alike.
+
+    Per path: medians of TTFT, tokens/s and CPU per token, then the hand-off's time and
+    CPU per token, each the median over rounds of the difference with the same-thread
+    loop *of the same round* (paired: this VM's speed drifts from minute to minute).
+    """
     engine = TorchEngine(model_dir, device=device)
     await engine.load()
     manager = RuntimeManager(engine)
@@ -221,7 +283,7 @@ async def measure(
     await child_manager.start()
     paths = {
         "transformers model.generate()": PlainGenerate(model_dir, device),
-        "Kensho decode loop, same thread (no streaming)": SameThreadLoop(engine),
+        _LOOP: SameThreadLoop(engine),
         "TorchEngine (direct)": Streamed(engine),
         "TorchEngine via RuntimeManager": Streamed(manager),
         "TorchProcessEngine (direct)": Streamed(child, child),
@@ -235,10 +297,14 @@ async def measure(
                 samples[name].append(result)
     await manager.close()
     await child_manager.close()
-    return {
-        name: tuple(statistics.median(run[i] for run in runs) for i in range(3))  # type: ignore[misc]
-        for name, runs in samples.items()
-    }
+    loop = samples[_LOOP]
+    rows: dict[str, Row] = {}
+    for name, runs in samples.items():
+        ttft, tps, cpu = (statistics.median(run[i] for run in runs) for i in range(3))
+        extra = statistics.median(1 / r[1] - 1 / b[1] for r, b in zip(runs, loop, strict=True))
+        extra_cpu = statistics.median(r[2] - b[2] for r, b in zip(runs, loop, strict=True))
+        rows[name] = (ttft, tps, cpu, extra, extra_cpu)
+    return rows
 
 
 def main() -> None:
@@ -264,8 +330,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     results = asyncio.run(measure(args.model, args.device, args.tokens, args.rounds, args.threads))
     handoffs = asyncio.run(handoff_alone()) if args.handoff_alone else []
-    base_ttft, base_tps, _ = results["transformers model.generate()"]
-    _, loop_tps, loop_cpu = results["Kensho decode loop, same thread (no streaming)"]
+    base_ttft, base_tps, *_ = results["transformers model.generate()"]
     rows = [
         (
             name,
@@ -273,10 +338,10 @@ def main() -> None:
             f"{(ttft / base_ttft - 1) * 100:+.1f}%",
             f"{tps:.0f}",
             f"{(1 - tps / base_tps) * 100:+.1f}%",
-            f"{(1 / tps - 1 / loop_tps) * 1e6:+.0f}" if "Engine" in name else "",
-            f"{(cpu - loop_cpu) * 1e6:+.0f}" if "Engine" in name else "",
+            f"{extra * 1e6:+.0f}" if "Engine" in name else "",
+            f"{extra_cpu * 1e6:+.0f}" if "Engine" in name else "",
         )
-        for name, (ttft, tps, cpu) in results.items()
+        for name, (ttft, tps, _, extra, extra_cpu) in results.items()
     ]
     device = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "CPU"
     print(
@@ -292,8 +357,8 @@ def main() -> None:
                 "TTFT vs generate()",
                 "tokens/s",
                 "overhead vs generate()",
-                "hand-off µs/token",
-                "hand-off CPU µs/token",
+                "hand-off µs/token (paired)",
+                "hand-off CPU µs/token (paired)",
             ],
             rows,
         )
