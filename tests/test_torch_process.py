@@ -275,6 +275,25 @@ async def test_corrupt_weights_are_refused_by_the_child_and_it_is_reaped(
     assert engine.processes_started == 1 and not engine.loaded and engine.pid is None
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; none on this machine")
+async def test_a_cuda_child_streams_the_cpu_text_and_a_sigkill_frees_the_device(
+    child: TorchProcessEngine,
+) -> None:
+    gpu = TorchProcessEngine(DEMO_MODEL_DIR, device="cuda", dtype="float32", name="gpu")
+    async with loaded(gpu):
+        request = GenerationRequest(prompt="The GPU", max_tokens=16, temperature=0)
+        assert text_of(await collect(gpu, request)) == text_of(await collect(child, request))
+        assert gpu.dtype_name == "float32"
+        pid = gpu.pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)  # the CUDA context goes with the process
+        with pytest.raises(EngineCrashedError):
+            await collect(gpu, request)
+        assert text_of(await collect(gpu, request)) == text_of(await collect(child, request))
+        assert gpu.processes_started == 2
+
+
 _SERVER = """
 import asyncio, sys
 from kensho.runtime.engines.torch_process import TorchProcessEngine

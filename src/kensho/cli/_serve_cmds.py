@@ -150,7 +150,8 @@ EngineOpt = Annotated[
     str | None,
     typer.Option(
         help="torch (Hugging Face folder), llama (GGUF on llama.cpp) or mock "
-        "(fault-injecting engines)."
+        "(fault-injecting engines). torch and llama engines each run in a child process "
+        "(KENSHO_MODEL_ISOLATE=false keeps torch in the server's)."
     ),
 ]
 
