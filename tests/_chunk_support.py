@@ -7,13 +7,23 @@ Tests about tokens (their indices, a continuation after the first n) read them h
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import TypeVar
 
 from kensho.runtime.engines import Engine, GenerationChunk, GenerationRequest
 
-__all__ = ["collect", "head_tokens", "loaded", "text_of", "token_indices", "tokens_of"]
+__all__ = [
+    "cancel_after_first",
+    "collect",
+    "head_tokens",
+    "leave_after",
+    "loaded",
+    "text_of",
+    "token_indices",
+    "tokens_of",
+]
 
 E = TypeVar("E", bound=Engine)
 
@@ -55,3 +65,33 @@ def head_tokens(chunks: Sequence[GenerationChunk], n: int) -> list[GenerationChu
             break
         head.append(chunk)
     return head
+
+
+async def leave_after(engine: Engine, request: GenerationRequest, tokens: int) -> int:
+    """Read ``request``'s stream until ``tokens`` came, then close it; how many came."""
+    stream = engine.generate(request)
+    received = 0
+    async for chunk in stream:
+        received += chunk.tokens
+        if received >= tokens:
+            break
+    await stream.aclose()  # type: ignore[attr-defined]
+    return received
+
+
+async def cancel_after_first(engine: Engine, request: GenerationRequest) -> None:
+    """Cancel the task reading ``request``'s stream once its first chunk came."""
+    first = asyncio.Event()
+
+    async def consume() -> None:
+        async for _ in engine.generate(request):
+            first.set()
+
+    task = asyncio.create_task(consume())
+    await first.wait()
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        return
+    raise AssertionError("the consumer finished before it could be cancelled")

@@ -5,16 +5,14 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import select
 import signal
-import subprocess
-import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import pytest
 
 from _chunk_support import token_indices, tokens_of
+from _process_support import child_exits_with_its_server
 from kensho.demo import DEMO_MODEL_DIR
 from kensho.runtime.breaker import BreakerState, CircuitBreaker
 from kensho.runtime.clock import VirtualClock
@@ -168,24 +166,5 @@ asyncio.run(main())
 """
 
 
-def test_the_child_exits_when_the_server_is_killed() -> None:
-    server = subprocess.Popen(
-        [sys.executable, "-c", _SERVER, str(DEMO_MODEL_DIR / "model.gguf")],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert server.stdout is not None
-        child_pid = int(server.stdout.readline())
-        pidfd = os.pidfd_open(child_pid)  # readable once that process has exited
-        try:
-            server.kill()  # no cleanup runs in the server: only the closed pipe tells
-            readable, _, _ = select.select([pidfd], [], [], 30)
-            assert readable, f"the llama.cpp child {child_pid} outlived its server"
-        finally:
-            os.close(pidfd)
-    finally:
-        server.kill()
-        server.wait()
-        if server.stdout is not None:
-            server.stdout.close()
+async def test_the_child_exits_when_the_server_is_killed() -> None:
+    await child_exits_with_its_server(_SERVER, str(DEMO_MODEL_DIR / "model.gguf"))

@@ -12,7 +12,7 @@ import pytest
 import pytest_asyncio
 from transformers import AutoTokenizer
 
-from _chunk_support import collect, head_tokens, loaded, text_of, token_indices, tokens_of
+from _chunk_support import collect, loaded, text_of, token_indices, tokens_of
 from kensho.demo import DEMO_MODEL_DIR
 from kensho.errors import InvalidRequestError
 from kensho.runtime.engines.base import (
@@ -142,15 +142,20 @@ async def test_penalties_count_the_continuation_like_an_uninterrupted_run(
     llama: LlamaCppEngine,
 ) -> None:
     request = GenerationRequest(
-        prompt="1 2 3", max_tokens=30, temperature=0, frequency_penalty=2.0, presence_penalty=1.5
+        prompt="1 2 3",
+        max_tokens=30,
+        temperature=0,
+        frequency_penalty=2.0,
+        presence_penalty=1.5,
+        logprobs=True,  # each token's bytes: the head is exactly 10 tokens, however chunked
     )
     whole = await collect(llama, request)
-    head = head_tokens(whole, 10)
-    rest = await collect(llama, request.continued(text_of(head), tokens_of(head)))
-    assert text_of(head) + text_of(rest) == text_of(whole)
+    head = b"".join([e.token_bytes for c in whole for e in c.logprobs][:10]).decode()
+    rest = await collect(llama, request.continued(head, 10))
+    assert head + text_of(rest) == text_of(whole)
     # The head as part of the prompt instead: its tokens are not penalised, and the
     # rest differs, so the continued request did count them.
-    forgetful = dataclasses.replace(request, prompt="1 2 3" + text_of(head), max_tokens=20)
+    forgetful = dataclasses.replace(request, prompt="1 2 3" + head, max_tokens=20)
     unpenalised_head = await collect(llama, forgetful)
     assert text_of(unpenalised_head) != text_of(rest)  # so the head's tokens were counted
 

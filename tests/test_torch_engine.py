@@ -12,7 +12,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from _chunk_support import collect, text_of, token_indices, tokens_of
+from _chunk_support import (
+    cancel_after_first,
+    collect,
+    leave_after,
+    text_of,
+    token_indices,
+    tokens_of,
+)
 from kensho.demo import DEMO_MODEL_DIR
 from kensho.errors import EngineUnavailableError, InvalidRequestError
 from kensho.runtime.engines.base import GenerationRequest
@@ -164,32 +171,16 @@ async def test_consumer_that_stops_reading_stops_generation_within_one_token(
     engine: TorchEngine,
 ) -> None:
     before = engine.tokens_generated
-    stream = engine.generate(GenerationRequest(prompt="The", max_tokens=200, temperature=0))
-    received = 0
-    async for chunk in stream:
-        received += chunk.tokens
-        if received >= 3:
-            break
-    await stream.aclose()  # type: ignore[attr-defined]
+    received = await leave_after(
+        engine, GenerationRequest(prompt="The", max_tokens=200, temperature=0), 3
+    )
     generated = engine.tokens_generated - before
     assert received <= generated <= received + 1
 
 
 async def test_cancelling_the_consumer_task_stops_generation(engine: TorchEngine) -> None:
     before = engine.tokens_generated
-    first = asyncio.Event()
-
-    async def consume() -> None:
-        async for _ in engine.generate(
-            GenerationRequest(prompt="The", max_tokens=200, temperature=0)
-        ):
-            first.set()
-
-    task = asyncio.create_task(consume())
-    await first.wait()
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    await cancel_after_first(engine, GenerationRequest(prompt="The", max_tokens=200, temperature=0))
     assert engine.tokens_generated - before < 200
 
 

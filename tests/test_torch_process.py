@@ -11,7 +11,6 @@ import asyncio
 import os
 import shutil
 import signal
-import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -20,7 +19,16 @@ import pytest
 import pytest_asyncio
 import torch
 
-from _chunk_support import collect, loaded, text_of, token_indices, tokens_of
+from _chunk_support import (
+    cancel_after_first,
+    collect,
+    leave_after,
+    loaded,
+    text_of,
+    token_indices,
+    tokens_of,
+)
+from _process_support import child_exits_with_its_server
 from _schema_support import PERSON, TOOLS
 from kensho.demo import DEMO_MODEL_DIR
 from kensho.errors import EngineCrashedError, EngineUnavailableError, InvalidRequestError
@@ -137,13 +145,9 @@ async def test_a_consumer_that_stops_reading_stops_the_child_within_one_token(
     child: TorchProcessEngine,
 ) -> None:
     before = child.tokens_generated
-    stream = child.generate(GenerationRequest(prompt="The", max_tokens=200, temperature=0))
-    received = 0
-    async for chunk in stream:
-        received += chunk.tokens
-        if received >= 3:
-            break
-    await stream.aclose()  # type: ignore[attr-defined]
+    received = await leave_after(
+        child, GenerationRequest(prompt="The", max_tokens=200, temperature=0), 3
+    )
     # Counted as the child sends them: the cancel was answered within one token (the
     # child may have had one in flight), and nothing more came after it.
     assert received <= child.tokens_generated - before <= received + 1
@@ -151,19 +155,7 @@ async def test_a_consumer_that_stops_reading_stops_the_child_within_one_token(
 
 async def test_a_cancelled_consumer_task_stops_the_child(child: TorchProcessEngine) -> None:
     before = child.tokens_generated
-    first = asyncio.Event()
-
-    async def consume() -> None:
-        async for _ in child.generate(
-            GenerationRequest(prompt="The", max_tokens=200, temperature=0)
-        ):
-            first.set()
-
-    task = asyncio.create_task(consume())
-    await first.wait()
-    task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await task
+    await cancel_after_first(child, GenerationRequest(prompt="The", max_tokens=200, temperature=0))
     # The next request is served at once: the cancelled one no longer decodes.
     assert text_of(await collect(child, SAME["greedy"])).startswith(" is fast.")
     assert child.tokens_generated - before < 200 + 40
@@ -309,23 +301,4 @@ asyncio.run(main())
 
 
 async def test_the_child_exits_when_the_server_is_killed() -> None:
-    server = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", _SERVER, str(DEMO_MODEL_DIR), stdout=subprocess.PIPE
-    )
-    loop = asyncio.get_running_loop()
-    try:
-        assert server.stdout is not None
-        child_pid = int(await server.stdout.readline())
-        pidfd = os.pidfd_open(child_pid)  # readable once that process has exited
-        exited: asyncio.Future[None] = loop.create_future()
-        loop.add_reader(pidfd, lambda: exited.done() or exited.set_result(None))
-        try:
-            server.kill()  # no cleanup runs in the server: only the closed pipe tells
-            await asyncio.wait_for(exited, 30)
-        finally:
-            loop.remove_reader(pidfd)
-            os.close(pidfd)
-    finally:
-        if server.returncode is None:
-            server.kill()
-        await server.wait()
+    await child_exits_with_its_server(_SERVER, str(DEMO_MODEL_DIR))

@@ -12,7 +12,11 @@ model in a child process and talk to it over one duplex pipe of framed pickles
   its request ends in :class:`~kensho.errors.EngineCrashedError`, which the breaker
   counts and the fallback absorbs; the engine starts a new child on its next request.
 
-The protocol itself (what the messages mean) belongs to each engine.
+:class:`ChildEngine` is the engine side both build on: one child at a time, loaded
+once (single-flight), restarted by the next request after it died (the breaker's
+probe), each request a stream whose consumer may leave at any time (the child is then
+told to stop, and the request ends when the child says it has). The protocol itself
+(what the messages mean) belongs to each engine.
 """
 
 from __future__ import annotations
@@ -20,19 +24,21 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import itertools
 import os
 import signal
 import subprocess
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from multiprocessing import Pipe
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, Generic, TypeVar
 
-from kensho.errors import EngineCrashedError, EngineUnavailableError
+from kensho.errors import EngineCrashedError, EngineError, EngineUnavailableError
+from kensho.runtime.engines.base import GenerationChunk, GenerationRequest
 from kensho.runtime.engines.llama_child import Channel
 from kensho.telemetry import get_logger
 
-__all__ = ["DEAD", "ChildProcess", "Stream"]
+__all__ = ["DEAD", "ChildEngine", "ChildProcess", "Credit", "Stream"]
 
 log = get_logger("runtime.engine.process")
 
@@ -66,6 +72,28 @@ class Stream:
             finally:
                 self.waiter = None
         return self.messages.popleft()
+
+
+class Credit:
+    """What a request's consumer has read, given back to the child in halves of the window.
+
+    The child runs at most ``window`` tokens ahead of its consumer (as in HTTP/2 flow
+    control); returning credit per half window costs one small message per 16 tokens.
+    """
+
+    __slots__ = ("_child", "_half", "_rid", "_unreturned")
+
+    def __init__(self, child: ChildProcess, rid: str, window: int) -> None:
+        self._child = child
+        self._rid = rid
+        self._half = max(1, window // 2)
+        self._unreturned = 0
+
+    def read(self, tokens: int) -> None:
+        self._unreturned += tokens
+        if self._unreturned >= self._half:
+            self._child.send(("credit", self._rid, self._unreturned))
+            self._unreturned = 0
 
 
 class ChildProcess:
@@ -240,3 +268,137 @@ class ChildProcess:
             f"{during}{said}; a new process starts on the next request",
             exit_code=code,
         )
+
+
+C = TypeVar("C", bound=ChildProcess)
+_ids = itertools.count(1)
+
+
+class ChildEngine(Generic[C]):
+    """The engine side of a child process: load, restart after a death, stream, cancel.
+
+    A subclass says how to start its child (:meth:`_start`, which ends with
+    :meth:`_hello`), what a request's first message is (:meth:`_open`), how its
+    messages become chunks (:meth:`_read`) and which message ends a request
+    (:meth:`_is_final`).
+    """
+
+    name: str
+
+    def __init__(self) -> None:
+        self._child: C | None = None
+        self._loading: asyncio.Task[None] | None = None
+        self.tokens_generated = 0
+        self.processes_started = 0
+
+    @property
+    def loaded(self) -> bool:
+        return self._child is not None and self._child.alive
+
+    @property
+    def pid(self) -> int | None:
+        """The child's process id while one runs (tests kill it to show failover)."""
+        return self._child.pid if self.loaded and self._child is not None else None
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def load(self) -> None:
+        """Start the child and load the model in it; single-flight, cancellation-safe."""
+        if self.loaded:
+            return
+        if self._loading is None or self._loading.done():
+            self._loading = asyncio.ensure_future(self._restart())
+        await asyncio.shield(self._loading)
+
+    async def _restart(self) -> None:
+        old, self._child = self._child, None
+        if old is not None:
+            await old.reap()
+        await self._start()
+
+    async def _start(self) -> None:
+        raise NotImplementedError
+
+    async def _hello(self, child: C, options: dict[str, Any]) -> dict[str, Any]:
+        """Ask ``child`` to load; once it is ready it serves (its info is returned)."""
+        self.processes_started += 1
+        try:
+            child.send(("load", options))
+            answer = await child.hello
+        except BaseException:
+            await child.reap()
+            raise
+        if answer[0] != "ready":
+            error = await self._load_error(answer, child)
+            await child.reap()
+            raise error
+        child.info = dict(answer[1])
+        self._child = child
+        return child.info
+
+    async def _load_error(self, answer: tuple[Any, ...], child: C) -> EngineError:
+        raise NotImplementedError
+
+    async def close(self) -> None:
+        """Stop the child (requests in flight end); ``load()`` may start a new one later."""
+        child, self._child = self._child, None
+        self._loading = None
+        if child is not None:
+            await child.reap()
+
+    async def health(self) -> bool:
+        return self.loaded
+
+    # -- requests ------------------------------------------------------------------------
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
+        """Stream one chunk per token; a dead child is restarted here (the probe)."""
+        if self._child is None or not self._child.alive:
+            if self._child is None and self._loading is None:
+                raise EngineUnavailableError(
+                    f"engine {self.name!r} is not loaded; call load() before generate()"
+                )
+            await self.load()
+        child = self._child
+        assert child is not None
+        rid = f"{request.request_id}#{next(_ids)}"
+        stream, message = self._open(child, rid, request)  # bad input raises here
+        child.streams[rid] = stream
+        child.send(message)
+        try:
+            async with contextlib.aclosing(self._read(child, rid, stream, request)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+        finally:
+            # Still listed: its last message has not come (a stop string, a consumer
+            # that left), so the child is told to stop it.
+            if child.alive and rid in child.streams:
+                await self._cancel(child, rid, stream)
+
+    def _open(
+        self, child: C, rid: str, request: GenerationRequest
+    ) -> tuple[Stream, tuple[Any, ...]]:
+        raise NotImplementedError
+
+    def _read(
+        self, child: C, rid: str, stream: Stream, request: GenerationRequest
+    ) -> AsyncGenerator[GenerationChunk, None]:
+        raise NotImplementedError
+
+    @staticmethod
+    def _is_final(message: tuple[Any, ...]) -> bool:
+        raise NotImplementedError
+
+    def _before_cancel(self, child: C, stream: Stream) -> None:
+        """Called just before a cancel is sent (llama raises the prefill's abort flag)."""
+
+    async def _cancel(self, child: C, rid: str, stream: Stream) -> None:
+        """Tell the child to stop this request, and wait until it has (one token at most)."""
+        self._before_cancel(child, stream)
+        child.send(("cancel", rid))
+        try:
+            while not self._is_final(await stream.get()):
+                pass
+        except asyncio.CancelledError:
+            stream.abandoned = True  # the child still ends it; nobody reads it now
+            raise

@@ -36,13 +36,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import contextlib
-import itertools
 import os
 import subprocess
 import sys
 from array import array
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -55,7 +53,7 @@ from kensho.errors import (
     ModelFileError,
 )
 from kensho.runtime.engines._constraints import check_schemas, grammar_for
-from kensho.runtime.engines._process import ChildProcess, Stream
+from kensho.runtime.engines._process import ChildEngine, ChildProcess, Credit, Stream
 from kensho.runtime.engines.base import (
     FEATURES,
     EngineKind,
@@ -79,7 +77,6 @@ _FINAL = frozenset({"end", "cancelled", "err", "dead"})
 #: Tokens the child may decode ahead of the consumer; credit is returned in halves.
 WINDOW = 32
 _CHECKED_GRAMMARS = 64  # grammars whose schemas passed check_schemas (LRU)
-_ids = itertools.count(1)
 
 
 class _Child(ChildProcess):
@@ -103,7 +100,7 @@ class _Child(ChildProcess):
         self.flags.close()
 
 
-class LlamaCppEngine:
+class LlamaCppEngine(ChildEngine[_Child]):
     """A GGUF file served by llama.cpp (``llama-cpp-python``) in a child process.
 
     ``device="cuda"`` makes a GPU engine that offloads every layer (``n_gpu_layers``
@@ -132,6 +129,7 @@ class LlamaCppEngine:
         n_batch: int = 512,
         n_gpu_layers: int | None = None,
     ) -> None:
+        super().__init__()
         if n_ctx < 0 or n_batch < 1:
             raise ValueError(f"n_ctx must be >= 0 and n_batch >= 1, got {n_ctx}, {n_batch}")
         self.model_path = Path(model_path)
@@ -148,21 +146,8 @@ class LlamaCppEngine:
             else 0,
             "require_gpu": self.kind == "gpu",
         }
-        self._child: _Child | None = None
-        self._loading: asyncio.Task[None] | None = None
         self._checked: collections.OrderedDict[str, None] = collections.OrderedDict()
-        self.tokens_generated = 0
         self.prefills_aborted = 0
-        self.processes_started = 0
-
-    @property
-    def loaded(self) -> bool:
-        return self._child is not None and self._child.alive
-
-    @property
-    def pid(self) -> int | None:
-        """The child's process id while one runs (tests kill it to show failover)."""
-        return self._child.proc.pid if self.loaded and self._child is not None else None
 
     @property
     def context_length(self) -> int:
@@ -171,18 +156,7 @@ class LlamaCppEngine:
 
     # -- lifecycle -----------------------------------------------------------------------
 
-    async def load(self) -> None:
-        """Start the child and load the model in it; single-flight, cancellation-safe."""
-        if self.loaded:
-            return
-        if self._loading is None or self._loading.done():
-            self._loading = asyncio.ensure_future(self._start())
-        await asyncio.shield(self._loading)
-
     async def _start(self) -> None:
-        old, self._child = self._child, None
-        if old is not None:
-            await old.reap()
         if not self.model_path.is_file():
             raise EngineUnavailableError(
                 f"engine {self.name!r}: {self.model_path} does not exist; run `kensho verify` "
@@ -190,26 +164,15 @@ class LlamaCppEngine:
             )
         proc, conn, flags = await asyncio.to_thread(self._spawn)
         child = _Child(proc, conn, flags, engine=self.name, dispatch=self._dispatch)
-        self.processes_started += 1
-        try:
-            child.channel.send(("load", self._options))
-            answer = await child.hello
-        except BaseException:
-            await child.reap()
-            raise
-        if answer[0] != "ready":
-            await child.reap()
-            raise await self._load_error(answer, child)
-        child.info = dict(answer[1])
-        self._child = child
+        info = await self._hello(child, self._options)
         log.info(
             "engine loaded",
             engine=self.name,
             device=self.device,
             model=str(self.model_path),
             pid=child.proc.pid,
-            n_ctx=child.info.get("n_ctx"),
-            gpu_offload=child.info.get("gpu_offload"),
+            n_ctx=info.get("n_ctx"),
+            gpu_offload=info.get("gpu_offload"),
         )
 
     def _spawn(self) -> tuple[subprocess.Popen[bytes], Connection, AbortFlags]:
@@ -251,16 +214,6 @@ class LlamaCppEngine:
         if stream is not None and not stream.abandoned:
             stream.push(message)
 
-    async def close(self) -> None:
-        """Stop the child; ``load()`` may start a new one later."""
-        child, self._child = self._child, None
-        self._loading = None
-        if child is not None:
-            await child.reap()
-
-    async def health(self) -> bool:
-        return self.loaded
-
     # -- errors ----------------------------------------------------------------------------
 
     async def _load_error(self, answer: tuple[Any, ...], child: _Child) -> EngineError:
@@ -283,36 +236,17 @@ class LlamaCppEngine:
 
     # -- generation ----------------------------------------------------------------------
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        """Stream one chunk per token; a dead child is restarted here (the probe)."""
-        if self._child is None or not self._child.alive:
-            if self._child is None and self._loading is None:
-                raise EngineUnavailableError(
-                    f"engine {self.name!r} is not loaded; call load() before generate()"
-                )
-            await self.load()
-        child = self._child
-        assert child is not None
+    def _open(
+        self, child: _Child, rid: str, request: GenerationRequest
+    ) -> tuple[Stream, tuple[Any, ...]]:
         params = _params(request, self._grammar(request))  # bad input raises here
-        rid = f"{request.request_id}#{next(_ids)}"
         # No free slot (a thousand requests queued in one child): its prefill cannot
         # be cut short, the rest works the same.
         slot = child.free_slots.pop() if child.free_slots else -1
         if slot >= 0:
             child.flags.clear(slot)
         params["abort_slot"] = slot
-        stream = Stream(slot)
-        child.streams[rid] = stream
-        child.send(("gen", rid, params))
-        try:
-            async with contextlib.aclosing(self._read(child, rid, stream, request)) as chunks:
-                async for chunk in chunks:
-                    yield chunk
-        finally:
-            # Still listed: its last message has not come (a stop string, a consumer
-            # that left), so the child is told to stop it.
-            if child.alive and rid in child.streams:
-                await self._cancel(child, rid, stream)
+        return Stream(slot), ("gen", rid, params)
 
     async def _read(
         self, child: _Child, rid: str, stream: Stream, request: GenerationRequest
@@ -323,7 +257,7 @@ class LlamaCppEngine:
         it was away (queued in ``stream``) come as one chunk.
         """
         stops = StopMatcher(request.stop)
-        unreturned = 0  # tokens read whose credit the child has not been given back
+        credit = Credit(child, rid, WINDOW)
         while True:
             message = await stream.get()
             kind = message[0]
@@ -338,10 +272,7 @@ class LlamaCppEngine:
                 yield chunk
                 if chunk.finish_reason is not None:
                     return
-                unreturned += chunk.tokens
-                if unreturned >= WINDOW // 2:
-                    child.send(("credit", rid, unreturned))
-                    unreturned = 0
+                credit.read(chunk.tokens)
             elif kind == "emb":
                 yield self._vector(message)
                 if message[5]:
@@ -391,20 +322,14 @@ class LlamaCppEngine:
                 self._checked.popitem(last=False)
         return grammar
 
-    async def _cancel(self, child: _Child, rid: str, stream: Stream) -> None:
-        """Tell the child to stop this request, and wait until it has (one token at most).
-
-        The abort flag first: a prefill under way stops at its next graph node.
-        """
+    def _before_cancel(self, child: _Child, stream: Stream) -> None:
+        """The abort flag first: a prefill under way stops at its next graph node."""
         if stream.slot >= 0:
             child.flags.raise_flag(stream.slot)
-        child.send(("cancel", rid))
-        try:
-            while not _is_final(await stream.get()):
-                pass
-        except asyncio.CancelledError:
-            stream.abandoned = True  # the child still ends it; nobody reads it now
-            raise
+
+    @staticmethod
+    def _is_final(message: tuple[Any, ...]) -> bool:
+        return _is_final(message)
 
     def _vector(self, message: tuple[Any, ...]) -> GenerationChunk:
         """An ``emb`` message: the vector of one input, float32 on the pipe."""

@@ -61,7 +61,7 @@ from kensho.runtime.engines.base import (
 from kensho.runtime.engines.structured import template_messages
 from kensho.telemetry import get_logger
 
-__all__ = ["WINDOW", "IncrementalDetokenizer", "StopMatcher", "TorchEngine"]
+__all__ = ["WINDOW", "IncrementalDetokenizer", "StopMatcher", "TorchEngine", "check_dtype"]
 
 log = get_logger("runtime.engine.torch")
 
@@ -74,6 +74,12 @@ WINDOW = 32
 _LOAD_LOCK = threading.Lock()
 #: What the worker hands the loop: a chunk, the exception it raised, or None (done).
 _Item = GenerationChunk | BaseException | None
+
+
+def check_dtype(dtype: str | None) -> None:
+    """A weights dtype both torch engines accept (None: the device's default)."""
+    if dtype is not None and dtype not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
 
 
 class IncrementalDetokenizer:
@@ -178,8 +184,7 @@ class TorchEngine:
         name: str | None = None,
         max_concurrency: int = 4,
     ) -> None:
-        if dtype is not None and dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        check_dtype(dtype)
         self.model_dir = Path(model_dir)
         self.device = device
         self.kind: EngineKind = "gpu" if device.startswith("cuda") else "cpu"

@@ -27,17 +27,15 @@ chunks ahead of its reader).
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import itertools
 import json
 import sys
 from array import array
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from pathlib import Path
 from typing import Any
 
-from kensho.errors import EngineUnavailableError
-from kensho.runtime.engines._process import ChildProcess, Stream
+from kensho.errors import EngineError, EngineUnavailableError
+from kensho.runtime.engines._process import ChildEngine, ChildProcess, Credit, Stream
 from kensho.runtime.engines.base import (
     FEATURES,
     EngineKind,
@@ -45,6 +43,7 @@ from kensho.runtime.engines.base import (
     GenerationChunk,
     GenerationRequest,
 )
+from kensho.runtime.engines.torch_engine import check_dtype
 from kensho.telemetry import get_logger
 
 __all__ = ["WINDOW", "TorchProcessEngine"]
@@ -53,7 +52,6 @@ log = get_logger("runtime.engine.torch")
 
 #: Chunks the child may send ahead of the consumer; credit is returned in halves.
 WINDOW = 32
-_DTYPES = ("float32", "float16", "bfloat16")
 _WHAT = "torch process"
 #: The child's first line: the server's own ``sys.path`` (so it imports the same
 #: Kensho, torch and transformers, whatever the working directory holds), then serve.
@@ -64,10 +62,9 @@ _BOOT = (
 #: Device nodes of the GPU drivers torch's CUDA (or ROCm) build can use; with none of
 #: them, no CUDA device can exist, and no child needs to import torch to find out.
 _GPU_NODES = ("/dev/nvidiactl", "/dev/nvidia0", "/dev/kfd", "/dev/dxg")
-_ids = itertools.count(1)
 
 
-class TorchProcessEngine:
+class TorchProcessEngine(ChildEngine[ChildProcess]):
     """A Hugging Face causal LM folder served by :class:`TorchEngine` in a child process.
 
     Same arguments as :class:`~kensho.runtime.engines.torch_engine.TorchEngine`, plus
@@ -87,8 +84,8 @@ class TorchProcessEngine:
         max_concurrency: int = 4,
         threads: int | None = None,
     ) -> None:
-        if dtype is not None and dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        super().__init__()
+        check_dtype(dtype)
         self.model_dir = Path(model_dir)
         self.device = device
         self.kind: EngineKind = "gpu" if device.startswith("cuda") else "cpu"
@@ -102,34 +99,10 @@ class TorchProcessEngine:
             "max_concurrency": max_concurrency,
             "threads": threads,
         }
-        self._child: ChildProcess | None = None
-        self._loading: asyncio.Task[None] | None = None
-        self.tokens_generated = 0
-        self.processes_started = 0
-
-    @property
-    def loaded(self) -> bool:
-        return self._child is not None and self._child.alive
-
-    @property
-    def pid(self) -> int | None:
-        """The child's process id while one runs (tests kill it to show failover)."""
-        return self._child.pid if self.loaded and self._child is not None else None
 
     # -- lifecycle -----------------------------------------------------------------------
 
-    async def load(self) -> None:
-        """Start the child and load the model in it; single-flight, cancellation-safe."""
-        if self.loaded:
-            return
-        if self._loading is None or self._loading.done():
-            self._loading = asyncio.ensure_future(self._start())
-        await asyncio.shield(self._loading)
-
     async def _start(self) -> None:
-        old, self._child = self._child, None
-        if old is not None:
-            await old.reap()
         self._check_before_spawn()
         proc, conn = await asyncio.to_thread(
             ChildProcess.spawn,
@@ -138,24 +111,8 @@ class TorchProcessEngine:
             what=_WHAT,
         )
         child = ChildProcess(proc, conn, engine=self.name, what=_WHAT, dispatch=self._dispatch)
-        self.processes_started += 1
-        try:
-            child.send(("load", self._options))
-            answer = await child.hello
-        except BaseException:
-            await child.reap()
-            raise
-        if answer[0] != "ready":
-            error = (
-                await child.crash_error(f"while loading {self.model_dir}")
-                if answer[0] == "dead"
-                else answer[1]
-            )
-            await child.reap()
-            raise error
-        child.info = dict(answer[1])
-        self.dtype_name = child.info.get("dtype", self.dtype_name)
-        self._child = child
+        info = await self._hello(child, self._options)
+        self.dtype_name = info.get("dtype", self.dtype_name)
         log.info(
             "engine loaded",
             engine=self.name,
@@ -164,6 +121,12 @@ class TorchProcessEngine:
             model_dir=str(self.model_dir),
             pid=child.pid,
         )
+
+    async def _load_error(self, answer: tuple[Any, ...], child: ChildProcess) -> EngineError:
+        if answer[0] == "dead":
+            return await child.crash_error(f"while loading {self.model_dir}")
+        error: EngineError = answer[1]  # the child's own, pickled
+        return error
 
     def _check_before_spawn(self) -> None:
         """What the server can tell without a child (one costs seconds: it imports torch)."""
@@ -180,16 +143,6 @@ class TorchProcessEngine:
                 "(config.json is missing); run `kensho verify` on the store"
             )
 
-    async def close(self) -> None:
-        """Stop the child (requests in flight end); ``load()`` may start a new one later."""
-        child, self._child = self._child, None
-        self._loading = None
-        if child is not None:
-            await child.reap()
-
-    async def health(self) -> bool:
-        return self.loaded
-
     def _dispatch(self, child: ChildProcess, message: tuple[Any, ...]) -> None:
         kind = message[0]
         if kind == "tok":
@@ -202,35 +155,16 @@ class TorchProcessEngine:
 
     # -- generation ----------------------------------------------------------------------
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationChunk]:
-        """Stream one chunk per token; a dead child is restarted here (the probe)."""
-        if self._child is None or not self._child.alive:
-            if self._child is None and self._loading is None:
-                raise EngineUnavailableError(
-                    f"engine {self.name!r} is not loaded; call load() before generate()"
-                )
-            await self.load()
-        child = self._child
-        assert child is not None
-        rid = f"{request.request_id}#{next(_ids)}"
-        stream = Stream()
-        child.streams[rid] = stream
-        child.send(("gen", rid, request, WINDOW))
-        try:
-            async with contextlib.aclosing(self._read(child, rid, stream, request)) as chunks:
-                async for chunk in chunks:
-                    yield chunk
-        finally:
-            # Still listed: its last message has not come (the consumer left), so the
-            # child is told to stop it.
-            if child.alive and rid in child.streams:
-                await self._cancel(child, rid, stream)
+    def _open(
+        self, child: ChildProcess, rid: str, request: GenerationRequest
+    ) -> tuple[Stream, tuple[Any, ...]]:
+        return Stream(), ("gen", rid, request, WINDOW)
 
     async def _read(
         self, child: ChildProcess, rid: str, stream: Stream, request: GenerationRequest
     ) -> AsyncGenerator[GenerationChunk, None]:
         """The chunks of one request's messages; returns once its last message is read."""
-        unreturned = 0  # chunks read whose credit the child has not been given back
+        credit = Credit(child, rid, WINDOW)
         while True:
             message = await stream.get()
             kind = message[0]
@@ -252,10 +186,7 @@ class TorchProcessEngine:
             yield chunk
             if chunk.finish_reason is not None:
                 return
-            unreturned += chunk.tokens
-            if unreturned >= WINDOW // 2:
-                child.send(("credit", rid, unreturned))
-                unreturned = 0
+            credit.read(chunk.tokens)
 
     def _tokens(self, batch: list[tuple[Any, ...]]) -> GenerationChunk:
         """``tok`` messages as one chunk (several: the consumer was behind)."""
@@ -290,15 +221,9 @@ class TorchProcessEngine:
             embedding=tuple(array("f", message[4])),
         )
 
-    async def _cancel(self, child: ChildProcess, rid: str, stream: Stream) -> None:
-        """Tell the child to stop this request, and wait until it has (one token at most)."""
-        child.send(("cancel", rid))
-        try:
-            while not _is_final(await stream.get()):
-                pass
-        except asyncio.CancelledError:
-            stream.abandoned = True  # the child still ends it; nobody reads it now
-            raise
+    @staticmethod
+    def _is_final(message: tuple[Any, ...]) -> bool:
+        return _is_final(message)
 
 
 def _is_final(message: tuple[Any, ...]) -> bool:
