@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -97,10 +99,71 @@ class SameThreadLoop:
         return times[0], len(times) / elapsed, cpu / len(times)
 
 
+_LOOP_WORKER = """
+import json, sys, threading, time
+sys.path[:] = json.loads(sys.argv[1])
+import torch
+torch.set_num_threads(int(sys.argv[3]))
+from kensho.runtime.engines.base import GenerationRequest
+from kensho.runtime.engines.torch_engine import TorchEngine
+engine = TorchEngine(sys.argv[2], device=sys.argv[4])
+engine.load_blocking()
+print("ready", flush=True)
+for line in sys.stdin:
+    request = GenerationRequest(prompt=sys.argv[5], max_tokens=int(line), temperature=0)
+    times = []
+    start, cpu = time.perf_counter(), time.process_time()
+    put = lambda _: times.append(time.perf_counter() - start)
+    engine.run_blocking(request, put, threading.Event())
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+    print(json.dumps([times[0], len(times) / elapsed, cpu / len(times)]), flush=True)
+"""
+
+
+class OwnProcessLoop:
+    """The same-thread loop again, in a process of its own like TorchProcessEngine's child.
+
+    The baseline of the child-process paths: the same code in the same kind of process
+    (a small heap, a core of its own), with no streaming hand-off. The server's process
+    holds more (two engines, the event loop), which changes a decode step's speed by
+    itself, in either direction.
+    """
+
+    def __init__(self, model_dir: Path, device: str, threads: int) -> None:
+        argv = [sys.executable, "-I", "-c", _LOOP_WORKER, json.dumps(sys.path), str(model_dir)]
+        self.proc = subprocess.Popen(
+            [*argv, str(threads), device, PROMPT],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        if self.proc.stdout.readline().strip() != "ready":
+            raise RuntimeError("the same-thread loop's process did not start")
+
+    def _ask(self, tokens: int) -> tuple[float, float, float]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(f"{tokens}\n")
+        self.proc.stdin.flush()
+        first, tps, cpu = json.loads(self.proc.stdout.readline())
+        return first, tps, cpu
+
+    async def round(self, tokens: int) -> tuple[float, float, float]:
+        return await asyncio.to_thread(self._ask, tokens)
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
 class Streamed:
     """One streamed request through ``source``: TTFT and tokens/s of the whole stream.
 
-    With ``child`` (a TorchProcessEngine), the CPU per token adds the child's.
+    The CPU per token is the decoding process's: this one for TorchEngine, the child's
+    for a TorchProcessEngine (``child``), whose server side is noted in ``server_cpu``.
     """
 
     def __init__(
@@ -110,15 +173,15 @@ class Streamed:
     ) -> None:
         self.source = source
         self.child = child
+        self.server_cpu: list[float] = []
 
-    def _cpu(self) -> float:
-        own = time.process_time()
+    def _cpu(self) -> tuple[float, float]:
         pid = self.child.pid if self.child is not None else None
-        return own + (process_cpu(pid) if pid is not None else 0.0)
+        return time.process_time(), process_cpu(pid) if pid is not None else 0.0
 
     async def round(self, tokens: int) -> tuple[float, float, float]:
         request = GenerationRequest(prompt=PROMPT, max_tokens=tokens, temperature=0)
-        cpu = self._cpu()  # first: reading /proc takes a while
+        own, child = self._cpu()  # first: reading /proc takes a while
         start = time.perf_counter()
         first = 0.0
         count = 0
@@ -126,8 +189,12 @@ class Streamed:
             if not count:
                 first = time.perf_counter() - start
             count += chunk.tokens  # a chunk is several tokens when this loop was behind
-        elapsed, cpu = time.perf_counter() - start, self._cpu() - cpu
-        return first, count / elapsed, cpu / count
+        elapsed = time.perf_counter() - start
+        own_after, child_after = self._cpu()
+        if self.child is None:
+            return first, count / elapsed, (own_after - own) / count
+        self.server_cpu.append((own_after - own) / count)
+        return first, count / elapsed, (child_after - child) / count
 
 
 def _busy(seconds: float) -> None:
@@ -260,8 +327,9 @@ async def handoff_alone(items: int = 2000, pace: float = 0.0008, rounds: int = 5
     return lines
 
 
-Row = tuple[float, float, float, float, float]
+Row = tuple[float, float, float, float, float, float | None]
 _LOOP = "Kensho decode loop, same thread (no streaming)"
+_OWN_LOOP = "Kensho decode loop, same thread, a process of its own"
 
 
 async def measure(
@@ -271,7 +339,9 @@ async def measure(
 
     Per path: medians of TTFT, tokens/s and CPU per token, then the hand-off's time and
     CPU per token, each the median over rounds of the difference with the same-thread
-    loop *of the same round* (paired: this VM's speed drifts from minute to minute).
+    loop *of the same round* (paired: this VM's speed drifts from minute to minute) in
+    the same kind of process: the server's for TorchEngine, one of its own for
+    TorchProcessEngine.
     """
     engine = TorchEngine(model_dir, device=device)
     await engine.load()
@@ -281,9 +351,11 @@ async def measure(
     await child.load()
     child_manager = RuntimeManager(child)
     await child_manager.start()
+    own_loop = OwnProcessLoop(model_dir, device, threads)
     paths = {
         "transformers model.generate()": PlainGenerate(model_dir, device),
         _LOOP: SameThreadLoop(engine),
+        _OWN_LOOP: own_loop,
         "TorchEngine (direct)": Streamed(engine),
         "TorchEngine via RuntimeManager": Streamed(manager),
         "TorchProcessEngine (direct)": Streamed(child, child),
@@ -297,13 +369,23 @@ async def measure(
                 samples[name].append(result)
     await manager.close()
     await child_manager.close()
-    loop = samples[_LOOP]
+    own_loop.close()
     rows: dict[str, Row] = {}
     for name, runs in samples.items():
+        loop = samples[_OWN_LOOP if "Process" in name else _LOOP]
         ttft, tps, cpu = (statistics.median(run[i] for run in runs) for i in range(3))
         extra = statistics.median(1 / r[1] - 1 / b[1] for r, b in zip(runs, loop, strict=True))
         extra_cpu = statistics.median(r[2] - b[2] for r, b in zip(runs, loop, strict=True))
-        rows[name] = (ttft, tps, cpu, extra, extra_cpu)
+        path = paths[name]
+        server = path.server_cpu if isinstance(path, Streamed) and path.server_cpu else None
+        rows[name] = (
+            ttft,
+            tps,
+            cpu,
+            extra,
+            extra_cpu,
+            statistics.median(server) if server else None,
+        )
     return rows
 
 
@@ -340,8 +422,9 @@ def main() -> None:
             f"{(1 - tps / base_tps) * 100:+.1f}%",
             f"{extra * 1e6:+.0f}" if "Engine" in name else "",
             f"{extra_cpu * 1e6:+.0f}" if "Engine" in name else "",
+            f"{server * 1e6:.0f}" if server is not None else "",
         )
-        for name, (ttft, tps, _, extra, extra_cpu) in results.items()
+        for name, (ttft, tps, _, extra, extra_cpu, server) in results.items()
     ]
     device = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "CPU"
     print(
@@ -358,7 +441,8 @@ def main() -> None:
                 "tokens/s",
                 "overhead vs generate()",
                 "hand-off µs/token (paired)",
-                "hand-off CPU µs/token (paired)",
+                "decoding process's CPU µs/token beyond the loop (paired)",
+                "server CPU µs/token (child paths)",
             ],
             rows,
         )
