@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -332,8 +334,15 @@ _LOOP = "Kensho decode loop, same thread (no streaming)"
 _OWN_LOOP = "Kensho decode loop, same thread, a process of its own"
 
 
+def _pin(pid: int, cpus: set[int]) -> None:
+    """Every thread of process ``pid`` (threads it starts later inherit it) on ``cpus``."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(ProcessLookupError):
+            os.sched_setaffinity(int(task.name), cpus)
+
+
 async def measure(
-    model_dir: Path, device: str, tokens: int, rounds: int, threads: int
+    model_dir: Path, device: str, tokens: int, rounds: int, threads: int, *, pin: bool = False
 ) -> dict[str, Row]:
     """Rounds interleave the paths, so drift in machine load hits them all alike.
 
@@ -352,6 +361,11 @@ async def measure(
     child_manager = RuntimeManager(child)
     await child_manager.start()
     own_loop = OwnProcessLoop(model_dir, device, threads)
+    if pin and child.pid is not None:
+        # Both single-threaded child decoders on the same core: the scheduler moving
+        # them between cores is then no part of their comparison.
+        for pid in (child.pid, own_loop.proc.pid):
+            _pin(pid, {os.cpu_count() - 1 if os.cpu_count() else 0})
     paths = {
         "transformers model.generate()": PlainGenerate(model_dir, device),
         _LOOP: SameThreadLoop(engine),
@@ -402,6 +416,11 @@ def main() -> None:
         help="torch intra-op threads (1: a tiny model on 2 vCPUs is fastest single-threaded)",
     )
     parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="run both child-process decoders (engine and baseline) on the last CPU",
+    )
+    parser.add_argument(
         "--handoff-alone",
         action="store_true",
         help="also time the worker-to-loop hand-off alone, before vs ThreadHandoff",
@@ -410,7 +429,9 @@ def main() -> None:
     configure_logging(level="warning")
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-    results = asyncio.run(measure(args.model, args.device, args.tokens, args.rounds, args.threads))
+    results = asyncio.run(
+        measure(args.model, args.device, args.tokens, args.rounds, args.threads, pin=args.pin)
+    )
     handoffs = asyncio.run(handoff_alone()) if args.handoff_alone else []
     base_ttft, base_tps, *_ = results["transformers model.generate()"]
     rows = [
