@@ -288,11 +288,14 @@ async def test_a_cuda_child_streams_the_cpu_text_and_a_sigkill_frees_the_device(
 
 _SERVER = """
 import asyncio, sys
+from kensho.runtime.engines.base import GenerationRequest
 from kensho.runtime.engines.torch_process import TorchProcessEngine
 
 async def main():
     engine = TorchProcessEngine(sys.argv[1], threads=1)
     await engine.load()
+    stream = engine.generate(GenerationRequest(prompt="The", max_tokens=250, temperature=0))
+    await anext(stream)  # a request is under way in the child (it waits for credit soon)
     print(engine.pid, flush=True)
     await asyncio.Event().wait()
 
@@ -300,5 +303,5 @@ asyncio.run(main())
 """
 
 
-async def test_the_child_exits_when_the_server_is_killed() -> None:
+async def test_the_child_exits_when_the_server_is_killed_mid_request() -> None:
     await child_exits_with_its_server(_SERVER, str(DEMO_MODEL_DIR))

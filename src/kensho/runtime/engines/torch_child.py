@@ -28,7 +28,8 @@ its process's GIL with nobody busy: the pipe reader wakes only for a new request
 cancel, or credit (every ``window // 2`` chunks). A request runs at most ``window``
 chunks ahead of what its consumer has read, and stops within one token of a cancel.
 When the parent's end of the pipe closes (the server exited or died), the child
-exits at once.
+stops its requests within a token and exits (after at most a few seconds, whatever a
+stuck step does).
 
 Terminal and service-manager signals (SIGINT from Ctrl-C, SIGTERM to the whole
 control group) are ignored: the server drains its requests first, then closes the
@@ -56,6 +57,14 @@ from kensho.runtime.engines.torch_engine import TorchEngine
 from kensho.telemetry import configure_logging
 
 __all__ = ["main"]
+
+
+#: Seconds the requests under way get to stop once the parent has gone.
+_EXIT_GRACE = 5.0
+
+
+class _Gone(Exception):
+    """The parent closed its end of the pipe while a worker was writing to it."""
 
 
 class _Job:
@@ -99,21 +108,33 @@ class _Server:
         with self._send_lock:
             try:
                 self.channel.send(message)
-            except OSError:  # the parent is gone: nobody to serve
-                os._exit(0)
+            except OSError as exc:  # the parent is gone: nobody to serve
+                raise _Gone from exc
 
     # -- the pipe reader (main thread) ----------------------------------------------------
 
-    def read(self) -> list[tuple[Any, ...]]:
-        messages = self.channel.take(block=True)
-        if messages is None:  # the parent closed its end
-            os._exit(0)
-        return messages
+    def read(self) -> list[tuple[Any, ...]] | None:
+        """What the parent sent (waits for it); None once it closed its end."""
+        return self.channel.take(block=True)
 
     def serve(self) -> None:
-        while True:
-            for message in self.read():
+        """Until the parent closes the pipe (it exited, or it died)."""
+        while (messages := self.read()) is not None:
+            for message in messages:
                 self.handle(message)
+        self.stop()
+
+    def stop(self) -> None:
+        """Every request stops within a token, then the process exits normally (its
+        ``atexit`` work done); a step that never ends does not keep it alive."""
+        for job in tuple(self.jobs.values()):
+            job.stop()
+        watchdog = threading.Timer(_EXIT_GRACE, os._exit, args=(0,))
+        watchdog.daemon = True
+        watchdog.start()
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+        watchdog.cancel()
 
     def handle(self, message: tuple[Any, ...]) -> None:
         kind = message[0]
@@ -155,15 +176,20 @@ class _Server:
                 send(("emb", rid, chunk.index, chunk.prompt_tokens, vector, chunk.finish_reason))
 
         try:
-            if not job.cancel.is_set():
-                self.engine.run_blocking(request, put, job.cancel)
-        except BaseException as exc:  # handed to the parent, raised there
-            self.jobs.pop(rid, None)
-            send(("err", rid, _portable(exc)))
-        else:
+            try:
+                if not job.cancel.is_set():
+                    self.engine.run_blocking(request, put, job.cancel)
+            except _Gone:
+                raise
+            except BaseException as exc:  # handed to the parent, raised there
+                self.jobs.pop(rid, None)
+                send(("err", rid, _portable(exc)))
+                return
             self.jobs.pop(rid, None)
             if not job.finished:
                 send(("end", rid))
+        except _Gone:  # nobody to tell
+            self.jobs.pop(rid, None)
 
     # -- load -----------------------------------------------------------------------------
 
@@ -192,14 +218,23 @@ def _portable(exc: BaseException) -> BaseException:
 
 
 def main(argv: list[str]) -> int:
-    """``argv``: the pipe's descriptor. Returns when loading fails; otherwise serves."""
+    """``argv``: the pipe's descriptor. Serves until the parent closes the pipe."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     # Warnings and errors only, as JSON lines on stderr: the server keeps the last one
     # to say how this process died.
     configure_logging(LogSettings(level="warning", format="json"), stream=sys.stderr)
     server = _Server(Connection(int(argv[0])))
+    try:
+        return _run(server)
+    except _Gone:  # the parent went away while this process answered it
+        return 0
+
+
+def _run(server: _Server) -> int:
     batch = server.read()
+    if not batch:  # the parent went away before asking anything
+        return 0
     first = batch[0]
     if first[0] != "load":
         server.send(("fail", EngineUnavailableError(f"expected a load message, got {first[0]!r}")))
