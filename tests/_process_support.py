@@ -23,7 +23,12 @@ async def child_exits_with_its_server(script: str, *args: str, within: float = 3
         child_pid = int(await server.stdout.readline())
         pidfd = os.pidfd_open(child_pid)  # readable once that process has exited
         exited: asyncio.Future[None] = loop.create_future()
-        loop.add_reader(pidfd, lambda: exited.done() or exited.set_result(None))
+
+        def on_exit() -> None:
+            if not exited.done():
+                exited.set_result(None)
+
+        loop.add_reader(pidfd, on_exit)
         try:
             server.kill()
             await asyncio.wait_for(exited, within)

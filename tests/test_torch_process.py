@@ -97,7 +97,7 @@ SAME = {
         tools=TOOLS,
         tool_choice="required",
     ),
-    "embeddings": GenerationRequest.embedding(["the GPU", "the CPU", [5, 6, 7]]),
+    "embeddings": GenerationRequest.embedding(["the GPU", "the CPU", (5, 6, 7)]),
 }
 
 
@@ -190,7 +190,7 @@ async def test_sigint_and_sigterm_do_not_stop_a_stream(child: TorchProcessEngine
     assert child.pid == pid
 
 
-async def test_sigkill_mid_stream_fails_over_then_a_probe_starts_a_new_process(
+async def test_sigkill_mid_stream_fails_over_a_probe_restarts_and_a_crash_is_explained(
     inline: TorchEngine,
 ) -> None:
     clock = VirtualClock()
@@ -219,26 +219,20 @@ async def test_sigkill_mid_stream_fails_over_then_a_probe_starts_a_new_process(
         await clock.advance(OPEN)  # one probe goes to the primary: a new process
         probe = await collect(manager, GenerationRequest(prompt="The", max_tokens=4))
         assert {c.engine for c in probe} == {"gpu"}
-        assert primary.pid not in (None, first_pid)
+        second_pid = primary.pid
+        assert second_pid not in (None, first_pid)
         assert primary.processes_started == 2
+
+        # Asked directly, the engine says how its process died.
+        os.kill(second_pid, signal.SIGKILL)
+        died = r"torch process \(pid \d+\) died \(killed by SIGKILL\)"
+        with pytest.raises(EngineCrashedError, match=died) as crash:
+            await collect(primary, GenerationRequest(prompt="The", max_tokens=50))
+        # Killed before the request was sent, or while it ran: a crash either way.
+        assert crash.value.exit_code in (None, -signal.SIGKILL)
     finally:
         await manager.close()
         await inline.load()  # the manager closed the module's in-process engine
-
-
-async def test_a_crash_says_how_the_process_died() -> None:
-    async with loaded(TorchProcessEngine(DEMO_MODEL_DIR, threads=1)) as engine:
-        pid = engine.pid
-        assert pid is not None
-        os.kill(pid, signal.SIGKILL)
-        with pytest.raises(
-            EngineCrashedError, match=r"torch process \(pid \d+\) died \(killed by SIGKILL\)"
-        ) as e:
-            chunks = engine.generate(GenerationRequest(prompt="The", max_tokens=50))
-            async for _ in chunks:
-                pass
-        # Killed before the request was sent, or while it ran: a crash either way.
-        assert e.value.exit_code in (None, -signal.SIGKILL)
 
 
 async def test_what_the_server_can_tell_is_said_without_starting_a_process(
