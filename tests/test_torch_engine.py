@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -319,3 +321,34 @@ async def test_a_cancelled_load_still_leaves_a_usable_engine() -> None:
     finally:
         await eng.close()
     assert not eng.loaded
+
+
+_TWO_AT_ONCE = """
+import asyncio, sys
+from kensho.runtime.engines.torch_engine import TorchEngine
+from kensho.runtime.manager import RuntimeManager
+
+async def main():
+    gpu = TorchEngine(sys.argv[1], device="cuda", name="gpu")  # fails at once without CUDA
+    manager = RuntimeManager(gpu, TorchEngine(sys.argv[1], name="cpu"))
+    await manager.start()  # loads both at once, in a process that never imported torch
+    print(gpu.loaded, manager.fallback_breaker.state.value, flush=True)
+    await manager.close()
+
+asyncio.run(main())
+"""
+
+
+def test_two_engines_load_at_once_in_a_fresh_process() -> None:
+    # transformers' lazy first import and from_pretrained are not thread-safe: the
+    # runtime's concurrent loads must still both succeed.
+    done = subprocess.run(
+        [sys.executable, "-c", _TWO_AT_ONCE, str(DEMO_MODEL_DIR)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    # The CPU engine loaded (its breaker closed), and the GPU one did where CUDA exists.
+    assert done.stdout.split() == [str(HAS_CUDA), "closed"]

@@ -68,9 +68,10 @@ log = get_logger("runtime.engine.torch")
 _DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "bfloat16"}
 #: Chunks the worker may decode ahead of its consumer before it waits (back-pressure).
 WINDOW = 32
-#: One model load at a time per process: ``from_pretrained`` is not thread-safe (it
-#: builds the model on torch's "meta" device by switching process-wide defaults), and
-#: the runtime loads its two engines at once.
+#: One model load at a time per process, imports included: neither transformers' lazy
+#: first import ("module 'transformers' has no attribute ...") nor ``from_pretrained``
+#: (it builds the model on torch's "meta" device by switching process-wide defaults)
+#: is thread-safe, and the runtime loads its two engines at once.
 _LOAD_LOCK = threading.Lock()
 #: What the worker hands the loop: a chunk, the exception it raised, or None (done).
 _Item = GenerationChunk | BaseException | None
@@ -242,7 +243,14 @@ class TorchEngine:
         )
 
     def load_blocking(self) -> None:
-        """What :meth:`load` runs in a worker thread (``torch_child`` calls it directly)."""
+        """What :meth:`load` runs in a worker thread (``torch_child`` calls it directly).
+
+        One load at a time per process (:data:`_LOAD_LOCK`), imports included.
+        """
+        with _LOAD_LOCK:
+            self._load_locked()
+
+    def _load_locked(self) -> None:
         try:
             import torch
             import transformers
@@ -273,15 +281,14 @@ class TorchEngine:
                 self.dtype_name = "float32"
         dtype = getattr(torch, self.dtype_name)
         try:
-            with _LOAD_LOCK:
-                tokenizer: Any = transformers.AutoTokenizer.from_pretrained(
-                    self.model_dir, local_files_only=True
-                )
-                model: Any = transformers.AutoModelForCausalLM.from_pretrained(
-                    self.model_dir, local_files_only=True, dtype=dtype
-                )
-                model.to(self.device)
-                model.eval()
+            tokenizer: Any = transformers.AutoTokenizer.from_pretrained(
+                self.model_dir, local_files_only=True
+            )
+            model: Any = transformers.AutoModelForCausalLM.from_pretrained(
+                self.model_dir, local_files_only=True, dtype=dtype
+            )
+            model.to(self.device)
+            model.eval()
         except torch.cuda.OutOfMemoryError as exc:
             torch.cuda.empty_cache()
             raise EngineOutOfMemoryError(
