@@ -1,8 +1,10 @@
 """Inference engines: the :class:`Engine` protocol and fault-injecting engines.
 
-The real engines (``torch_engine.TorchEngine``, :class:`LlamaCppEngine` for GGUF files
-on llama.cpp, in a child process) implement the same protocol; the fault-injecting
-ones (:class:`MockGPUEngine`, :class:`MockCPUEngine`) drive tests and demos.
+The real engines (``torch_engine.TorchEngine``; ``torch_process.TorchProcessEngine``,
+the same engine in a child process, which the server runs by default;
+:class:`LlamaCppEngine` for GGUF files on llama.cpp, always in a child process)
+implement the same protocol; the fault-injecting ones (:class:`MockGPUEngine`,
+:class:`MockCPUEngine`) drive tests and demos.
 """
 
 from __future__ import annotations
