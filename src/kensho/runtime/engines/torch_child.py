@@ -38,6 +38,7 @@ pipe, and that is what ends the child.
 
 from __future__ import annotations
 
+import atexit
 import concurrent.futures
 import os
 import pickle
@@ -47,7 +48,7 @@ import threading
 from array import array
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from kensho.config import LogSettings
 from kensho.errors import EngineError, EngineUnavailableError
@@ -217,7 +218,7 @@ def _portable(exc: BaseException) -> BaseException:
     return exc
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str]) -> NoReturn:
     """``argv``: the pipe's descriptor. Serves until the parent closes the pipe."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -226,9 +227,15 @@ def main(argv: list[str]) -> int:
     configure_logging(LogSettings(level="warning", format="json"), stream=sys.stderr)
     server = _Server(Connection(int(argv[0])))
     try:
-        return _run(server)
+        code = _run(server)
     except _Gone:  # the parent went away while this process answered it
-        return 0
+        code = 0
+    # Exit now, after the atexit work (a coverage run saves its data there): tearing
+    # down torch's and transformers' modules one by one takes about 2 s, which a
+    # server's shutdown would wait for.
+    sys.stderr.flush()
+    atexit._run_exitfuncs()
+    os._exit(code)
 
 
 def _run(server: _Server) -> int:
