@@ -247,11 +247,12 @@ class FileAssembler:
     rejected: dict[str, int] = field(default_factory=dict)
     #: The writer threads, one per file being built (see :class:`WriterLanes`).
     lanes: WriterLanes = field(default_factory=WriterLanes, repr=False)
-    _guard: PathGuard = field(init=False, repr=False)
+    #: Checks this store's paths, remembering the folders it verified (one per run).
+    guard: PathGuard = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         # One guard per run: each parent folder is checked once, not once per file.
-        self._guard = PathGuard(self.root)
+        self.guard = PathGuard(self.root)
 
     def close(self) -> None:
         """Stop the idle writer threads (a dropped assembler's end on their own)."""
@@ -287,7 +288,7 @@ class FileAssembler:
         """:meth:`build`, every blocking step of this file on its own ``lane``."""
         part = part_path(self.tmp_dir, entry)
         try:
-            dest = await run_to_completion(lane, self._guard.resolve, entry.path)
+            dest = await run_to_completion(lane, self.guard.resolve, entry.path)
             if already_there is not None and await already_there(dest):
                 await asyncio.to_thread(part.unlink, missing_ok=True)
                 return Built(part, dest, BuildOutcome(True), entry.size, in_place=True)

@@ -148,7 +148,7 @@ class DeltaUpdater:
                 self.assembler.root, plan.target, plan.current, plan.placement.problems
             )
         self._placement = plan.placement
-        guard = PathGuard(self.assembler.root)
+        guard = self.assembler.guard  # the folders it checked already stay checked
         return await build_each(
             plan.files,
             lambda fp: self.assemble(fp, guard),

@@ -125,9 +125,8 @@ class ChildProcess:
         self._dispatch = dispatch
         self._watch()
 
-    @classmethod
+    @staticmethod
     def spawn(
-        cls,
         argv: Callable[[int], Sequence[str]],
         *,
         engine: str,
@@ -278,9 +277,10 @@ class ChildEngine(Generic[C]):
     """The engine side of a child process: load, restart after a death, stream, cancel.
 
     A subclass says how to start its child (:meth:`_start`, which ends with
-    :meth:`_hello`), what a request's first message is (:meth:`_open`), how its
-    messages become chunks (:meth:`_read`) and which message ends a request
-    (:meth:`_is_final`).
+    :meth:`_hello` and gives :meth:`_dispatch` to the child as its reader), what a
+    request's first message is (:meth:`_open`), how its messages become chunks
+    (:meth:`_read`), which message ends a request (:meth:`_is_final`) and what it
+    counts (:meth:`_observe`).
     """
 
     name: str
@@ -388,6 +388,26 @@ class ChildEngine(Generic[C]):
     @staticmethod
     def _is_final(message: tuple[Any, ...]) -> bool:
         raise NotImplementedError
+
+    def _dispatch(self, child: ChildProcess, message: tuple[Any, ...]) -> None:
+        """A message from ``child``, to its request's stream (the pipe reader calls it).
+
+        A request's last message takes its stream off the child's list; one whose
+        consumer left is dropped.
+        """
+        stream = child.streams.get(message[1])
+        final = self._is_final(message)
+        if final and stream is not None:
+            del child.streams[message[1]]
+        self._observe(child, message, stream, final)
+        if stream is not None and not stream.abandoned:
+            stream.push(message)
+
+    def _observe(
+        self, child: ChildProcess, message: tuple[Any, ...], stream: Stream | None, final: bool
+    ) -> None:
+        """Counters and per-request resources, for every message (``stream``: None once
+        its request ended)."""
 
     def _before_cancel(self, child: C, stream: Stream) -> None:
         """Called just before a cancel is sent (llama raises the prefill's abort flag)."""

@@ -606,7 +606,8 @@ class _Child:
                     return
                 send(("tok", rid, text, index, prompt_tokens, logprob))
         except RuntimeError as exc:
-            if _ABORTED in str(exc) and (rid in self.cancelled or self.flags.is_raised(slot)):
+            aborted = rid in self.cancelled or (slot >= 0 and self.flags.is_raised(slot))
+            if _ABORTED in str(exc) and aborted:
                 send(("cancelled", rid, True))
                 return
             raise

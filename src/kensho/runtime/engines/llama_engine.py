@@ -196,23 +196,17 @@ class LlamaCppEngine(ChildEngine[_Child]):
             os.close(flags_fd)  # the parent's map holds its own reference
         return proc, conn, flags
 
-    def _dispatch(self, child: ChildProcess, message: tuple[Any, ...]) -> None:
+    def _observe(
+        self, child: ChildProcess, message: tuple[Any, ...], stream: Stream | None, final: bool
+    ) -> None:
         assert isinstance(child, _Child)
         kind = message[0]
-        stream = child.streams.get(message[1])
-        if _is_final(message):
-            if stream is not None:
-                del child.streams[message[1]]
-                if stream.slot >= 0:
-                    child.free_slots.append(stream.slot)  # the child is done with it
-            if kind == "end":
-                self.tokens_generated += 1
-            elif kind == "cancelled" and message[2]:
-                self.prefills_aborted += 1
-        if kind == "tok":
+        if kind in ("tok", "end"):
             self.tokens_generated += 1
-        if stream is not None and not stream.abandoned:
-            stream.push(message)
+        elif kind == "cancelled" and message[2]:
+            self.prefills_aborted += 1
+        if final and stream is not None and stream.slot >= 0:
+            child.free_slots.append(stream.slot)  # the child is done with it
 
     # -- errors ----------------------------------------------------------------------------
 

@@ -42,6 +42,7 @@ from kensho.runtime.engines.base import (
     Feature,
     GenerationChunk,
     GenerationRequest,
+    merge_chunks,
 )
 from kensho.runtime.engines.torch_engine import check_dtype
 from kensho.telemetry import get_logger
@@ -143,15 +144,15 @@ class TorchProcessEngine(ChildEngine[ChildProcess]):
                 "(config.json is missing); run `kensho verify` on the store"
             )
 
-    def _dispatch(self, child: ChildProcess, message: tuple[Any, ...]) -> None:
-        kind = message[0]
-        if kind == "tok":
+    def _observe(
+        self,
+        child: ChildProcess,
+        message: tuple[Any, ...],
+        stream: Stream | None,
+        final: bool,
+    ) -> None:
+        if message[0] == "tok":
             self.tokens_generated += 1
-        stream = child.streams.get(message[1])
-        if _is_final(message):
-            child.streams.pop(message[1], None)
-        if stream is not None and not stream.abandoned:
-            stream.push(message)
 
     # -- generation ----------------------------------------------------------------------
 
@@ -190,25 +191,18 @@ class TorchProcessEngine(ChildEngine[ChildProcess]):
 
     def _tokens(self, batch: list[tuple[Any, ...]]) -> GenerationChunk:
         """``tok`` messages as one chunk (several: the consumer was behind)."""
-        last = batch[-1]
-        if len(batch) == 1:
-            return GenerationChunk(
-                text=last[2],
-                index=last[3],
+        chunks = [
+            GenerationChunk(
+                text=m[2],
+                index=m[3],
                 engine=self.name,
-                finish_reason=last[4],
-                prompt_tokens=last[5],
-                logprobs=last[6],
+                finish_reason=m[4],
+                prompt_tokens=m[5],
+                logprobs=m[6],
             )
-        return GenerationChunk(
-            text="".join(m[2] for m in batch),
-            index=last[3],
-            engine=self.name,
-            finish_reason=last[4],
-            prompt_tokens=next((m[5] for m in batch if m[5] is not None), None),
-            logprobs=tuple(entry for m in batch for entry in m[6]),
-            tokens=len(batch),
-        )
+            for m in batch
+        ]
+        return merge_chunks(chunks)[0]  # tokens of one engine merge into one chunk
 
     def _vector(self, message: tuple[Any, ...]) -> GenerationChunk:
         """An ``emb`` message: the vector of one input, float32 on the pipe."""

@@ -208,7 +208,7 @@ class HttpSource:
         # Read from the environment once, as httpx reads its proxies when a client is
         # made: every URL of this source shares the base URL's scheme and host, and
         # looking the proxies up again per request cost a scan of os.environ per file.
-        self._direct_ok = self._direct is not None and direct_capable(self.base_url)
+        self._direct_ok = direct_capable(self.base_url)
 
     @property
     def _client(self) -> httpx.AsyncClient:

@@ -168,10 +168,6 @@ class PeerBrowser(Protocol):
         ...
 
 
-async def _asyncio_sleep(seconds: float) -> None:
-    await asyncio.sleep(seconds)
-
-
 class ZeroconfBrowser:
     """Browses :data:`SERVICE_TYPE` with python-zeroconf on the LAN (IPv4 multicast).
 
@@ -186,7 +182,7 @@ class ZeroconfBrowser:
         self,
         *,
         service_type: str = SERVICE_TYPE,
-        sleep: Callable[[float], Awaitable[None]] = _asyncio_sleep,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         require_zeroconf(MDNS_SPEC)
         self.service_type = service_type
